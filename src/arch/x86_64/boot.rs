@@ -1,0 +1,450 @@
+//! Loading the guest kernel, initrd and command line, and writing what the boot protocol
+//! hands the kernel: the PVH `hvm_start_info` or the Linux `boot_params`, with the e820 map.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_HOLE_START, PVH_INFO_START,
+    PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+};
+use super::regs::BootEntry;
+use crate::vstate::memory::{ram_ranges, GuestMemoryMmap};
+
+/// Errors while loading the kernel, initrd or command line.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel file cannot be opened or read.
+    #[error("cannot read kernel {}", .0.display())]
+    KernelFile(PathBuf, #[source] std::io::Error),
+    /// The kernel file is neither an ELF vmlinux nor a bzImage.
+    #[error("{} is not a kernel Skiff can boot (neither an x86_64 ELF nor a bzImage)", .0.display())]
+    NotAKernel(PathBuf),
+    /// The kernel is malformed or does not fit in guest memory.
+    #[error("cannot load kernel {}", .0.display())]
+    LoadKernel(PathBuf, #[source] linux_loader::loader::Error),
+    /// The initrd file cannot be opened or read.
+    #[error("cannot read initrd {}", .0.display())]
+    InitrdFile(PathBuf, #[source] std::io::Error),
+    /// The initrd does not fit between the kernel and the top of low memory.
+    #[error(
+        "initrd {} ({size} bytes) does not fit in guest memory: at most {room} bytes are free below {limit:#x}",
+        path.display()
+    )]
+    InitrdTooLarge {
+        /// The initrd file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Room left.
+        room: u64,
+        /// The highest address it may end at.
+        limit: u64,
+    },
+    /// The command line is too long or holds characters Linux cannot take.
+    #[error("invalid kernel command line (at most {} bytes of printable ASCII)", CMDLINE_MAX_SIZE - 1)]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// Writing boot structures to guest memory failed.
+    #[error("cannot write boot information to guest memory")]
+    WriteBootInfo(#[source] vm_memory::GuestMemoryError),
+    /// The memory map does not fit in the space the layout gives it.
+    #[error("too many memory map entries")]
+    MemmapTooLarge,
+}
+
+/// e820 memory types.
+const E820_RAM: u32 = 1;
+
+/// PVH start-of-day structure (xen/include/public/arch-x86/hvm/start_info.h), version 1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct HvmStartInfo {
+    magic: u32,
+    version: u32,
+    flags: u32,
+    nr_modules: u32,
+    modlist_paddr: u64,
+    cmdline_paddr: u64,
+    rsdp_paddr: u64,
+    memmap_paddr: u64,
+    memmap_entries: u32,
+    reserved: u32,
+}
+
+/// One PVH module (the initrd).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct HvmModlistEntry {
+    paddr: u64,
+    size: u64,
+    cmdline_paddr: u64,
+    reserved: u64,
+}
+
+/// One PVH memory map entry (same types as e820).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct HvmMemmapEntry {
+    addr: u64,
+    size: u64,
+    type_: u32,
+    reserved: u32,
+}
+
+// SAFETY: plain-old-data C structs with no padding holes that matter and no references: every
+// bit pattern is a valid value.
+unsafe impl ByteValued for HvmStartInfo {}
+// SAFETY: as above.
+unsafe impl ByteValued for HvmModlistEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for HvmMemmapEntry {}
+
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// bzImage entry for the 64-bit boot protocol: 0x200 past the protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+/// initrd_addr_max when the kernel gives none (boot protocol < 2.03).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// What was loaded, and how to enter it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// The kernel's entry and protocol.
+    pub entry: BootEntry,
+    /// The bzImage setup header, when the kernel was a bzImage.
+    setup_header: Option<setup_header>,
+    /// First byte after the kernel image.
+    kernel_end: u64,
+}
+
+/// Builds the command line from the user's string, refusing one Linux could not take.
+pub fn build_cmdline(raw: &str) -> Result<Cmdline, BootError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    if !raw.trim().is_empty() {
+        cmdline.insert_str(raw.trim()).map_err(BootError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+fn open(path: &Path) -> Result<File, BootError> {
+    let file = File::open(path).map_err(|e| BootError::KernelFile(path.to_owned(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| BootError::KernelFile(path.to_owned(), e))?;
+    if !meta.is_file() {
+        let err = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+        return Err(BootError::KernelFile(path.to_owned(), err));
+    }
+    Ok(file)
+}
+
+/// Loads an ELF vmlinux (PVH entry when it has the note, else the 64-bit boot protocol) or
+/// a bzImage (64-bit boot protocol) into guest memory.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = open(path)?;
+    let mut magic = [0u8; 4];
+    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    let mut hdr_magic = [0u8; 4];
+    let is_bzimage = file.seek(SeekFrom::Start(0x202)).is_ok()
+        && file.read_exact(&mut hdr_magic).is_ok()
+        && u32::from_le_bytes(hdr_magic) == KERNEL_HDR_MAGIC;
+    let load_err = |e| BootError::LoadKernel(path.to_owned(), e);
+    if is_elf {
+        let r: KernelLoaderResult =
+            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let entry = match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(addr) => BootEntry::Pvh(addr.raw_value()),
+            _ => BootEntry::Linux64(r.kernel_load.raw_value()),
+        };
+        Ok(LoadedKernel {
+            entry,
+            setup_header: None,
+            kernel_end: r.kernel_end,
+        })
+    } else if is_bzimage {
+        let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(load_err)?;
+        Ok(LoadedKernel {
+            entry: BootEntry::Linux64(r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET),
+            setup_header: r.setup_header,
+            kernel_end: r.kernel_end,
+        })
+    } else {
+        Err(BootError::NotAKernel(path.to_owned()))
+    }
+}
+
+/// Places the initrd at the highest page-aligned address that keeps it above the kernel,
+/// inside low RAM and below the kernel's `initrd_addr_max`. Returns (address, size).
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    path: &Path,
+) -> Result<(u64, u64), BootError> {
+    let file_err = |e| BootError::InitrdFile(path.to_owned(), e);
+    let mut file = File::open(path).map_err(file_err)?;
+    let size = file.metadata().map_err(file_err)?.len();
+    let lowmem_end = mem
+        .last_addr()
+        .raw_value()
+        .saturating_add(1)
+        .min(MMIO_HOLE_START);
+    let addr_max = match kernel.setup_header {
+        Some(h) if h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max),
+        Some(_) => DEFAULT_INITRD_ADDR_MAX,
+        None => u64::MAX,
+    };
+    let limit = lowmem_end.min(addr_max.saturating_add(1));
+    let floor = kernel.kernel_end.next_multiple_of(4096);
+    let room = limit.saturating_sub(floor);
+    let too_large = BootError::InitrdTooLarge {
+        path: path.to_owned(),
+        size,
+        room,
+        limit,
+    };
+    if size > room {
+        return Err(too_large);
+    }
+    let addr = (limit - size) & !0xfff;
+    let len = usize::try_from(size).map_err(|_| too_large)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(io) => file_err(io),
+            other => BootError::WriteBootInfo(other),
+        })?;
+    Ok((addr, size))
+}
+
+/// The RAM entries of the e820 map: base memory below the EBDA, then high memory.
+fn e820_ram(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    let total: u64 = mem.iter().map(GuestMemoryRegion::len).sum();
+    let mut map = vec![(0, EBDA_START)];
+    for (start, len) in ram_ranges(total) {
+        let end = start.raw_value() + len;
+        let start = start.raw_value().max(HIMEM_START);
+        if end > start {
+            map.push((start, end - start));
+        }
+    }
+    map
+}
+
+/// Writes the kernel command line and the boot protocol's structures.
+pub fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    let cstr = cmdline.as_cstring().map_err(BootError::Cmdline)?;
+    let bytes = cstr.as_bytes_with_nul();
+    mem.write_slice(bytes, GuestAddress(CMDLINE_START))
+        .map_err(BootError::WriteBootInfo)?;
+    let ram = e820_ram(mem);
+    let w = |e| BootError::WriteBootInfo(e);
+    match kernel.entry {
+        BootEntry::Pvh(_) => {
+            if ram.len() > PVH_MEMMAP_MAX_ENTRIES {
+                return Err(BootError::MemmapTooLarge);
+            }
+            let mut info = HvmStartInfo {
+                magic: XEN_HVM_START_MAGIC,
+                version: 1,
+                cmdline_paddr: CMDLINE_START,
+                memmap_paddr: PVH_MEMMAP_START,
+                memmap_entries: ram.len() as u32,
+                ..Default::default()
+            };
+            if let Some((paddr, size)) = initrd {
+                let module = HvmModlistEntry {
+                    paddr,
+                    size,
+                    ..Default::default()
+                };
+                mem.write_obj(module, GuestAddress(PVH_MODLIST_START))
+                    .map_err(w)?;
+                info.nr_modules = 1;
+                info.modlist_paddr = PVH_MODLIST_START;
+            }
+            for (i, (addr, size)) in (0u64..).zip(ram.iter()) {
+                let entry = HvmMemmapEntry {
+                    addr: *addr,
+                    size: *size,
+                    type_: E820_RAM,
+                    reserved: 0,
+                };
+                let at = PVH_MEMMAP_START + i * std::mem::size_of::<HvmMemmapEntry>() as u64;
+                mem.write_obj(entry, GuestAddress(at)).map_err(w)?;
+            }
+            mem.write_obj(info, GuestAddress(PVH_INFO_START))
+                .map_err(w)?;
+        }
+        BootEntry::Linux64(_) => {
+            let mut params = boot_params::default();
+            if let Some(hdr) = kernel.setup_header {
+                params.hdr = hdr;
+            }
+            params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+            params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+            params.hdr.header = KERNEL_HDR_MAGIC;
+            params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+            params.hdr.cmdline_size = (bytes.len() - 1) as u32;
+            if params.hdr.kernel_alignment == 0 {
+                params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+            }
+            if let Some((addr, size)) = initrd {
+                params.hdr.ramdisk_image = addr as u32;
+                params.hdr.ramdisk_size = size as u32;
+            }
+            if ram.len() > params.e820_table.len() {
+                return Err(BootError::MemmapTooLarge);
+            }
+            for (slot, (addr, size)) in params.e820_table.iter_mut().zip(ram.iter()) {
+                slot.addr = *addr;
+                slot.size = *size;
+                slot.r#type = E820_RAM;
+            }
+            params.e820_entries = ram.len() as u8;
+            mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+                .map_err(w)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn mem(mib: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("skiff-boot-{}-{name}", std::process::id()));
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn e820_skips_the_bios_hole() {
+        assert_eq!(
+            e820_ram(&mem(16)),
+            vec![(0, EBDA_START), (HIMEM_START, (16 << 20) - HIMEM_START)]
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_a_kernel() {
+        let p = temp_file("garbage", &[0x42; 4096]);
+        assert!(matches!(
+            load_kernel(&mem(4), &p),
+            Err(BootError::NotAKernel(_))
+        ));
+        let empty = temp_file("empty", &[]);
+        assert!(matches!(
+            load_kernel(&mem(4), &empty),
+            Err(BootError::NotAKernel(_))
+        ));
+        std::fs::remove_file(p).unwrap();
+        std::fs::remove_file(empty).unwrap();
+    }
+
+    #[test]
+    fn missing_kernel_and_directory() {
+        assert!(matches!(
+            load_kernel(&mem(4), Path::new("/nonexistent/vmlinux")),
+            Err(BootError::KernelFile(..))
+        ));
+        assert!(matches!(
+            load_kernel(&mem(4), Path::new("/")),
+            Err(BootError::KernelFile(..))
+        ));
+    }
+
+    #[test]
+    fn truncated_elf_is_refused() {
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(40, 0);
+        let p = temp_file("truncated-elf", &elf);
+        assert!(matches!(
+            load_kernel(&mem(4), &p),
+            Err(BootError::LoadKernel(..))
+        ));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn initrd_goes_high_and_must_fit() {
+        let m = mem(8);
+        let k = LoadedKernel {
+            entry: BootEntry::Pvh(HIMEM_START),
+            setup_header: None,
+            kernel_end: 0x20_0000,
+        };
+        let p = temp_file("initrd", &[7u8; 5000]);
+        let (addr, size) = load_initrd(&m, &k, &p).unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(addr % 4096, 0);
+        assert!(addr + size <= 8 << 20 && addr >= 0x20_0000);
+        let b: u8 = m.read_obj(GuestAddress(addr + 4999)).unwrap();
+        assert_eq!(b, 7);
+        let big = temp_file("initrd-big", &vec![0u8; 7 << 20]);
+        assert!(matches!(
+            load_initrd(&m, &k, &big),
+            Err(BootError::InitrdTooLarge { .. })
+        ));
+        std::fs::remove_file(p).unwrap();
+        std::fs::remove_file(big).unwrap();
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        assert!(build_cmdline("console=ttyS0").is_ok());
+        assert!(matches!(
+            build_cmdline(&"a".repeat(CMDLINE_MAX_SIZE)),
+            Err(BootError::Cmdline(_))
+        ));
+        assert!(matches!(
+            build_cmdline("bad\u{1}char"),
+            Err(BootError::Cmdline(_))
+        ));
+    }
+
+    #[test]
+    fn pvh_start_info_is_written() {
+        let m = mem(16);
+        let k = LoadedKernel {
+            entry: BootEntry::Pvh(HIMEM_START),
+            setup_header: None,
+            kernel_end: 0x20_0000,
+        };
+        write_boot_info(
+            &m,
+            &k,
+            &build_cmdline("hello").unwrap(),
+            Some((0x80_0000, 100)),
+        )
+        .unwrap();
+        let info: HvmStartInfo = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC);
+        assert_eq!(info.memmap_entries, 2);
+        assert_eq!(info.nr_modules, 1);
+        let e: HvmMemmapEntry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 24)).unwrap();
+        assert_eq!((e.addr, e.size), (HIMEM_START, (16 << 20) - HIMEM_START));
+        let mut c = [0u8; 6];
+        m.read_slice(&mut c, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&c, b"hello\0");
+    }
+}

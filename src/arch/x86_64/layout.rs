@@ -1,0 +1,95 @@
+//! The guest physical address map of an x86_64 Skiff microVM.
+//!
+//! Every fixed guest address lives here, so the whole layout can be read in one place.
+//!
+//! ```text
+//! 0x0000_0000  real-mode IVT and BIOS data area (left zero)
+//! 0x0000_0500  GDT for the boot protocols
+//! 0x0000_6000  PVH hvm_start_info, then its module list and memory map
+//! 0x0000_7000  Linux boot_params ("zero page")
+//! 0x0000_8ff0  boot stack top (64-bit Linux boot protocol)
+//! 0x0000_9000  identity page tables: PML4, PDPT, 4 page directories (first 4 GiB)
+//! 0x0002_0000  kernel command line
+//! 0x0009_fc00  MP table (the last KiB of base memory, where Linux looks for it)
+//! 0x000a_0000  VGA / BIOS hole, not RAM in the e820 map
+//! 0x0010_0000  kernel (high memory start); initrd at the top of low RAM
+//! 0xc000_0000  32-bit MMIO hole (1 GiB): virtio-mmio devices, IOAPIC, LAPIC, TSS
+//! 0x1_0000_0000  RAM above 4 GiB when the guest has more than 3 GiB
+//! ```
+
+/// GDT used by both boot protocols.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Null IDT (the guest installs its own before enabling interrupts).
+pub const BOOT_IDT_START: u64 = 0x520;
+
+/// PVH `hvm_start_info` structure.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH module list (one entry: the initrd).
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map, right after the module list.
+pub const PVH_MEMMAP_START: u64 = 0x6080;
+/// Maximum number of PVH memory map entries that fit before the zero page.
+pub const PVH_MEMMAP_MAX_ENTRIES: usize = ((ZERO_PAGE_START - PVH_MEMMAP_START) / 24) as usize;
+
+/// Linux `boot_params` (the zero page) for the 64-bit boot protocol.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for the 64-bit boot protocol.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+
+/// Page map level 4 of the identity mapping used by the 64-bit boot protocol.
+pub const PML4_START: u64 = 0x9000;
+/// Page directory pointer table.
+pub const PDPTE_START: u64 = 0xa000;
+/// Four page directories of 2 MiB pages that map the first 4 GiB.
+pub const PDE_START: u64 = 0xb000;
+
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Largest command line accepted, terminating NUL included (Linux x86 COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+
+/// Start of the Extended BIOS Data Area; the MP table is written here.
+pub const EBDA_START: u64 = 0x9fc00;
+/// End of base memory (RAM below the VGA hole).
+pub const LOWMEM_END: u64 = 0xa0000;
+
+/// Where the kernel is loaded and high memory starts.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole: no RAM between here and 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// First address above 4 GiB.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Size of the 32-bit MMIO hole.
+pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
+
+/// First address of the window where virtio-mmio devices are placed.
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device slot.
+pub const MMIO_DEVICE_SLOT_SIZE: u64 = 0x1000;
+
+/// KVM's three-page TSS region (KVM_SET_TSS_ADDR), inside the MMIO hole.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// KVM's identity-map page (KVM_SET_IDENTITY_MAP_ADDR), just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// IOAPIC registers.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC registers.
+pub const APIC_START: u64 = 0xfee0_0000;
+
+/// Legacy IRQ lines (GSIs) routed through the IOAPIC: 0-23.
+pub const IOAPIC_NUM_PINS: u32 = 24;
+/// First GSI handed to virtio-mmio devices.
+pub const IRQ_DEVICES_START: u32 = 5;
+/// Serial port COM1 interrupt.
+pub const SERIAL_IRQ: u32 = 4;
+/// i8042 keyboard interrupt.
+pub const I8042_KBD_IRQ: u32 = 1;
+
+/// COM1 I/O ports.
+pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+/// i8042 data port; the command/status port is at +4.
+pub const I8042_PORT_BASE: u16 = 0x60;
+/// Boot-progress port (the POST code port): each guest write is timestamped.
+pub const PROGRESS_PORT: u16 = 0x80;

@@ -1,0 +1,86 @@
+//! The boot-progress port (0x80, the POST code port): each byte the guest writes is
+//! timestamped against process start, so boot phases can be measured from inside the guest.
+
+use std::time::{Duration, Instant};
+
+use log::info;
+
+use crate::devices::bus::BusDevice;
+
+/// Writes kept; later ones are counted only, so a guest cannot grow our memory or flood logs.
+pub const MAX_RECORDS: usize = 64;
+
+/// One boot-progress write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgressRecord {
+    /// The byte the guest wrote.
+    pub code: u8,
+    /// Time since the VMM process started.
+    pub elapsed: Duration,
+}
+
+/// Records boot-progress writes.
+#[derive(Debug)]
+pub struct BootProgress {
+    start: Instant,
+    records: Vec<ProgressRecord>,
+    dropped: u64,
+}
+
+impl BootProgress {
+    /// A recorder measuring from `start` (normally the process start).
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            records: Vec::with_capacity(MAX_RECORDS),
+            dropped: 0,
+        }
+    }
+
+    /// The writes recorded so far.
+    pub fn records(&self) -> &[ProgressRecord] {
+        &self.records
+    }
+
+    /// Writes beyond [`MAX_RECORDS`].
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+impl BusDevice for BootProgress {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let elapsed = self.start.elapsed();
+        let Some(&code) = data.first() else { return };
+        if self.records.len() < MAX_RECORDS {
+            self.records.push(ProgressRecord { code, elapsed });
+            info!(
+                "boot progress {code:#04x} at {:.3} ms after process start",
+                elapsed.as_secs_f64() * 1000.0
+            );
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_capped() {
+        let mut p = BootProgress::new(Instant::now());
+        for i in 0..(MAX_RECORDS + 5) {
+            p.write(0, &[i as u8]);
+        }
+        assert_eq!(p.records().len(), MAX_RECORDS);
+        assert_eq!(p.records()[1].code, 1);
+        assert!(p.records()[0].elapsed <= p.records()[1].elapsed);
+        assert_eq!(p.dropped(), 5);
+    }
+}

@@ -1,0 +1,6 @@
+//! Device emulation: the buses and the devices on them.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice};

@@ -1,0 +1,43 @@
+//! A small logger for the `log` facade: one line per record on stderr, with the time since
+//! process start, the level and the thread.
+
+use std::io::Write;
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+struct StderrLogger;
+
+impl Log for StderrLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let t = crate::process_start().elapsed();
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("?");
+        // One write per line so lines from several threads do not interleave.
+        let line = format!(
+            "[{:>4}.{:06} {} {}] {}\n",
+            t.as_secs(),
+            t.subsec_micros(),
+            record.level(),
+            name,
+            record.args()
+        );
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+/// Installs the logger at `level`. Calling it twice only changes the level.
+pub fn init(level: LevelFilter) {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}

@@ -1,0 +1,380 @@
+//! The VM as embedders and the command line see it: build from a [`VmConfig`], start, pause,
+//! resume, stop, and wait for the guest to end.
+//!
+//! ```no_run
+//! use skiff::{Vm, VmConfig};
+//!
+//! let mut config = VmConfig::new("vmlinux");
+//! config.vcpus = 2;
+//! config.memory_mib = 256;
+//! let mut vm = Vm::new(&config)?;
+//! vm.start()?;
+//! let how = vm.wait()?;
+//! println!("guest ended: {how:?}");
+//! # Ok::<(), skiff::VmmError>(())
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::VmFd;
+use log::{debug, info};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{boot, cpuid, mptable};
+use crate::config::VmConfig;
+use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
+use crate::devices::legacy::i8042::I8042Error;
+use crate::devices::legacy::progress::ProgressRecord;
+use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::vstate::vcpu::{
+    ExitSignal, GuestExit, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse,
+};
+use crate::vstate::vm::{create_vm, VmError};
+
+/// How long a vCPU may take to acknowledge a pause or resume.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The vCPU count is out of range.
+    #[error("--vcpus {requested}: a VM needs between 1 and {max} vCPUs on this host")]
+    VcpuCount {
+        /// What was asked.
+        requested: u32,
+        /// The host's limit.
+        max: u32,
+    },
+    /// KVM cannot be used.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory cannot be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM cannot be created.
+    #[error("cannot create the VM")]
+    Vm(#[from] VmError),
+    /// Devices cannot be set up.
+    #[error("cannot set up devices")]
+    Devices(#[from] DeviceError),
+    /// Kernel, initrd or command line cannot be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The MP table cannot be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The i8042 could not take a key sequence.
+    #[error(transparent)]
+    I8042(#[from] I8042Error),
+    /// The event thread could not be set up.
+    #[error("cannot start the event thread")]
+    EventThread(#[source] std::io::Error),
+    /// The request does not fit the VM's state.
+    #[error("the VM is {0}")]
+    State(&'static str),
+}
+
+/// Lifecycle of a [`Vm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Built, not started.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// Ended.
+    Stopped,
+}
+
+/// Signals forwarded to the VM's exit event (see [`Vm::stop_on_signals`]).
+static SIGNAL_EXIT_FD: AtomicI32 = AtomicI32::new(-1);
+static SIGNAL_RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNAL_RECEIVED.store(num, Ordering::SeqCst);
+    let fd = SIGNAL_EXIT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is
+        // the VM's exit eventfd, which outlives the handler's registration.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// Stops the event thread's loop.
+struct EventLoopStop {
+    evt: EventFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for EventLoopStop {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("event thread: cannot watch its stop event: {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.evt.read();
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A microVM.
+#[derive(Debug)]
+pub struct Vm {
+    _vm_fd: VmFd,
+    _mem: GuestMemoryMmap,
+    devices: DeviceManager,
+    exit: Arc<ExitSignal>,
+    vcpus: Vec<Vcpu>,
+    handles: Vec<VcpuHandle>,
+    event_thread: Option<(JoinHandle<()>, EventFd)>,
+    state: VmState,
+}
+
+impl Vm {
+    /// Builds a VM from `config`: KVM, memory, devices, kernel, boot tables and vCPUs. Nothing
+    /// runs until [`Vm::start`].
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        let start = crate::process_start();
+        let kvm = KvmContext::new(&config.kvm_device)?;
+        let max = kvm.max_vcpus().min(usize::from(mptable::MAX_CPUS));
+        let count = u8::try_from(config.vcpus)
+            .ok()
+            .filter(|&n| n >= 1 && usize::from(n) <= max)
+            .ok_or(VmmError::VcpuCount {
+                requested: config.vcpus,
+                max: max as u32,
+            })?;
+        // Check the cheap things before mapping memory and reading the kernel.
+        let cmdline = boot::build_cmdline(&config.cmdline)?;
+        let mem = create_guest_memory(config.memory_mib, kvm.phys_bits())?;
+        let vm_fd = create_vm(&kvm, &mem)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
+        let on_reset = {
+            let exit = exit.clone();
+            Box::new(move || exit.request(Ok(GuestExit::I8042Reset)))
+        };
+        let mut devices = DeviceManager::new(&vm_fd, config.console_input, on_reset, start)?;
+
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&mem, &kernel, path)?),
+            None => None,
+        };
+        boot::write_boot_info(&mem, &kernel, &cmdline, initrd)?;
+        mptable::setup_mptable(&mem, count)?;
+
+        let mut base_cpuid = kvm.supported_cpuid().clone();
+        if kvm.is_pvm() {
+            let hidden = cpuid::hide_pvm_unsupported(&mut base_cpuid);
+            info!(
+                "PVM host: hiding CPU features it cannot emulate: {}",
+                hidden.join(" ")
+            );
+        }
+        let (pio, mmio) = devices.take_buses();
+        let vcpus = (0..count)
+            .map(|id| {
+                let mut vcpu = Vcpu::new(
+                    &vm_fd,
+                    id,
+                    mem.clone(),
+                    pio.clone(),
+                    mmio.clone(),
+                    exit.clone(),
+                )?;
+                vcpu.configure(&kvm, &base_cpuid, count, kernel.entry)?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<_>, VcpuError>>()?;
+        debug!(
+            "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",
+            start.elapsed(),
+            config.memory_mib,
+            kernel.entry
+        );
+        Ok(Self {
+            _vm_fd: vm_fd,
+            _mem: mem,
+            devices,
+            exit,
+            vcpus,
+            handles: Vec::new(),
+            event_thread: None,
+            state: VmState::Created,
+        })
+    }
+
+    /// The VM's state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Starts the event thread and every vCPU thread.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        if self.state != VmState::Created {
+            return Err(VmmError::State("already started"));
+        }
+        self.event_thread = Some(spawn_event_thread(
+            self.devices.subscribers(),
+            self.exit.clone(),
+        )?);
+        for vcpu in self.vcpus.drain(..) {
+            self.handles.push(vcpu.start()?);
+        }
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn broadcast(&mut self, event: VcpuEvent, expect: VcpuResponse) -> Result<(), VmmError> {
+        for h in &self.handles {
+            h.send(event)?;
+        }
+        for h in &self.handles {
+            if h.response(VCPU_ACK_TIMEOUT)? != expect {
+                return Err(VmmError::State("not answering as expected"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU at its next exit; returns once all have acknowledged.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        match self.state {
+            VmState::Running => {}
+            VmState::Paused => return Ok(()),
+            _ => return Err(VmmError::State("not running")),
+        }
+        self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused)?;
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Lets paused vCPUs continue where they stopped.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        match self.state {
+            VmState::Paused => {}
+            VmState::Running => return Ok(()),
+            _ => return Err(VmmError::State("not paused")),
+        }
+        self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Sends Ctrl-Alt-Del to the guest through the i8042.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), VmmError> {
+        let i8042 = self.devices.i8042();
+        let mut dev = i8042.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(dev.trigger_ctrl_alt_del()?)
+    }
+
+    /// Asks the VM to stop; [`Vm::wait`] then returns [`GuestExit::Stopped`].
+    pub fn request_stop(&self) {
+        self.exit.request(Ok(GuestExit::Stopped(None)));
+    }
+
+    /// Makes SIGTERM, SIGINT, SIGHUP and SIGQUIT end this VM cleanly (terminal restored,
+    /// threads joined) instead of killing the process mid-write.
+    pub fn stop_on_signals(&self) -> Result<(), VmmError> {
+        use std::os::fd::AsRawFd;
+        SIGNAL_EXIT_FD.store(self.exit.eventfd().as_raw_fd(), Ordering::SeqCst);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+            vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
+                .map_err(|e| VmmError::EventThread(std::io::Error::from_raw_os_error(e.errno())))?;
+        }
+        Ok(())
+    }
+
+    /// Boot-progress writes recorded so far.
+    pub fn boot_progress(&self) -> Vec<ProgressRecord> {
+        let p = self.devices.progress();
+        let p = p.lock().unwrap_or_else(PoisonError::into_inner);
+        p.records().to_vec()
+    }
+
+    /// Waits until the guest ends (or a stop is requested), then stops every thread.
+    pub fn wait(&mut self) -> Result<GuestExit, VmmError> {
+        if self.state == VmState::Created || self.state == VmState::Stopped {
+            return Err(VmmError::State("not running"));
+        }
+        let outcome = loop {
+            if let Some(outcome) = self.exit.take() {
+                break outcome;
+            }
+            let sig = SIGNAL_RECEIVED.load(Ordering::SeqCst);
+            if sig != 0 {
+                break Ok(GuestExit::Stopped(Some(sig)));
+            }
+            // Blocks until a vCPU, device, signal or request writes the exit eventfd.
+            let _ = self.exit.eventfd().read();
+        };
+        self.shutdown();
+        Ok(outcome?)
+    }
+
+    /// Stops vCPU and event threads.
+    fn shutdown(&mut self) {
+        for h in &mut self.handles {
+            h.stop();
+        }
+        self.handles.clear();
+        if let Some((thread, stop)) = self.event_thread.take() {
+            let _ = stop.write(1);
+            let _ = thread.join();
+        }
+        self.state = VmState::Stopped;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts the thread that runs the event manager over `subscribers`; returns it with the
+/// eventfd that stops it.
+fn spawn_event_thread(
+    subscribers: Vec<Subscriber>,
+    exit: Arc<ExitSignal>,
+) -> Result<(JoinHandle<()>, EventFd), VmmError> {
+    let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventThread)?;
+    let stopped = Arc::new(AtomicBool::new(false));
+    let stopper = EventLoopStop {
+        evt: stop_evt.try_clone().map_err(VmmError::EventThread)?,
+        stopped: stopped.clone(),
+    };
+    let mut manager = EventManager::<Subscriber>::new()
+        .map_err(|e| VmmError::EventThread(std::io::Error::other(format!("{e:?}"))))?;
+    for s in subscribers {
+        manager.add_subscriber(s);
+    }
+    manager.add_subscriber(Arc::new(Mutex::new(stopper)));
+    let thread = std::thread::Builder::new()
+        .name("skiff-events".into())
+        .spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                if let Err(e) = manager.run() {
+                    log::error!("event thread: {e:?}");
+                    exit.request(Ok(GuestExit::Stopped(None)));
+                    break;
+                }
+            }
+        })
+        .map_err(VmmError::EventThread)?;
+    Ok((thread, stop_evt))
+}

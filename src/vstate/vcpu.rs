@@ -1,0 +1,577 @@
+//! vCPUs: set-up of the architectural state, and one named thread each running an explicit
+//! state machine (running / paused / exited) around the KVM_RUN loop. Port and MMIO exits are
+//! dispatched to the shared, immutable buses; the loop takes no global lock, allocates
+//! nothing and logs nothing on the exit path.
+//!
+//! Control events reach a running vCPU through a channel plus a kick: a real-time signal whose
+//! handler sets `kvm_run.immediate_exit`, so KVM_RUN returns at once with EINTR even when the
+//! signal lands just before the vCPU enters the kernel (KVM API, "immediate_exit").
+
+use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_run, CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::kvm::KvmContext;
+use super::memory::GuestMemoryMmap;
+use crate::arch::x86_64::{cpuid, msr, regs};
+use crate::devices::Bus;
+
+/// Why the guest stopped, when it stopped cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest asked the i8042 for a CPU reset (Linux `reboot=k`).
+    I8042Reset,
+    /// The guest triple-faulted (Linux's last-resort reboot).
+    TripleFault,
+    /// KVM reported a system shutdown event.
+    Shutdown,
+    /// KVM reported a system reset event.
+    Reset,
+    /// The guest halted with interrupts off and nothing can wake it.
+    Halted,
+    /// The host asked the VM to stop (API, library call or the given signal).
+    Stopped(Option<i32>),
+}
+
+/// Errors of a vCPU: set-up, or a failure that ends the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {0}")]
+    Create(u8, #[source] kvm_ioctls::Error),
+    /// A set-up ioctl failed.
+    #[error("vCPU {id}: {what} failed")]
+    Setup {
+        /// The vCPU.
+        id: u8,
+        /// Which ioctl.
+        what: &'static str,
+        /// Its error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_SET_MSRS set fewer MSRs than asked.
+    #[error("vCPU {id}: KVM refused MSR {index:#x}")]
+    SetMsr {
+        /// The vCPU.
+        id: u8,
+        /// The first MSR not set.
+        index: u32,
+    },
+    /// Writing boot-time register state failed.
+    #[error("vCPU {0}: cannot write boot register state")]
+    Regs(u8, #[source] regs::RegsError),
+    /// The thread could not be started.
+    #[error("cannot start the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    /// KVM_RUN failed.
+    #[error("vCPU {0}: KVM_RUN failed")]
+    Run(u8, #[source] kvm_ioctls::Error),
+    /// KVM's instruction emulator could not run a guest instruction.
+    #[error(
+        "vCPU {id}: KVM could not emulate the guest instruction at RIP {rip:#x} (bytes: {bytes})"
+    )]
+    Emulation {
+        /// The vCPU.
+        id: u8,
+        /// Guest RIP.
+        rip: u64,
+        /// The instruction bytes at RIP, in hex.
+        bytes: String,
+    },
+    /// Another KVM internal error.
+    #[error("vCPU {id}: KVM internal error, suberror {suberror} at RIP {rip:#x}")]
+    Internal {
+        /// The vCPU.
+        id: u8,
+        /// KVM's suberror code.
+        suberror: u32,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// The hardware refused to enter the guest.
+    #[error("vCPU {id}: VM entry failed, hardware reason {reason:#x}")]
+    FailEntry {
+        /// The vCPU.
+        id: u8,
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    #[error("vCPU {0}: the guest crashed")]
+    GuestCrash(u8),
+    /// An exit Skiff does not handle.
+    #[error("vCPU {0}: unexpected KVM exit {1}")]
+    UnexpectedExit(u8, String),
+    /// The vCPU thread panicked.
+    #[error("vCPU {0}: thread panicked")]
+    Panicked(u8),
+    /// The vCPU thread is gone.
+    #[error("vCPU {0} thread is not running")]
+    Gone(u8),
+}
+
+/// Where the VM's end is reported: the first stopping vCPU, device or host request wins, and
+/// whoever waits is woken through an eventfd.
+#[derive(Debug)]
+pub struct ExitSignal {
+    evt: EventFd,
+    outcome: Mutex<Option<Result<GuestExit, VcpuError>>>,
+}
+
+impl ExitSignal {
+    /// A fresh signal.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            evt: EventFd::new(0)?,
+            outcome: Mutex::new(None),
+        })
+    }
+
+    /// Records how the VM ended (if nothing was recorded yet) and wakes the waiter.
+    pub fn request(&self, outcome: Result<GuestExit, VcpuError>) {
+        let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        drop(slot);
+        // An eventfd write only fails when the counter would overflow: it is set already.
+        let _ = self.evt.write(1);
+    }
+
+    /// The eventfd that becomes readable on a request; async-signal handlers may write to it.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Takes the recorded outcome, if any.
+    pub fn take(&self) -> Option<Result<GuestExit, VcpuError>> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Requests sent to a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Stop at the next exit and wait.
+    Pause,
+    /// Continue after a pause.
+    Resume,
+    /// Leave the run loop for good.
+    Exit,
+}
+
+/// Acknowledgements from a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuResponse {
+    /// The vCPU is paused.
+    Paused,
+    /// The vCPU is running again.
+    Resumed,
+    /// The thread has left its loop.
+    Exited,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VcpuState {
+    Running,
+    Paused,
+    Exited,
+}
+
+/// What one KVM_RUN led to.
+enum Step {
+    Continue,
+    Interrupted,
+    Stop(GuestExit),
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own mapped kvm_run, set while its VcpuFd is
+        // alive and cleared before it is dropped; a volatile byte store is signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), handle_kick) {
+            log::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// One vCPU, configured and ready to run.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    mem: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` in `vm`.
+    pub fn new(
+        vm: &VmFd,
+        id: u8,
+        mem: GuestMemoryMmap,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VcpuError::Create(id, e))?;
+        Ok(Self {
+            id,
+            fd,
+            mem,
+            pio,
+            mmio,
+            exit,
+        })
+    }
+
+    fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Setup { id, what, source }
+    }
+
+    /// Sets CPUID (from `base`, normalised for this vCPU of `count`), MSRs, FPU and LAPIC; the
+    /// boot vCPU (id 0) also gets the registers to enter the kernel at `entry`. The others
+    /// wait for INIT/SIPI in the in-kernel LAPIC.
+    pub fn configure(
+        &mut self,
+        kvm: &KvmContext,
+        base: &CpuId,
+        count: u8,
+        entry: regs::BootEntry,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = base.clone();
+        cpuid::normalize(&mut cpuid, self.id, count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("KVM_SET_CPUID2"))?;
+
+        let msrs = msr::boot_msrs(kvm.msr_index_list()).map_err(|_| VcpuError::Setup {
+            id: self.id,
+            what: "MSR list",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.setup_err("KVM_SET_MSRS"))?;
+        if let Some(refused) = msrs.as_slice().get(set) {
+            return Err(VcpuError::SetMsr {
+                id: self.id,
+                index: refused.index,
+            });
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.setup_err("KVM_SET_FPU"))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.setup_err("KVM_GET_LAPIC"))?;
+        regs::set_lint(&mut lapic);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.setup_err("KVM_SET_LAPIC"))?;
+
+        if self.id == 0 {
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.setup_err("KVM_GET_SREGS"))?;
+            let sregs = regs::boot_sregs(&self.mem, entry, sregs)
+                .map_err(|e| VcpuError::Regs(self.id, e))?;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.setup_err("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(self.setup_err("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPU thread, named `skiff-vcpu-<id>`.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler();
+        let id = self.id;
+        let (event_tx, event_rx) = channel();
+        let (resp_tx, resp_rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("skiff-vcpu-{id}"))
+            .spawn(move || {
+                let exit = self.exit.clone();
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.run(&event_rx, &resp_tx);
+                }));
+                if result.is_err() {
+                    exit.request(Err(VcpuError::Panicked(id)));
+                    let _ = resp_tx.send(VcpuResponse::Exited);
+                }
+            })
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(VcpuHandle {
+            id,
+            events: event_tx,
+            responses: resp_rx,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) {
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
+        let mut state = VcpuState::Running;
+        while state != VcpuState::Exited {
+            state = match state {
+                VcpuState::Running => self.running(events, responses),
+                VcpuState::Paused => Self::paused(events, responses),
+                VcpuState::Exited => VcpuState::Exited,
+            };
+        }
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        let _ = responses.send(VcpuResponse::Exited);
+    }
+
+    /// Handles queued requests without blocking; returns the state to move to, if any.
+    fn handle_events(
+        events: &Receiver<VcpuEvent>,
+        responses: &Sender<VcpuResponse>,
+    ) -> Option<VcpuState> {
+        loop {
+            match events.try_recv() {
+                Ok(VcpuEvent::Pause) => {
+                    let _ = responses.send(VcpuResponse::Paused);
+                    return Some(VcpuState::Paused);
+                }
+                Ok(VcpuEvent::Resume) => {
+                    let _ = responses.send(VcpuResponse::Resumed);
+                }
+                Ok(VcpuEvent::Exit) | Err(TryRecvError::Disconnected) => {
+                    return Some(VcpuState::Exited)
+                }
+                Err(TryRecvError::Empty) => return None,
+            }
+        }
+    }
+
+    fn running(
+        &mut self,
+        events: &Receiver<VcpuEvent>,
+        responses: &Sender<VcpuResponse>,
+    ) -> VcpuState {
+        // Requests sent before the kick handler could see this thread's kvm_run.
+        if let Some(next) = Self::handle_events(events, responses) {
+            return next;
+        }
+        loop {
+            match self.run_once() {
+                Ok(Step::Continue) => {}
+                Ok(Step::Interrupted) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if let Some(next) = Self::handle_events(events, responses) {
+                        return next;
+                    }
+                }
+                Ok(Step::Stop(reason)) => {
+                    self.exit.request(Ok(reason));
+                    return VcpuState::Exited;
+                }
+                Err(e) => {
+                    self.exit.request(Err(e));
+                    return VcpuState::Exited;
+                }
+            }
+        }
+    }
+
+    fn paused(events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) -> VcpuState {
+        match events.recv() {
+            Ok(VcpuEvent::Resume) => {
+                let _ = responses.send(VcpuResponse::Resumed);
+                VcpuState::Running
+            }
+            Ok(VcpuEvent::Pause) => {
+                let _ = responses.send(VcpuResponse::Paused);
+                VcpuState::Paused
+            }
+            Ok(VcpuEvent::Exit) | Err(_) => VcpuState::Exited,
+        }
+    }
+
+    /// Runs the guest until its next exit and handles it.
+    fn run_once(&mut self) -> Result<Step, VcpuError> {
+        let id = self.id;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio.write(u64::from(port), data);
+                Ok(Step::Continue)
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.pio.read(u64::from(port), data);
+                Ok(Step::Continue)
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio.read(addr, data);
+                Ok(Step::Continue)
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                Ok(Step::Continue)
+            }
+            Ok(VcpuExit::Shutdown) => Ok(Step::Stop(GuestExit::TripleFault)),
+            Ok(VcpuExit::Hlt) => Ok(Step::Stop(GuestExit::Halted)),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Step::Stop(GuestExit::Shutdown)),
+                KVM_SYSTEM_EVENT_RESET => Ok(Step::Stop(GuestExit::Reset)),
+                KVM_SYSTEM_EVENT_CRASH => Err(VcpuError::GuestCrash(id)),
+                other => Err(VcpuError::UnexpectedExit(
+                    id,
+                    format!("system event {other}"),
+                )),
+            },
+            Ok(VcpuExit::Intr) => Ok(Step::Interrupted),
+            Ok(VcpuExit::InternalError) => Err(self.internal_error()),
+            Ok(VcpuExit::FailEntry(reason, _)) => Err(VcpuError::FailEntry { id, reason }),
+            Ok(other) => Err(VcpuError::UnexpectedExit(id, format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(Step::Interrupted)
+            }
+            Err(e) => Err(VcpuError::Run(id, e)),
+        }
+    }
+
+    /// Describes a KVM_EXIT_INTERNAL_ERROR with the guest RIP and the bytes found there.
+    fn internal_error(&mut self) -> VcpuError {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member KVM filled in.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let (rip, bytes) = self.instruction_at_rip();
+        if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            let bytes = bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            VcpuError::Emulation {
+                id: self.id,
+                rip,
+                bytes,
+            }
+        } else {
+            VcpuError::Internal {
+                id: self.id,
+                suberror,
+                rip,
+            }
+        }
+    }
+
+    /// RIP and up to 15 instruction bytes there (fewer where they cannot be read).
+    fn instruction_at_rip(&self) -> (u64, Vec<u8>) {
+        let Ok(r) = self.fd.get_regs() else {
+            return (0, Vec::new());
+        };
+        let base = self.fd.get_sregs().map_or(0, |s| s.cs.base);
+        let linear = base.wrapping_add(r.rip);
+        let mut bytes = Vec::new();
+        if let Ok(t) = self.fd.translate_gva(linear) {
+            if t.valid != 0 {
+                for i in 0..15 {
+                    match self
+                        .mem
+                        .read_obj::<u8>(GuestAddress(t.physical_address + i))
+                    {
+                        Ok(b) => bytes.push(b),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        (r.rip, bytes)
+    }
+}
+
+/// The VMM's side of a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u8,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Sends `event` and kicks the thread out of KVM_RUN so it sees it.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone(self.id))?;
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread_t belongs to a thread we have not joined yet, so it is
+            // valid; the signal's handler only touches that thread's kvm_run.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the thread's next acknowledgement.
+    pub fn response(&self, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
+        match self.responses.recv_timeout(timeout) {
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                Err(VcpuError::Gone(self.id))
+            }
+        }
+    }
+
+    /// Asks the thread to exit and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.send(VcpuEvent::Exit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
