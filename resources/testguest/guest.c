@@ -1,0 +1,400 @@
+/*
+ * Skiff test guest: a freestanding PVH kernel that runs the checks named on its command line
+ * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
+ * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
+ *
+ * Command line: checks=serial,e820,smp,timer,progress mem=<MiB> cpus=<N>
+ */
+#include <stdint.h>
+#include <stddef.h>
+#include <stdarg.h>
+
+#define COM1 0x3f8
+#define PROGRESS_PORT 0x80
+#define LAPIC_BASE 0xfee00000UL
+#define AP_TRAMPOLINE 0x8000UL
+#define AP_BITMAP 0x8800UL
+#define AP_COUNT 0x8880UL
+#define TIMER_VECTOR 64
+
+struct hvm_start_info {
+	uint32_t magic, version, flags, nr_modules;
+	uint64_t modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+	uint32_t memmap_entries, reserved;
+};
+struct hvm_memmap_entry { uint64_t addr, size; uint32_t type, reserved; };
+
+static char cmdline[2048];
+static struct hvm_memmap_entry memmap[128];
+static uint32_t memmap_entries;
+static int passed, failed;
+static volatile uint64_t timer_ticks;
+
+/* ---- port and MMIO access ---- */
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline uint32_t mmio_read32(uintptr_t a) { return *(volatile uint32_t *)a; }
+static inline void mmio_write32(uintptr_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
+static inline void progress(uint8_t code) { outb(PROGRESS_PORT, code); }
+
+/* ---- serial console ---- */
+static void serial_init(void)
+{
+	outb(COM1 + 1, 0x00);	/* no interrupts */
+	outb(COM1 + 3, 0x80);	/* DLAB */
+	outb(COM1 + 0, 0x01);	/* 115200 baud */
+	outb(COM1 + 1, 0x00);
+	outb(COM1 + 3, 0x03);	/* 8N1 */
+	outb(COM1 + 2, 0xc7);	/* FIFO on, cleared */
+	outb(COM1 + 4, 0x03);	/* DTR, RTS */
+}
+
+static void putc(char c)
+{
+	if (c == '\n')
+		putc('\r');
+	for (int i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
+		;
+	outb(COM1, (uint8_t)c);
+}
+
+static void puts(const char *s) { while (*s) putc(*s++); }
+
+static void put_uint(uint64_t v, unsigned base, int width)
+{
+	char buf[24];
+	int n = 0;
+	do {
+		buf[n++] = "0123456789abcdef"[v % base];
+		v /= base;
+	} while (v);
+	while (n < width)
+		buf[n++] = '0';
+	while (n)
+		putc(buf[--n]);
+}
+
+/* printf with %s %c %d %u %x %lx %lu and a zero-padded width for %x. */
+static void printf(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	for (; *fmt; fmt++) {
+		if (*fmt != '%') {
+			putc(*fmt);
+			continue;
+		}
+		fmt++;
+		int width = 0, is_long = 0;
+		while (*fmt >= '0' && *fmt <= '9')
+			width = width * 10 + (*fmt++ - '0');
+		if (*fmt == 'l') {
+			is_long = 1;
+			fmt++;
+		}
+		switch (*fmt) {
+		case 's': puts(va_arg(ap, const char *)); break;
+		case 'c': putc((char)va_arg(ap, int)); break;
+		case 'd': {
+			long v = is_long ? va_arg(ap, long) : va_arg(ap, int);
+			if (v < 0) { putc('-'); v = -v; }
+			put_uint((uint64_t)v, 10, width);
+			break;
+		}
+		case 'u': put_uint(is_long ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 10, width); break;
+		case 'x': put_uint(is_long ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 16, width); break;
+		default: putc('%'); putc(*fmt); break;
+		}
+	}
+	va_end(ap);
+}
+
+static void report(const char *check, int ok, const char *why)
+{
+	if (ok) {
+		passed++;
+		printf("PASS %s\n", check);
+	} else {
+		failed++;
+		printf("FAIL %s: %s\n", check, why);
+	}
+}
+
+/* ---- small string helpers ---- */
+static size_t strlen(const char *s) { size_t n = 0; while (s[n]) n++; return n; }
+static int starts_with(const char *s, const char *p) { while (*p) if (*s++ != *p++) return 0; return 1; }
+void *memcpy(void *d, const void *s, size_t n) { uint8_t *dd = d; const uint8_t *ss = s; while (n--) *dd++ = *ss++; return d; }
+void *memset(void *d, int c, size_t n) { uint8_t *dd = d; while (n--) *dd++ = (uint8_t)c; return d; }
+
+/* Value of "key=" on the command line (up to the next space), or NULL. */
+static const char *param(const char *key)
+{
+	size_t k = strlen(key);
+	for (const char *p = cmdline; *p; p++) {
+		if ((p == cmdline || p[-1] == ' ') && starts_with(p, key) && p[k] == '=')
+			return p + k + 1;
+	}
+	return NULL;
+}
+
+static uint64_t param_uint(const char *key, uint64_t dflt)
+{
+	const char *v = param(key);
+	if (!v || *v < '0' || *v > '9')
+		return dflt;
+	uint64_t n = 0;
+	while (*v >= '0' && *v <= '9')
+		n = n * 10 + (uint64_t)(*v++ - '0');
+	return n;
+}
+
+/* Whether `name` is in the comma-separated checks= list. */
+static int wants(const char *name)
+{
+	const char *v = param("checks");
+	size_t n = strlen(name);
+	while (v && *v && *v != ' ') {
+		if (starts_with(v, name) && (v[n] == ',' || v[n] == ' ' || v[n] == 0))
+			return 1;
+		while (*v && *v != ',' && *v != ' ')
+			v++;
+		if (*v == ',')
+			v++;
+	}
+	return 0;
+}
+
+/* ---- interrupts ---- */
+struct idt_entry { uint16_t off0, sel; uint8_t ist, type; uint16_t off1; uint32_t off2, zero; } __attribute__((packed));
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+
+#define ISR(v) extern void isr_##v(void);
+ISR(0) ISR(1) ISR(2) ISR(3) ISR(4) ISR(5) ISR(6) ISR(7) ISR(8) ISR(9) ISR(10) ISR(11) ISR(12)
+ISR(13) ISR(14) ISR(16) ISR(17) ISR(18) ISR(19) ISR(64) ISR(65) ISR(66)
+
+static void set_gate(int v, void (*fn)(void))
+{
+	uint64_t a = (uint64_t)fn;
+	idt[v] = (struct idt_entry){ (uint16_t)a, 0x08, 0, 0x8e, (uint16_t)(a >> 16), (uint32_t)(a >> 32), 0 };
+}
+
+static void idt_init(void)
+{
+	void (*stubs[])(void) = { isr_0, isr_1, isr_2, isr_3, isr_4, isr_5, isr_6, isr_7, isr_8, isr_9,
+				  isr_10, isr_11, isr_12, isr_13, isr_14, 0, isr_16, isr_17, isr_18, isr_19 };
+	for (int i = 0; i < 20; i++)
+		if (stubs[i])
+			set_gate(i, stubs[i]);
+	set_gate(64, isr_64);
+	set_gate(65, isr_65);
+	set_gate(66, isr_66);
+	struct { uint16_t limit; uint64_t base; } __attribute__((packed)) d = { sizeof(idt) - 1, (uint64_t)idt };
+	__asm__ volatile("lidt %0" :: "m"(d));
+}
+
+static void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
+static uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg); }
+
+static void finish(void);
+
+void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip)
+{
+	if (vector == TIMER_VECTOR) {
+		timer_ticks++;
+		lapic_write(0xb0, 0);	/* EOI */
+		return;
+	}
+	if (vector >= 32) {
+		lapic_write(0xb0, 0);
+		return;
+	}
+	printf("FAIL exception: vector %lu error %lx at rip %lx\n", vector, error, rip);
+	failed++;
+	finish();
+}
+
+/* ---- checks ---- */
+
+/* All RAM from 1 MiB up, plus the first MiB, adds up to the configured size. */
+static void check_e820(void)
+{
+	uint64_t want = param_uint("mem", 0) << 20, high = 0, low = 0;
+	for (uint32_t i = 0; i < memmap_entries; i++) {
+		struct hvm_memmap_entry *e = &memmap[i];
+		printf("e820: %16lx-%16lx type %u\n", e->addr, e->addr + e->size, e->type);
+		if (e->type != 1)
+			continue;
+		if (e->addr >= 0x100000)
+			high += e->size;
+		else
+			low += e->size;
+	}
+	if (!want)
+		report("e820", 0, "no mem= on the command line");
+	else if (high + 0x100000 != want || low < 0x80000)
+		report("e820", 0, "RAM in the map does not match mem=");
+	else
+		report("e820", 1, 0);
+}
+
+static uint8_t checksum(const uint8_t *p, size_t n) { uint8_t s = 0; while (n--) s += *p++; return s; }
+
+/* Finds the MP floating pointer in the EBDA or the BIOS ROM area. */
+static const uint8_t *find_mp(void)
+{
+	uintptr_t ranges[][2] = { { 0x9fc00, 0xa0000 }, { 0xf0000, 0x100000 } };
+	for (int r = 0; r < 2; r++)
+		for (uintptr_t a = ranges[r][0]; a < ranges[r][1]; a += 16) {
+			const uint8_t *p = (const uint8_t *)a;
+			if (p[0] == '_' && p[1] == 'M' && p[2] == 'P' && p[3] == '_' && checksum(p, 16) == 0)
+				return p;
+		}
+	return NULL;
+}
+
+static void spin(unsigned n) { for (volatile unsigned i = 0; i < n; i++) __asm__ volatile("pause"); }
+
+/* Counts processors in the MP table, starts every AP with INIT/SIPI/SIPI and waits for each to
+ * set its bit. */
+static void check_smp(void)
+{
+	uint64_t want = param_uint("cpus", 1);
+	const uint8_t *fp = find_mp();
+	if (!fp) {
+		report("smp", 0, "no MP floating pointer");
+		return;
+	}
+	const uint8_t *table = (const uint8_t *)(uintptr_t)*(const uint32_t *)(fp + 4);
+	uint16_t len = *(const uint16_t *)(table + 4), count = *(const uint16_t *)(table + 34);
+	if (table[0] != 'P' || table[1] != 'C' || table[2] != 'M' || table[3] != 'P' || checksum(table, len)) {
+		report("smp", 0, "bad MP configuration table");
+		return;
+	}
+	uint8_t ids[256];
+	int ncpu = 0;
+	const uint8_t *e = table + 44;
+	for (uint16_t i = 0; i < count && e < table + len; i++) {
+		if (e[0] == 0) {
+			if (e[3] & 1)
+				ids[ncpu++] = e[1];
+			e += 20;
+		} else {
+			e += 8;
+		}
+	}
+	printf("smp: MP table lists %d processors\n", ncpu);
+	if ((uint64_t)ncpu != want) {
+		report("smp", 0, "processor count differs from cpus=");
+		return;
+	}
+	extern char ap_trampoline[], ap_trampoline_end[];
+	memcpy((void *)AP_TRAMPOLINE, ap_trampoline, (size_t)(ap_trampoline_end - ap_trampoline));
+	memset((void *)AP_BITMAP, 0, 0x84);
+	uint32_t self = lapic_read(0x20) >> 24;
+	lapic_write(0xf0, 0x1ff);	/* software-enable the LAPIC */
+	for (int i = 0; i < ncpu; i++) {
+		if (ids[i] == self)
+			continue;
+		lapic_write(0x310, (uint32_t)ids[i] << 24);
+		lapic_write(0x300, 0x4500);			/* INIT */
+		spin(10000);
+		for (int s = 0; s < 2; s++) {
+			lapic_write(0x310, (uint32_t)ids[i] << 24);
+			lapic_write(0x300, 0x4600 | (AP_TRAMPOLINE >> 12));	/* SIPI */
+			spin(2000);
+		}
+	}
+	volatile uint32_t *started = (volatile uint32_t *)AP_COUNT;
+	for (unsigned i = 0; i < 200000000 && *started < (uint32_t)(ncpu - 1); i++)
+		__asm__ volatile("pause");
+	volatile uint8_t *bitmap = (volatile uint8_t *)AP_BITMAP;
+	int up = 1;
+	for (int i = 0; i < ncpu; i++) {
+		if (ids[i] == self)
+			continue;
+		int ok = (bitmap[ids[i] / 8] >> (ids[i] % 8)) & 1;
+		printf("smp: cpu %u %s\n", ids[i], ok ? "reported" : "did not report");
+		up += ok;
+	}
+	printf("smp: %d of %d cpus up\n", up, ncpu);
+	report("smp", up == ncpu, "not every AP started");
+}
+
+/* A one-shot LAPIC timer interrupt through the in-kernel irqchip. */
+static void check_timer(void)
+{
+	lapic_write(0xf0, 0x1ff);
+	lapic_write(0x3e0, 0xb);		/* divide by 1 */
+	lapic_write(0x320, TIMER_VECTOR);	/* one-shot */
+	lapic_write(0x380, 100000);
+	__asm__ volatile("sti");
+	for (unsigned i = 0; i < 100000000 && !timer_ticks; i++)
+		__asm__ volatile("pause");
+	__asm__ volatile("cli");
+	report("timer", timer_ticks > 0, "no LAPIC timer interrupt");
+}
+
+/* Asks the host for a line and echoes it back. */
+static void check_serial(void)
+{
+	char line[128];
+	int n = 0;
+	puts("serial: ready for input\n");
+	for (unsigned polls = 0; polls < 20000000 && n < (int)sizeof(line) - 1; polls++) {
+		if (!(inb(COM1 + 5) & 1))
+			continue;
+		char c = (char)inb(COM1);
+		if (c == '\r' || c == '\n')
+			break;
+		line[n++] = c;
+		polls = 0;
+	}
+	line[n] = 0;
+	printf("serial: echo '%s'\n", line);
+	report("serial", n > 0, "no input line from the host");
+}
+
+/* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
+static void check_progress(void)
+{
+	for (uint8_t c = 0x10; c < 0x14; c++)
+		progress(c);
+	report("progress", 1, 0);
+}
+
+static void finish(void)
+{
+	printf("DONE passed=%d failed=%d\n", passed, failed);
+	progress(0xff);
+	outb(0x64, 0xfe);		/* i8042: reset the CPU */
+	outb(0xf4, failed ? 1 : 0);	/* QEMU isa-debug-exit */
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+void guest_main(uint32_t start_info)
+{
+	struct hvm_start_info *si = (struct hvm_start_info *)(uintptr_t)start_info;
+	progress(0x02);
+	serial_init();
+	if (si->magic != 0x336ec578) {
+		puts("FAIL boot: bad hvm_start_info magic\n");
+		failed++;
+		finish();
+	}
+	if (si->cmdline_paddr) {
+		const char *c = (const char *)(uintptr_t)si->cmdline_paddr;
+		for (size_t i = 0; i < sizeof(cmdline) - 1 && c[i]; i++)
+			cmdline[i] = c[i];
+	}
+	memmap_entries = si->memmap_entries < 128 ? si->memmap_entries : 128;
+	memcpy(memmap, (void *)(uintptr_t)si->memmap_paddr, memmap_entries * sizeof(memmap[0]));
+	idt_init();
+	printf("skiff-testguest: cmdline '%s'\n", cmdline);
+	if (wants("e820")) check_e820();
+	if (wants("smp")) check_smp();
+	if (wants("timer")) check_timer();
+	if (wants("progress")) check_progress();
+	if (wants("serial")) check_serial();
+	finish();
+}
