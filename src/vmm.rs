@@ -155,7 +155,7 @@ impl Vm {
             .filter(|&n| n >= 1 && usize::from(n) <= max)
             .ok_or(VmmError::VcpuCount {
                 requested: config.vcpus,
-                max: max as u32,
+                max: u32::try_from(max).unwrap_or(u32::MAX),
             })?;
         // Check the cheap things before mapping memory and reading the kernel.
         let cmdline = boot::build_cmdline(&config.cmdline)?;

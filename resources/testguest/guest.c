@@ -372,6 +372,25 @@ static void finish(void)
 		__asm__ volatile("cli; hlt");
 }
 
+/* Misbehaviours on request, to test how the VMM ends a broken guest. */
+static void crash(void)
+{
+	const char *how = param("crash");
+	if (!how)
+		return;
+	if (starts_with(how, "mmio-exec")) {
+		puts("crash: jumping into the MMIO hole\n");
+		((void (*)(void))0xc0000000UL)();
+	} else if (starts_with(how, "triple-fault")) {
+		puts("crash: triple fault\n");
+		struct { uint16_t limit; uint64_t base; } __attribute__((packed)) d = { 0, 0 };
+		__asm__ volatile("lidt %0; xorl %%ecx, %%ecx; divl %%ecx" :: "m"(d) : "eax", "ecx", "edx");
+	} else if (starts_with(how, "fwait")) {
+		puts("crash: fwait\n");
+		__asm__ volatile("fwait");
+	}
+}
+
 void guest_main(uint32_t start_info)
 {
 	struct hvm_start_info *si = (struct hvm_start_info *)(uintptr_t)start_info;
@@ -391,6 +410,7 @@ void guest_main(uint32_t start_info)
 	memcpy(memmap, (void *)(uintptr_t)si->memmap_paddr, memmap_entries * sizeof(memmap[0]));
 	idt_init();
 	printf("skiff-testguest: cmdline '%s'\n", cmdline);
+	crash();
 	if (wants("e820")) check_e820();
 	if (wants("smp")) check_smp();
 	if (wants("timer")) check_timer();

@@ -53,6 +53,9 @@ pub enum BootError {
     /// Writing boot structures to guest memory failed.
     #[error("cannot write boot information to guest memory")]
     WriteBootInfo(#[source] vm_memory::GuestMemoryError),
+    /// A boot_params field cannot hold an address or size.
+    #[error("{0:#x} does not fit in a 32-bit boot_params field")]
+    Above4G(u64),
     /// The memory map does not fit in the space the layout gives it.
     #[error("too many memory map entries")]
     MemmapTooLarge,
@@ -239,6 +242,11 @@ fn e820_ram(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     map
 }
 
+/// A value the 64-bit boot protocol keeps in a 32-bit field.
+fn low32(value: u64) -> Result<u32, BootError> {
+    u32::try_from(value).map_err(|_| BootError::Above4G(value))
+}
+
 /// Writes the kernel command line and the boot protocol's structures.
 pub fn write_boot_info(
     mem: &GuestMemoryMmap,
@@ -262,7 +270,7 @@ pub fn write_boot_info(
                 version: 1,
                 cmdline_paddr: CMDLINE_START,
                 memmap_paddr: PVH_MEMMAP_START,
-                memmap_entries: ram.len() as u32,
+                memmap_entries: u32::try_from(ram.len()).map_err(|_| BootError::MemmapTooLarge)?,
                 ..Default::default()
             };
             if let Some((paddr, size)) = initrd {
@@ -297,14 +305,14 @@ pub fn write_boot_info(
             params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
             params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
             params.hdr.header = KERNEL_HDR_MAGIC;
-            params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-            params.hdr.cmdline_size = (bytes.len() - 1) as u32;
+            params.hdr.cmd_line_ptr = low32(CMDLINE_START)?;
+            params.hdr.cmdline_size = low32((bytes.len() - 1) as u64)?;
             if params.hdr.kernel_alignment == 0 {
                 params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
             }
             if let Some((addr, size)) = initrd {
-                params.hdr.ramdisk_image = addr as u32;
-                params.hdr.ramdisk_size = size as u32;
+                params.hdr.ramdisk_image = low32(addr)?;
+                params.hdr.ramdisk_size = low32(size)?;
             }
             if ram.len() > params.e820_table.len() {
                 return Err(BootError::MemmapTooLarge);
@@ -314,7 +322,7 @@ pub fn write_boot_info(
                 slot.size = *size;
                 slot.r#type = E820_RAM;
             }
-            params.e820_entries = ram.len() as u8;
+            params.e820_entries = u8::try_from(ram.len()).map_err(|_| BootError::MemmapTooLarge)?;
             mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
                 .map_err(w)?;
         }

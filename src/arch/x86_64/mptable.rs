@@ -12,6 +12,15 @@ use crate::vstate::memory::GuestMemoryMmap;
 pub const MAX_CPUS: u8 = 254;
 
 const MPC_SPEC_REV: u8 = 4;
+// The MP table holds 32-bit physical addresses; these constants are all below 4 GiB.
+#[allow(clippy::cast_possible_truncation)]
+const IOAPIC_START_32: u32 = IOAPIC_START as u32;
+#[allow(clippy::cast_possible_truncation)]
+const APIC_START_32: u32 = APIC_START as u32;
+#[allow(clippy::cast_possible_truncation)]
+const TABLE_ADDR_32: u32 = (EBDA_START + 16) as u32;
+#[allow(clippy::cast_possible_truncation)]
+const IOAPIC_PINS: u8 = IOAPIC_NUM_PINS as u8;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const CPU_ENABLED: u8 = 1;
@@ -60,10 +69,10 @@ fn config_table(num_cpus: u8) -> Vec<u8> {
     }
     entries.extend_from_slice(&[ENTRY_BUS, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&IOAPIC_START_32.to_le_bytes());
     count += 2;
     // Bus IRQ n drives IOAPIC pin n, polarity and trigger as the bus defines them.
-    for pin in 0..IOAPIC_NUM_PINS as u8 {
+    for pin in 0..IOAPIC_PINS {
         let kind = if pin == 0 {
             INT_TYPE_EXTINT
         } else {
@@ -88,7 +97,7 @@ fn config_table(num_cpus: u8) -> Vec<u8> {
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&APIC_START_32.to_le_bytes());
     table.extend_from_slice(&[0; 4]); // extended table length, checksum, reserved
     table.extend_from_slice(&entries);
     table[7] = checksum(&table);
@@ -104,7 +113,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableE
     let table = config_table(num_cpus);
     let mut fp = [0u8; 16];
     fp[0..4].copy_from_slice(b"_MP_");
-    fp[4..8].copy_from_slice(&(table_addr as u32).to_le_bytes());
+    fp[4..8].copy_from_slice(&TABLE_ADDR_32.to_le_bytes());
     fp[8] = 1; // length in 16-byte units
     fp[9] = MPC_SPEC_REV;
     fp[10] = checksum(&fp);

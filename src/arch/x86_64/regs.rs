@@ -183,13 +183,13 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let b = |i: usize| lapic.regs[offset + i] as u8;
+    let b = |i: usize| lapic.regs[offset + i].to_ne_bytes()[0];
     u32::from_le_bytes([b(0), b(1), b(2), b(3)])
 }
 
 fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
-        lapic.regs[offset + i] = byte as std::os::raw::c_char;
+        lapic.regs[offset + i] = std::os::raw::c_char::from_ne_bytes([byte]);
     }
 }
 

@@ -76,7 +76,7 @@ mod tests {
     fn records_are_capped() {
         let mut p = BootProgress::new(Instant::now());
         for i in 0..(MAX_RECORDS + 5) {
-            p.write(0, &[i as u8]);
+            p.write(0, &[u8::try_from(i % 256).unwrap()]);
         }
         assert_eq!(p.records().len(), MAX_RECORDS);
         assert_eq!(p.records()[1].code, 1);

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Builds Skiff's Linux guest from Debian packages only: the kernel from linux-source-6.1 with
+# the microVM config kept here, an initramfs around busybox-static, and an ext4 root image.
+#
+#   resources/linux/build.sh [pvm|kvm|auto]
+#
+# Flavours: "kvm" is the plain microVM kernel for hardware KVM; "pvm" adds pvm.config and
+# the patches in patches/ for KVM PVM hosts (nested, instruction emulation). "auto" (the
+# default) picks pvm when /sys/module/kvm_pvm exists.
+#
+# Outputs are cached under ${XDG_CACHE_HOME:-~/.cache}/skiff/linux/<flavour>-<hash>/, keyed by
+# a hash of every input, so a second run takes a moment. The last line of stdout is that
+# directory, holding vmlinux, initramfs.cpio, rootfs.ext4 and config.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+flavour=${1:-auto}
+if [ "$flavour" = auto ]; then
+	if [ -d /sys/module/kvm_pvm ]; then flavour=pvm; else flavour=kvm; fi
+fi
+case "$flavour" in pvm | kvm) ;; *) echo "usage: $0 [pvm|kvm|auto]" >&2; exit 2 ;; esac
+
+say() { echo "[linux-guest] $*" >&2; }
+
+packages="linux-source-6.1 busybox-static e2fsprogs bc flex bison libelf-dev xz-utils gcc make"
+missing=""
+for p in $packages; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+	if [ "$(id -u)" != 0 ]; then
+		say "missing Debian packages:$missing (apt-get install them as root)"
+		exit 1
+	fi
+	say "installing$missing"
+	apt-get update -qq >&2
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >&2
+fi
+
+tarball=/usr/src/linux-source-6.1.tar.xz
+busybox=/bin/busybox
+fragment=$here/$flavour.config
+[ "$flavour" = kvm ] && fragment=$here/hwkvm.config
+patches=()
+[ "$flavour" = pvm ] && patches=("$here"/patches/*.patch)
+
+# Bump when the build steps below change what they produce.
+recipe=1
+key=$(
+	{
+		echo "recipe $recipe $flavour"
+		dpkg-query -W -f='${Package} ${Version}\n' linux-source-6.1 busybox-static e2fsprogs
+		cat "$here/microvm.config" "$fragment" "$here/required.txt" "$here/init"
+		for p in "${patches[@]}"; do cat "$p"; done
+	} | sha256sum | cut -c1-16
+)
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/skiff/linux/$flavour-$key
+if [ -f "$cache/vmlinux" ] && [ -f "$cache/initramfs.cpio" ] && [ -f "$cache/rootfs.ext4" ]; then
+	say "cached: $cache"
+	echo "$cache"
+	exit 0
+fi
+
+mkdir -p "$(dirname "$cache")"
+work=$(mktemp -d "$(dirname "$cache")/build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+start=$(date +%s)
+
+say "unpacking $(basename "$tarball")"
+tar -C "$work" -xf "$tarball"
+src=$work/linux-source-6.1
+for p in "${patches[@]}"; do
+	say "applying $(basename "$p")"
+	patch -s -d "$src" -p1 <"$p"
+done
+
+say "configuring ($flavour): tinyconfig + microvm.config + $(basename "$fragment")"
+make -s -C "$src" tinyconfig >/dev/null
+"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$here/microvm.config" "$fragment" >/dev/null
+make -s -C "$src" olddefconfig >/dev/null
+while read -r line; do
+	case "$line" in '' | '#'*) continue ;; esac
+	if ! grep -qx "$line" "$src/.config"; then
+		say "config check failed: $line did not survive olddefconfig"
+		exit 1
+	fi
+done <"$here/required.txt"
+
+jobs=$(nproc)
+say "building vmlinux with $jobs jobs (about 5 minutes on 2 cores)"
+make -C "$src" -j"$jobs" vmlinux 2>&1 | awk '
+	/^ *(CC|AS|LD|AR)/ { n++; if (n % 250 == 0) { printf "[linux-guest] %d objects built\n", n > "/dev/stderr"; fflush("/dev/stderr") } }
+	/: error:|Error [0-9]/ { print > "/dev/stderr" }'
+[ -f "$src/vmlinux" ] || { say "kernel build failed"; exit 1; }
+
+say "making initramfs and root image"
+gcc -O2 -o "$work/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+cat >"$work/initramfs.list" <<LIST
+dir /dev 0755 0 0
+nod /dev/console 0600 0 0 c 5 1
+dir /bin 0755 0 0
+dir /sbin 0755 0 0
+dir /proc 0755 0 0
+dir /sys 0755 0 0
+dir /tmp 1777 0 0
+dir /mnt 0755 0 0
+file /bin/busybox $busybox 0755 0 0
+slink /bin/sh busybox 0777 0 0
+file /init $here/init 0755 0 0
+LIST
+"$work/gen_init_cpio" "$work/initramfs.list" >"$work/initramfs.cpio"
+
+root=$work/rootfs
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,root}
+cp "$busybox" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+cp "$here/init" "$root/sbin/init"
+echo "skiff" >"$root/etc/hostname"
+mkfs.ext4 -q -F -L skiff-root -E root_owner=0:0 -d "$root" "$work/rootfs.ext4" 64M
+
+mkdir -p "$cache.tmp"
+cp "$src/vmlinux" "$work/initramfs.cpio" "$work/rootfs.ext4" "$cache.tmp/"
+cp "$src/.config" "$cache.tmp/config"
+rm -rf "$cache"
+mv "$cache.tmp" "$cache"
+say "done in $(($(date +%s) - start)) s: $cache"
+echo "$cache"

@@ -1,0 +1,184 @@
+//! Bad input from the command line or the files it names: each case ends with exit status 1
+//! and exactly one clear `skiff: error:` line, never a panic or a hang.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{run_skiff, test_guest};
+
+/// Runs skiff and returns its single error line.
+fn error_of(args: &[&str]) -> String {
+    let out = run_skiff(args, Duration::from_secs(30), None);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "args {args:?}: stdout {} stderr {}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    let errors = out.error_lines();
+    assert_eq!(errors.len(), 1, "want one error line, got:\n{}", out.stderr);
+    assert_eq!(
+        out.stderr.lines().count(),
+        1,
+        "want nothing but the error line:\n{}",
+        out.stderr
+    );
+    errors[0].to_owned()
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn guest() -> String {
+    test_guest().to_str().unwrap().to_owned()
+}
+
+#[test]
+fn missing_kernel() {
+    let e = error_of(&["run", "--kernel", "/nonexistent/vmlinux"]);
+    assert!(
+        e.contains("cannot read kernel /nonexistent/vmlinux") && e.contains("No such file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn kernel_that_is_a_directory() {
+    let e = error_of(&["run", "--kernel", "/"]);
+    assert!(
+        e.contains("cannot read kernel /") && e.contains("not a regular file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    let p = temp_file("not-a-kernel.bin", &[0x5a; 8192]);
+    let e = error_of(&["run", "--kernel", p.to_str().unwrap()]);
+    assert!(e.contains("is not a kernel Skiff can boot"), "{e}");
+}
+
+#[test]
+fn truncated_elf_kernel() {
+    let mut bytes = std::fs::read(test_guest()).unwrap();
+    bytes.truncate(200);
+    let p = temp_file("truncated.elf", &bytes);
+    let e = error_of(&["run", "--kernel", p.to_str().unwrap()]);
+    assert!(e.contains("cannot load kernel"), "{e}");
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    let p = temp_file("big-initrd.img", &vec![0u8; 12 << 20]);
+    let e = error_of(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--memory",
+        "8",
+        "--initrd",
+        p.to_str().unwrap(),
+    ]);
+    assert!(e.contains("does not fit in guest memory"), "{e}");
+}
+
+#[test]
+fn missing_initrd() {
+    let e = error_of(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert!(e.contains("cannot read initrd /nonexistent/initrd"), "{e}");
+}
+
+#[test]
+fn zero_vcpus() {
+    let e = error_of(&["run", "--kernel", &guest(), "--vcpus", "0"]);
+    assert!(
+        e.contains("--vcpus 0") && e.contains("between 1 and"),
+        "{e}"
+    );
+}
+
+#[test]
+fn too_many_vcpus() {
+    let e = error_of(&["run", "--kernel", &guest(), "--vcpus", "100000"]);
+    assert!(e.contains("--vcpus 100000"), "{e}");
+}
+
+#[test]
+fn zero_memory() {
+    let e = error_of(&["run", "--kernel", &guest(), "--memory", "0"]);
+    assert!(e.contains("at least 1 MiB"), "{e}");
+}
+
+#[test]
+fn memory_beyond_what_the_host_can_map() {
+    for mib in ["1099511627776", "18446744073709551615"] {
+        let e = error_of(&["run", "--kernel", &guest(), "--memory", mib]);
+        assert!(e.contains("does not fit below the host's"), "{e}");
+    }
+}
+
+#[test]
+fn memory_the_host_cannot_back() {
+    // Within the address width but beyond a KVM memory slot or the process's address space.
+    let e = error_of(&["run", "--kernel", &guest(), "--memory", "60000000"]);
+    assert!(e.contains("memory"), "{e}");
+}
+
+#[test]
+fn command_line_too_long() {
+    let long = "x".repeat(3000);
+    let e = error_of(&["run", "--kernel", &guest(), "--cmdline", &long]);
+    assert!(e.contains("invalid kernel command line"), "{e}");
+}
+
+#[test]
+fn kvm_device_missing() {
+    let e = error_of(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--kvm-device",
+        "/nonexistent/kvm",
+    ]);
+    assert!(e.contains("cannot open KVM device /nonexistent/kvm"), "{e}");
+}
+
+#[test]
+fn kvm_device_that_is_not_kvm() {
+    let e = error_of(&["run", "--kernel", &guest(), "--kvm-device", "/dev/null"]);
+    assert!(e.contains("/dev/null is not a KVM device"), "{e}");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = run_skiff(&["run", "--help"], Duration::from_secs(10), None);
+    assert_eq!(out.code, Some(0));
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--vcpus",
+        "--memory",
+        "--kvm-device",
+        "--log-level",
+    ] {
+        assert!(
+            out.stdout.contains(flag),
+            "{flag} missing from help:\n{}",
+            out.stdout
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! Helpers shared by the integration tests: building the guests and running `skiff` with a
+//! time limit while reading what the guest prints.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test guest ELF, built once per test binary with resources/testguest/build.sh.
+pub fn test_guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("testguest.elf");
+        let status = Command::new(root().join("resources/testguest/build.sh"))
+            .arg(&out)
+            .status()
+            .expect("run resources/testguest/build.sh");
+        assert!(status.success(), "building the test guest failed");
+        out
+    })
+}
+
+/// What a finished `skiff` run left behind.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Exit status code (None when killed).
+    pub code: Option<i32>,
+    /// Guest console output.
+    pub stdout: String,
+    /// Skiff's log and errors.
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Lines of the guest console, without carriage returns.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .collect()
+    }
+
+    /// Lines of stderr that report an error.
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("skiff: error:"))
+            .collect()
+    }
+}
+
+/// Runs `skiff` with `args`, killing it after `limit`. When a console line contains the
+/// `prompt`, `answer` is written to its stdin.
+pub fn run_skiff(args: &[&str], limit: Duration, reply: Option<(&str, &str)>) -> Outcome {
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skiff");
+    let mut stdin = child.stdin.take();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (line_tx, line_rx) = mpsc::channel::<String>();
+    let out_thread = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = line_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut code = None;
+    loop {
+        while let Ok(line) = line_rx.try_recv() {
+            if let Some((prompt, answer)) = reply {
+                if line.contains(prompt) {
+                    if let Some(w) = stdin.as_mut() {
+                        let _ = w.write_all(answer.as_bytes());
+                        let _ = w.flush();
+                    }
+                }
+            }
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            code = status.code();
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(stdin);
+    Outcome {
+        code,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Prints a figure into the test log, past libtest's output capture.
+pub fn log_figure(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "[figure] {line}");
+}
+
+/// Milliseconds after process start of the first boot-progress write in Skiff's info log.
+pub fn first_progress_ms(stderr: &str) -> Option<f64> {
+    stderr.lines().find_map(|l| {
+        let rest = l.split("boot progress ").nth(1)?;
+        let ms = rest.split(" at ").nth(1)?.split(' ').next()?;
+        ms.parse().ok()
+    })
+}

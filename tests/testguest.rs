@@ -1,0 +1,135 @@
+//! Boots the test guest (resources/testguest) and checks every report it prints: memory map,
+//! SMP start-up through the MP table and INIT/SIPI, LAPIC timer interrupt, serial echo and
+//! boot-progress timestamps.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{first_progress_ms, log_figure, run_skiff, test_guest};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Boots with `vcpus` and `mem` MiB, all checks on, and asserts every one passes.
+fn boot_and_check(vcpus: u32, mem: u64) {
+    let guest = test_guest().to_str().unwrap().to_owned();
+    let cmdline = format!("checks=e820,smp,timer,progress,serial mem={mem} cpus={vcpus}");
+    let (v, m) = (vcpus.to_string(), mem.to_string());
+    let out = run_skiff(
+        &[
+            "--log-level",
+            "info",
+            "run",
+            "--kernel",
+            &guest,
+            "--cmdline",
+            &cmdline,
+            "--vcpus",
+            &v,
+            "--memory",
+            &m,
+        ],
+        LIMIT,
+        Some(("serial: ready for input", "hello-from-host\n")),
+    );
+    let lines = out.lines();
+    for check in ["e820", "smp", "timer", "progress", "serial"] {
+        let pass = format!("PASS {check}");
+        assert!(
+            lines.contains(&pass.as_str()),
+            "{check} did not pass:\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    assert!(
+        lines.contains(&"serial: echo 'hello-from-host'"),
+        "{}",
+        out.stdout
+    );
+    assert!(lines.contains(&"DONE passed=5 failed=0"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("smp: {vcpus} of {vcpus} cpus up")),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.code, Some(0), "exit status; stderr:\n{}", out.stderr);
+    for code in ["0x01", "0x10", "0x13", "0xff"] {
+        assert!(
+            out.stderr.contains(&format!("boot progress {code} at")),
+            "no progress {code}:\n{}",
+            out.stderr
+        );
+    }
+    let first = first_progress_ms(&out.stderr).expect("a boot-progress time");
+    log_figure(&format!(
+        "test guest, {vcpus} vCPU(s), {mem} MiB: first guest instruction (progress 0x01) {first:.2} ms after process start; whole run {:.1} ms",
+        out.elapsed.as_secs_f64() * 1000.0
+    ));
+}
+
+#[test]
+fn one_vcpu() {
+    boot_and_check(1, 128);
+}
+
+#[test]
+fn two_vcpus() {
+    boot_and_check(2, 256);
+}
+
+#[test]
+fn four_vcpus() {
+    boot_and_check(4, 128);
+}
+
+#[test]
+fn memory_above_the_32bit_hole() {
+    boot_and_check(1, 4096);
+}
+
+#[test]
+fn triple_fault_ends_the_vm_cleanly() {
+    let guest = test_guest().to_str().unwrap().to_owned();
+    let out = run_skiff(
+        &["run", "--kernel", &guest, "--cmdline", "crash=triple-fault"],
+        LIMIT,
+        None,
+    );
+    assert!(out.stdout.contains("crash: triple fault"), "{}", out.stdout);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+#[test]
+fn emulation_failure_names_rip_and_ends_the_vm() {
+    let guest = test_guest().to_str().unwrap().to_owned();
+    let out = run_skiff(
+        &["run", "--kernel", &guest, "--cmdline", "crash=mmio-exec"],
+        LIMIT,
+        None,
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let errors = out.error_lines();
+    assert_eq!(errors.len(), 1, "{}", out.stderr);
+    assert!(errors[0].contains("RIP 0xc0000000"), "{}", errors[0]);
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_reports_it() {
+    let guest = test_guest().to_str().unwrap().to_owned();
+    // The serial check waits for input that never comes; SIGTERM must end the run cleanly.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(["run", "--kernel", &guest, "--cmdline", "checks=serial"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal 15"));
+}
