@@ -158,7 +158,10 @@ impl Vm {
                 max: u32::try_from(max).unwrap_or(u32::MAX),
             })?;
         // Check the cheap things before mapping memory and reading the kernel.
-        let cmdline = boot::build_cmdline(&config.cmdline)?;
+        let mut cmdline = boot::build_cmdline(&config.cmdline)?;
+        if kvm.is_pvm() {
+            boot::add_pvm_workarounds(&mut cmdline)?;
+        }
         let mem = create_guest_memory(config.memory_mib, kvm.phys_bits())?;
         let vm_fd = create_vm(&kvm, &mem)?;
 

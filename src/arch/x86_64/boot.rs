@@ -138,6 +138,52 @@ pub fn build_cmdline(raw: &str) -> Result<Cmdline, BootError> {
     Ok(cmdline)
 }
 
+/// Kernel parameters a KVM PVM host needs. There a guest kernel executes CPUID natively and
+/// sees the host's features, so the CPUID Skiff sets cannot stop Linux from using
+/// instructions the PVM emulator then fails on (measured: `xrstor`, `lock cmpxchg16b`,
+/// `popcnt`, `clac`); the kernel is told on its command line instead. The last flag is read by
+/// Skiff's kernel patch (resources/linux/patches) and ignored by other kernels.
+pub const PVM_KERNEL_PARAMS: &[&str] = &[
+    "noxsave",
+    "clearcpuid=cx16,popcnt,smap,smep,pcid,invpcid,fsgsbase",
+    "skiff.no_int3_selftest",
+];
+
+/// Appends [`PVM_KERNEL_PARAMS`] the user did not give already.
+pub fn add_pvm_workarounds(cmdline: &mut Cmdline) -> Result<(), BootError> {
+    let current = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .to_string_lossy()
+        .into_owned();
+    // Parameters after "--" go to init, so kernel parameters must come before it.
+    let (kernel_part, init_part) = match current.split_once(" -- ") {
+        Some((k, i)) => (k.to_owned(), Some(i.to_owned())),
+        None if current.starts_with("-- ") => (String::new(), Some(current[3..].to_owned())),
+        None => (current.clone(), None),
+    };
+    let mut words: Vec<&str> = kernel_part.split_whitespace().collect();
+    let mut added = Vec::new();
+    for p in PVM_KERNEL_PARAMS {
+        let name = p.split('=').next().unwrap_or(p);
+        if !words.iter().any(|w| w.split('=').next() == Some(name)) {
+            words.push(p);
+            added.push(*p);
+        }
+    }
+    if added.is_empty() {
+        return Ok(());
+    }
+    let mut rebuilt = words.join(" ");
+    if let Some(init) = init_part {
+        rebuilt.push_str(" -- ");
+        rebuilt.push_str(&init);
+    }
+    *cmdline = build_cmdline(&rebuilt)?;
+    log::info!("PVM host: added kernel parameters {}", added.join(" "));
+    Ok(())
+}
+
 fn open(path: &Path) -> Result<File, BootError> {
     let file = File::open(path).map_err(|e| BootError::KernelFile(path.to_owned(), e))?;
     let meta = file
@@ -428,6 +474,25 @@ mod tests {
             build_cmdline("bad\u{1}char"),
             Err(BootError::Cmdline(_))
         ));
+    }
+
+    #[test]
+    fn pvm_params_go_before_init_arguments() {
+        let mut c = build_cmdline("console=ttyS0 noxsave -- echo hi").unwrap();
+        add_pvm_workarounds(&mut c).unwrap();
+        let s = c.as_cstring().unwrap().into_string().unwrap();
+        assert_eq!(
+            s,
+            "console=ttyS0 noxsave clearcpuid=cx16,popcnt,smap,smep,pcid,invpcid,fsgsbase skiff.no_int3_selftest -- echo hi"
+        );
+        let mut empty = build_cmdline("").unwrap();
+        add_pvm_workarounds(&mut empty).unwrap();
+        assert!(empty
+            .as_cstring()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("noxsave "));
     }
 
     #[test]

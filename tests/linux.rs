@@ -1,0 +1,188 @@
+//! Boots the real Linux guest built by resources/linux/build.sh. Two tiers, chosen from the
+//! host at run time: on a KVM PVM host (nested, instruction emulation) Linux user space cannot
+//! run, so the test checks what the kernel itself prints (CPUs and memory seen, init started);
+//! on hardware KVM it also checks the init marker, a user-space command and a clean power-off.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{log_figure, root, run_skiff};
+
+/// Linux boots in ~20-30 s under PVM emulation; leave room for a loaded CI machine.
+const LIMIT: Duration = Duration::from_secs(480);
+
+fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The built guest: $SKIFF_LINUX_DIR, else whatever resources/linux/build.sh produces (cached).
+fn linux_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("SKIFF_LINUX_DIR") {
+            return PathBuf::from(d);
+        }
+        let out = Command::new(root().join("resources/linux/build.sh"))
+            .arg("auto")
+            .output()
+            .expect("run resources/linux/build.sh");
+        assert!(
+            out.status.success(),
+            "building the Linux guest failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("build.sh prints the output directory"),
+        )
+    })
+}
+
+fn skip() -> bool {
+    if std::env::var_os("SKIFF_SKIP_LINUX").is_some() {
+        common::log_figure(
+            "Linux guest tests skipped: SKIFF_SKIP_LINUX is set (tools/test.sh --quick)",
+        );
+        return true;
+    }
+    false
+}
+
+/// "Memory: 101752K/130680K available (...)": the second figure, in KiB.
+fn memory_seen_kib(console: &str) -> Option<u64> {
+    let line = console
+        .lines()
+        .find(|l| l.contains("] Memory: ") && l.contains("K available"))?;
+    let total = line
+        .split("] Memory: ")
+        .nth(1)?
+        .split('/')
+        .nth(1)?
+        .split('K')
+        .next()?;
+    total.parse().ok()
+}
+
+fn boot_linux(vcpus: u32, mem_mib: u64) {
+    let dir = linux_dir();
+    let kernel = dir.join("vmlinux");
+    let initrd = dir.join("initramfs.cpio");
+    let mut cmdline = String::from("console=ttyS0 reboot=k panic=1 pci=off");
+    if pvm_host() {
+        cmdline.push_str(" skiff.no_int3_selftest");
+    }
+    cmdline.push_str(" -- echo hello-from-linux-user-space");
+    let (v, m) = (vcpus.to_string(), mem_mib.to_string());
+    let out = run_skiff(
+        &[
+            "--log-level",
+            "info",
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--vcpus",
+            &v,
+            "--memory",
+            &m,
+        ],
+        LIMIT,
+        None,
+    );
+    let console = &out.stdout;
+    let ctx = || format!("console:\n{console}\nstderr:\n{}", out.stderr);
+    assert!(
+        out.code.is_some(),
+        "Linux did not finish within {LIMIT:?}\n{}",
+        ctx()
+    );
+    assert!(
+        console.contains("Linux version 6.1"),
+        "no kernel banner\n{}",
+        ctx()
+    );
+    let cpus = if vcpus == 1 {
+        "1 CPU".to_owned()
+    } else {
+        format!("{vcpus} CPUs")
+    };
+    assert!(
+        console.contains(&format!("smp: Brought up 1 node, {cpus}")),
+        "kernel did not bring up {cpus}\n{}",
+        ctx()
+    );
+    let seen = memory_seen_kib(console).unwrap_or_else(|| panic!("no memory line\n{}", ctx()));
+    let configured = mem_mib * 1024;
+    assert!(
+        seen <= configured && seen + 2048 >= configured,
+        "kernel sees {seen} KiB for {configured} KiB configured\n{}",
+        ctx()
+    );
+    assert!(
+        console.contains("Run /init as init process"),
+        "init not started\n{}",
+        ctx()
+    );
+    let init_at = console
+        .lines()
+        .find(|l| l.contains("Run /init as init process"))
+        .and_then(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+    if pvm_host() {
+        log_figure(&format!(
+            "Linux, {vcpus} vCPU(s), {mem_mib} MiB, PVM host: kernel reached init at {init_at:?} s guest time, run took {:.1} s (user space cannot run on PVM: kernel-only checks)",
+            out.elapsed.as_secs_f64()
+        ));
+    } else {
+        assert!(
+            console.contains("SKIFF-INIT-OK"),
+            "init marker missing\n{}",
+            ctx()
+        );
+        assert!(
+            console.contains("hello-from-linux-user-space"),
+            "command output missing\n{}",
+            ctx()
+        );
+        assert!(
+            console.contains("SKIFF-EXIT-CODE=0"),
+            "command status missing\n{}",
+            ctx()
+        );
+        assert_eq!(out.code, Some(0), "exit status\n{}", ctx());
+        log_figure(&format!(
+            "Linux, {vcpus} vCPU(s), {mem_mib} MiB, hardware KVM: init at {init_at:?} s guest time, process start to exit {:.3} s",
+            out.elapsed.as_secs_f64()
+        ));
+    }
+}
+
+#[test]
+fn linux_one_vcpu_128_mib() {
+    if !skip() {
+        boot_linux(1, 128);
+    }
+}
+
+#[test]
+fn linux_two_vcpus_256_mib() {
+    if !skip() {
+        boot_linux(2, 256);
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every Skiff check on a fresh machine: installs what the tests need (Debian packages as
+# root), builds the Linux guest (cached under ~/.cache/skiff), then format, lints and all tests.
+#
+#   tools/test.sh            everything
+#   tools/test.sh --quick    skip the Linux guest tests (no kernel build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "[test] $*" >&2; }
+quick=0
+[ "${1:-}" = --quick ] && quick=1
+
+if [ "$quick" = 0 ]; then
+	say "building the Linux guest (first run: about 5-10 minutes; cached afterwards)"
+	SKIFF_LINUX_DIR=$(resources/linux/build.sh auto | tail -n 1)
+	export SKIFF_LINUX_DIR
+	say "Linux guest: $SKIFF_LINUX_DIR"
+else
+	export SKIFF_SKIP_LINUX=1
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+say "cargo test"
+cargo test --locked --all-targets
