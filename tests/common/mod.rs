@@ -63,6 +63,16 @@ impl Outcome {
 /// Runs `skiff` with `args`, killing it after `limit`. When a console line contains the
 /// `prompt`, `answer` is written to its stdin.
 pub fn run_skiff(args: &[&str], limit: Duration, reply: Option<(&str, &str)>) -> Outcome {
+    run_skiff_until(args, limit, reply, None)
+}
+
+/// Like [`run_skiff`], and also kills skiff once a console line contains `stop_at`.
+pub fn run_skiff_until(
+    args: &[&str],
+    limit: Duration,
+    reply: Option<(&str, &str)>,
+    stop_at: Option<&str>,
+) -> Outcome {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
         .args(args)
@@ -91,8 +101,12 @@ pub fn run_skiff(args: &[&str], limit: Duration, reply: Option<(&str, &str)>) ->
         s
     });
     let mut code = None;
+    let mut stop = false;
     loop {
         while let Ok(line) = line_rx.try_recv() {
+            if stop_at.is_some_and(|p| line.contains(p)) {
+                stop = true;
+            }
             if let Some((prompt, answer)) = reply {
                 if line.contains(prompt) {
                     if let Some(w) = stdin.as_mut() {
@@ -106,7 +120,7 @@ pub fn run_skiff(args: &[&str], limit: Duration, reply: Option<(&str, &str)>) ->
             code = status.code();
             break;
         }
-        if start.elapsed() > limit {
+        if stop || start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
             break;
