@@ -6,13 +6,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::{first_progress_ms, log_figure, run_skiff, test_guest};
+use std::path::Path;
+
+use common::{first_progress_ms, log_figure, run_skiff, test_guest, test_guest_linux64};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Boots with `vcpus` and `mem` MiB, all checks on, and asserts every one passes.
 fn boot_and_check(vcpus: u32, mem: u64) {
-    let guest = test_guest().to_str().unwrap().to_owned();
+    boot_guest_and_check(test_guest(), "pvh", vcpus, mem);
+}
+
+fn boot_guest_and_check(guest: &Path, protocol: &str, vcpus: u32, mem: u64) {
+    let guest = guest.to_str().unwrap().to_owned();
     let cmdline = format!("checks=e820,smp,timer,progress,serial mem={mem} cpus={vcpus}");
     let (v, m) = (vcpus.to_string(), mem.to_string());
     let out = run_skiff(
@@ -33,6 +39,7 @@ fn boot_and_check(vcpus: u32, mem: u64) {
         Some(("serial: ready for input", "hello-from-host\n")),
     );
     let lines = out.lines();
+    assert!(out.stdout.contains(&format!("skiff-testguest: {protocol} boot")), "{}", out.stdout);
     for check in ["e820", "smp", "timer", "progress", "serial"] {
         let pass = format!("PASS {check}");
         assert!(
@@ -64,7 +71,7 @@ fn boot_and_check(vcpus: u32, mem: u64) {
     }
     let first = first_progress_ms(&out.stderr).expect("a boot-progress time");
     log_figure(&format!(
-        "test guest, {vcpus} vCPU(s), {mem} MiB: first guest instruction (progress 0x01) {first:.2} ms after process start; whole run {:.1} ms",
+        "test guest ({protocol}), {vcpus} vCPU(s), {mem} MiB: first guest instruction (progress 0x01) {first:.2} ms after process start; whole run {:.1} ms",
         out.elapsed.as_secs_f64() * 1000.0
     ));
 }
@@ -82,6 +89,11 @@ fn two_vcpus() {
 #[test]
 fn four_vcpus() {
     boot_and_check(4, 128);
+}
+
+#[test]
+fn linux_64bit_boot_protocol() {
+    boot_guest_and_check(test_guest_linux64(), "linux64", 2, 512);
 }
 
 #[test]

@@ -10,7 +10,7 @@
 #
 # Outputs are cached under ${XDG_CACHE_HOME:-~/.cache}/skiff/linux/<flavour>-<hash>/, keyed by
 # a hash of every input, so a second run takes a moment. The last line of stdout is that
-# directory, holding vmlinux, initramfs.cpio, rootfs.ext4 and config.
+# directory, holding vmlinux, bzImage, initramfs.cpio, rootfs.ext4 and config.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -45,7 +45,7 @@ patches=()
 [ "$flavour" = pvm ] && patches=("$here"/patches/*.patch)
 
 # Bump when the build steps below change what they produce.
-recipe=1
+recipe=2
 key=$(
 	{
 		echo "recipe $recipe $flavour"
@@ -55,7 +55,7 @@ key=$(
 	} | sha256sum | cut -c1-16
 )
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/skiff/linux/$flavour-$key
-if [ -f "$cache/vmlinux" ] && [ -f "$cache/initramfs.cpio" ] && [ -f "$cache/rootfs.ext4" ]; then
+if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/initramfs.cpio" ] && [ -f "$cache/rootfs.ext4" ]; then
 	say "cached: $cache"
 	echo "$cache"
 	exit 0
@@ -87,11 +87,11 @@ while read -r line; do
 done <"$here/required.txt"
 
 jobs=$(nproc)
-say "building vmlinux with $jobs jobs (about 5 minutes on 2 cores)"
-make -C "$src" -j"$jobs" vmlinux 2>&1 | awk '
+say "building vmlinux and bzImage with $jobs jobs (about 4 minutes on 2 cores)"
+make -C "$src" -j"$jobs" vmlinux bzImage 2>&1 | awk '
 	/^ *(CC|AS|LD|AR)/ { n++; if (n % 250 == 0) { printf "[linux-guest] %d objects built\n", n > "/dev/stderr"; fflush("/dev/stderr") } }
 	/: error:|Error [0-9]/ { print > "/dev/stderr" }'
-[ -f "$src/vmlinux" ] || { say "kernel build failed"; exit 1; }
+[ -f "$src/vmlinux" ] && [ -f "$src/arch/x86/boot/bzImage" ] || { say "kernel build failed"; exit 1; }
 
 say "making initramfs and root image"
 gcc -O2 -o "$work/gen_init_cpio" "$src/usr/gen_init_cpio.c"
@@ -119,7 +119,7 @@ echo "skiff" >"$root/etc/hostname"
 mkfs.ext4 -q -F -L skiff-root -E root_owner=0:0 -d "$root" "$work/rootfs.ext4" 64M
 
 mkdir -p "$cache.tmp"
-cp "$src/vmlinux" "$work/initramfs.cpio" "$work/rootfs.ext4" "$cache.tmp/"
+cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$work/initramfs.cpio" "$work/rootfs.ext4" "$cache.tmp/"
 cp "$src/.config" "$cache.tmp/config"
 rm -rf "$cache"
 mv "$cache.tmp" "$cache"

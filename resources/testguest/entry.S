@@ -50,6 +50,36 @@ start64:
 	hlt
 	jmp 1b
 
+/*
+ * Entry through the Linux 64-bit boot protocol (an ELF without the PVH note): long mode with
+ * the VMM's identity map, %rsi = boot_params. Switch to our own GDT and page tables.
+ */
+	.globl linux64_start
+linux64_start:
+	cli
+	movb $0x01, %al
+	outb %al, $PROGRESS_PORT
+	movq %rsi, %r12
+	lgdt gdt_desc
+	movq $pml4, %rax
+	movq %rax, %cr3
+	leaq stack_top(%rip), %rsp
+	pushq $0x08
+	leaq 1f(%rip), %rax
+	pushq %rax
+	lretq
+1:	movw $0x10, %ax
+	movw %ax, %ds
+	movw %ax, %es
+	movw %ax, %ss
+	movw %ax, %fs
+	movw %ax, %gs
+	movq %r12, %rdi
+	call guest_main_linux
+2:	cli
+	hlt
+	jmp 2b
+
 /* Interrupt stubs: push the vector, save caller-saved registers, call the C handler. */
 	.macro isr vec, has_error
 	.globl isr_\vec

@@ -391,6 +391,27 @@ static void crash(void)
 	}
 }
 
+static void copy_cmdline(uint64_t paddr)
+{
+	const char *c = (const char *)(uintptr_t)paddr;
+	for (size_t i = 0; paddr && i < sizeof(cmdline) - 1 && c[i]; i++)
+		cmdline[i] = c[i];
+}
+
+static void run_checks(const char *protocol)
+{
+	idt_init();
+	printf("skiff-testguest: %s boot, cmdline '%s'\n", protocol, cmdline);
+	crash();
+	if (wants("e820")) check_e820();
+	if (wants("smp")) check_smp();
+	if (wants("timer")) check_timer();
+	if (wants("progress")) check_progress();
+	if (wants("serial")) check_serial();
+	finish();
+}
+
+/* PVH entry: %ebx pointed at hvm_start_info. */
 void guest_main(uint32_t start_info)
 {
 	struct hvm_start_info *si = (struct hvm_start_info *)(uintptr_t)start_info;
@@ -401,20 +422,31 @@ void guest_main(uint32_t start_info)
 		failed++;
 		finish();
 	}
-	if (si->cmdline_paddr) {
-		const char *c = (const char *)(uintptr_t)si->cmdline_paddr;
-		for (size_t i = 0; i < sizeof(cmdline) - 1 && c[i]; i++)
-			cmdline[i] = c[i];
-	}
+	copy_cmdline(si->cmdline_paddr);
 	memmap_entries = si->memmap_entries < 128 ? si->memmap_entries : 128;
 	memcpy(memmap, (void *)(uintptr_t)si->memmap_paddr, memmap_entries * sizeof(memmap[0]));
-	idt_init();
-	printf("skiff-testguest: cmdline '%s'\n", cmdline);
-	crash();
-	if (wants("e820")) check_e820();
-	if (wants("smp")) check_smp();
-	if (wants("timer")) check_timer();
-	if (wants("progress")) check_progress();
-	if (wants("serial")) check_serial();
-	finish();
+	run_checks("pvh");
+}
+
+/* Linux 64-bit boot protocol entry: boot_params (Documentation/x86/zero-page.rst). */
+void guest_main_linux(uint64_t boot_params)
+{
+	const uint8_t *bp = (const uint8_t *)(uintptr_t)boot_params;
+	progress(0x02);
+	serial_init();
+	if (*(const uint32_t *)(bp + 0x202) != 0x53726448) {
+		puts("FAIL boot: boot_params header lacks HdrS\n");
+		failed++;
+		finish();
+	}
+	copy_cmdline(*(const uint32_t *)(bp + 0x228));
+	uint8_t n = bp[0x1e8];
+	memmap_entries = n < 128 ? n : 128;
+	for (uint32_t i = 0; i < memmap_entries; i++) {
+		const uint8_t *e = bp + 0x2d0 + 20 * i;
+		memmap[i].addr = *(const uint64_t *)e;
+		memmap[i].size = *(const uint64_t *)(e + 8);
+		memmap[i].type = *(const uint32_t *)(e + 16);
+	}
+	run_checks("linux64");
 }

@@ -15,18 +15,30 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The test guest ELF, built once per test binary with resources/testguest/build.sh.
+fn build_guest(flavour: &str) -> PathBuf {
+    // One output per test binary, so parallel test binaries do not race on the file.
+    let exe = std::env::current_exe().expect("test binary path");
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("test");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testguest-{flavour}-{name}.elf"));
+    let status = Command::new(root().join("resources/testguest/build.sh"))
+        .arg(&out)
+        .arg(flavour)
+        .status()
+        .expect("run resources/testguest/build.sh");
+    assert!(status.success(), "building the test guest failed");
+    out
+}
+
+/// The test guest ELF with its PVH note, built once per test binary.
 pub fn test_guest() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("testguest.elf");
-        let status = Command::new(root().join("resources/testguest/build.sh"))
-            .arg(&out)
-            .status()
-            .expect("run resources/testguest/build.sh");
-        assert!(status.success(), "building the test guest failed");
-        out
-    })
+    GUEST.get_or_init(|| build_guest("pvh"))
+}
+
+/// The test guest without the PVH note, entered through the Linux 64-bit boot protocol.
+pub fn test_guest_linux64() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| build_guest("linux64"))
 }
 
 /// What a finished `skiff` run left behind.
