@@ -39,7 +39,12 @@ fn boot_guest_and_check(guest: &Path, protocol: &str, vcpus: u32, mem: u64) {
         Some(("serial: ready for input", "hello-from-host\n")),
     );
     let lines = out.lines();
-    assert!(out.stdout.contains(&format!("skiff-testguest: {protocol} boot")), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("skiff-testguest: {protocol} boot")),
+        "{}",
+        out.stdout
+    );
     for check in ["e820", "smp", "timer", "progress", "serial"] {
         let pass = format!("PASS {check}");
         assert!(

@@ -19,7 +19,8 @@ fn build_guest(flavour: &str) -> PathBuf {
     // One output per test binary, so parallel test binaries do not race on the file.
     let exe = std::env::current_exe().expect("test binary path");
     let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("test");
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testguest-{flavour}-{name}.elf"));
+    let out =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("testguest-{flavour}-{name}.elf"));
     let status = Command::new(root().join("resources/testguest/build.sh"))
         .arg(&out)
         .arg(flavour)
