@@ -32,14 +32,14 @@ fn bus_dispatch(c: &mut Criterion) {
         bus.insert(Arc::new(Mutex::new(Null)), base, len).unwrap();
     }
     c.bench_function("bus write hit (serial THR)", |b| {
-        b.iter(|| bus.write(black_box(0x3f8), black_box(&[b'x'])))
+        b.iter(|| bus.write(black_box(0x3f8), black_box(b"x")));
     });
     let mut data = [0u8; 1];
     c.bench_function("bus read hit (serial LSR)", |b| {
-        b.iter(|| bus.read(black_box(0x3fd), black_box(&mut data)))
+        b.iter(|| bus.read(black_box(0x3fd), black_box(&mut data)));
     });
     c.bench_function("bus write miss (unmapped port)", |b| {
-        b.iter(|| bus.write(black_box(0xf4), black_box(&[0])))
+        b.iter(|| bus.write(black_box(0xf4), black_box(&[0])));
     });
 }
 
