@@ -70,9 +70,10 @@ fn memory_seen_kib(console: &str) -> Option<u64> {
     total.parse().ok()
 }
 
-fn boot_linux(vcpus: u32, mem_mib: u64) {
+/// Boots `image` (vmlinux: PVH entry; bzImage: 64-bit boot protocol) from the built guest.
+fn boot_linux(image: &str, vcpus: u32, mem_mib: u64) {
     let dir = linux_dir();
-    let kernel = dir.join("vmlinux");
+    let kernel = dir.join(image);
     let initrd = dir.join("initramfs.cpio");
     let mut cmdline = String::from("console=ttyS0 reboot=k panic=1 pci=off");
     if pvm_host() {
@@ -146,7 +147,7 @@ fn boot_linux(vcpus: u32, mem_mib: u64) {
         });
     if pvm_host() {
         log_figure(&format!(
-            "Linux, {vcpus} vCPU(s), {mem_mib} MiB, PVM host: kernel reached init at {init_at:?} s guest time, run took {:.1} s (user space cannot run on PVM: kernel-only checks)",
+            "Linux {image}, {vcpus} vCPU(s), {mem_mib} MiB, PVM host: kernel reached init at {init_at:?} s guest time, run took {:.1} s (user space cannot run on PVM: kernel-only checks)",
             out.elapsed.as_secs_f64()
         ));
     } else {
@@ -167,7 +168,7 @@ fn boot_linux(vcpus: u32, mem_mib: u64) {
         );
         assert_eq!(out.code, Some(0), "exit status\n{}", ctx());
         log_figure(&format!(
-            "Linux, {vcpus} vCPU(s), {mem_mib} MiB, hardware KVM: init at {init_at:?} s guest time, process start to exit {:.3} s",
+            "Linux {image}, {vcpus} vCPU(s), {mem_mib} MiB, hardware KVM: init at {init_at:?} s guest time, process start to exit {:.3} s",
             out.elapsed.as_secs_f64()
         ));
     }
@@ -176,7 +177,14 @@ fn boot_linux(vcpus: u32, mem_mib: u64) {
 #[test]
 fn linux_one_vcpu_128_mib() {
     if !skip() {
-        boot_linux(1, 128);
+        boot_linux("vmlinux", 1, 128);
+    }
+}
+
+#[test]
+fn linux_bzimage_one_vcpu_128_mib() {
+    if !skip() {
+        boot_linux("bzImage", 1, 128);
     }
 }
 
@@ -186,7 +194,7 @@ fn linux_two_vcpus_256_mib() {
         return;
     }
     if !pvm_host() {
-        boot_linux(2, 256);
+        boot_linux("vmlinux", 2, 256);
         return;
     }
     // On a PVM host the second vCPU starts (INIT/SIPI through the in-kernel LAPIC, real-mode
