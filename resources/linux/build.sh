@@ -22,7 +22,7 @@ case "$flavour" in pvm | kvm) ;; *) echo "usage: $0 [pvm|kvm|auto]" >&2; exit 2 
 
 say() { echo "[linux-guest] $*" >&2; }
 
-packages="linux-source-6.1 busybox-static e2fsprogs bc flex bison libelf-dev xz-utils gcc make"
+packages="linux-source-6.1 busybox-static e2fsprogs bc flex bison libelf-dev xz-utils gcc make patch"
 missing=""
 for p in $packages; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
