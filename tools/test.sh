@@ -26,3 +26,4 @@ say "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 say "cargo test"
 cargo test --locked --all-targets
+cargo test --locked --doc
