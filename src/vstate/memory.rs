@@ -35,11 +35,15 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
-    /// KVM refused a memory slot.
-    #[error("KVM_SET_USER_MEMORY_REGION failed for slot {slot}")]
+    /// KVM refused a memory slot (for instance one larger than KVM's per-slot limit).
+    #[error("KVM refused guest memory slot {slot} ({mib} MiB at {gpa:#x})")]
     SetUserMemoryRegion {
         /// Slot number.
         slot: u32,
+        /// Slot size in MiB.
+        mib: u64,
+        /// Guest physical start.
+        gpa: u64,
         /// The ioctl's error.
         #[source]
         source: kvm_ioctls::Error,
@@ -97,8 +101,14 @@ pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Mem
         };
         // SAFETY: the host range [userspace_addr, +memory_size) is a live mapping owned by `mem`,
         // which the VM keeps alive for as long as the VM fd exists, and slots do not overlap.
-        unsafe { vm.set_user_memory_region(kvm_region) }
-            .map_err(|source| MemoryError::SetUserMemoryRegion { slot, source })?;
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(|source| {
+            MemoryError::SetUserMemoryRegion {
+                slot,
+                mib: region.len() >> 20,
+                gpa: region.start_addr().raw_value(),
+                source,
+            }
+        })?;
     }
     Ok(())
 }
