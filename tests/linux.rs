@@ -10,7 +10,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{log_figure, root, run_skiff, run_skiff_until};
+use common::{as_strs, log_figure, root, run_args, run_skiff, run_skiff_until};
+use skiff::config;
 
 /// Linux boots in ~20-30 s under PVM emulation; leave room for a loaded CI machine.
 const LIMIT: Duration = Duration::from_secs(480);
@@ -75,31 +76,10 @@ fn boot_linux(image: &str, vcpus: u32, mem_mib: u64) {
     let dir = linux_dir();
     let kernel = dir.join(image);
     let initrd = dir.join("initramfs.cpio");
-    let mut cmdline = String::from("console=ttyS0 reboot=k panic=1 pci=off");
-    if pvm_host() {
-        cmdline.push_str(" skiff.no_int3_selftest");
-    }
-    cmdline.push_str(" -- echo hello-from-linux-user-space");
-    let (v, m) = (vcpus.to_string(), mem_mib.to_string());
-    let out = run_skiff(
-        &[
-            "--log-level",
-            "info",
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--vcpus",
-            &v,
-            "--memory",
-            &m,
-        ],
-        LIMIT,
-        None,
-    );
+    // On a PVM host Skiff itself adds the kernel parameters that host needs.
+    let cmdline = "console=ttyS0 reboot=k panic=1 pci=off -- echo hello-from-linux-user-space";
+    let args = run_args(&kernel, Some(&initrd), cmdline, vcpus, mem_mib);
+    let out = run_skiff(&as_strs(&args), LIMIT, None);
     let console = &out.stdout;
     let ctx = || format!("console:\n{console}\nstderr:\n{}", out.stderr);
     assert!(
@@ -202,22 +182,14 @@ fn linux_two_vcpus_256_mib() {
     // long-mode CPUID is the host's own, unfiltered (see the boot issue's notes). The test
     // guest's SMP check covers start-up on such hosts; here we check Linux gets as far.
     let dir = linux_dir();
-    let out = run_skiff_until(
-        &[
-            "run",
-            "--kernel",
-            dir.join("vmlinux").to_str().unwrap(),
-            "--initrd",
-            dir.join("initramfs.cpio").to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory",
-            "256",
-        ],
-        LIMIT,
-        None,
-        Some("smpboot: CPU 1 "),
+    let args = run_args(
+        &dir.join("vmlinux"),
+        Some(&dir.join("initramfs.cpio")),
+        config::DEFAULT_CMDLINE,
+        2,
+        256,
     );
+    let out = run_skiff_until(&as_strs(&args), LIMIT, None, Some("smpboot: CPU 1 "));
     let console = &out.stdout;
     assert!(
         console.contains("Processors: 2"),

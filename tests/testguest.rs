@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use std::path::Path;
 
-use common::{first_progress_ms, log_figure, run_skiff, test_guest, test_guest_linux64};
+use common::{
+    as_strs, first_progress_ms, log_figure, run_args, run_skiff, test_guest, test_guest_linux64,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -18,23 +20,10 @@ fn boot_and_check(vcpus: u32, mem: u64) {
 }
 
 fn boot_guest_and_check(guest: &Path, protocol: &str, vcpus: u32, mem: u64) {
-    let guest = guest.to_str().unwrap().to_owned();
     let cmdline = format!("checks=e820,smp,timer,progress,serial mem={mem} cpus={vcpus}");
-    let (v, m) = (vcpus.to_string(), mem.to_string());
+    let args = run_args(guest, None, &cmdline, vcpus, mem);
     let out = run_skiff(
-        &[
-            "--log-level",
-            "info",
-            "run",
-            "--kernel",
-            &guest,
-            "--cmdline",
-            &cmdline,
-            "--vcpus",
-            &v,
-            "--memory",
-            &m,
-        ],
+        &as_strs(&args),
         LIMIT,
         Some(("serial: ready for input", "hello-from-host\n")),
     );

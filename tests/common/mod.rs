@@ -42,6 +42,37 @@ pub fn test_guest_linux64() -> &'static Path {
     GUEST.get_or_init(|| build_guest("linux64"))
 }
 
+/// `skiff --log-level info run` arguments for one VM.
+pub fn run_args(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    vcpus: u32,
+    mem_mib: u64,
+) -> Vec<String> {
+    let mut args: Vec<String> = ["--log-level", "info", "run", "--kernel"]
+        .map(String::from)
+        .to_vec();
+    args.push(kernel.to_string_lossy().into_owned());
+    if let Some(initrd) = initrd {
+        args.push("--initrd".into());
+        args.push(initrd.to_string_lossy().into_owned());
+    }
+    args.extend([
+        "--cmdline".into(),
+        cmdline.into(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+    ]);
+    args.extend(["--memory".into(), mem_mib.to_string()]);
+    args
+}
+
+/// Borrows owned arguments for [`run_skiff`].
+pub fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// What a finished `skiff` run left behind.
 #[derive(Debug)]
 pub struct Outcome {
