@@ -27,6 +27,82 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
     pub console_input: ConsoleInput,
+    /// Block devices, in the order the guest sees them (/dev/vda first).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A virtio block device backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// The drive id the guest reads as its serial (at most 20 bytes).
+    pub id: Option<String>,
+    /// This disk is the root device: it becomes /dev/vda and `root=/dev/vda` is added.
+    pub root: bool,
+}
+
+/// Errors in a `--disk` description.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskSpecError {
+    /// No `path=`.
+    #[error("missing path=IMAGE")]
+    MissingPath,
+    /// A key that is not path, readonly, id or root.
+    #[error("unknown key '{0}' (expected path, readonly, id, root)")]
+    UnknownKey(String),
+    /// An on/off value that is neither.
+    #[error("{0} must be on or off, not '{1}'")]
+    BadSwitch(&'static str, String),
+    /// An id longer than virtio-blk's 20 bytes, or not printable ASCII.
+    #[error("id must be 1 to 20 printable ASCII characters")]
+    BadId,
+}
+
+fn switch(key: &'static str, value: &str) -> Result<bool, DiskSpecError> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        other => Err(DiskSpecError::BadSwitch(key, other.to_owned())),
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = DiskSpecError;
+
+    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on]`.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            id: None,
+            root: false,
+        };
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, "on"));
+            match key {
+                "path" => disk.path = PathBuf::from(value),
+                "readonly" => disk.read_only = switch("readonly", value)?,
+                "root" => disk.root = switch("root", value)?,
+                "id" => {
+                    if value.is_empty()
+                        || value.len() > 20
+                        || !value.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(DiskSpecError::BadId);
+                    }
+                    disk.id = Some(value.to_owned());
+                }
+                other => return Err(DiskSpecError::UnknownKey(other.to_owned())),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(DiskSpecError::MissingPath);
+        }
+        Ok(disk)
+    }
 }
 
 impl VmConfig {
@@ -40,6 +116,42 @@ impl VmConfig {
             memory_mib: 128,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             console_input: ConsoleInput::Stdin,
+            disks: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        let d: DiskConfig = "path=/img,readonly=on,id=data0,root".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img".into(),
+                read_only: true,
+                id: Some("data0".into()),
+                root: true
+            }
+        );
+        assert_eq!(
+            "readonly=on".parse::<DiskConfig>(),
+            Err(DiskSpecError::MissingPath)
+        );
+        assert!(matches!(
+            "path=/a,size=3".parse::<DiskConfig>(),
+            Err(DiskSpecError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            "path=/a,readonly=maybe".parse::<DiskConfig>(),
+            Err(DiskSpecError::BadSwitch(..))
+        ));
+        assert_eq!(
+            "path=/a,id=123456789012345678901".parse::<DiskConfig>(),
+            Err(DiskSpecError::BadId)
+        );
     }
 }

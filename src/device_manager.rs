@@ -11,12 +11,18 @@ use event_manager::MutEventSubscriber;
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use kvm_ioctls::IoEventAddress;
+
 use crate::arch::x86_64::layout::{
-    I8042_KBD_IRQ, I8042_PORT_BASE, PROGRESS_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
+    I8042_KBD_IRQ, I8042_PORT_BASE, IOAPIC_NUM_PINS, IRQ_DEVICES_START, MMIO_DEVICES_START,
+    MMIO_DEVICE_SLOT_SIZE, PROGRESS_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
 };
 use crate::devices::legacy::serial::Unbuffered;
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusDevice};
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// A device the event thread drives.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -33,6 +39,20 @@ pub enum DeviceError {
     /// Two devices claimed the same range.
     #[error("cannot place a device on the bus")]
     Bus(#[source] crate::devices::bus::BusError),
+    /// No MMIO slot or IRQ is left for another virtio device.
+    #[error("too many virtio devices (at most {0})")]
+    TooManyDevices(u32),
+    /// KVM refused an ioeventfd.
+    #[error("cannot register the ioeventfd for queue {queue} at {addr:#x}")]
+    Ioeventfd {
+        /// Queue index.
+        queue: u32,
+        /// Notify register address.
+        addr: u64,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// The console's input could not be duplicated.
     #[error("cannot use standard input as the console")]
     ConsoleInput(#[source] std::io::Error),
@@ -49,13 +69,23 @@ pub enum ConsoleInput {
 }
 
 /// The VM's devices and the buses they sit on.
-#[derive(Debug)]
 pub struct DeviceManager {
     pio_bus: Bus,
     mmio_bus: Bus,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     progress: Arc<Mutex<BootProgress>>,
+    virtio_subscribers: Vec<Subscriber>,
+}
+
+impl std::fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceManager")
+            .field("pio_bus", &self.pio_bus)
+            .field("mmio_bus", &self.mmio_bus)
+            .field("virtio_devices", &self.virtio_subscribers.len())
+            .finish()
+    }
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
@@ -109,12 +139,58 @@ impl DeviceManager {
             serial,
             i8042,
             progress,
+            virtio_subscribers: Vec::new(),
         })
+    }
+
+    /// Places a virtio device in the next MMIO slot with the next IRQ: its queue notify
+    /// register becomes one KVM ioeventfd per queue, its interrupt a KVM irqfd, and the event
+    /// thread drives it. Returns the `virtio_mmio.device=` kernel parameter describing it.
+    pub fn register_virtio_device<D>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<D>>,
+    ) -> Result<String, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let index = u32::try_from(self.virtio_subscribers.len()).unwrap_or(u32::MAX);
+        let max = IOAPIC_NUM_PINS - IRQ_DEVICES_START;
+        if index >= max {
+            return Err(DeviceError::TooManyDevices(max));
+        }
+        let irq = IRQ_DEVICES_START + index;
+        let base = MMIO_DEVICES_START + u64::from(index) * MMIO_DEVICE_SLOT_SIZE;
+        {
+            let dev = device
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let notify = base + 0x50;
+            for (queue, evt) in (0u32..).zip(dev.queue_events()) {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(notify), queue)
+                    .map_err(|source| DeviceError::Ioeventfd {
+                        queue,
+                        addr: notify,
+                        source,
+                    })?;
+            }
+            vm.register_irqfd(dev.interrupt().eventfd(), irq)
+                .map_err(|e| DeviceError::Irqfd(irq, e))?;
+        }
+        let transport = MmioTransport::new(mem.clone(), device.clone());
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
+            .map_err(DeviceError::Bus)?;
+        self.virtio_subscribers.push(device);
+        Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
     }
 
     /// The devices the event thread must drive.
     pub fn subscribers(&self) -> Vec<Subscriber> {
-        vec![self.serial.clone()]
+        let mut subscribers: Vec<Subscriber> = vec![self.serial.clone()];
+        subscribers.extend(self.virtio_subscribers.iter().cloned());
+        subscribers
     }
 
     /// The i8042, for host-injected key sequences.

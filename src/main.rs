@@ -47,6 +47,11 @@ struct RunArgs {
     /// Guest memory in MiB; above 3072 the rest is mapped above 4 GiB.
     #[arg(long, default_value_t = 128, value_name = "MIB")]
     memory: u64,
+    /// A virtio block device on a raw image: path=IMG[,readonly=on][,id=NAME][,root=on].
+    /// Repeatable; the first (or the one with root=on) is /dev/vda, and root=on also adds
+    /// root=/dev/vda to the kernel command line.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<skiff::config::DiskConfig>,
     /// KVM device node.
     #[arg(long, default_value = DEFAULT_KVM_DEVICE, value_name = "PATH")]
     kvm_device: PathBuf,
@@ -92,6 +97,7 @@ fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
         memory_mib: args.memory,
         kvm_device: args.kvm_device,
         console_input: skiff::config::ConsoleInput::Stdin,
+        disks: args.disk,
     };
     let mut vm = Vm::new(&config)?;
     vm.stop_on_signals()?;

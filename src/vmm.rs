@@ -30,6 +30,7 @@ use crate::config::VmConfig;
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
@@ -63,6 +64,9 @@ pub enum VmmError {
     /// Devices cannot be set up.
     #[error("cannot set up devices")]
     Devices(#[from] DeviceError),
+    /// A disk cannot be used.
+    #[error(transparent)]
+    Block(#[from] BlockError),
     /// Kernel, initrd or command line cannot be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -171,6 +175,25 @@ impl Vm {
             Box::new(move || exit.request(Ok(GuestExit::I8042Reset)))
         };
         let mut devices = DeviceManager::new(&vm_fd, config.console_input, on_reset, start)?;
+
+        let mut params = Vec::new();
+        let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
+        // The root disk goes first, so it is /dev/vda.
+        disks.sort_by_key(|d| !d.root);
+        if let Some(root) = disks.first().filter(|d| d.root) {
+            params.push("root=/dev/vda".to_owned());
+            params.push(if root.read_only { "ro" } else { "rw" }.to_owned());
+        }
+        for (i, disk) in disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            let block = Block::new(&disk.path, disk.read_only, &id)?;
+            params.push(devices.register_virtio_device(
+                &vm_fd,
+                &mem,
+                Arc::new(Mutex::new(block)),
+            )?);
+        }
+        boot::append_kernel_params(&mut cmdline, &params)?;
 
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
         let initrd = match &config.initrd {

@@ -29,6 +29,8 @@ static struct hvm_memmap_entry memmap[128];
 static uint32_t memmap_entries;
 static int passed, failed;
 static volatile uint64_t timer_ticks;
+static volatile uint64_t device_irqs;
+#define DEVICE_VECTOR 66
 
 /* ---- port and MMIO access ---- */
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
@@ -137,15 +139,20 @@ static const char *param(const char *key)
 	return NULL;
 }
 
+static uint64_t param_uint_at(const char *v)
+{
+	uint64_t n = 0;
+	while (*v >= '0' && *v <= '9')
+		n = n * 10 + (uint64_t)(*v++ - '0');
+	return n;
+}
+
 static uint64_t param_uint(const char *key, uint64_t dflt)
 {
 	const char *v = param(key);
 	if (!v || *v < '0' || *v > '9')
 		return dflt;
-	uint64_t n = 0;
-	while (*v >= '0' && *v <= '9')
-		n = n * 10 + (uint64_t)(*v++ - '0');
-	return n;
+	return param_uint_at(v);
 }
 
 /* Whether `name` is in the comma-separated checks= list. */
@@ -205,6 +212,8 @@ void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip)
 		return;
 	}
 	if (vector >= 32) {
+		if (vector == DEVICE_VECTOR)
+			device_irqs++;
 		lapic_write(0xb0, 0);
 		return;
 	}
@@ -354,6 +363,213 @@ static void check_serial(void)
 	report("serial", n > 0, "no input line from the host");
 }
 
+/* ---- virtio-mmio (virtio 1.2, 4.2.2) ---- */
+#define VIRTIO_MAGIC 0x74726976
+#define QSZ 8
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define IOAPIC_BASE 0xfec00000UL
+
+struct virtq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+struct virtq_avail { uint16_t flags, idx, ring[QSZ], used_event; };
+struct virtq_used_elem { uint32_t id, len; };
+struct virtq_used { uint16_t flags, idx; struct virtq_used_elem ring[QSZ]; uint16_t avail_event; };
+
+struct vdev {
+	uintptr_t base;
+	unsigned irq;
+	struct virtq_desc desc[QSZ] __attribute__((aligned(16)));
+	struct virtq_avail avail __attribute__((aligned(2)));
+	struct virtq_used used __attribute__((aligned(4)));
+	uint16_t last_used;
+};
+
+static uint32_t vr(struct vdev *d, uint32_t off) { return mmio_read32(d->base + off); }
+static void vw(struct vdev *d, uint32_t off, uint32_t v) { mmio_write32(d->base + off, v); }
+
+static uint64_t parse_hex(const char **p)
+{
+	uint64_t v = 0;
+	if ((*p)[0] == '0' && (*p)[1] == 'x')
+		*p += 2;
+	for (;; (*p)++) {
+		char c = **p;
+		if (c >= '0' && c <= '9') v = v * 16 + (uint64_t)(c - '0');
+		else if (c >= 'a' && c <= 'f') v = v * 16 + (uint64_t)(c - 'a' + 10);
+		else if (c >= 'A' && c <= 'F') v = v * 16 + (uint64_t)(c - 'A' + 10);
+		else return v;
+	}
+}
+
+/* Finds the n-th virtio_mmio.device=<size>@<base>:<irq> entry whose device has `id`. */
+static int find_virtio(uint32_t id, struct vdev *d)
+{
+	for (const char *p = cmdline; *p; p++) {
+		if ((p != cmdline && p[-1] != ' ') || !starts_with(p, "virtio_mmio.device="))
+			continue;
+		const char *q = p + 19;
+		while (*q && *q != '@') q++;
+		if (*q != '@') continue;
+		q++;
+		uintptr_t base = parse_hex(&q);
+		if (*q != ':') continue;
+		q++;
+		unsigned irq = (unsigned)param_uint_at(q);
+		if (mmio_read32(base) == VIRTIO_MAGIC && mmio_read32(base + 4) == 2 && mmio_read32(base + 8) == id) {
+			d->base = base;
+			d->irq = irq;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static void ioapic_route(unsigned pin, uint8_t vector)
+{
+	uint32_t self = lapic_read(0x20) >> 24;
+	mmio_write32(IOAPIC_BASE, 0x11 + 2 * pin);
+	mmio_write32(IOAPIC_BASE + 0x10, self << 24);
+	mmio_write32(IOAPIC_BASE, 0x10 + 2 * pin);
+	mmio_write32(IOAPIC_BASE + 0x10, vector);	/* fixed, physical, edge, active high, unmasked */
+}
+
+/* Driver initialisation (virtio 1.2, 3.1.1) with one queue of QSZ entries. */
+static const char *virtio_init(struct vdev *d, uint32_t want_features_lo)
+{
+	vw(d, 0x70, 0);
+	vw(d, 0x70, 1);
+	vw(d, 0x70, 1 | 2);
+	vw(d, 0x14, 1);
+	if (!(vr(d, 0x10) & 1))
+		return "device lacks VIRTIO_F_VERSION_1";
+	vw(d, 0x14, 0);
+	uint32_t lo = vr(d, 0x10) & want_features_lo;
+	vw(d, 0x24, 0);
+	vw(d, 0x20, lo);
+	vw(d, 0x24, 1);
+	vw(d, 0x20, 1);
+	vw(d, 0x70, 1 | 2 | 8);
+	if (!(vr(d, 0x70) & 8))
+		return "FEATURES_OK not accepted";
+	vw(d, 0x30, 0);
+	if (vr(d, 0x34) < QSZ)
+		return "queue too small";
+	vw(d, 0x38, QSZ);
+	uint64_t a;
+	a = (uint64_t)d->desc; vw(d, 0x80, (uint32_t)a); vw(d, 0x84, (uint32_t)(a >> 32));
+	a = (uint64_t)&d->avail; vw(d, 0x90, (uint32_t)a); vw(d, 0x94, (uint32_t)(a >> 32));
+	a = (uint64_t)&d->used; vw(d, 0xa0, (uint32_t)a); vw(d, 0xa4, (uint32_t)(a >> 32));
+	vw(d, 0x44, 1);
+	vw(d, 0x70, 1 | 2 | 8 | 4);
+	if (vr(d, 0x70) & 0x40)
+		return "device needs reset after DRIVER_OK";
+	return 0;
+}
+
+/* Publishes the chain at descriptor 0, notifies, and polls for the used element. */
+static int virtq_submit(struct vdev *d, uint32_t *len)
+{
+	d->avail.ring[d->avail.idx % QSZ] = 0;
+	__asm__ volatile("mfence" ::: "memory");
+	d->avail.idx++;
+	__asm__ volatile("mfence" ::: "memory");
+	vw(d, 0x50, 0);
+	for (unsigned i = 0; i < 100000000; i++) {
+		if (*(volatile uint16_t *)&d->used.idx != d->last_used) {
+			__asm__ volatile("mfence" ::: "memory");
+			*len = d->used.ring[d->last_used % QSZ].len;
+			d->last_used++;
+			uint32_t isr = vr(d, 0x60);
+			vw(d, 0x64, isr);
+			return 1;
+		}
+		__asm__ volatile("pause");
+	}
+	return 0;
+}
+
+/* ---- virtio-blk (virtio 1.2, 5.2) ---- */
+struct blk_req { uint32_t type, reserved; uint64_t sector; };
+static struct vdev blk;
+static struct blk_req blk_hdr;
+static volatile uint8_t blk_status;
+static uint8_t blk_buf[8192] __attribute__((aligned(512)));
+
+/* One request: header, optional data (device-writable for reads), status. Returns the status
+ * byte, or 0xff when the device never answered. */
+static uint8_t blk_request(uint32_t type, uint64_t sector, void *data, uint32_t len, int data_in)
+{
+	blk_hdr = (struct blk_req){ type, 0, sector };
+	blk_status = 0xee;
+	int n = 0;
+	blk.desc[n] = (struct virtq_desc){ (uint64_t)&blk_hdr, sizeof(blk_hdr), VRING_DESC_F_NEXT, 1 };
+	n++;
+	if (len) {
+		blk.desc[n] = (struct virtq_desc){ (uint64_t)data, len, (uint16_t)(VRING_DESC_F_NEXT | (data_in ? VRING_DESC_F_WRITE : 0)), (uint16_t)(n + 1) };
+		n++;
+	}
+	blk.desc[n] = (struct virtq_desc){ (uint64_t)&blk_status, 1, VRING_DESC_F_WRITE, 0 };
+	uint32_t used_len;
+	if (!virtq_submit(&blk, &used_len))
+		return 0xff;
+	return blk_status;
+}
+
+static uint8_t host_pattern(uint64_t i) { return (uint8_t)(i * 7 + 3); }
+static uint8_t guest_pattern(uint64_t i) { return (uint8_t)(i * 13 + 5) ^ 0x5a; }
+
+/* Reads what the host put at sector 2048, writes 8 KiB at sector 4096, flushes, reads it back,
+ * reads the drive id, and checks that a read past the end fails. With blk_ro=1 a write must
+ * fail instead. The host test checks the written bytes in the image afterwards. */
+static void check_blk(void)
+{
+	const char *why;
+	if (!find_virtio(2, &blk)) {
+		report("blk", 0, "no virtio-blk device on the command line");
+		return;
+	}
+	if ((why = virtio_init(&blk, (1u << 9) | (1u << 5)))) {
+		report("blk", 0, why);
+		return;
+	}
+	uint64_t capacity = (uint64_t)vr(&blk, 0x100) | ((uint64_t)vr(&blk, 0x104) << 32);
+	int ro = (int)param_uint("blk_ro", 0);
+	printf("blk: capacity %lu sectors, irq %u\n", capacity, blk.irq);
+	ioapic_route(blk.irq, DEVICE_VECTOR);
+	__asm__ volatile("sti");
+
+	if (blk_request(0, 2048, blk_buf, 4096, 1) != 0) { report("blk", 0, "read of the host's data failed"); return; }
+	for (uint64_t i = 0; i < 4096; i++)
+		if (blk_buf[i] != host_pattern(i)) { report("blk", 0, "host data differs"); return; }
+	puts("blk: host data verified\n");
+
+	for (uint64_t i = 0; i < sizeof(blk_buf); i++)
+		blk_buf[i] = guest_pattern(i);
+	uint8_t st = blk_request(1, 4096, blk_buf, sizeof(blk_buf), 0);
+	if (ro) {
+		if (st != 1) { report("blk", 0, "write to a read-only disk did not fail"); return; }
+		puts("blk: write refused (read-only)\n");
+	} else {
+		if (st != 0) { report("blk", 0, "write failed"); return; }
+		if (blk_request(4, 0, 0, 0, 0) != 0) { report("blk", 0, "flush failed"); return; }
+		memset(blk_buf, 0, sizeof(blk_buf));
+		if (blk_request(0, 4096, blk_buf, sizeof(blk_buf), 1) != 0) { report("blk", 0, "read-back failed"); return; }
+		for (uint64_t i = 0; i < sizeof(blk_buf); i++)
+			if (blk_buf[i] != guest_pattern(i)) { report("blk", 0, "read-back differs"); return; }
+		puts("blk: wrote, flushed and read back 8192 bytes\n");
+	}
+	char id[21] = { 0 };
+	if (blk_request(8, 0, id, 20, 1) != 0) { report("blk", 0, "get-id failed"); return; }
+	printf("blk: id '%s'\n", id);
+	if (blk_request(0, capacity, blk_buf, 512, 1) != 1) { report("blk", 0, "read past the end did not fail"); return; }
+	puts("blk: read past the end refused\n");
+	for (unsigned i = 0; i < 10000000 && !device_irqs; i++)
+		__asm__ volatile("pause");
+	__asm__ volatile("cli");
+	printf("blk: %lu interrupts\n", device_irqs);
+	report("blk", device_irqs > 0, "no interrupt through the IOAPIC");
+}
+
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
 static void check_progress(void)
 {
@@ -400,13 +616,18 @@ static void copy_cmdline(uint64_t paddr)
 
 static void run_checks(const char *protocol)
 {
+	/* Mask the legacy PICs: interrupts come through the IOAPIC and LAPIC only. */
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
 	idt_init();
+	lapic_write(0xf0, 0x1ff);	/* software-enable the local APIC */
 	printf("skiff-testguest: %s boot, cmdline '%s'\n", protocol, cmdline);
 	crash();
 	if (wants("e820")) check_e820();
 	if (wants("smp")) check_smp();
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
+	if (wants("blk")) check_blk();
 	if (wants("serial")) check_serial();
 	finish();
 }

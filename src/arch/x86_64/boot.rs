@@ -149,6 +149,39 @@ pub const PVM_KERNEL_PARAMS: &[&str] = &[
     "skiff.no_int3_selftest",
 ];
 
+/// Splits a command line into kernel parameters and what follows `--` (init's arguments).
+fn split_init_args(line: &str) -> (&str, Option<&str>) {
+    match line.split_once(" -- ") {
+        Some((k, i)) => (k, Some(i)),
+        None => match line.strip_prefix("-- ") {
+            Some(i) => ("", Some(i)),
+            None => (line, None),
+        },
+    }
+}
+
+/// Adds kernel parameters to `cmdline`, before any `--` so they do not go to init.
+pub fn append_kernel_params(cmdline: &mut Cmdline, params: &[String]) -> Result<(), BootError> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    let current = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .to_string_lossy()
+        .into_owned();
+    let (kernel, init) = split_init_args(&current);
+    let mut words: Vec<&str> = kernel.split_whitespace().collect();
+    words.extend(params.iter().map(String::as_str));
+    let mut rebuilt = words.join(" ");
+    if let Some(init) = init {
+        rebuilt.push_str(" -- ");
+        rebuilt.push_str(init);
+    }
+    *cmdline = build_cmdline(&rebuilt)?;
+    Ok(())
+}
+
 /// Appends [`PVM_KERNEL_PARAMS`] the user did not give already.
 pub fn add_pvm_workarounds(cmdline: &mut Cmdline) -> Result<(), BootError> {
     let current = cmdline
@@ -156,31 +189,20 @@ pub fn add_pvm_workarounds(cmdline: &mut Cmdline) -> Result<(), BootError> {
         .map_err(BootError::Cmdline)?
         .to_string_lossy()
         .into_owned();
-    // Parameters after "--" go to init, so kernel parameters must come before it.
-    let (kernel_part, init_part) = match current.split_once(" -- ") {
-        Some((k, i)) => (k.to_owned(), Some(i.to_owned())),
-        None if current.starts_with("-- ") => (String::new(), Some(current[3..].to_owned())),
-        None => (current.clone(), None),
-    };
-    let mut words: Vec<&str> = kernel_part.split_whitespace().collect();
-    let mut added = Vec::new();
-    for p in PVM_KERNEL_PARAMS {
-        let name = p.split('=').next().unwrap_or(p);
-        if !words.iter().any(|w| w.split('=').next() == Some(name)) {
-            words.push(p);
-            added.push(*p);
-        }
+    let (kernel, _) = split_init_args(&current);
+    let given: Vec<&str> = kernel
+        .split_whitespace()
+        .filter_map(|w| w.split('=').next())
+        .collect();
+    let added: Vec<String> = PVM_KERNEL_PARAMS
+        .iter()
+        .filter(|p| !given.contains(&p.split('=').next().unwrap_or(p)))
+        .map(|p| (*p).to_owned())
+        .collect();
+    append_kernel_params(cmdline, &added)?;
+    if !added.is_empty() {
+        log::info!("PVM host: added kernel parameters {}", added.join(" "));
     }
-    if added.is_empty() {
-        return Ok(());
-    }
-    let mut rebuilt = words.join(" ");
-    if let Some(init) = init_part {
-        rebuilt.push_str(" -- ");
-        rebuilt.push_str(&init);
-    }
-    *cmdline = build_cmdline(&rebuilt)?;
-    log::info!("PVM host: added kernel parameters {}", added.join(" "));
     Ok(())
 }
 

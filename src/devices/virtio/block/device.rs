@@ -1,0 +1,228 @@
+//! The virtio-blk device: configuration space, features, activation, and draining its queue.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{execute, Disk};
+use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, IrqTrigger, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Feature bit: the device is read-only (virtio 1.2, 5.2.3).
+const VIRTIO_BLK_F_RO: u32 = 5;
+/// Feature bit: the device supports the flush command.
+const VIRTIO_BLK_F_FLUSH: u32 = 9;
+
+/// Errors while opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("cannot open disk image {}", .0.display())]
+    Open(PathBuf, #[source] std::io::Error),
+    /// The image is not a regular file or block device, or is empty.
+    #[error("disk image {} {}", .0.display(), .1)]
+    Unusable(PathBuf, &'static str),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// What the device works on once the driver is ready.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+}
+
+/// A virtio block device backed by a raw image.
+pub struct Block {
+    file: File,
+    nsectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    config: [u8; 8],
+    avail_features: u64,
+    acked_features: u64,
+    queue_events: [EventFd; 1],
+    pub(super) activate_evt: EventFd,
+    irq: IrqTrigger,
+    active: Option<Active>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("nsectors", &self.nsectors)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl Block {
+    /// Opens `path` (read-only if asked) as a disk whose GET_ID answer is `id`.
+    pub fn new(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
+        if meta.is_dir() {
+            return Err(BlockError::Unusable(path.to_owned(), "is a directory"));
+        }
+        let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
+            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
+        if size < SECTOR_SIZE {
+            return Err(BlockError::Unusable(
+                path.to_owned(),
+                "is smaller than one 512-byte sector",
+            ));
+        }
+        if size % SECTOR_SIZE != 0 {
+            warn!(
+                "disk {}: the last {} bytes are not a whole sector and stay unused",
+                path.display(),
+                size % SECTOR_SIZE
+            );
+        }
+        let nsectors = size / SECTOR_SIZE;
+        let mut id_bytes = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if read_only {
+            avail_features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Self {
+            file,
+            nsectors,
+            read_only,
+            id: id_bytes,
+            config: nsectors.to_le_bytes(),
+            avail_features,
+            acked_features: 0,
+            queue_events: [EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            irq: IrqTrigger::new().map_err(BlockError::EventFd)?,
+            active: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The queue's notification eventfd.
+    pub(super) fn queue_event(&self) -> &EventFd {
+        &self.queue_events[0]
+    }
+
+    /// Drains the request queue: notifications off while draining, on again and re-checked
+    /// (virtio 1.2, 2.7.10), at most one queue's worth of requests per wake-up so a driver
+    /// that keeps adding cannot starve the event loop. Raises the interrupt if the driver
+    /// asked for one.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queue;
+        let mut disk = Disk {
+            file: &self.file,
+            nsectors: self.nsectors,
+            read_only: self.read_only,
+            id: &self.id,
+            buf: &mut self.buf,
+        };
+        let mut budget = queue.size();
+        let mut used = false;
+        loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            while budget > 0 {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = execute(chain, mem, &mut disk);
+                if queue.add_used(mem, head, len).is_err() {
+                    debug!("virtio-blk: cannot add a used element");
+                }
+                used = true;
+                budget -= 1;
+            }
+            if budget == 0 {
+                // More may be waiting: come back through the event loop.
+                let _ = self.queue_events[0].write(1);
+                break;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = self.irq.trigger(INT_VRING) {
+                warn!("virtio-blk: cannot raise interrupt: {e}");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        debug!("virtio-blk: ignoring config write at {offset:#x}");
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &IrqTrigger {
+        &self.irq
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Some(mut queue) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        queue.set_event_idx(self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        self.active = Some(Active { mem, queue });
+        self.activate_evt.write(1).map_err(ActivateError::Signal)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}

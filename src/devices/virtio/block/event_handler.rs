@@ -1,0 +1,32 @@
+//! The block device on the event thread: activation registers the queue event, queue events
+//! drain the queue.
+
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::warn;
+use vmm_sys_util::epoll::EventSet;
+
+use super::device::Block;
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            warn!("virtio-blk: cannot watch the activation event: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            let _ = self.activate_evt.read();
+            // Registering again after a reset and re-activation fails harmlessly.
+            let _ = ops.add(Events::new(self.queue_event(), EventSet::IN));
+            // Requests queued before activation was seen.
+            self.process_queue();
+        } else if fd == self.queue_event().as_raw_fd() {
+            let _ = self.queue_event().read();
+            self.process_queue();
+        }
+    }
+}

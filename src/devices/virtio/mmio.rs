@@ -1,0 +1,320 @@
+//! The virtio-mmio transport, version 2 register layout (virtio 1.2, 4.2.2), written once and
+//! shared by every device. It runs on vCPU threads: it negotiates features, drives the device
+//! status machine from a table of valid transitions, collects and validates queue set-up, and
+//! at DRIVER_OK hands the queues to the device, which wakes the event thread.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use log::debug;
+use virtio_queue::{Queue, QueueT};
+
+use super::{feature_word, status, VirtioDevice, INT_CONFIG};
+use crate::devices::BusDevice;
+use crate::vstate::memory::GuestMemoryMmap;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x534b_4646; // "SKFF"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// Device-specific configuration space starts here.
+pub const CONFIG_SPACE: u64 = 0x100;
+/// Size of one device's MMIO window.
+pub const MMIO_SIZE: u64 = 0x1000;
+
+use status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+
+/// The driver's path through device initialisation (virtio 1.2, 3.1.1): from each status to
+/// the one it may write next. Reset (writing 0) and FAILED are handled before the table.
+const STATUS_TRANSITIONS: &[(u32, u32)] = &[
+    (0, ACKNOWLEDGE),
+    (ACKNOWLEDGE, ACKNOWLEDGE | DRIVER),
+    (ACKNOWLEDGE | DRIVER, ACKNOWLEDGE | DRIVER | FEATURES_OK),
+    (
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    ),
+];
+
+/// One virtio device behind its MMIO registers.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    config_generation: u32,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .filter_map(|&max| Queue::new(max).ok())
+        .collect()
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a transport that gives it `mem` at activation.
+    pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
+        let queues = new_queues(&*device.lock().unwrap_or_else(PoisonError::into_inner));
+        Self {
+            device,
+            mem,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            config_generation: 0,
+        }
+    }
+
+    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.device.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The selected queue, while the driver may still configure queues.
+    fn queue_for_setup(&mut self) -> Option<&mut Queue> {
+        let configurable =
+            self.status & FEATURES_OK != 0 && self.status & (DRIVER_OK | FAILED) == 0;
+        if !configurable {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        let mut device = self.device();
+        device.reset();
+        device.interrupt().clear();
+        let queues = new_queues(&*device);
+        drop(device);
+        self.queues = queues;
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        if value & FAILED != 0 {
+            self.status |= FAILED;
+            return;
+        }
+        if !STATUS_TRANSITIONS.contains(&(self.status, value)) {
+            debug!(
+                "virtio-mmio: ignoring status {value:#x} in status {:#x}",
+                self.status
+            );
+            return;
+        }
+        let newly = value & !self.status;
+        if newly == FEATURES_OK {
+            let offered = self.device().avail_features();
+            if self.driver_features & !offered != 0 {
+                // Leave FEATURES_OK clear: the driver reads it back and gives up.
+                debug!("virtio-mmio: driver accepted features the device did not offer");
+                return;
+            }
+            self.device().set_acked_features(self.driver_features);
+        }
+        if newly == DRIVER_OK && !self.activate() {
+            return;
+        }
+        self.status = value;
+    }
+
+    /// Validates the ready queues and activates the device; false (with DEVICE_NEEDS_RESET
+    /// set) when the driver's set-up is unusable.
+    fn activate(&mut self) -> bool {
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        let all_ready = self.queues.iter().all(QueueT::ready);
+        let result = if valid && all_ready {
+            let queues = std::mem::take(&mut self.queues);
+            self.device()
+                .activate(self.mem.clone(), queues)
+                .map_err(|e| e.to_string())
+        } else {
+            Err("queues not ready or outside guest memory".to_owned())
+        };
+        match result {
+            Ok(()) => true,
+            Err(why) => {
+                debug!("virtio-mmio: cannot activate device: {why}");
+                self.status |= DEVICE_NEEDS_RESET;
+                let _ = self.device().interrupt().trigger(INT_CONFIG);
+                false
+            }
+        }
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let device = self.device();
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => feature_word(device.avail_features(), self.device_features_sel),
+            REG_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => device.interrupt().status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => {
+                if self.status & (DRIVER | FEATURES_OK) == DRIVER {
+                    match self.driver_features_sel {
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(value);
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.queue_for_setup() {
+                    // An invalid size (zero, not a power of two, above the maximum) is refused
+                    // and leaves the queue invalid, which activation then reports.
+                    let size = u16::try_from(value).unwrap_or(0);
+                    if q.try_set_size(size).is_err() {
+                        q.set_size(0);
+                    }
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.queue_for_setup() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW => {
+                self.set_queue_addr(|q, v| q.set_desc_table_address(Some(v), None), value);
+            }
+            REG_QUEUE_DESC_HIGH => {
+                self.set_queue_addr(|q, v| q.set_desc_table_address(None, Some(v)), value);
+            }
+            REG_QUEUE_DRIVER_LOW => {
+                self.set_queue_addr(|q, v| q.set_avail_ring_address(Some(v), None), value);
+            }
+            REG_QUEUE_DRIVER_HIGH => {
+                self.set_queue_addr(|q, v| q.set_avail_ring_address(None, Some(v)), value);
+            }
+            REG_QUEUE_DEVICE_LOW => {
+                self.set_queue_addr(|q, v| q.set_used_ring_address(Some(v), None), value);
+            }
+            REG_QUEUE_DEVICE_HIGH => {
+                self.set_queue_addr(|q, v| q.set_used_ring_address(None, Some(v)), value);
+            }
+            REG_QUEUE_NOTIFY => {
+                // Normally consumed by the KVM ioeventfd and never seen here.
+                if self.status & DRIVER_OK != 0 {
+                    if let Some(evt) = self.device().queue_events().get(value as usize) {
+                        let _ = evt.write(1);
+                    }
+                }
+            }
+            REG_INTERRUPT_ACK => self.device().interrupt().ack(value),
+            REG_STATUS => self.set_status(value),
+            _ => debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+        }
+    }
+
+    fn set_queue_addr(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
+        if let Some(q) = self.queue_for_setup() {
+            set(q, value);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device().read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() == 4 && offset.is_multiple_of(4) {
+            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device().write_config(offset - CONFIG_SPACE, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(word) if offset.is_multiple_of(4) => {
+                self.write_reg(offset, u32::from_le_bytes(word));
+            }
+            _ => debug!(
+                "virtio-mmio: ignoring {}-byte register write at {offset:#x}",
+                data.len()
+            ),
+        }
+    }
+}

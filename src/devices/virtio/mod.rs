@@ -1,0 +1,148 @@
+//! Virtio devices over the MMIO transport (virtio 1.2, section 4.2): the device trait every
+//! device implements, its interrupt, and the constants shared by the transport and devices.
+
+pub mod block;
+pub mod mmio;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::memory::GuestMemoryMmap;
+
+pub use mmio::MmioTransport;
+
+/// Feature bit: the device complies with virtio 1.x (virtio 1.2, 6).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: used_event / avail_event notification suppression (virtio 1.2, 2.7.10).
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest knows how to drive it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready: queues may be used.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The guest gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Interrupt status bit: a used buffer was added to a queue (virtio 1.2, 4.2.2).
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt: the status bits the driver reads and acknowledges through the
+/// transport, and the irqfd that raises the guest IRQ.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqTrigger {
+    /// A trigger whose eventfd the device manager registers as an irqfd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Sets `bit` in the interrupt status and raises the IRQ.
+    pub fn trigger(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.evt.write(1)
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears every bit (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The eventfd to register as an irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// Why a device refused activation.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver did not set up the queues the device needs.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues the driver made ready.
+        got: usize,
+    },
+    /// The activation event could not be signalled.
+    #[error("cannot signal activation")]
+    Signal(#[source] io::Error),
+}
+
+/// A virtio device as the MMIO transport sees it. The transport runs on vCPU threads; queue
+/// processing runs on the event thread, which the device wakes through its activation eventfd.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (virtio 1.2, 5).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Features the driver accepted (a subset of the offered ones).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The eventfds the guest's queue notifications land on (KVM ioeventfds), one per queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// The device's interrupt.
+    fn interrupt(&self) -> &IrqTrigger;
+    /// Takes the validated queues at DRIVER_OK and hands work to the event thread. Must not
+    /// block: it runs on a vCPU thread.
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
+    /// Drops the queues and returns to the state before activation.
+    fn reset(&mut self);
+}
+
+/// The 32-bit half `select` (0 or 1) of a 64-bit feature word.
+pub(crate) fn feature_word(features: u64, select: u32) -> u32 {
+    match select {
+        0 => (features & 0xffff_ffff) as u32,
+        1 => (features >> 32) as u32,
+        _ => 0,
+    }
+}
+
+/// Copies `offset..` of a device's config bytes into `data`; reads past the end give zeros.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
