@@ -182,3 +182,47 @@ fn help_explains_every_flag() {
         );
     }
 }
+
+#[test]
+fn disk_problems() {
+    let e = error_of(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--disk",
+        "path=/nonexistent/disk.img",
+    ]);
+    assert!(
+        e.contains("cannot open disk image /nonexistent/disk.img"),
+        "{e}"
+    );
+    let e = error_of(&["run", "--kernel", &guest(), "--disk", "path=/tmp"]);
+    assert!(e.to_lowercase().contains("is a directory"), "{e}");
+    let empty = temp_file("empty-disk.img", &[]);
+    let e = error_of(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--disk",
+        &format!("path={}", empty.display()),
+    ]);
+    assert!(e.contains("smaller than one 512-byte sector"), "{e}");
+}
+
+#[test]
+fn disk_spec_errors() {
+    for (spec, want) in [
+        ("readonly=on", "missing path"),
+        ("path=/x,colour=red", "unknown key"),
+        ("path=/x,readonly=perhaps", "on or off"),
+    ] {
+        let out = run_skiff(
+            &["run", "--kernel", &guest(), "--disk", spec],
+            Duration::from_secs(10),
+            None,
+        );
+        assert_eq!(out.code, Some(2), "{spec}: {}", out.stderr);
+        assert!(out.stderr.contains(want), "{spec}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"));
+    }
+}
