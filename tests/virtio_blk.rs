@@ -14,11 +14,11 @@ const HOST_SECTOR: usize = 2048;
 const GUEST_SECTOR: usize = 4096;
 
 fn host_pattern(i: usize) -> u8 {
-    (i * 7 + 3) as u8
+    (i * 7 + 3).to_le_bytes()[0]
 }
 
 fn guest_pattern(i: usize) -> u8 {
-    ((i * 13 + 5) as u8) ^ 0x5a
+    (i * 13 + 5).to_le_bytes()[0] ^ 0x5a
 }
 
 /// An 8 MiB image with the host pattern at HOST_SECTOR.
