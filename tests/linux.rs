@@ -205,3 +205,97 @@ fn linux_two_vcpus_256_mib() {
         out.elapsed.as_secs_f64()
     ));
 }
+
+/// "Mount count" and "Last mount time" from the image's superblock, read with dumpe2fs.
+fn superblock_mounts(image: &Path) -> (u32, String) {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .output()
+        .expect("run dumpe2fs (e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    (
+        field("Mount count:").parse().unwrap_or(u32::MAX),
+        field("Last mount time:"),
+    )
+}
+
+/// Boots vmlinux with a copy of the root image as /dev/vda and returns the console and the
+/// superblock's mount fields before and after.
+fn boot_root_disk(name: &str, read_only: bool) -> (String, (u32, String), (u32, String)) {
+    let dir = linux_dir();
+    let image = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::copy(dir.join("rootfs.ext4"), &image).unwrap();
+    let before = superblock_mounts(&image);
+    let cmdline = format!(
+        "{} -- echo hello-from-the-root-disk",
+        config::DEFAULT_CMDLINE
+    );
+    let args = run_args(&dir.join("vmlinux"), None, &cmdline, 1, 128);
+    let mut args = as_strs(&args);
+    let disk = format!(
+        "path={},root=on{}",
+        image.display(),
+        if read_only { ",readonly=on" } else { "" }
+    );
+    args.extend(["--disk", &disk]);
+    let out = run_skiff(&args, LIMIT, None);
+    assert!(out.code.is_some(), "Linux did not finish\n{}", out.stdout);
+    let after = superblock_mounts(&image);
+    if !pvm_host() {
+        assert!(out.stdout.contains("SKIFF-INIT-OK"), "{}", out.stdout);
+        assert!(
+            out.stdout.contains("hello-from-the-root-disk"),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    }
+    (out.stdout, before, after)
+}
+
+#[test]
+fn linux_root_filesystem_on_virtio_blk() {
+    if skip() {
+        return;
+    }
+    let (console, before, after) = boot_root_disk("root-rw.ext4", false);
+    assert!(
+        console.contains("virtio_blk virtio0: [vda] 131072 512-byte logical blocks"),
+        "{console}"
+    );
+    assert!(
+        console.contains("EXT4-fs (vda): mounted filesystem"),
+        "{console}"
+    );
+    assert!(
+        console.contains("VFS: Mounted root (ext4 filesystem) on device 254:0."),
+        "{console}"
+    );
+    assert!(
+        console.contains("Run /sbin/init as init process"),
+        "{console}"
+    );
+    // The kernel's mount reached the image: the superblock counts it.
+    assert_eq!(after.0, before.0 + 1, "mount count {before:?} -> {after:?}");
+    assert_ne!(after.1, before.1, "last mount time unchanged");
+}
+
+#[test]
+fn linux_read_only_root_mounts_read_only() {
+    if skip() {
+        return;
+    }
+    let (console, before, after) = boot_root_disk("root-ro.ext4", true);
+    assert!(
+        console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."),
+        "{console}"
+    );
+    assert_eq!(after, before, "a read-only root changed the superblock");
+}
