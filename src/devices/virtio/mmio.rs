@@ -68,6 +68,8 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<Queue>,
+    /// The driver wrote a queue size the device cannot take.
+    bad_queue_size: bool,
     config_generation: u32,
 }
 
@@ -100,6 +102,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             queues,
+            bad_queue_size: false,
             config_generation: 0,
         }
     }
@@ -130,6 +133,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
+        self.bad_queue_size = false;
     }
 
     fn set_status(&mut self, value: u32) {
@@ -172,7 +176,7 @@ impl MmioTransport {
             .iter()
             .all(|q| !q.ready() || q.is_valid(&self.mem));
         let all_ready = self.queues.iter().all(QueueT::ready);
-        let result = if valid && all_ready {
+        let result = if valid && all_ready && !self.bad_queue_size {
             let queues = std::mem::take(&mut self.queues);
             self.device()
                 .activate(self.mem.clone(), queues)
@@ -236,12 +240,10 @@ impl MmioTransport {
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM => {
                 if let Some(q) = self.queue_for_setup() {
-                    // An invalid size (zero, not a power of two, above the maximum) is refused
-                    // and leaves the queue invalid, which activation then reports.
-                    let size = u16::try_from(value).unwrap_or(0);
-                    if q.try_set_size(size).is_err() {
-                        q.set_size(0);
-                    }
+                    // Zero, not a power of two or above the maximum: refused, and activation
+                    // then reports the queue as unusable.
+                    let ok = u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok());
+                    self.bad_queue_size |= !ok;
                 }
             }
             REG_QUEUE_READY => {
@@ -316,5 +318,158 @@ impl BusDevice for MmioTransport {
                 data.len()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::Block;
+    use vm_memory::GuestAddress;
+
+    fn transport() -> MmioTransport {
+        let path = std::env::temp_dir().join(format!(
+            "skiff-mmio-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let block = Block::new(&path, false, "t").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        MmioTransport::new(mem, Arc::new(Mutex::new(block)))
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(offset, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport) {
+        write(t, REG_STATUS, ACKNOWLEDGE);
+        write(t, REG_STATUS, ACKNOWLEDGE | DRIVER);
+        write(t, REG_DRIVER_FEATURES_SEL, 1);
+        write(t, REG_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        write(t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let mut t = transport();
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 2);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 256);
+        // Capacity: 8 sectors, in the config space.
+        assert_eq!(read(&mut t, CONFIG_SPACE), 8);
+        let mut odd = [0u8; 2];
+        t.read(REG_MAGIC, &mut odd);
+        assert_eq!(odd, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn status_follows_the_transition_table() {
+        let mut t = transport();
+        write(
+            &mut t,
+            REG_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_eq!(read(&mut t, REG_STATUS), 0, "skipping steps is ignored");
+        negotiate(&mut t);
+        assert_eq!(read(&mut t, REG_STATUS), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        write(&mut t, REG_STATUS, ACKNOWLEDGE);
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            ACKNOWLEDGE | DRIVER | FEATURES_OK,
+            "no going back"
+        );
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(read(&mut t, REG_STATUS), 0, "reset");
+    }
+
+    #[test]
+    fn features_the_device_did_not_offer_are_refused() {
+        let mut t = transport();
+        write(&mut t, REG_STATUS, ACKNOWLEDGE);
+        write(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        write(&mut t, REG_DRIVER_FEATURES, 1 << 2); // not offered
+        write(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(read(&mut t, REG_STATUS) & FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queues_outside_memory_or_not_ready_need_a_reset() {
+        let mut t = transport();
+        negotiate(&mut t);
+        write(
+            &mut t,
+            REG_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_ne!(
+            read(&mut t, REG_STATUS) & DEVICE_NEEDS_RESET,
+            0,
+            "queue never made ready"
+        );
+        write(&mut t, REG_STATUS, 0);
+        negotiate(&mut t);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_LOW, 0xfff0_0000); // far outside 1 MiB of memory
+        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x1000);
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x2000);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(
+            &mut t,
+            REG_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        let status = read(&mut t, REG_STATUS);
+        assert_ne!(status & DEVICE_NEEDS_RESET, 0);
+        assert_eq!(status & DRIVER_OK, 0);
+        assert_ne!(read(&mut t, REG_INTERRUPT_STATUS) & INT_CONFIG, 0);
+    }
+
+    #[test]
+    fn valid_queue_activates_and_bad_sizes_are_refused() {
+        let mut t = transport();
+        negotiate(&mut t);
+        write(&mut t, REG_QUEUE_NUM, 1000); // not a power of two, above the maximum
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(
+            &mut t,
+            REG_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_ne!(read(&mut t, REG_STATUS) & DEVICE_NEEDS_RESET, 0);
+        write(&mut t, REG_STATUS, 0);
+        negotiate(&mut t);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        write(&mut t, REG_QUEUE_READY, 1);
+        write(
+            &mut t,
+            REG_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+        );
+        // Queue registers are frozen once the driver is running.
+        write(&mut t, REG_QUEUE_NUM, 8);
+        write(&mut t, REG_QUEUE_READY, 0);
+        assert_eq!(read(&mut t, REG_STATUS) & DEVICE_NEEDS_RESET, 0);
     }
 }
