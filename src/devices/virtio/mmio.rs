@@ -358,6 +358,23 @@ mod tests {
         write(t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     }
 
+    /// Sets up queue 0 with `size` entries and its descriptor table at `desc`, then sets
+    /// DRIVER_OK and returns the status the device reports.
+    fn start_queue(t: &mut MmioTransport, size: u32, desc: u32) -> u32 {
+        negotiate(t);
+        write(t, REG_QUEUE_NUM, size);
+        write(t, REG_QUEUE_DESC_LOW, desc);
+        write(t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        write(t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        write(t, REG_QUEUE_READY, 1);
+        write(
+            t,
+            REG_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        read(t, REG_STATUS)
+    }
+
     #[test]
     fn identity_registers() {
         let mut t = transport();
@@ -419,18 +436,8 @@ mod tests {
             "queue never made ready"
         );
         write(&mut t, REG_STATUS, 0);
-        negotiate(&mut t);
-        write(&mut t, REG_QUEUE_NUM, 16);
-        write(&mut t, REG_QUEUE_DESC_LOW, 0xfff0_0000); // far outside 1 MiB of memory
-        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x1000);
-        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x2000);
-        write(&mut t, REG_QUEUE_READY, 1);
-        write(
-            &mut t,
-            REG_STATUS,
-            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
-        let status = read(&mut t, REG_STATUS);
+        // Descriptor table far outside 1 MiB of memory.
+        let status = start_queue(&mut t, 16, 0xfff0_0000);
         assert_ne!(status & DEVICE_NEEDS_RESET, 0);
         assert_eq!(status & DRIVER_OK, 0);
         assert_ne!(read(&mut t, REG_INTERRUPT_STATUS) & INT_CONFIG, 0);
@@ -439,32 +446,11 @@ mod tests {
     #[test]
     fn valid_queue_activates_and_bad_sizes_are_refused() {
         let mut t = transport();
-        negotiate(&mut t);
-        write(&mut t, REG_QUEUE_NUM, 1000); // not a power of two, above the maximum
-        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
-        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
-        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
-        write(&mut t, REG_QUEUE_READY, 1);
-        write(
-            &mut t,
-            REG_STATUS,
-            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
-        assert_ne!(read(&mut t, REG_STATUS) & DEVICE_NEEDS_RESET, 0);
+        // 1000: not a power of two, above the maximum.
+        assert_ne!(start_queue(&mut t, 1000, 0x1000) & DEVICE_NEEDS_RESET, 0);
         write(&mut t, REG_STATUS, 0);
-        negotiate(&mut t);
-        write(&mut t, REG_QUEUE_NUM, 16);
-        write(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
-        write(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
-        write(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
-        write(&mut t, REG_QUEUE_READY, 1);
-        write(
-            &mut t,
-            REG_STATUS,
-            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
         assert_eq!(
-            read(&mut t, REG_STATUS),
+            start_queue(&mut t, 16, 0x1000),
             ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
         );
         // Queue registers are frozen once the driver is running.

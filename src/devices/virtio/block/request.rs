@@ -325,6 +325,16 @@ mod tests {
         .unwrap();
     }
 
+    /// Header, one data buffer at `data` of `len` bytes (device-writable if `data_in`), status.
+    fn request(data: u64, len: u32, data_in: bool) -> [RawDescriptor; 3] {
+        let flags = if data_in { F_WRITE } else { 0 };
+        [
+            desc(HDR, 16, 0, 0),
+            desc(data, len, flags, 0),
+            desc(STATUS, 1, F_WRITE, 0),
+        ]
+    }
+
     /// Runs the chain `descs` (next links set by the mock) and returns (used length, status byte).
     fn run_chain(m: &GuestMemoryMmap, descs: &[RawDescriptor], read_only: bool) -> (u32, u8) {
         m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
@@ -348,15 +358,7 @@ mod tests {
     fn read_returns_the_sector() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 1);
-        let (len, status) = run_chain(
-            &m,
-            &[
-                desc(HDR, 16, 0, 0),
-                desc(DATA, 512, F_WRITE, 0),
-                desc(STATUS, 1, F_WRITE, 0),
-            ],
-            false,
-        );
+        let (len, status) = run_chain(&m, &request(DATA, 512, true), false);
         assert_eq!((len, status), (513, VIRTIO_BLK_S_OK));
         let mut data = [0u8; 512];
         m.read_slice(&mut data, GuestAddress(DATA)).unwrap();
@@ -370,15 +372,7 @@ mod tests {
     fn write_to_read_only_disk_fails() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_OUT, 0);
-        let (_, status) = run_chain(
-            &m,
-            &[
-                desc(HDR, 16, 0, 0),
-                desc(DATA, 512, 0, 0),
-                desc(STATUS, 1, F_WRITE, 0),
-            ],
-            true,
-        );
+        let (_, status) = run_chain(&m, &request(DATA, 512, false), true);
         assert_eq!(status, VIRTIO_BLK_S_IOERR);
     }
 
@@ -387,29 +381,13 @@ mod tests {
         let m = mem();
         for (sector, len) in [(8, 512), (7, 1024), (0, 100), (u64::MAX, 512)] {
             header(&m, VIRTIO_BLK_T_IN, sector);
-            let (_, status) = run_chain(
-                &m,
-                &[
-                    desc(HDR, 16, 0, 0),
-                    desc(DATA, len, F_WRITE, 0),
-                    desc(STATUS, 1, F_WRITE, 0),
-                ],
-                false,
-            );
+            let (_, status) = run_chain(&m, &request(DATA, len, true), false);
             assert_eq!(status, VIRTIO_BLK_S_IOERR, "sector {sector} len {len}");
         }
         // A length running past guest memory: virtio-queue ends the chain there, so the
         // request is dropped without a status; either way nothing succeeds.
         header(&m, VIRTIO_BLK_T_IN, 0);
-        let (_, status) = run_chain(
-            &m,
-            &[
-                desc(HDR, 16, 0, 0),
-                desc(DATA, u32::MAX, F_WRITE, 0),
-                desc(STATUS, 1, F_WRITE, 0),
-            ],
-            false,
-        );
+        let (_, status) = run_chain(&m, &request(DATA, u32::MAX, true), false);
         assert_ne!(status, VIRTIO_BLK_S_OK);
         // A length running past guest memory: virtio-queue ends the chain there, so the
         // request is dropped without a status; either way nothing succeeds.
@@ -438,15 +416,7 @@ mod tests {
     fn buffer_outside_guest_memory_fails_without_writing() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_IN, 0);
-        let (_, status) = run_chain(
-            &m,
-            &[
-                desc(HDR, 16, 0, 0),
-                desc(0xffff_0000, 512, F_WRITE, 0),
-                desc(STATUS, 1, F_WRITE, 0),
-            ],
-            false,
-        );
+        let (_, status) = run_chain(&m, &request(0xffff_0000, 512, true), false);
         assert_eq!(status, VIRTIO_BLK_S_IOERR);
     }
 
