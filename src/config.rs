@@ -29,6 +29,72 @@ pub struct VmConfig {
     pub console_input: ConsoleInput,
     /// Block devices, in the order the guest sees them (/dev/vda first).
     pub disks: Vec<DiskConfig>,
+    /// Network devices, in the order the guest sees them (eth0 first).
+    pub nets: Vec<NetConfig>,
+}
+
+/// A virtio network device on a TAP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface, created if absent (which needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// The guest's MAC address; without one the guest picks its own.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Errors in a `--net` description.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetSpecError {
+    /// No `tap=`.
+    #[error("missing tap=NAME")]
+    MissingTap,
+    /// A key that is not tap or mac.
+    #[error("unknown key '{0}' (expected tap, mac)")]
+    UnknownKey(String),
+    /// Not six colon-separated hex bytes, or a multicast address.
+    #[error("mac '{0}' is not a unicast address like 06:00:ac:10:00:02")]
+    BadMac(String),
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC address.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
+    let bad = || NetSpecError::BadMac(text.to_owned());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = NetSpecError;
+
+    /// Parses `tap=NAME[,mac=MAC]`.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: None,
+        };
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("tap", value)) => net.tap = value.to_owned(),
+                Some(("mac", value)) => net.mac = Some(parse_mac(value)?),
+                _ => {
+                    let key = part.split_once('=').map_or(part, |(k, _)| k);
+                    return Err(NetSpecError::UnknownKey(key.to_owned()));
+                }
+            }
+        }
+        if net.tap.is_empty() {
+            return Err(NetSpecError::MissingTap);
+        }
+        Ok(net)
+    }
 }
 
 /// A virtio block device backed by a raw image file.
@@ -117,6 +183,7 @@ impl VmConfig {
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             console_input: ConsoleInput::Stdin,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }
@@ -153,5 +220,36 @@ mod tests {
             "path=/a,id=123456789012345678901".parse::<DiskConfig>(),
             Err(DiskSpecError::BadId)
         );
+    }
+
+    #[test]
+    fn net_specs() {
+        let n: NetConfig = "tap=tap0,mac=06:00:AC:10:00:02".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(
+            "mac=06:00:00:00:00:01".parse::<NetConfig>(),
+            Err(NetSpecError::MissingTap)
+        );
+        assert!(
+            matches!("tap=t,ip=1".parse::<NetConfig>(), Err(NetSpecError::UnknownKey(k)) if k == "ip")
+        );
+        assert!(matches!(
+            "tap=t,bogus".parse::<NetConfig>(),
+            Err(NetSpecError::UnknownKey(_))
+        ));
+        for mac in [
+            "06:00:00:00:00",
+            "06:00:00:00:00:01:02",
+            "0g:00:00:00:00:01",
+            "01:00:5e:00:00:01",
+            "6:0:0:0:0:1",
+            "",
+        ] {
+            assert!(
+                matches!(parse_mac(mac), Err(NetSpecError::BadMac(_))),
+                "{mac}"
+            );
+        }
     }
 }

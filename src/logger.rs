@@ -3,13 +3,23 @@
 
 use std::io::Write;
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
 
+/// The level a record is shown at. virtio-queue logs what a driver did wrong (bad ring
+/// addresses, bad indexes) as errors; a guest controls those, so they count as debug lines.
+fn effective_level(metadata: &Metadata) -> Level {
+    if metadata.target().starts_with("virtio_queue") {
+        Level::Debug
+    } else {
+        metadata.level()
+    }
+}
+
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        effective_level(metadata) <= log::max_level()
     }
 
     fn log(&self, record: &Record) {
@@ -40,4 +50,23 @@ static LOGGER: StderrLogger = StderrLogger;
 pub fn init(level: LevelFilter) {
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_queue_errors_are_debug_lines() {
+        let guest_caused = Metadata::builder()
+            .level(Level::Error)
+            .target("virtio_queue::queue")
+            .build();
+        assert_eq!(effective_level(&guest_caused), Level::Debug);
+        let ours = Metadata::builder()
+            .level(Level::Error)
+            .target("skiff::vmm")
+            .build();
+        assert_eq!(effective_level(&ours), Level::Error);
+    }
 }

@@ -52,6 +52,10 @@ struct RunArgs {
     /// root=/dev/vda to the kernel command line.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<skiff::config::DiskConfig>,
+    /// A virtio network device on a TAP interface: tap=NAME[,mac=MAC]. Repeatable (eth0 first).
+    /// The TAP is created, and brought up, if it does not exist (needs CAP_NET_ADMIN).
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<skiff::config::NetConfig>,
     /// KVM device node.
     #[arg(long, default_value = DEFAULT_KVM_DEVICE, value_name = "PATH")]
     kvm_device: PathBuf,
@@ -98,6 +102,7 @@ fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
         kvm_device: args.kvm_device,
         console_input: skiff::config::ConsoleInput::Stdin,
         disks: args.disk,
+        nets: args.net,
     };
     let mut vm = Vm::new(&config)?;
     vm.stop_on_signals()?;

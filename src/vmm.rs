@@ -31,6 +31,7 @@ use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
@@ -67,6 +68,9 @@ pub enum VmmError {
     /// A disk cannot be used.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A network device cannot be used.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// Kernel, initrd or command line cannot be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -191,6 +195,14 @@ impl Vm {
                 &vm_fd,
                 &mem,
                 Arc::new(Mutex::new(block)),
+            )?);
+        }
+        for net in &config.nets {
+            let device = Net::new(&net.tap, net.mac)?;
+            params.push(devices.register_virtio_device(
+                &vm_fd,
+                &mem,
+                Arc::new(Mutex::new(device)),
             )?);
         }
         boot::append_kernel_params(&mut cmdline, &params)?;

@@ -3,11 +3,13 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use log::debug;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
@@ -144,5 +146,58 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(src) = config.get(start..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// A guest buffer: one descriptor's address and length, as the driver wrote them (unchecked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GuestBuf {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Splits `chain` into its device-readable buffers followed by its device-writable ones
+/// (virtio 1.2, 2.7.4.2), reusing the vectors' storage. False for a broken chain: a readable
+/// buffer after a writable one, or a chain cut short because it loops, is longer than the
+/// queue, or links to a descriptor outside the table (virtio-queue's iterator then just stops).
+pub(crate) fn split_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    readable: &mut Vec<GuestBuf>,
+    writable: &mut Vec<GuestBuf>,
+) -> bool {
+    readable.clear();
+    writable.clear();
+    let mut cut = false;
+    for desc in chain {
+        let buf = GuestBuf {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        cut = desc.has_next();
+        if desc.is_write_only() {
+            writable.push(buf);
+        } else if writable.is_empty() {
+            readable.push(buf);
+        } else {
+            return false;
+        }
+    }
+    !cut
+}
+
+/// The next available chain, if any. Unlike `Queue::pop_descriptor_chain` it reports a broken
+/// available ring (a guest error) at debug level only.
+pub(crate) fn pop_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+    match queue.iter(mem) {
+        Ok(mut iter) => iter.next(),
+        Err(e) => {
+            debug!("virtio: unusable available ring: {e}");
+            None
+        }
     }
 }

@@ -10,8 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, IrqTrigger, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    pop_chain, read_config_bytes, ActivateError, IrqTrigger, VirtioDevice, INT_VRING,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -149,7 +149,7 @@ impl Block {
                 break;
             }
             while budget > 0 {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                let Some(chain) = pop_chain(queue, mem) else {
                     break;
                 };
                 let head = chain.head_index();

@@ -1,0 +1,697 @@
+//! The virtio-net device: configuration space (the MAC), features and their TAP offloads,
+//! activation, and moving frames between the queues and the TAP.
+
+use std::io;
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::{Tap, TapError};
+use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
+use crate::devices::virtio::{
+    pop_chain, read_config_bytes, split_chain, ActivateError, GuestBuf, IrqTrigger, VirtioDevice,
+    INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Index of the receive queue.
+pub(super) const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub(super) const TX_QUEUE: usize = 1;
+
+// Feature bits (virtio 1.2, 5.1.3).
+const VIRTIO_NET_F_CSUM: u32 = 0;
+const VIRTIO_NET_F_GUEST_CSUM: u32 = 1;
+const VIRTIO_NET_F_MAC: u32 = 5;
+const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
+const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
+const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
+const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+
+/// Errors while creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The TAP cannot be used.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// What the device counted; a guest's mistakes show here rather than in the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest, headers excluded.
+    pub rx_bytes: u64,
+    /// Frames read from the TAP and dropped (too big for the guest's buffer, broken chain).
+    pub rx_dropped: u64,
+    /// Frames sent to the TAP.
+    pub tx_frames: u64,
+    /// Bytes sent to the TAP, headers excluded.
+    pub tx_bytes: u64,
+    /// Guest frames dropped (broken chain, too big, refused by the TAP).
+    pub tx_dropped: u64,
+}
+
+/// What the device works on once the driver is ready.
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+}
+
+/// A virtio network device on a TAP.
+pub struct Net {
+    tap: Tap,
+    config: [u8; 6],
+    avail_features: u64,
+    acked_features: u64,
+    pub(super) queue_events: [EventFd; 2],
+    pub(super) activate_evt: EventFd,
+    irq: IrqTrigger,
+    active: Option<Active>,
+    /// The frame read from the TAP and not yet delivered: `rx_frame[..rx_len]`.
+    rx_frame: Vec<u8>,
+    rx_len: usize,
+    tx_frame: Vec<u8>,
+    readable: Vec<GuestBuf>,
+    writable: Vec<GuestBuf>,
+    /// Whether the TAP is registered with the event loop.
+    pub(super) tap_watched: bool,
+    counters: NetCounters,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("tap", &self.tap.name())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Result of copying one frame out of a chain.
+enum Gather {
+    Frame(usize),
+    Bad,
+}
+
+impl Net {
+    /// A device on the TAP `tap_name`, offering `mac` to the guest when given (otherwise the
+    /// guest picks its own).
+    pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+        Self::with_tap(Tap::open(tap_name)?, mac)
+    }
+
+    /// A device on an already open TAP.
+    pub fn with_tap(tap: Tap, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_NET_F_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1u64 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1u64 << VIRTIO_NET_F_HOST_TSO4)
+            | (1u64 << VIRTIO_NET_F_HOST_TSO6);
+        if mac.is_some() {
+            avail_features |= 1u64 << VIRTIO_NET_F_MAC;
+        }
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            tap,
+            config: mac.unwrap_or_default(),
+            avail_features,
+            acked_features: 0,
+            queue_events: [evt()?, evt()?],
+            activate_evt: evt()?,
+            irq: IrqTrigger::new().map_err(NetError::EventFd)?,
+            active: None,
+            rx_frame: vec![0; MAX_FRAME_LEN + 1],
+            rx_len: 0,
+            tx_frame: vec![0; MAX_FRAME_LEN],
+            readable: Vec::new(),
+            writable: Vec::new(),
+            tap_watched: false,
+            counters: NetCounters::default(),
+        })
+    }
+
+    /// The TAP the device sends to and receives from.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// What the device counted so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    /// The TUN_F_* offloads matching what the driver accepted for received frames. TSO needs
+    /// checksum offload (virtio 1.2, 5.1.3.1), and so does the TAP.
+    fn tap_offloads(&self) -> u32 {
+        if !self.acked(VIRTIO_NET_F_GUEST_CSUM) {
+            return 0;
+        }
+        let mut flags = libc::TUN_F_CSUM;
+        if self.acked(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if self.acked(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+        flags
+    }
+
+    /// Sends the guest's frames to the TAP: notifications off while draining, on again and
+    /// re-checked, at most a queue's worth per wake-up. A broken chain or a frame the TAP
+    /// refuses is dropped and counted; the buffer goes back to the guest either way.
+    pub fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.tx;
+        let mut budget = queue.size();
+        let mut used = false;
+        loop {
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            while budget > 0 {
+                let Some(chain) = pop_chain(queue, mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let ok = split_chain(chain, &mut self.readable, &mut self.writable)
+                    && self.writable.is_empty();
+                let sent = match ok.then(|| gather(mem, &self.readable, &mut self.tx_frame)) {
+                    Some(Gather::Frame(len)) => match self.tap.write_frame(&self.tx_frame[..len]) {
+                        Ok(_) => {
+                            self.counters.tx_frames += 1;
+                            self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                            true
+                        }
+                        Err(e) => {
+                            debug!("virtio-net: TAP refused a {len}-byte frame: {e}");
+                            false
+                        }
+                    },
+                    _ => false,
+                };
+                if !sent {
+                    self.counters.tx_dropped += 1;
+                }
+                if queue.add_used(mem, head, 0).is_err() {
+                    debug!("virtio-net: cannot add a used element");
+                }
+                used = true;
+                budget -= 1;
+            }
+            if budget == 0 {
+                // More may be waiting: come back through the event loop.
+                let _ = self.queue_events[TX_QUEUE].write(1);
+                break;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = self.irq.trigger(INT_VRING) {
+                warn!("virtio-net: cannot raise interrupt: {e}");
+            }
+        }
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers, at most a queue's worth of
+    /// frames per call. Returns whether the TAP should stay watched: false when the device is
+    /// not active or the guest has no buffer for the frame in hand (which is kept until the
+    /// guest adds one and notifies the receive queue).
+    pub fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.rx;
+        // Buffers added while frames flow need no notification; it is asked for only when
+        // the device runs out.
+        let _ = queue.disable_notification(mem);
+        let mut budget = queue.size();
+        let mut used = false;
+        let watch = loop {
+            if self.rx_len == 0 {
+                if budget == 0 {
+                    // The TAP stays readable: the event loop calls again after other work.
+                    break true;
+                }
+                budget -= 1;
+                match self.tap.read_frame(&mut self.rx_frame) {
+                    Ok(n) if n > VNET_HDR_LEN && n <= MAX_FRAME_LEN => self.rx_len = n,
+                    Ok(n) => {
+                        debug!("virtio-net: dropping a {n}-byte frame from the TAP");
+                        self.counters.rx_dropped += 1;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                    Err(e) => {
+                        warn!("virtio-net: cannot read from TAP {}: {e}", self.tap.name());
+                        break true;
+                    }
+                }
+            }
+            let Some(chain) = next_rx_chain(queue, mem) else {
+                break false;
+            };
+            let head = chain.head_index();
+            let frame = &mut self.rx_frame[..self.rx_len];
+            // num_buffers (virtio 1.2, 5.1.6.4): one buffer per frame without MRG_RXBUF. The
+            // TAP leaves these two bytes alone.
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let written = if split_chain(chain, &mut self.readable, &mut self.writable)
+                && self.readable.is_empty()
+            {
+                scatter(mem, &self.writable, frame)
+            } else {
+                Err(ScatterError::Bad)
+            };
+            match written {
+                Ok(()) => {
+                    self.counters.rx_frames += 1;
+                    self.counters.rx_bytes += (self.rx_len - VNET_HDR_LEN) as u64;
+                    let len = u32::try_from(self.rx_len).unwrap_or(u32::MAX);
+                    if queue.add_used(mem, head, len).is_err() {
+                        debug!("virtio-net: cannot add a used element");
+                    }
+                    used = true;
+                }
+                Err(ScatterError::TooSmall) => {
+                    // Keep the buffer for a smaller frame; this one cannot ever fit.
+                    queue.go_to_previous_position();
+                    self.counters.rx_dropped += 1;
+                }
+                Err(ScatterError::Bad) => {
+                    if queue.add_used(mem, head, 0).is_err() {
+                        debug!("virtio-net: cannot add a used element");
+                    }
+                    used = true;
+                    self.counters.rx_dropped += 1;
+                }
+            }
+            self.rx_len = 0;
+        };
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = self.irq.trigger(INT_VRING) {
+                warn!("virtio-net: cannot raise interrupt: {e}");
+            }
+        }
+        watch
+    }
+}
+
+/// The next receive chain; when there is none, asks the driver to notify the receive queue
+/// when it adds one and looks once more, since it may have added one meanwhile
+/// (virtio 1.2, 2.7.10).
+fn next_rx_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>> {
+    if let Some(chain) = pop_chain(queue, mem) {
+        return Some(chain);
+    }
+    match queue.enable_notification(mem) {
+        Ok(true) => pop_chain(queue, mem),
+        _ => None,
+    }
+}
+
+/// Copies a transmitted frame (header included) out of the guest's buffers.
+fn gather(mem: &GuestMemoryMmap, bufs: &[GuestBuf], frame: &mut [u8]) -> Gather {
+    let mut at = 0usize;
+    for b in bufs {
+        let len = b.len as usize;
+        let Some(dst) = frame.get_mut(at..at.saturating_add(len)) else {
+            return Gather::Bad; // larger than any frame
+        };
+        if mem.read_slice(dst, GuestAddress(b.addr)).is_err() {
+            return Gather::Bad;
+        }
+        at += len;
+    }
+    if at <= VNET_HDR_LEN {
+        return Gather::Bad;
+    }
+    Gather::Frame(at)
+}
+
+enum ScatterError {
+    /// The buffers cannot hold the frame.
+    TooSmall,
+    /// A buffer is outside guest memory or of the wrong direction.
+    Bad,
+}
+
+/// Copies a received frame into the guest's buffers.
+fn scatter(mem: &GuestMemoryMmap, bufs: &[GuestBuf], frame: &[u8]) -> Result<(), ScatterError> {
+    let room: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+    if room < frame.len() as u64 {
+        return Err(ScatterError::TooSmall);
+    }
+    let mut rest = frame;
+    for b in bufs {
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(b.len as usize);
+        mem.write_slice(&rest[..n], GuestAddress(b.addr))
+            .map_err(|_| ScatterError::Bad)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // The MAC is read-only for a VERSION_1 driver (virtio 1.2, 5.1.4.2).
+        debug!("virtio-net: ignoring config write at {offset:#x}");
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &IrqTrigger {
+        &self.irq
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let mut queues = queues.into_iter();
+        let (Some(mut rx), Some(mut tx), None) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let event_idx = self.acked(VIRTIO_RING_F_EVENT_IDX);
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
+        if let Err(e) = self.tap.set_offload(self.tap_offloads()) {
+            warn!("virtio-net: {e}; the guest gets fully checksummed frames");
+        }
+        self.active = Some(Active { mem, rx, tx });
+        self.activate_evt.write(1).map_err(ActivateError::Signal)
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.rx_len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const RX_RING: u64 = 0x1_0000;
+    const TX_RING: u64 = 0x2_0000;
+    const BUF: u64 = 0x4_0000;
+    const SIZE: u16 = 16;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// A frame with a zeroed virtio-net header and `payload_len` bytes of pattern `seed`.
+    fn frame(payload_len: usize, seed: u8) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend((0..payload_len).map(|i| seed.wrapping_add(i.to_le_bytes()[0])));
+        f
+    }
+
+    /// A device activated on two mock queues, and the host end of its stand-in TAP.
+    struct Rig<'a> {
+        mem: &'a GuestMemoryMmap,
+        rx: MockSplitQueue<'a, GuestMemoryMmap>,
+        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        net: Net,
+        host: UnixDatagram,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(mem: &'a GuestMemoryMmap) -> Self {
+            let (dev_end, host) = UnixDatagram::pair().unwrap();
+            dev_end.set_nonblocking(true).unwrap();
+            host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let tap = Tap::from_file(File::from(OwnedFd::from(dev_end)), "test0");
+            let mut net = Net::with_tap(tap, Some([6, 0, 0, 0, 0, 1])).unwrap();
+            let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), SIZE);
+            let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), SIZE);
+            net.set_acked_features(1 << VIRTIO_F_VERSION_1);
+            let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            net.activate(mem.clone(), queues).unwrap();
+            Rig {
+                mem,
+                rx,
+                tx,
+                net,
+                host,
+            }
+        }
+
+        /// The used element `i` of a queue: (head, length).
+        fn used(&self, q: &MockSplitQueue<'a, GuestMemoryMmap>, i: u64) -> (u32, u32) {
+            let at = q.used_addr().0 + 4 + 8 * i;
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            (id, len)
+        }
+
+        fn used_idx(&self, q: &MockSplitQueue<'a, GuestMemoryMmap>) -> u16 {
+            self.mem
+                .read_obj(GuestAddress(q.used_addr().0 + 2))
+                .unwrap()
+        }
+
+        /// Puts `data` in guest memory at `addr` and queues it for transmission as one chain.
+        fn send(&self, descs: &[RawDescriptor], offset: u16) {
+            self.tx.add_desc_chains(descs, offset).unwrap();
+        }
+    }
+
+    #[test]
+    fn transmit_reaches_the_tap_whole() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let f = frame(1000, 7);
+        m.write_slice(&f, GuestAddress(BUF)).unwrap();
+        // Header and payload in separate descriptors, as Linux sends them.
+        rig.send(&[desc(BUF, 12, F_NEXT, 1), desc(BUF + 12, 1000, 0, 0)], 0);
+        rig.net.process_tx();
+        let mut got = vec![0u8; 4096];
+        let n = rig.host.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &f[..]);
+        assert_eq!(rig.used(&rig.tx, 0), (0, 0));
+        assert_eq!(rig.net.interrupt().status(), INT_VRING);
+        assert_eq!(rig.net.counters().tx_frames, 1);
+        assert_eq!(rig.net.counters().tx_bytes, 1000);
+    }
+
+    #[test]
+    fn hostile_transmit_chains_are_dropped_and_returned() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let f = frame(100, 1);
+        m.write_slice(&f, GuestAddress(BUF)).unwrap();
+        // Writable buffer in a TX chain; outside guest memory; a length that overflows;
+        // larger than any frame; header only; a chain looping 2 -> 3 -> 2.
+        rig.send(&[desc(BUF, 112, F_WRITE, 0)], 0);
+        rig.send(&[desc(0xffff_0000_0000, 112, 0, 0)], 1);
+        rig.send(
+            &[desc(BUF, 12, F_NEXT, 3), desc(u64::MAX - 4, 100, 0, 0)],
+            2,
+        );
+        rig.send(&[desc(BUF, u32::MAX, 0, 0)], 4);
+        rig.send(&[desc(BUF, 12, 0, 0)], 5);
+        rig.send(&[desc(BUF, 12, F_NEXT, 7), desc(BUF, 100, F_NEXT, 6)], 6);
+        rig.net.process_tx();
+        assert_eq!(rig.used_idx(&rig.tx), 6, "every chain returned");
+        assert_eq!(rig.net.counters().tx_dropped, 6);
+        assert_eq!(rig.net.counters().tx_frames, 0);
+        let mut buf = [0u8; 64];
+        rig.host.set_nonblocking(true).unwrap();
+        assert!(rig.host.recv(&mut buf).is_err(), "nothing reached the TAP");
+    }
+
+    #[test]
+    fn receive_fills_the_guest_buffer_and_sets_num_buffers() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let f = frame(1500, 9);
+        rig.host.send(&f).unwrap();
+        rig.rx
+            .add_desc_chains(&[desc(BUF, 2048, F_WRITE, 0)], 0)
+            .unwrap();
+        assert!(rig.net.process_rx(), "TAP stays watched");
+        assert_eq!(rig.used(&rig.rx, 0), (0, 1512));
+        let mut got = vec![0u8; 1512];
+        m.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+        assert_eq!(&got[12..], &f[12..]);
+        assert_eq!(rig.net.interrupt().status(), INT_VRING);
+    }
+
+    #[test]
+    fn full_receive_queue_holds_frames_back_instead_of_dropping() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        for seed in 0..3 {
+            rig.host.send(&frame(200, seed)).unwrap();
+        }
+        // One buffer for three frames: one delivered, the rest wait in the TAP.
+        rig.rx
+            .add_desc_chains(&[desc(BUF, 2048, F_WRITE, 0)], 0)
+            .unwrap();
+        assert!(!rig.net.process_rx(), "stop watching the TAP");
+        assert_eq!(rig.used_idx(&rig.rx), 1);
+        // The guest adds two buffers and notifies the RX queue.
+        rig.rx
+            .add_desc_chains(
+                &[
+                    desc(BUF + 4096, 2048, F_WRITE, 0),
+                    desc(BUF + 8192, 2048, F_WRITE, 0),
+                ],
+                1,
+            )
+            .unwrap();
+        assert!(rig.net.process_rx());
+        assert_eq!(rig.used_idx(&rig.rx), 3);
+        for (i, at) in [BUF, BUF + 4096, BUF + 8192].into_iter().enumerate() {
+            let mut got = vec![0u8; 212];
+            m.read_slice(&mut got, GuestAddress(at)).unwrap();
+            let seed = u8::try_from(i).unwrap();
+            assert_eq!(&got[12..], &frame(200, seed)[12..], "frame {i} in order");
+        }
+        assert_eq!(rig.net.counters().rx_dropped, 0);
+    }
+
+    #[test]
+    fn hostile_receive_chains_do_not_get_the_frame() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let guard = [0x5au8; 64];
+        m.write_slice(&guard, GuestAddress(BUF)).unwrap();
+        // Readable buffer; outside guest memory; too small (kept for the next frame).
+        rig.host.send(&frame(100, 1)).unwrap();
+        rig.rx.add_desc_chains(&[desc(BUF, 2048, 0, 0)], 0).unwrap();
+        rig.host.send(&frame(100, 2)).unwrap();
+        rig.rx
+            .add_desc_chains(&[desc(0xffff_0000_0000, 2048, F_WRITE, 0)], 1)
+            .unwrap();
+        rig.host.send(&frame(100, 3)).unwrap();
+        rig.rx
+            .add_desc_chains(&[desc(BUF + 4096, 60, F_WRITE, 0)], 2)
+            .unwrap();
+        rig.host.send(&frame(20, 4)).unwrap();
+        rig.net.process_rx();
+        let mut got = [0u8; 64];
+        m.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(got, guard, "readable buffer untouched");
+        assert_eq!(rig.used(&rig.rx, 0), (0, 0));
+        assert_eq!(rig.used(&rig.rx, 1), (1, 0));
+        // The 60-byte buffer skipped the 112-byte frame and took the 32-byte one.
+        assert_eq!(rig.used(&rig.rx, 2), (2, 32));
+        assert_eq!(rig.net.counters().rx_dropped, 3);
+        assert_eq!(rig.net.counters().rx_frames, 1);
+    }
+
+    #[test]
+    fn tap_readiness_drives_receive_through_the_event_loop() {
+        let m = mem();
+        let rig = Rig::new(&m);
+        let host = rig.host.try_clone().unwrap();
+        let rx = rig.rx;
+        let net = Arc::new(Mutex::new(rig.net));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(net.clone());
+        // Activation was signalled: the loop registers the queues and the TAP.
+        em.run_with_timeout(100).unwrap();
+        assert!(net.lock().unwrap().tap_watched);
+        host.send(&frame(64, 5)).unwrap();
+        // No buffer yet: the TAP leaves the loop rather than waking it forever.
+        em.run_with_timeout(100).unwrap();
+        assert!(!net.lock().unwrap().tap_watched);
+        assert_eq!(em.run_with_timeout(50).unwrap(), 0, "no busy wake-ups");
+        // A buffer and a notification: the frame arrives and the TAP is watched again.
+        rx.add_desc_chains(&[desc(BUF, 2048, F_WRITE, 0)], 0)
+            .unwrap();
+        net.lock().unwrap().queue_events[RX_QUEUE].write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        let dev = net.lock().unwrap();
+        assert_eq!(dev.counters().rx_frames, 1);
+        assert!(dev.tap_watched);
+    }
+
+    #[test]
+    fn offloads_follow_the_accepted_features() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let all = rig.net.avail_features();
+        rig.net.set_acked_features(all);
+        assert_eq!(
+            rig.net.tap_offloads(),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+        // TSO without checksum offload is not a valid combination for the TAP.
+        rig.net
+            .set_acked_features(all & !(1 << VIRTIO_NET_F_GUEST_CSUM));
+        assert_eq!(rig.net.tap_offloads(), 0);
+        let mut mac = [0u8; 6];
+        rig.net.read_config(0, &mut mac);
+        assert_eq!(mac, [6, 0, 0, 0, 0, 1]);
+    }
+}
