@@ -173,6 +173,8 @@ fn help_explains_every_flag() {
         "--vcpus",
         "--memory",
         "--kvm-device",
+        "--disk",
+        "--net",
         "--log-level",
     ] {
         assert!(
@@ -218,6 +220,45 @@ fn disk_spec_errors() {
     ] {
         let out = run_skiff(
             &["run", "--kernel", &guest(), "--disk", spec],
+            Duration::from_secs(10),
+            None,
+        );
+        assert_eq!(out.code, Some(2), "{spec}: {}", out.stderr);
+        assert!(out.stderr.contains(want), "{spec}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"));
+    }
+}
+
+#[test]
+fn tap_problems() {
+    // `lo` exists and is not a TAP; a name the kernel could never take; a name too long.
+    let e = error_of(&["run", "--kernel", &guest(), "--net", "tap=lo"]);
+    assert!(
+        e.contains("cannot attach to TAP lo") && e.contains("not a TAP"),
+        "{e}"
+    );
+    let e = error_of(&["run", "--kernel", &guest(), "--net", "tap=../x"]);
+    assert!(e.contains("invalid TAP name '../x'"), "{e}");
+    let e = error_of(&[
+        "run",
+        "--kernel",
+        &guest(),
+        "--net",
+        "tap=a-very-long-tap-name",
+    ]);
+    assert!(e.contains("must be 1 to 15 bytes"), "{e}");
+}
+
+#[test]
+fn net_spec_errors() {
+    for (spec, want) in [
+        ("mac=06:00:00:00:00:01", "missing tap"),
+        ("tap=t0,speed=10", "unknown key"),
+        ("tap=t0,mac=ff:ff:ff:ff:ff:ff", "not a unicast address"),
+        ("tap=t0,mac=06:00:00:00:01", "not a unicast address"),
+    ] {
+        let out = run_skiff(
+            &["run", "--kernel", &guest(), "--net", spec],
             Duration::from_secs(10),
             None,
         );

@@ -11,6 +11,9 @@ say() { echo "[test] $*" >&2; }
 quick=0
 [ "${1:-}" = --quick ] && quick=1
 
+# The test guest (gcc, ld), network tests (ip, dnsmasq), disk checks on the host (debugfs).
+tools/need-packages.sh gcc binutils iproute2 dnsmasq-base e2fsprogs
+
 if [ "$quick" = 0 ]; then
 	say "building the Linux guest (first run: about 5-10 minutes; cached afterwards)"
 	SKIFF_LINUX_DIR=$(resources/linux/build.sh auto | tail -n 1)

@@ -22,20 +22,8 @@ case "$flavour" in pvm | kvm) ;; *) echo "usage: $0 [pvm|kvm|auto]" >&2; exit 2 
 
 say() { echo "[linux-guest] $*" >&2; }
 
-packages="linux-source-6.1 busybox-static e2fsprogs bc flex bison libelf-dev xz-utils gcc make patch"
-missing=""
-for p in $packages; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-	if [ "$(id -u)" != 0 ]; then
-		say "missing Debian packages:$missing (apt-get install them as root)"
-		exit 1
-	fi
-	say "installing$missing"
-	apt-get update -qq >&2
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >&2
-fi
+"$here/../../tools/need-packages.sh" linux-source-6.1 busybox-static e2fsprogs bc flex bison \
+	libelf-dev xz-utils gcc make patch
 
 tarball=/usr/src/linux-source-6.1.tar.xz
 busybox=/bin/busybox

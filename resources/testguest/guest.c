@@ -3,7 +3,8 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress mem=<MiB> cpus=<N>
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net mem=<MiB> cpus=<N>, and the
+ * parameters each check describes
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -365,7 +366,7 @@ static void check_serial(void)
 
 /* ---- virtio-mmio (virtio 1.2, 4.2.2) ---- */
 #define VIRTIO_MAGIC 0x74726976
-#define QSZ 8
+#define QSZ 128
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
 #define IOAPIC_BASE 0xfec00000UL
@@ -375,15 +376,18 @@ struct virtq_avail { uint16_t flags, idx, ring[QSZ], used_event; };
 struct virtq_used_elem { uint32_t id, len; };
 struct virtq_used { uint16_t flags, idx; struct virtq_used_elem ring[QSZ]; uint16_t avail_event; };
 
-struct vdev {
-	uintptr_t base;
-	unsigned irq;
+struct vq {
 	struct virtq_desc desc[QSZ] __attribute__((aligned(16)));
 	struct virtq_avail avail __attribute__((aligned(2)));
 	struct virtq_used used __attribute__((aligned(4)));
 	uint16_t last_used;
 };
 
+struct vdev {
+	uintptr_t base;
+	unsigned irq;
+	struct vq q[2];
+};
 static uint32_t vr(struct vdev *d, uint32_t off) { return mmio_read32(d->base + off); }
 static void vw(struct vdev *d, uint32_t off, uint32_t v) { mmio_write32(d->base + off, v); }
 
@@ -433,8 +437,8 @@ static void ioapic_route(unsigned pin, uint8_t vector)
 	mmio_write32(IOAPIC_BASE + 0x10, vector);	/* fixed, physical, edge, active high, unmasked */
 }
 
-/* Driver initialisation (virtio 1.2, 3.1.1) with one queue of QSZ entries. */
-static const char *virtio_init(struct vdev *d, uint32_t want_features_lo)
+/* Driver initialisation (virtio 1.2, 3.1.1) with `nq` queues of QSZ entries. */
+static const char *virtio_init(struct vdev *d, uint32_t want_features_lo, unsigned nq)
 {
 	vw(d, 0x70, 0);
 	vw(d, 0x70, 1);
@@ -451,34 +455,56 @@ static const char *virtio_init(struct vdev *d, uint32_t want_features_lo)
 	vw(d, 0x70, 1 | 2 | 8);
 	if (!(vr(d, 0x70) & 8))
 		return "FEATURES_OK not accepted";
-	vw(d, 0x30, 0);
-	if (vr(d, 0x34) < QSZ)
-		return "queue too small";
-	vw(d, 0x38, QSZ);
-	uint64_t a;
-	a = (uint64_t)d->desc; vw(d, 0x80, (uint32_t)a); vw(d, 0x84, (uint32_t)(a >> 32));
-	a = (uint64_t)&d->avail; vw(d, 0x90, (uint32_t)a); vw(d, 0x94, (uint32_t)(a >> 32));
-	a = (uint64_t)&d->used; vw(d, 0xa0, (uint32_t)a); vw(d, 0xa4, (uint32_t)(a >> 32));
-	vw(d, 0x44, 1);
+	for (unsigned i = 0; i < nq; i++) {
+		struct vq *q = &d->q[i];
+		vw(d, 0x30, i);
+		if (vr(d, 0x34) < QSZ)
+			return "queue too small";
+		vw(d, 0x38, QSZ);
+		uint64_t a;
+		a = (uint64_t)q->desc; vw(d, 0x80, (uint32_t)a); vw(d, 0x84, (uint32_t)(a >> 32));
+		a = (uint64_t)&q->avail; vw(d, 0x90, (uint32_t)a); vw(d, 0x94, (uint32_t)(a >> 32));
+		a = (uint64_t)&q->used; vw(d, 0xa0, (uint32_t)a); vw(d, 0xa4, (uint32_t)(a >> 32));
+		vw(d, 0x44, 1);
+	}
 	vw(d, 0x70, 1 | 2 | 8 | 4);
 	if (vr(d, 0x70) & 0x40)
 		return "device needs reset after DRIVER_OK";
 	return 0;
 }
 
-/* Publishes the chain at descriptor 0, notifies, and polls for the used element. */
+/* Makes the chain starting at descriptor `head` of queue `qi` available; notifies if asked. */
+static void vq_publish(struct vdev *d, unsigned qi, uint16_t head, int notify)
+{
+	struct vq *q = &d->q[qi];
+	q->avail.ring[q->avail.idx % QSZ] = head;
+	__asm__ volatile("mfence" ::: "memory");
+	q->avail.idx++;
+	__asm__ volatile("mfence" ::: "memory");
+	if (notify)
+		vw(d, 0x50, qi);
+}
+
+/* Takes the next used element of queue `qi`, if there is one. */
+static int vq_used(struct vdev *d, unsigned qi, uint32_t *id, uint32_t *len)
+{
+	struct vq *q = &d->q[qi];
+	if (*(volatile uint16_t *)&q->used.idx == q->last_used)
+		return 0;
+	__asm__ volatile("mfence" ::: "memory");
+	*id = q->used.ring[q->last_used % QSZ].id;
+	*len = q->used.ring[q->last_used % QSZ].len;
+	q->last_used++;
+	return 1;
+}
+
+/* Publishes the chain at descriptor 0 of queue 0, notifies, and polls for the used element. */
 static int virtq_submit(struct vdev *d, uint32_t *len)
 {
-	d->avail.ring[d->avail.idx % QSZ] = 0;
-	__asm__ volatile("mfence" ::: "memory");
-	d->avail.idx++;
-	__asm__ volatile("mfence" ::: "memory");
-	vw(d, 0x50, 0);
+	uint32_t id;
+	vq_publish(d, 0, 0, 1);
 	for (unsigned i = 0; i < 100000000; i++) {
-		if (*(volatile uint16_t *)&d->used.idx != d->last_used) {
-			__asm__ volatile("mfence" ::: "memory");
-			*len = d->used.ring[d->last_used % QSZ].len;
-			d->last_used++;
+		if (vq_used(d, 0, &id, len)) {
 			uint32_t isr = vr(d, 0x60);
 			vw(d, 0x64, isr);
 			return 1;
@@ -502,13 +528,13 @@ static uint8_t blk_request(uint32_t type, uint64_t sector, void *data, uint32_t 
 	blk_hdr = (struct blk_req){ type, 0, sector };
 	blk_status = 0xee;
 	int n = 0;
-	blk.desc[n] = (struct virtq_desc){ (uint64_t)&blk_hdr, sizeof(blk_hdr), VRING_DESC_F_NEXT, 1 };
+	blk.q[0].desc[n] = (struct virtq_desc){ (uint64_t)&blk_hdr, sizeof(blk_hdr), VRING_DESC_F_NEXT, 1 };
 	n++;
 	if (len) {
-		blk.desc[n] = (struct virtq_desc){ (uint64_t)data, len, (uint16_t)(VRING_DESC_F_NEXT | (data_in ? VRING_DESC_F_WRITE : 0)), (uint16_t)(n + 1) };
+		blk.q[0].desc[n] = (struct virtq_desc){ (uint64_t)data, len, (uint16_t)(VRING_DESC_F_NEXT | (data_in ? VRING_DESC_F_WRITE : 0)), (uint16_t)(n + 1) };
 		n++;
 	}
-	blk.desc[n] = (struct virtq_desc){ (uint64_t)&blk_status, 1, VRING_DESC_F_WRITE, 0 };
+	blk.q[0].desc[n] = (struct virtq_desc){ (uint64_t)&blk_status, 1, VRING_DESC_F_WRITE, 0 };
 	uint32_t used_len;
 	if (!virtq_submit(&blk, &used_len))
 		return 0xff;
@@ -528,7 +554,7 @@ static void check_blk(void)
 		report("blk", 0, "no virtio-blk device on the command line");
 		return;
 	}
-	if ((why = virtio_init(&blk, (1u << 9) | (1u << 5)))) {
+	if ((why = virtio_init(&blk, (1u << 9) | (1u << 5), 1))) {
 		report("blk", 0, why);
 		return;
 	}
@@ -568,6 +594,323 @@ static void check_blk(void)
 	__asm__ volatile("cli");
 	printf("blk: %lu interrupts\n", device_irqs);
 	report("blk", device_irqs > 0, "no interrupt through the IOAPIC");
+}
+
+/* ---- virtio-net (virtio 1.2, 5.1) ---- */
+#define NET_RXQ 0
+#define NET_TXQ 1
+#define NET_BUF 2048
+#define VNET_HDR 12
+#define VIRTIO_NET_F_CSUM 0
+#define VIRTIO_NET_F_GUEST_CSUM 1
+#define VIRTIO_NET_F_MAC 5
+#define VNET_F_NEEDS_CSUM 1
+#define GUEST_PORT 5556
+#define HOST_PORT 5555
+
+struct vnet_hdr { uint8_t flags, gso_type; uint16_t hdr_len, gso_size, csum_start, csum_offset, num_buffers; };
+
+static struct vdev net;
+static uint8_t net_rx_buf[QSZ][NET_BUF] __attribute__((aligned(64)));
+static uint8_t net_tx_buf[QSZ][NET_BUF] __attribute__((aligned(64)));
+static unsigned net_tx_inflight;
+static uint16_t net_tx_head, net_ip_id;
+static uint8_t my_mac[6] = { 6, 0, 0xac, 0x1e, 0, 2 }, peer_mac[6];
+static uint32_t my_ip, peer_ip;
+static int have_peer;
+static struct {
+	uint64_t frames, udp, partial, bad_csum, bad_frame, arp_replies;
+	uint64_t got;		/* datagrams from the host with the expected payload */
+	uint8_t seen[64];	/* bitmap of the host's sequence numbers */
+	int end;		/* the host's end-of-burst datagram arrived */
+} rx;
+
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get32(const uint8_t *p) { return (uint32_t)get16(p) << 16 | get16(p + 2); }
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)(v >> 16)); put16(p + 2, (uint16_t)v); }
+
+/* The Internet checksum (RFC 1071) over big-endian 16-bit words. */
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t n)
+{
+	size_t i;
+	for (i = 0; i + 1 < n; i += 2)
+		sum += get16(p + i);
+	if (n & 1)
+		sum += (uint32_t)p[n - 1] << 8;
+	return sum;
+}
+static uint16_t csum_fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)sum;
+}
+/* The UDP pseudo-header (RFC 768) of the IPv4 header at `ip`. */
+static uint32_t udp_pseudo(const uint8_t *ip, uint16_t udp_len) { return csum_add(0, ip + 12, 8) + 17 + udp_len; }
+
+static uint32_t parse_ip(const char *key, uint32_t dflt)
+{
+	const char *v = param(key);
+	uint32_t ip = 0;
+	if (!v)
+		return dflt;
+	for (int i = 0; i < 4; i++) {
+		if (*v < '0' || *v > '9')
+			return dflt;
+		ip = ip << 8 | (uint32_t)(param_uint_at(v) & 0xff);
+		while (*v >= '0' && *v <= '9')
+			v++;
+		if (i < 3 && *v++ != '.')
+			return dflt;
+	}
+	return ip;
+}
+
+/* Writes `prefix` and `n` in decimal to `out`; returns the length. */
+static size_t fmt_seq(char *out, const char *prefix, uint64_t n)
+{
+	size_t len = strlen(prefix);
+	char digits[24];
+	int k = 0;
+	memcpy(out, prefix, len);
+	do { digits[k++] = (char)('0' + n % 10); n /= 10; } while (n);
+	while (k)
+		out[len++] = digits[--k];
+	return len;
+}
+
+/* Queues one frame (virtio-net header included) on the TX queue, reclaiming used buffers and
+ * waiting for one when all are in flight. */
+static int net_send(const uint8_t *frame, size_t len)
+{
+	uint32_t id, used_len;
+	for (unsigned i = 0; net_tx_inflight == QSZ; i++) {
+		if (i > 100000000)
+			return 0;
+		__asm__ volatile("pause");
+		while (vq_used(&net, NET_TXQ, &id, &used_len))
+			net_tx_inflight--;
+	}
+	while (vq_used(&net, NET_TXQ, &id, &used_len))
+		net_tx_inflight--;
+	uint16_t d = net_tx_head++ % QSZ;
+	memcpy(net_tx_buf[d], frame, len);
+	net.q[NET_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)net_tx_buf[d], (uint32_t)len, 0, 0 };
+	net_tx_inflight++;
+	vq_publish(&net, NET_TXQ, d, !(*(volatile uint16_t *)&net.q[NET_TXQ].used.flags & 1));
+	return 1;
+}
+
+static uint8_t frame_buf[NET_BUF];
+
+/* An Ethernet header after a zeroed virtio-net header; returns the start of the payload. */
+static uint8_t *eth_header(uint8_t *f, const uint8_t *dst, uint16_t type)
+{
+	memset(f, 0, VNET_HDR);
+	memcpy(f + VNET_HDR, dst, 6);
+	memcpy(f + VNET_HDR + 6, my_mac, 6);
+	put16(f + VNET_HDR + 12, type);
+	return f + VNET_HDR + 14;
+}
+
+static int send_arp(uint16_t op, const uint8_t *tha, uint32_t tpa)
+{
+	static const uint8_t bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff }, zero[6];
+	uint8_t *a = eth_header(frame_buf, op == 1 ? bcast : tha, 0x0806);
+	put16(a, 1); put16(a + 2, 0x0800); a[4] = 6; a[5] = 4; put16(a + 6, op);
+	memcpy(a + 8, my_mac, 6); put32(a + 14, my_ip);
+	memcpy(a + 18, op == 1 ? zero : tha, 6); put32(a + 24, tpa);
+	memset(a + 28, 0, 18);	/* pad to the 60-byte Ethernet minimum */
+	return net_send(frame_buf, VNET_HDR + 60);
+}
+
+/* A UDP datagram to the host; with `offload` the device side fills in the UDP checksum
+ * (VIRTIO_NET_HDR_F_NEEDS_CSUM, virtio 1.2, 5.1.6.2), otherwise it is computed here. */
+static int send_udp(const void *payload, size_t plen, int offload)
+{
+	uint8_t *ip = eth_header(frame_buf, peer_mac, 0x0800);
+	uint16_t udp_len = (uint16_t)(8 + plen);
+	ip[0] = 0x45; ip[1] = 0; put16(ip + 2, (uint16_t)(20 + udp_len)); put16(ip + 4, net_ip_id++);
+	put16(ip + 6, 0x4000); ip[8] = 64; ip[9] = 17; put16(ip + 10, 0);
+	put32(ip + 12, my_ip); put32(ip + 16, peer_ip);
+	put16(ip + 10, (uint16_t)~csum_fold(csum_add(0, ip, 20)));
+	uint8_t *u = ip + 20;
+	put16(u, GUEST_PORT); put16(u + 2, HOST_PORT); put16(u + 4, udp_len); put16(u + 6, 0);
+	memcpy(u + 8, payload, plen);
+	uint32_t pseudo = udp_pseudo(ip, udp_len);
+	if (offload) {
+		struct vnet_hdr *h = (struct vnet_hdr *)frame_buf;
+		h->flags = VNET_F_NEEDS_CSUM;
+		h->csum_start = 14 + 20;
+		h->csum_offset = 6;
+		put16(u + 6, csum_fold(pseudo));
+	} else {
+		uint16_t c = (uint16_t)~csum_fold(csum_add(pseudo, u, udp_len));
+		put16(u + 6, c ? c : 0xffff);
+	}
+	return net_send(frame_buf, VNET_HDR + 14 + 20 + udp_len);
+}
+
+/* One received frame: answers ARP for our address, learns the host's MAC from its ARP reply,
+ * and checks the IPv4 and UDP checksums of datagrams for us, completing a partial one first. */
+static void net_frame(uint8_t *f, uint32_t len)
+{
+	struct vnet_hdr *h = (struct vnet_hdr *)f;
+	uint8_t *e = f + VNET_HDR;
+	rx.frames++;
+	if (len < VNET_HDR + 14 || len > NET_BUF || h->num_buffers != 1) {
+		rx.bad_frame++;
+		return;
+	}
+	uint32_t elen = len - VNET_HDR;
+	uint16_t type = get16(e + 12);
+	if (type == 0x0806 && elen >= 14 + 28) {
+		uint8_t *a = e + 14;
+		if (get16(a + 6) == 2 && get32(a + 14) == peer_ip) {
+			memcpy(peer_mac, a + 8, 6);
+			have_peer = 1;
+			rx.arp_replies++;
+		} else if (get16(a + 6) == 1 && get32(a + 24) == my_ip) {
+			uint8_t sha[6];
+			memcpy(sha, a + 8, 6);
+			send_arp(2, sha, get32(a + 14));
+		}
+		return;
+	}
+	if (type != 0x0800 || elen < 14 + 28)
+		return;
+	uint8_t *ip = e + 14;
+	uint16_t ip_len = get16(ip + 2);
+	if (ip[0] != 0x45 || ip_len < 28 || ip_len > elen - 14) {
+		rx.bad_frame++;
+		return;
+	}
+	if (ip[9] != 17 || get32(ip + 16) != my_ip)
+		return;
+	rx.udp++;
+	if (csum_fold(csum_add(0, ip, 20)) != 0xffff) {
+		rx.bad_csum++;
+		return;
+	}
+	uint8_t *u = ip + 20;
+	uint16_t udp_len = get16(u + 4);
+	if (udp_len < 8 || udp_len > ip_len - 20) {
+		rx.bad_frame++;
+		return;
+	}
+	if (h->flags & VNET_F_NEEDS_CSUM) {
+		/* The host left the checksum to us: sum from csum_start to the end, store it at
+		 * csum_start + csum_offset, then verify the whole datagram as usual. */
+		if (h->csum_start != 14 + 20 || h->csum_offset != 6) {
+			rx.bad_frame++;
+			return;
+		}
+		uint16_t c = (uint16_t)~csum_fold(csum_add(0, u, udp_len));
+		put16(u + 6, c ? c : 0xffff);
+		rx.partial++;
+	}
+	if (get16(u + 6) != 0 && csum_fold(csum_add(udp_pseudo(ip, udp_len), u, udp_len)) != 0xffff) {
+		rx.bad_csum++;
+		return;
+	}
+	const char *p = (const char *)u + 8;
+	size_t plen = udp_len - 8u;
+	if (get16(u + 2) != GUEST_PORT)
+		return;
+	if (plen >= 13 && starts_with(p, "host-net end")) {
+		rx.end = 1;
+	} else if (plen >= 14 && starts_with(p, "host-net seq=")) {
+		uint64_t seq = param_uint_at(p + 13);
+		if (seq < sizeof(rx.seen) * 8 && !(rx.seen[seq / 8] & (1u << (seq % 8)))) {
+			rx.seen[seq / 8] |= (uint8_t)(1u << (seq % 8));
+		}
+		rx.got++;
+	}
+}
+
+/* Handles every received frame and gives its buffer back; returns how many there were. */
+static unsigned net_poll(void)
+{
+	uint32_t id, len;
+	unsigned n = 0;
+	while (vq_used(&net, NET_RXQ, &id, &len)) {
+		if (id < QSZ)
+			net_frame(net_rx_buf[id], len);
+		net.q[NET_RXQ].desc[id % QSZ] = (struct virtq_desc){ (uint64_t)net_rx_buf[id % QSZ], NET_BUF, VRING_DESC_F_WRITE, 0 };
+		vq_publish(&net, NET_RXQ, (uint16_t)(id % QSZ), 0);
+		n++;
+	}
+	if (n && !(*(volatile uint16_t *)&net.q[NET_RXQ].used.flags & 1))
+		vw(&net, 0x50, NET_RXQ);
+	return n;
+}
+
+/* Sends frames to the TAP and receives the host's, with checksums verified both ways: the host
+ * test's UDP socket only sees datagrams whose checksums hold, and this side checks the host's
+ * (completing the partial ones the TAP hands over when checksum offload is on).
+ * Parameters: net_ip=, net_peer= (dotted quads), net_tx=N datagrams to send, net_rx=N to await. */
+static void check_net(void)
+{
+	const char *why;
+	my_ip = parse_ip("net_ip", 0xac1e0002);
+	peer_ip = parse_ip("net_peer", 0xac1e0001);
+	uint64_t ntx = param_uint("net_tx", 8), nrx = param_uint("net_rx", 8);
+	if (!find_virtio(1, &net)) {
+		report("net", 0, "no virtio-net device on the command line");
+		return;
+	}
+	if ((why = virtio_init(&net, (1u << VIRTIO_NET_F_CSUM) | (1u << VIRTIO_NET_F_GUEST_CSUM) | (1u << VIRTIO_NET_F_MAC), 2))) {
+		report("net", 0, why);
+		return;
+	}
+	vw(&net, 0x14, 0);
+	if (vr(&net, 0x10) & (1u << VIRTIO_NET_F_MAC))
+		for (int i = 0; i < 6; i++)
+			my_mac[i] = *(volatile uint8_t *)(net.base + 0x100 + (uintptr_t)i);
+	printf("net: mac %2x:%2x:%2x:%2x:%2x:%2x, irq %u\n", my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5], net.irq);
+	ioapic_route(net.irq, DEVICE_VECTOR);
+	uint64_t irqs_before = device_irqs;
+	__asm__ volatile("sti");
+	for (uint16_t i = 0; i < QSZ; i++) {
+		net.q[NET_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)net_rx_buf[i], NET_BUF, VRING_DESC_F_WRITE, 0 };
+		vq_publish(&net, NET_RXQ, i, i == QSZ - 1);
+	}
+
+	for (unsigned i = 0; !have_peer && i < 200000000; i++) {
+		if (i % 20000000 == 0 && !send_arp(1, 0, peer_ip))
+			break;
+		net_poll();
+		__asm__ volatile("pause");
+	}
+	if (!have_peer) { __asm__ volatile("cli"); report("net", 0, "no ARP reply from the host"); return; }
+	printf("net: host %2x:%2x:%2x:%2x:%2x:%2x answered ARP\n", peer_mac[0], peer_mac[1], peer_mac[2], peer_mac[3], peer_mac[4], peer_mac[5]);
+
+	char payload[64];
+	for (uint64_t i = 0; i < ntx; i++)
+		if (!send_udp(payload, fmt_seq(payload, "skiff-net seq=", i), (int)(i & 1))) {
+			__asm__ volatile("cli");
+			report("net", 0, "TX queue stalled");
+			return;
+		}
+	printf("net: sent %lu datagrams (every other one with checksum offload)\n", ntx);
+
+	for (unsigned i = 0; (rx.got < nrx && !rx.end) && i < 400000000; i++) {
+		if (!net_poll())
+			__asm__ volatile("pause");
+	}
+	__asm__ volatile("cli");
+	unsigned distinct = 0;
+	for (unsigned i = 0; i < sizeof(rx.seen) * 8; i++)
+		distinct += (rx.seen[i / 8] >> (i % 8)) & 1;
+	printf("net: received %lu frames, %lu datagrams for us (%u distinct), %lu with partial checksums, %lu bad checksums, %lu malformed; %lu interrupts\n",
+	       rx.frames, rx.got, distinct, rx.partial, rx.bad_csum, rx.bad_frame, device_irqs - irqs_before);
+	if (rx.bad_csum || rx.bad_frame)
+		report("net", 0, "bad frames from the host");
+	else if (rx.got < nrx || distinct < (nrx < 512 ? nrx : 512))
+		report("net", 0, "datagrams from the host missing");
+	else
+		report("net", device_irqs > irqs_before, "no interrupt through the IOAPIC");
 }
 
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
@@ -628,6 +971,7 @@ static void run_checks(const char *protocol)
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();
+	if (wants("net")) check_net();
 	if (wants("serial")) check_serial();
 	finish();
 }

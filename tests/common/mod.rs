@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -117,9 +119,26 @@ pub fn run_skiff_until(
     reply: Option<(&str, &str)>,
     stop_at: Option<&str>,
 ) -> Outcome {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+    cmd.args(args);
+    run_command(cmd, limit, reply, stop_at)
+}
+
+/// The path of the skiff binary under test.
+pub fn skiff_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_skiff")
+}
+
+/// Like [`run_skiff_until`] for any command that ends up running skiff (for instance through
+/// `ip netns exec`).
+pub fn run_command(
+    mut cmd: Command,
+    limit: Duration,
+    reply: Option<(&str, &str)>,
+    stop_at: Option<&str>,
+) -> Outcome {
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
-        .args(args)
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

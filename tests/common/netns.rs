@@ -1,0 +1,100 @@
+//! A throw-away network namespace with a TAP in it, for network tests: made with `ip`, removed
+//! (with everything in it) when dropped.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// A network namespace holding one TAP with the host's address on it.
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (package iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {} (network tests need root for namespaces and TAP devices)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+impl NetNs {
+    /// An empty namespace `skiff-<tag>-<pid>` with loopback up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("skiff-{tag}-{}", std::process::id());
+        // A namespace left by a killed earlier run of this test.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A namespace with the TAP `tap` up and `host_cidr` (such as 172.30.0.1/24) on it.
+    pub fn with_tap(tag: &str, tap: &str, host_cidr: &str) -> Self {
+        let ns = Self::new(tag);
+        ip(&["-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ns.add_address(tap, host_cidr);
+        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
+        ns
+    }
+
+    /// Puts `cidr` on the interface `dev`.
+    pub fn add_address(&self, dev: &str, cidr: &str) {
+        ip(&["-n", &self.name, "addr", "add", cidr, "dev", dev]);
+    }
+
+    /// `ip link show dev` inside the namespace, if the interface exists.
+    pub fn link(&self, dev: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show", dev])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `program args` to be run inside the namespace.
+    pub fn command<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]).args(args);
+        cmd
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace. A socket belongs to the namespace it
+    /// was made in, so a short-lived thread enters the namespace to make it.
+    pub fn udp_socket(&self, addr: SocketAddr) -> UdpSocket {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open the namespace");
+            // SAFETY: setns takes a descriptor and a flag; it changes only this thread's
+            // network namespace, and the thread ends right after making the socket.
+            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+            UdpSocket::bind(addr).expect("bind in the namespace")
+        })
+        .join()
+        .expect("socket thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
