@@ -10,7 +10,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{as_strs, log_figure, root, run_args, run_skiff, run_skiff_until};
+use common::netns::NetNs;
+use common::{
+    as_strs, log_figure, root, run_args, run_command, run_skiff, run_skiff_until, skiff_bin,
+};
 use skiff::config;
 
 /// Linux boots in ~20-30 s under PVM emulation; leave room for a loaded CI machine.
@@ -298,4 +301,143 @@ fn linux_read_only_root_mounts_read_only() {
         "{console}"
     );
     assert_eq!(after, before, "a read-only root changed the superblock");
+}
+
+/// What init runs from the root disk in the network test (hardware KVM): reach the host, fetch
+/// a file over TCP and print its checksum, leave a file on the root disk.
+const NET_SCRIPT: &str = "set -e
+ping -c 3 -W 5 172.30.0.1
+wget -q -O - http://172.30.0.1:8080/blob | sha256sum
+echo skiff-was-here > /marker
+sync
+";
+const GUEST_MAC: &str = "06:00:ac:1e:00:02";
+const BLOB_LEN: usize = 8 << 20;
+
+fn debugfs(image: &Path, request: &str, write: bool) -> String {
+    let mut cmd = Command::new("debugfs");
+    if write {
+        cmd.arg("-w");
+    }
+    let out = cmd
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .expect("run debugfs (e2fsprogs)");
+    assert!(out.status.success(), "debugfs {request}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Serves `blob` once over HTTP/1.0 on 172.30.0.1:8080 inside `ns`.
+fn serve_blob(ns: &NetNs, blob: Vec<u8>) {
+    use std::io::{Read, Write};
+    let listener = ns.run_in(|| std::net::TcpListener::bind("172.30.0.1:8080").unwrap());
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+            request.push(byte[0]);
+        }
+        let head = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+            blob.len()
+        );
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(&blob);
+    });
+}
+
+#[test]
+fn linux_network_by_dhcp_on_virtio_net() {
+    if skip() {
+        return;
+    }
+    let dir = linux_dir();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let image = tmp.join("root-net.ext4");
+    std::fs::copy(dir.join("rootfs.ext4"), &image).unwrap();
+    let script = tmp.join("nettest.sh");
+    std::fs::write(&script, NET_SCRIPT).unwrap();
+    debugfs(
+        &image,
+        &format!("write {} nettest.sh", script.display()),
+        true,
+    );
+
+    let ns = NetNs::with_tap("linux-net", "tap0", "172.30.0.1/24");
+    let dhcp = ns.dhcp_server("tap0", GUEST_MAC, "172.30.0.2");
+    let blob: Vec<u8> = (0..BLOB_LEN)
+        .map(|i| (i ^ (i >> 9) ^ (i >> 17)).to_le_bytes()[0])
+        .collect();
+    let blob_path = tmp.join("net-blob");
+    std::fs::write(&blob_path, &blob).unwrap();
+    let sha = Command::new("sha256sum").arg(&blob_path).output().unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    serve_blob(&ns, blob);
+
+    let cmdline = format!("{} ip=dhcp -- /bin/sh /nettest.sh", config::DEFAULT_CMDLINE);
+    let args = run_args(&dir.join("vmlinux"), None, &cmdline, 1, 128);
+    let mut args = as_strs(&args);
+    let disk = format!("path={},root=on", image.display());
+    let net = format!("tap=tap0,mac={GUEST_MAC}");
+    args.extend(["--disk", &disk, "--net", &net]);
+    // On a PVM host nothing after the kernel's own work can run: stop once init starts.
+    let stop_at = pvm_host().then_some("Run /sbin/init as init process");
+    let out = run_command(ns.command(skiff_bin(), &args), LIMIT, None, stop_at);
+    let dhcp_log = dhcp.stop();
+    let console = &out.stdout;
+    let ctx = || {
+        format!(
+            "console:\n{console}\nstderr:\n{}\ndnsmasq:\n{dhcp_log}",
+            out.stderr
+        )
+    };
+    assert!(
+        console.contains("IP-Config: Got DHCP answer from 172.30.0.1, my address is 172.30.0.2"),
+        "no DHCP answer\n{}",
+        ctx()
+    );
+    assert!(
+        console.contains(&format!(
+            "device=eth0, hwaddr={GUEST_MAC}, ipaddr=172.30.0.2, mask=255.255.255.0"
+        )),
+        "interface not configured\n{}",
+        ctx()
+    );
+    assert!(
+        dhcp_log.contains(&format!("DHCPACK(tap0) 172.30.0.2 {GUEST_MAC}")),
+        "dnsmasq did not hand out the address\n{}",
+        ctx()
+    );
+    if pvm_host() {
+        log_figure(&format!(
+            "Linux ip=dhcp over virtio-net, PVM host: configured by DHCP; run took {:.1} s (ping and TCP need user space: hardware KVM only)",
+            out.elapsed.as_secs_f64()
+        ));
+        return;
+    }
+    assert!(
+        console.contains("3 packets transmitted, 3 packets received"),
+        "ping\n{}",
+        ctx()
+    );
+    assert!(
+        console.contains(&format!("{sha}  -")),
+        "the {BLOB_LEN}-byte file arrived damaged or not at all\n{}",
+        ctx()
+    );
+    assert!(console.contains("SKIFF-EXIT-CODE=0"), "{}", ctx());
+    assert_eq!(out.code, Some(0), "{}", ctx());
+    assert_eq!(debugfs(&image, "cat /marker", false), "skiff-was-here\n");
+    log_figure(&format!(
+        "Linux ip=dhcp, ping, {BLOB_LEN}-byte TCP transfer and root-disk write, hardware KVM: {:.2} s",
+        out.elapsed.as_secs_f64()
+    ));
 }

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 /// A network namespace holding one TAP with the host's address on it.
 pub struct NetNs {
@@ -74,20 +74,78 @@ impl NetNs {
         cmd
     }
 
-    /// A UDP socket bound to `addr` inside the namespace. A socket belongs to the namespace it
-    /// was made in, so a short-lived thread enters the namespace to make it.
-    pub fn udp_socket(&self, addr: SocketAddr) -> UdpSocket {
+    /// Runs `f` on a thread that entered the namespace: sockets it makes belong there, and
+    /// stay there when used from other threads.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = File::open(&path).expect("open the namespace");
             // SAFETY: setns takes a descriptor and a flag; it changes only this thread's
-            // network namespace, and the thread ends right after making the socket.
+            // network namespace, and the thread ends when `f` returns.
             let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-            UdpSocket::bind(addr).expect("bind in the namespace")
+            f()
         })
         .join()
-        .expect("socket thread")
+        .expect("namespace thread")
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace.
+    pub fn udp_socket(&self, addr: SocketAddr) -> UdpSocket {
+        self.run_in(move || UdpSocket::bind(addr).expect("bind in the namespace"))
+    }
+
+    /// A DHCP server (dnsmasq) on `dev` that gives `ip` to `mac`, logging to its stderr; it
+    /// stops when the guard is dropped.
+    pub fn dhcp_server(&self, dev: &str, mac: &str, ip: &str) -> ChildGuard {
+        let child = self
+            .command(
+                "dnsmasq",
+                &[
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--port=0",
+                    "--bind-interfaces",
+                    &format!("--interface={dev}"),
+                    &format!("--dhcp-range={ip},{ip},255.255.255.0,1h"),
+                    &format!("--dhcp-host={mac},{ip}"),
+                    "--dhcp-leasefile=/dev/null",
+                    "--pid-file",
+                    "--user=root",
+                    "--log-dhcp",
+                    "--log-facility=-",
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dnsmasq (package dnsmasq-base)");
+        ChildGuard(Some(child))
+    }
+}
+
+/// A helper process, killed when dropped.
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    /// Stops the process and returns what it wrote to stderr.
+    pub fn stop(mut self) -> String {
+        let mut child = self.0.take().expect("running");
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
