@@ -725,11 +725,12 @@ static int send_arp(uint16_t op, const uint8_t *tha, uint32_t tpa)
 	return net_send(frame_buf, VNET_HDR + 60);
 }
 
-/* A UDP datagram to the host; with `offload` the device side fills in the UDP checksum
- * (VIRTIO_NET_HDR_F_NEEDS_CSUM, virtio 1.2, 5.1.6.2), otherwise it is computed here. */
-static int send_udp(const void *payload, size_t plen, int offload)
+/* Builds in `f` a UDP datagram to the host; with `offload` the device side fills in the UDP
+ * checksum (VIRTIO_NET_HDR_F_NEEDS_CSUM, virtio 1.2, 5.1.6.2), otherwise it is computed here.
+ * Returns the frame's length with its virtio-net header. */
+static size_t build_udp(uint8_t *f, const void *payload, size_t plen, int offload)
 {
-	uint8_t *ip = eth_header(frame_buf, peer_mac, 0x0800);
+	uint8_t *ip = eth_header(f, peer_mac, 0x0800);
 	uint16_t udp_len = (uint16_t)(8 + plen);
 	ip[0] = 0x45; ip[1] = 0; put16(ip + 2, (uint16_t)(20 + udp_len)); put16(ip + 4, net_ip_id++);
 	put16(ip + 6, 0x4000); ip[8] = 64; ip[9] = 17; put16(ip + 10, 0);
@@ -740,7 +741,7 @@ static int send_udp(const void *payload, size_t plen, int offload)
 	memcpy(u + 8, payload, plen);
 	uint32_t pseudo = udp_pseudo(ip, udp_len);
 	if (offload) {
-		struct vnet_hdr *h = (struct vnet_hdr *)frame_buf;
+		struct vnet_hdr *h = (struct vnet_hdr *)f;
 		h->flags = VNET_F_NEEDS_CSUM;
 		h->csum_start = 14 + 20;
 		h->csum_offset = 6;
@@ -749,7 +750,12 @@ static int send_udp(const void *payload, size_t plen, int offload)
 		uint16_t c = (uint16_t)~csum_fold(csum_add(pseudo, u, udp_len));
 		put16(u + 6, c ? c : 0xffff);
 	}
-	return net_send(frame_buf, VNET_HDR + 14 + 20 + udp_len);
+	return VNET_HDR + 14 + 20 + udp_len;
+}
+
+static int send_udp(const void *payload, size_t plen, int offload)
+{
+	return net_send(frame_buf, build_udp(frame_buf, payload, plen, offload));
 }
 
 /* One received frame: answers ARP for our address, learns the host's MAC from its ARP reply,
@@ -818,7 +824,7 @@ static void net_frame(uint8_t *f, uint32_t len)
 	size_t plen = udp_len - 8u;
 	if (get16(u + 2) != GUEST_PORT)
 		return;
-	if (plen >= 13 && starts_with(p, "host-net end")) {
+	if (plen >= 12 && starts_with(p, "host-net end")) {
 		rx.end = 1;
 	} else if (plen >= 14 && starts_with(p, "host-net seq=")) {
 		uint64_t seq = param_uint_at(p + 13);
@@ -846,6 +852,39 @@ static unsigned net_poll(void)
 	return n;
 }
 
+/* Brings the device up: driver set-up, MAC, interrupt route, receive buffers, and the host's
+ * MAC by ARP. Returns why it failed, or 0. */
+static const char *net_start(void)
+{
+	const char *why;
+	my_ip = parse_ip("net_ip", 0xac1e0002);
+	peer_ip = parse_ip("net_peer", 0xac1e0001);
+	if (!find_virtio(1, &net))
+		return "no virtio-net device on the command line";
+	if ((why = virtio_init(&net, (1u << VIRTIO_NET_F_CSUM) | (1u << VIRTIO_NET_F_GUEST_CSUM) | (1u << VIRTIO_NET_F_MAC), 2)))
+		return why;
+	vw(&net, 0x14, 0);
+	if (vr(&net, 0x10) & (1u << VIRTIO_NET_F_MAC))
+		for (int i = 0; i < 6; i++)
+			my_mac[i] = *(volatile uint8_t *)(net.base + 0x100 + (uintptr_t)i);
+	printf("net: mac %2x:%2x:%2x:%2x:%2x:%2x, irq %u\n", my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5], net.irq);
+	ioapic_route(net.irq, DEVICE_VECTOR);
+	for (uint16_t i = 0; i < QSZ; i++) {
+		net.q[NET_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)net_rx_buf[i], NET_BUF, VRING_DESC_F_WRITE, 0 };
+		vq_publish(&net, NET_RXQ, i, i == QSZ - 1);
+	}
+	for (unsigned i = 0; !have_peer && i < 200000000; i++) {
+		if (i % 20000000 == 0 && !send_arp(1, 0, peer_ip))
+			break;
+		net_poll();
+		__asm__ volatile("pause");
+	}
+	if (!have_peer)
+		return "no ARP reply from the host";
+	printf("net: host %2x:%2x:%2x:%2x:%2x:%2x answered ARP\n", peer_mac[0], peer_mac[1], peer_mac[2], peer_mac[3], peer_mac[4], peer_mac[5]);
+	return 0;
+}
+
 /* Sends frames to the TAP and receives the host's, with checksums verified both ways: the host
  * test's UDP socket only sees datagrams whose checksums hold, and this side checks the host's
  * (completing the partial ones the TAP hands over when checksum offload is on).
@@ -853,38 +892,14 @@ static unsigned net_poll(void)
 static void check_net(void)
 {
 	const char *why;
-	my_ip = parse_ip("net_ip", 0xac1e0002);
-	peer_ip = parse_ip("net_peer", 0xac1e0001);
 	uint64_t ntx = param_uint("net_tx", 8), nrx = param_uint("net_rx", 8);
-	if (!find_virtio(1, &net)) {
-		report("net", 0, "no virtio-net device on the command line");
-		return;
-	}
-	if ((why = virtio_init(&net, (1u << VIRTIO_NET_F_CSUM) | (1u << VIRTIO_NET_F_GUEST_CSUM) | (1u << VIRTIO_NET_F_MAC), 2))) {
+	uint64_t irqs_before = device_irqs;
+	__asm__ volatile("sti");
+	if ((why = net_start())) {
+		__asm__ volatile("cli");
 		report("net", 0, why);
 		return;
 	}
-	vw(&net, 0x14, 0);
-	if (vr(&net, 0x10) & (1u << VIRTIO_NET_F_MAC))
-		for (int i = 0; i < 6; i++)
-			my_mac[i] = *(volatile uint8_t *)(net.base + 0x100 + (uintptr_t)i);
-	printf("net: mac %2x:%2x:%2x:%2x:%2x:%2x, irq %u\n", my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5], net.irq);
-	ioapic_route(net.irq, DEVICE_VECTOR);
-	uint64_t irqs_before = device_irqs;
-	__asm__ volatile("sti");
-	for (uint16_t i = 0; i < QSZ; i++) {
-		net.q[NET_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)net_rx_buf[i], NET_BUF, VRING_DESC_F_WRITE, 0 };
-		vq_publish(&net, NET_RXQ, i, i == QSZ - 1);
-	}
-
-	for (unsigned i = 0; !have_peer && i < 200000000; i++) {
-		if (i % 20000000 == 0 && !send_arp(1, 0, peer_ip))
-			break;
-		net_poll();
-		__asm__ volatile("pause");
-	}
-	if (!have_peer) { __asm__ volatile("cli"); report("net", 0, "no ARP reply from the host"); return; }
-	printf("net: host %2x:%2x:%2x:%2x:%2x:%2x answered ARP\n", peer_mac[0], peer_mac[1], peer_mac[2], peer_mac[3], peer_mac[4], peer_mac[5]);
 
 	char payload[64];
 	for (uint64_t i = 0; i < ntx; i++)
@@ -911,6 +926,224 @@ static void check_net(void)
 		report("net", 0, "datagrams from the host missing");
 	else
 		report("net", device_irqs > irqs_before, "no interrupt through the IOAPIC");
+}
+
+/* ---- benchmarks: identical work for every VMM, timed in the guest ---- */
+static uint64_t tsc_per_us;
+
+static inline uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi));
+	return (uint64_t)hi << 32 | lo;
+}
+
+/* TSC ticks per microsecond, measured over 50 ms of PIT channel 2, as Linux calibrates. */
+static int tsc_calibrate(void)
+{
+	uint16_t latch = 1193182 / 20;
+	outb(0x61, (uint8_t)((inb(0x61) & ~0x02) | 0x01));	/* gate on, speaker off */
+	outb(0x43, 0xb0);					/* channel 2, lo/hi byte, mode 0 */
+	outb(0x42, (uint8_t)latch);
+	outb(0x42, (uint8_t)(latch >> 8));
+	uint64_t t1 = rdtsc(), t2 = t1;
+	for (unsigned i = 0; i < 10000000 && !(inb(0x61) & 0x20); i++)
+		t2 = rdtsc();
+	tsc_per_us = (t2 - t1) / 50000;
+	return tsc_per_us > 0 && (inb(0x61) & 0x20);
+}
+static uint64_t now_us(void) { return rdtsc() / tsc_per_us; }
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint64_t rng(void)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return rng_state;
+}
+
+/* virtio-blk with many requests in flight: slot k uses descriptors 3k..3k+2 and a 64 KiB
+ * buffer in a fixed RAM region. */
+#define BLK_SLOTS 40
+#define BENCH_BUF 0x1000000UL
+static struct blk_req bench_hdr[BLK_SLOTS];
+static volatile uint8_t bench_status[BLK_SLOTS];
+
+/* Runs `total` requests of `len` bytes with up to `depth` in flight: reads or writes,
+ * sequential from sector 0 or random (aligned) within `span` bytes. Returns microseconds,
+ * or 0 when a request failed or the device stalled. */
+static uint64_t blk_run(unsigned depth, uint64_t total, uint32_t type, uint32_t len, int random, uint64_t span)
+{
+	uint16_t free_slots[BLK_SLOTS];
+	unsigned nfree = 0;
+	for (unsigned i = 0; i < depth && i < BLK_SLOTS; i++)
+		free_slots[nfree++] = (uint16_t)i;
+	uint64_t issued = 0, done = 0, blocks = span / len, t0 = now_us();
+	struct vq *q = &blk.q[0];
+	while (done < total) {
+		int queued = 0;
+		while (issued < total && nfree) {
+			unsigned s = free_slots[--nfree];
+			uint64_t block = random ? rng() % blocks : issued % blocks;
+			bench_hdr[s] = (struct blk_req){ type, 0, block * (len / 512) };
+			bench_status[s] = 0xee;
+			uint16_t d = (uint16_t)(3 * s);
+			q->desc[d] = (struct virtq_desc){ (uint64_t)&bench_hdr[s], sizeof(struct blk_req), VRING_DESC_F_NEXT, (uint16_t)(d + 1) };
+			q->desc[d + 1] = (struct virtq_desc){ BENCH_BUF + (uint64_t)s * 65536, len, (uint16_t)(VRING_DESC_F_NEXT | (type == 0 ? VRING_DESC_F_WRITE : 0)), (uint16_t)(d + 2) };
+			q->desc[d + 2] = (struct virtq_desc){ (uint64_t)&bench_status[s], 1, VRING_DESC_F_WRITE, 0 };
+			vq_publish(&blk, 0, d, 0);
+			issued++;
+			queued = 1;
+		}
+		if (queued && !(*(volatile uint16_t *)&q->used.flags & 1))
+			vw(&blk, 0x50, 0);
+		uint32_t id, ulen;
+		unsigned spins = 0;
+		while (!vq_used(&blk, 0, &id, &ulen)) {
+			if (++spins > 200000000)
+				return 0;
+			__asm__ volatile("pause");
+		}
+		do {
+			unsigned s = id / 3;
+			if (s >= BLK_SLOTS || bench_status[s] != 0)
+				return 0;
+			free_slots[nfree++] = (uint16_t)s;
+			done++;
+		} while (vq_used(&blk, 0, &id, &ulen));
+	}
+	return now_us() - t0 + 1;
+}
+
+static void bench_line(const char *what, uint64_t ops, uint64_t bytes, uint64_t us)
+{
+	printf("BENCH %s ops=%lu bytes=%lu us=%lu\n", what, ops, bytes, us);
+}
+
+/* Sequential read and write (64 KiB requests, 8 in flight; the write ends with a flush) and
+ * 4 KiB random reads at queue depth 1 and 32. Parameters: bench_mib=, bench_ios=. */
+static void check_blkbench(void)
+{
+	const char *why;
+	uint64_t mib = param_uint("bench_mib", 64), ios = param_uint("bench_ios", 4000);
+	if (!find_virtio(2, &blk)) { report("blkbench", 0, "no virtio-blk device"); return; }
+	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("blkbench", 0, why); return; }
+	blk.q[0].avail.flags = 1;	/* polled: no interrupts */
+	uint64_t span = ((uint64_t)vr(&blk, 0x100) | ((uint64_t)vr(&blk, 0x104) << 32)) * 512;
+	if (span < mib << 20) { report("blkbench", 0, "disk smaller than bench_mib"); return; }
+	uint64_t us, seq_ops = (mib << 20) / 65536;
+	if (!(us = blk_run(8, seq_ops, 0, 65536, 0, mib << 20))) goto fail;
+	bench_line("blk seq-read-64k-qd8", seq_ops, mib << 20, us);
+	uint64_t t0 = now_us();
+	if (!blk_run(8, seq_ops, 1, 65536, 0, mib << 20)) goto fail;
+	if (blk_request(4, 0, 0, 0, 0) != 0) goto fail;
+	bench_line("blk seq-write-64k-qd8+flush", seq_ops, mib << 20, now_us() - t0);
+	if (!(us = blk_run(1, ios, 0, 4096, 1, mib << 20))) goto fail;
+	bench_line("blk rand-read-4k-qd1", ios, ios * 4096, us);
+	if (!(us = blk_run(32, ios * 4, 0, 4096, 1, mib << 20))) goto fail;
+	bench_line("blk rand-read-4k-qd32", ios * 4, ios * 16384, us);
+	report("blkbench", 1, 0);
+	return;
+fail:
+	report("blkbench", 0, "a request failed or the device stalled");
+}
+
+/* Receive path of the benchmark: counts the host's datagrams by their payload prefix (no
+ * checksum work: under instruction emulation that would be all we measured), hands ARP to
+ * net_frame, and gives every buffer back. */
+static unsigned net_poll_bench(uint64_t *got, int *end)
+{
+	uint32_t id, len;
+	unsigned n = 0;
+	while (vq_used(&net, NET_RXQ, &id, &len)) {
+		uint8_t *f = net_rx_buf[id % QSZ], *e = f + VNET_HDR;
+		if (len >= VNET_HDR + 14 + 28 + 12 && e[12] == 8 && e[13] == 0 && e[14 + 9] == 17) {
+			const char *p = (const char *)e + 14 + 28;
+			if (starts_with(p, "host-net seq="))
+				(*got)++;
+			else if (starts_with(p, "host-net end"))
+				*end = 1;
+		} else if (len >= VNET_HDR + 14 && e[12] == 8 && e[13] == 6) {
+			net_frame(f, len);
+		}
+		vq_publish(&net, NET_RXQ, (uint16_t)(id % QSZ), 0);
+		n++;
+	}
+	if (n && !(*(volatile uint16_t *)&net.q[NET_RXQ].used.flags & 1))
+		vw(&net, 0x50, NET_RXQ);
+	return n;
+}
+
+/* Frames through virtio-net both ways, with checksum offload and as little guest work per frame
+ * as a driver can do: every TX buffer holds a prebuilt datagram of netbench_size payload bytes,
+ * so sending is publishing a descriptor. Sends netbench_tx of them and an end marker, then says
+ * "rx-ready" and counts the host's datagrams until its end marker. */
+static void check_netbench(void)
+{
+	const char *why;
+	uint64_t ntx = param_uint("netbench_tx", 100000), size = param_uint("netbench_size", 1472);
+	if (size < 16 || size > 1472) size = 1472;
+	if ((why = net_start())) { report("netbench", 0, why); return; }
+	net.q[NET_RXQ].avail.flags = net.q[NET_TXQ].avail.flags = 1;	/* polled: no interrupts */
+	static char payload[1472];
+	memset(payload, 'x', sizeof(payload));
+	memcpy(payload, "skiff-net seq=", 14);
+	uint32_t id, len;
+	/* Let the set-up frames drain, then prebuild every TX buffer. */
+	for (unsigned i = 0; net_tx_inflight && i < 100000000; i++)
+		while (vq_used(&net, NET_TXQ, &id, &len))
+			net_tx_inflight--;
+	for (uint16_t d = 0; d < QSZ; d++) {
+		uint32_t n = (uint32_t)build_udp(net_tx_buf[d], payload, size, 1);
+		net.q[NET_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)net_tx_buf[d], n, 0, 0 };
+	}
+	struct vq *q = &net.q[NET_TXQ];
+	uint64_t t0 = now_us(), sent = 0, done = 0, spins = 0;
+	while (done < ntx && spins < 1000000000ull) {
+		while (sent < ntx && sent - done < QSZ) {
+			q->avail.ring[q->avail.idx % QSZ] = (uint16_t)(sent % QSZ);
+			__asm__ volatile("" ::: "memory");
+			q->avail.idx++;
+			sent++;
+		}
+		__asm__ volatile("mfence" ::: "memory");
+		if (!(*(volatile uint16_t *)&q->used.flags & 1))
+			vw(&net, 0x50, NET_TXQ);
+		while (!vq_used(&net, NET_TXQ, &id, &len) && ++spins < 1000000000ull)
+			__asm__ volatile("pause");
+		done++;
+		while (vq_used(&net, NET_TXQ, &id, &len))
+			done++;
+	}
+	uint64_t us = now_us() - t0 + 1;
+	net_tx_inflight = 0;
+	net_tx_head = (uint16_t)(net_tx_head + sent);
+	if (done < ntx) { report("netbench", 0, "TX queue stalled"); return; }
+	for (int i = 0; i < 3; i++)
+		send_udp("skiff-net end", 13, 0);
+	bench_line("net tx-udp", ntx, ntx * size, us);
+
+	uint64_t first = 0, last = 0, got = 0, seen = 0, next_ready = 0;
+	int end = 0;
+	for (spins = 0; !end && spins < 2000000000ull; spins++) {
+		if (!got && now_us() >= next_ready) {
+			send_udp("skiff-net rx-ready", 18, 0);
+			next_ready = now_us() + 200000;
+		}
+		if (!net_poll_bench(&got, &end)) {
+			__asm__ volatile("pause");
+			continue;
+		}
+		if (got != seen) {
+			last = now_us();
+			if (!seen)
+				first = last;
+			seen = got;
+		}
+	}
+	bench_line("net rx-udp", got, got * size, last - first + 1);
+	report("netbench", end && got > 0, "no datagrams or no end marker from the host");
 }
 
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
@@ -972,6 +1205,12 @@ static void run_checks(const char *protocol)
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();
 	if (wants("net")) check_net();
+	if ((wants("blkbench") || wants("netbench")) && !tsc_calibrate())
+		report("bench", 0, "cannot calibrate the TSC against the PIT");
+	else {
+		if (wants("blkbench")) check_blkbench();
+		if (wants("netbench")) check_netbench();
+	}
 	if (wants("serial")) check_serial();
 	finish();
 }

@@ -9,7 +9,8 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use log::debug;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
@@ -200,4 +201,17 @@ pub(crate) fn pop_chain<'a>(
             None
         }
     }
+}
+
+/// Whether the driver wants an interrupt for the buffers just used: the used_event index when
+/// EVENT_IDX was negotiated, otherwise the VRING_AVAIL_F_NO_INTERRUPT flag (virtio 1.2, 2.7.7.2),
+/// which virtio-queue leaves to the device.
+pub(crate) fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // The used ring writes must be visible before the flag is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let flags: u16 = mem.read_obj(GuestAddress(queue.avail_ring())).unwrap_or(0);
+    u16::from_le(flags) & 1 == 0
 }

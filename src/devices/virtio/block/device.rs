@@ -10,8 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
-    pop_chain, read_config_bytes, ActivateError, IrqTrigger, VirtioDevice, INT_VRING,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    needs_interrupt, pop_chain, read_config_bytes, ActivateError, IrqTrigger, VirtioDevice,
+    INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -170,7 +170,7 @@ impl Block {
                 _ => break,
             }
         }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
+        if used && needs_interrupt(queue, mem) {
             if let Err(e) = self.irq.trigger(INT_VRING) {
                 warn!("virtio-blk: cannot raise interrupt: {e}");
             }

@@ -11,8 +11,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    pop_chain, read_config_bytes, split_chain, ActivateError, GuestBuf, IrqTrigger, VirtioDevice,
-    INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError, GuestBuf,
+    IrqTrigger, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -226,7 +226,7 @@ impl Net {
                 _ => break,
             }
         }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
+        if used && needs_interrupt(queue, mem) {
             if let Err(e) = self.irq.trigger(INT_VRING) {
                 warn!("virtio-net: cannot raise interrupt: {e}");
             }
@@ -309,7 +309,7 @@ impl Net {
             }
             self.rx_len = 0;
         };
-        if used && queue.needs_notification(mem).unwrap_or(true) {
+        if used && needs_interrupt(queue, mem) {
             if let Err(e) = self.irq.trigger(INT_VRING) {
                 warn!("virtio-net: cannot raise interrupt: {e}");
             }
@@ -539,6 +539,14 @@ mod tests {
         assert_eq!(rig.net.interrupt().status(), INT_VRING);
         assert_eq!(rig.net.counters().tx_frames, 1);
         assert_eq!(rig.net.counters().tx_bytes, 1000);
+
+        // A driver that polls sets VRING_AVAIL_F_NO_INTERRUPT: no interrupt then.
+        rig.net.interrupt().ack(INT_VRING);
+        m.write_obj(1u16, rig.tx.avail_addr()).unwrap();
+        rig.send(&[desc(BUF, 1012, 0, 0)], 2);
+        rig.net.process_tx();
+        assert_eq!(rig.net.counters().tx_frames, 2);
+        assert_eq!(rig.net.interrupt().status(), 0);
     }
 
     #[test]
