@@ -99,3 +99,34 @@ fn two_disks_get_two_slots_and_irqs() {
     assert!(out.lines().contains(&"PASS blk"), "{}", out.stdout);
     assert!(guest_bytes_in(&b) && !guest_bytes_in(&a));
 }
+
+#[test]
+fn benchmark_work_runs_and_reports() {
+    // tools/bench-devices relies on this guest mode; here it runs small.
+    let img = image("blk-bench.img");
+    let args = run_args(
+        test_guest(),
+        None,
+        "checks=blkbench bench_mib=2 bench_ios=20",
+        1,
+        128,
+    );
+    let mut args = as_strs(&args);
+    let disk = format!("path={}", img.display());
+    args.extend(["--disk", &disk]);
+    let out = run_skiff(&args, LIMIT, None);
+    let lines = out.lines();
+    assert!(lines.contains(&"PASS blkbench"), "{}", out.stdout);
+    for row in [
+        "BENCH blk seq-read-64k-qd8 ops=32 bytes=2097152 us=",
+        "BENCH blk seq-write-64k-qd8+flush ops=32 bytes=2097152 us=",
+        "BENCH blk rand-read-4k-qd1 ops=20 bytes=81920 us=",
+        "BENCH blk rand-read-4k-qd32 ops=80 bytes=327680 us=",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(row)),
+            "{row}\n{}",
+            out.stdout
+        );
+    }
+}

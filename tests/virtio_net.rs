@@ -117,3 +117,61 @@ fn an_absent_tap_is_created_up_and_carries_frames() {
     // The TAP was Skiff's: it is gone with the process.
     assert!(ns.link("skiffnew0").is_none());
 }
+
+#[test]
+fn benchmark_work_runs_and_reports() {
+    // tools/bench-devices relies on this guest mode; here it runs small, with a Rust host side.
+    let ns = NetNs::with_tap("netbench", "tap0", "172.30.0.1/24");
+    let sock = ns.udp_socket(HOST.parse().unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let args = run_args(
+        test_guest(),
+        None,
+        "checks=netbench netbench_tx=300 netbench_size=1000",
+        1,
+        128,
+    );
+    let mut args = as_strs(&args);
+    args.extend(["--net", "tap=tap0,mac=06:00:ac:1e:00:02"]);
+    let cmd = ns.command(skiff_bin(), &args);
+    let vm = std::thread::spawn(move || run_command(cmd, LIMIT, None, None));
+    let mut buf = [0u8; 2048];
+    let (mut frames, mut guest) = (0, None);
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        if buf[..n].starts_with(b"skiff-net seq=") {
+            assert_eq!(n, 1000);
+            frames += 1;
+        } else if buf[..n].starts_with(b"skiff-net rx-ready") {
+            guest = Some(from);
+            break;
+        }
+    }
+    if let Some(guest) = guest {
+        for i in 0..100 {
+            sock.send_to(format!("host-net seq={i}").as_bytes(), guest)
+                .unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(20));
+            sock.send_to(b"host-net end", guest).unwrap();
+        }
+    }
+    let out = vm.join().unwrap();
+    assert_eq!(frames, 300, "{}\n{}", out.stdout, out.stderr);
+    let lines = out.lines();
+    assert!(lines.contains(&"PASS netbench"), "{}", out.stdout);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("BENCH net tx-udp ops=300 bytes=300000 us=")),
+        "{}",
+        out.stdout
+    );
+    let rx = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("BENCH net rx-udp ops="))
+        .and_then(|r| r.split(' ').next()?.parse::<u32>().ok());
+    assert!(rx.is_some_and(|n| n > 0 && n <= 100), "{}", out.stdout);
+}
