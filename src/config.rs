@@ -31,6 +31,11 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Network devices, in the order the guest sees them (eth0 first).
     pub nets: Vec<NetConfig>,
+    /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
+    pub track_dirty_pages: bool,
+    /// Log the guest's boot time when it writes 123 to the boot-progress port, as
+    /// Firecracker's `--boot-timer` does.
+    pub boot_timer: bool,
 }
 
 /// A virtio network device on a TAP.
@@ -40,6 +45,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; without one the guest picks its own.
     pub mac: Option<[u8; 6]>,
+    /// The interface's id in the API (`iface_id`).
+    pub id: Option<String>,
 }
 
 /// Errors in a `--net` description.
@@ -79,6 +86,7 @@ impl std::str::FromStr for NetConfig {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
+            id: None,
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
@@ -108,6 +116,8 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// This disk is the root device: it becomes /dev/vda and `root=/dev/vda` is added.
     pub root: bool,
+    /// With `root`: the root partition's UUID, giving `root=PARTUUID=...` instead.
+    pub partuuid: Option<String>,
 }
 
 /// Errors in a `--disk` description.
@@ -145,6 +155,7 @@ impl std::str::FromStr for DiskConfig {
             read_only: false,
             id: None,
             root: false,
+            partuuid: None,
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or((part, "on"));
@@ -184,6 +195,8 @@ impl VmConfig {
             console_input: ConsoleInput::Stdin,
             disks: Vec::new(),
             nets: Vec::new(),
+            track_dirty_pages: false,
+            boot_timer: false,
         }
     }
 }
@@ -201,7 +214,8 @@ mod tests {
                 path: "/img".into(),
                 read_only: true,
                 id: Some("data0".into()),
-                root: true
+                root: true,
+                partuuid: None,
             }
         );
         assert_eq!(

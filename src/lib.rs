@@ -8,6 +8,7 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod logger;
+pub mod metrics;
 pub mod vmm;
 pub mod vstate;
 

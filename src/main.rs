@@ -103,6 +103,8 @@ fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
         console_input: skiff::config::ConsoleInput::Stdin,
         disks: args.disk,
         nets: args.net,
+        track_dirty_pages: false,
+        boot_timer: false,
     };
     let mut vm = Vm::new(&config)?;
     vm.stop_on_signals()?;

@@ -15,7 +15,7 @@
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, cpuid, mptable};
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
+use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -138,6 +139,52 @@ impl MutEventSubscriber for EventLoopStop {
     }
 }
 
+/// Holds the event thread, and with it all device processing, while the VM is paused.
+#[derive(Debug, Default)]
+struct DevicePause {
+    /// True while devices must stand still; the event thread acknowledges through `held`.
+    wanted: bool,
+    held: bool,
+}
+
+/// The event-thread side of [`DevicePause`]: woken by its eventfd, it blocks the thread until
+/// the pause is lifted.
+struct DevicePauser {
+    evt: EventFd,
+    state: Arc<(Mutex<DevicePause>, Condvar)>,
+}
+
+impl MutEventSubscriber for DevicePauser {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("event thread: cannot watch its pause event: {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.evt.read();
+        let (lock, cvar) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if !state.wanted {
+            return;
+        }
+        state.held = true;
+        cvar.notify_all();
+        while state.wanted {
+            state = cvar.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state.held = false;
+    }
+}
+
+/// Where the metrics dump reads from.
+#[derive(Debug, Default)]
+struct MetricsSources {
+    vcpus: Vec<Arc<VcpuMetrics>>,
+    blocks: Vec<(String, Arc<BlockMetrics>)>,
+    nets: Vec<(String, Arc<NetMetrics>)>,
+}
+
 /// A microVM.
 #[derive(Debug)]
 pub struct Vm {
@@ -148,6 +195,9 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
     event_thread: Option<(JoinHandle<()>, EventFd)>,
+    device_pause: Arc<(Mutex<DevicePause>, Condvar)>,
+    pause_evt: EventFd,
+    metrics: MetricsSources,
     state: VmState,
 }
 
@@ -180,25 +230,37 @@ impl Vm {
         };
         let mut devices = DeviceManager::new(&vm_fd, config.console_input, on_reset, start)?;
 
+        devices
+            .progress()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_boot_timer(config.boot_timer);
+        let mut metrics = MetricsSources::default();
         let mut params = Vec::new();
         let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
         // The root disk goes first, so it is /dev/vda.
         disks.sort_by_key(|d| !d.root);
         if let Some(root) = disks.first().filter(|d| d.root) {
-            params.push("root=/dev/vda".to_owned());
+            params.push(match &root.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_owned(),
+            });
             params.push(if root.read_only { "ro" } else { "rw" }.to_owned());
         }
         for (i, disk) in disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let block = Block::new(&disk.path, disk.read_only, &id)?;
+            metrics.blocks.push((id, block.metrics()));
             params.push(devices.register_virtio_device(
                 &vm_fd,
                 &mem,
                 Arc::new(Mutex::new(block)),
             )?);
         }
-        for net in &config.nets {
+        for (i, net) in config.nets.iter().enumerate() {
             let device = Net::new(&net.tap, net.mac)?;
+            let id = net.id.clone().unwrap_or_else(|| format!("net{i}"));
+            metrics.nets.push((id, device.metrics()));
             params.push(devices.register_virtio_device(
                 &vm_fd,
                 &mem,
@@ -235,6 +297,7 @@ impl Vm {
                     exit.clone(),
                 )?;
                 vcpu.configure(&kvm, &base_cpuid, count, kernel.entry)?;
+                metrics.vcpus.push(vcpu.metrics());
                 Ok(vcpu)
             })
             .collect::<Result<Vec<_>, VcpuError>>()?;
@@ -252,6 +315,9 @@ impl Vm {
             vcpus,
             handles: Vec::new(),
             event_thread: None,
+            device_pause: Arc::default(),
+            pause_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventThread)?,
+            metrics,
             state: VmState::Created,
         })
     }
@@ -266,10 +332,13 @@ impl Vm {
         if self.state != VmState::Created {
             return Err(VmmError::State("already started"));
         }
-        self.event_thread = Some(spawn_event_thread(
-            self.devices.subscribers(),
-            self.exit.clone(),
-        )?);
+        let pauser = DevicePauser {
+            evt: self.pause_evt.try_clone().map_err(VmmError::EventThread)?,
+            state: self.device_pause.clone(),
+        };
+        let mut subscribers = self.devices.subscribers();
+        subscribers.push(Arc::new(Mutex::new(pauser)));
+        self.event_thread = Some(spawn_event_thread(subscribers, self.exit.clone())?);
         for vcpu in self.vcpus.drain(..) {
             self.handles.push(vcpu.start()?);
         }
@@ -289,7 +358,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Stops every vCPU at its next exit; returns once all have acknowledged.
+    /// Stops every vCPU at its next exit, then device processing; returns once all have
+    /// acknowledged. The guest notices nothing but the time that passed.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         match self.state {
             VmState::Running => {}
@@ -297,20 +367,60 @@ impl Vm {
             _ => return Err(VmmError::State("not running")),
         }
         self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused)?;
+        if let Err(e) = self.hold_devices() {
+            // Leave the VM as it was: running.
+            let _ = self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed);
+            return Err(e);
+        }
         self.state = VmState::Paused;
         Ok(())
     }
 
-    /// Lets paused vCPUs continue where they stopped.
+    /// Lets devices and then vCPUs continue where they stopped.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         match self.state {
             VmState::Paused => {}
             VmState::Running => return Ok(()),
             _ => return Err(VmmError::State("not paused")),
         }
+        self.release_devices();
         self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed)?;
         self.state = VmState::Running;
         Ok(())
+    }
+
+    /// Parks the event thread in [`DevicePauser`] and waits for it to get there.
+    fn hold_devices(&self) -> Result<(), VmmError> {
+        let (lock, cvar) = &*self.device_pause;
+        let mut state = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        state.wanted = true;
+        self.pause_evt.write(1).map_err(VmmError::EventThread)?;
+        let (state, timeout) = cvar
+            .wait_timeout_while(state, VCPU_ACK_TIMEOUT, |s| !s.held)
+            .unwrap_or_else(PoisonError::into_inner);
+        if timeout.timed_out() {
+            drop(state);
+            self.release_devices();
+            return Err(VmmError::State("not answering: the event thread did not pause"));
+        }
+        Ok(())
+    }
+
+    fn release_devices(&self) {
+        let (lock, cvar) = &*self.device_pause;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).wanted = false;
+        cvar.notify_all();
+    }
+
+    /// The VM's counters as one JSON object: vCPU exits by kind, and per device.
+    pub fn metrics(&self) -> serde_json::Value {
+        let blocks = self.metrics.blocks.iter().map(|(id, m)| (id.clone(), m.to_json()));
+        let nets = self.metrics.nets.iter().map(|(id, m)| (id.clone(), m.to_json()));
+        serde_json::json!({
+            "vcpu": self.metrics.vcpus.iter().map(|m| m.to_json()).collect::<Vec<_>>(),
+            "block": blocks.collect::<serde_json::Map<_, _>>(),
+            "net": nets.collect::<serde_json::Map<_, _>>(),
+        })
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.
@@ -366,6 +476,7 @@ impl Vm {
 
     /// Stops vCPU and event threads.
     fn shutdown(&mut self) {
+        self.release_devices();
         for h in &mut self.handles {
             h.stop();
         }

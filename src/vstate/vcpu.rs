@@ -27,6 +27,7 @@ use super::kvm::KvmContext;
 use super::memory::GuestMemoryMmap;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
+use crate::metrics::{inc, VcpuMetrics};
 
 /// Why the guest stopped, when it stopped cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +239,7 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
+    metrics: Arc<VcpuMetrics>,
 }
 
 impl Vcpu {
@@ -260,7 +262,13 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            metrics: Arc::new(VcpuMetrics::default()),
         })
+    }
+
+    /// This vCPU's exit counters, shared with the metrics dump.
+    pub fn metrics(&self) -> Arc<VcpuMetrics> {
+        self.metrics.clone()
     }
 
     fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -437,26 +445,45 @@ impl Vcpu {
 
     /// Runs the guest until its next exit and handles it.
     fn run_once(&mut self) -> Result<Step, VcpuError> {
+        let step = self.dispatch_exit();
+        let m = &self.metrics;
+        match &step {
+            Ok(Step::Interrupted) => inc(&m.exit_interrupted),
+            Ok(Step::Stop(_)) => inc(&m.exit_system_event),
+            Ok(Step::Continue) => {}
+            Err(_) => inc(&m.failures),
+        }
+        step
+    }
+
+    fn dispatch_exit(&mut self) -> Result<Step, VcpuError> {
         let id = self.id;
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                inc(&self.metrics.exit_io_out);
                 self.pio.write(u64::from(port), data);
                 Ok(Step::Continue)
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                inc(&self.metrics.exit_io_in);
                 self.pio.read(u64::from(port), data);
                 Ok(Step::Continue)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                inc(&self.metrics.exit_mmio_read);
                 self.mmio.read(addr, data);
                 Ok(Step::Continue)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                inc(&self.metrics.exit_mmio_write);
                 self.mmio.write(addr, data);
                 Ok(Step::Continue)
             }
             Ok(VcpuExit::Shutdown) => Ok(Step::Stop(GuestExit::TripleFault)),
-            Ok(VcpuExit::Hlt) => Ok(Step::Stop(GuestExit::Halted)),
+            Ok(VcpuExit::Hlt) => {
+                inc(&self.metrics.exit_hlt);
+                Ok(Step::Stop(GuestExit::Halted))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Step::Stop(GuestExit::Shutdown)),
                 KVM_SYSTEM_EVENT_RESET => Ok(Step::Stop(GuestExit::Reset)),

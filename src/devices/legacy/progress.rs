@@ -25,7 +25,11 @@ pub struct BootProgress {
     start: Instant,
     records: Vec<ProgressRecord>,
     dropped: u64,
+    boot_timer: bool,
 }
+
+/// The byte Firecracker's boot timer takes as "boot complete" (its `--boot-timer`).
+pub const BOOT_COMPLETE: u8 = 123;
 
 impl BootProgress {
     /// A recorder measuring from `start` (normally the process start).
@@ -34,7 +38,13 @@ impl BootProgress {
             start,
             records: Vec::with_capacity(MAX_RECORDS),
             dropped: 0,
+            boot_timer: false,
         }
+    }
+
+    /// Logs the guest's boot time when it writes [`BOOT_COMPLETE`].
+    pub fn set_boot_timer(&mut self, on: bool) {
+        self.boot_timer = on;
     }
 
     /// The writes recorded so far.
@@ -56,6 +66,13 @@ impl BusDevice for BootProgress {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let elapsed = self.start.elapsed();
         let Some(&code) = data.first() else { return };
+        if self.boot_timer && code == BOOT_COMPLETE {
+            info!(
+                "Guest-boot-time = {:>6} us {} ms",
+                elapsed.as_micros(),
+                elapsed.as_millis()
+            );
+        }
         if self.records.len() < MAX_RECORDS {
             self.records.push(ProgressRecord { code, elapsed });
             info!(

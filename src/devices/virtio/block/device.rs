@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
@@ -13,6 +14,7 @@ use crate::devices::virtio::{
     needs_interrupt, pop_chain, read_config_bytes, ActivateError, IrqTrigger, VirtioDevice,
     INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::metrics::BlockMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Feature bit: the device is read-only (virtio 1.2, 5.2.3).
@@ -54,6 +56,7 @@ pub struct Block {
     irq: IrqTrigger,
     active: Option<Active>,
     buf: Vec<u8>,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl std::fmt::Debug for Block {
@@ -117,7 +120,13 @@ impl Block {
             irq: IrqTrigger::new().map_err(BlockError::EventFd)?,
             active: None,
             buf: Vec::new(),
+            metrics: Arc::new(BlockMetrics::default()),
         })
+    }
+
+    /// The device's counters, shared with the metrics dump.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
     }
 
     /// The queue's notification eventfd.
@@ -141,6 +150,7 @@ impl Block {
             read_only: self.read_only,
             id: &self.id,
             buf: &mut self.buf,
+            metrics: &self.metrics,
         };
         let mut budget = queue.size();
         let mut used = false;

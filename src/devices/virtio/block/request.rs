@@ -10,6 +10,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{split_chain, GuestBuf as Buf};
+use crate::metrics::{add, inc, BlockMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
 
 const VIRTIO_BLK_T_IN: u32 = 0;
@@ -51,6 +52,8 @@ pub struct Disk<'a> {
     pub id: &'a [u8; ID_BYTES],
     /// Bounce buffer of [`CHUNK`] bytes.
     pub buf: &'a mut Vec<u8>,
+    /// The device's counters.
+    pub metrics: &'a BlockMetrics,
 }
 
 /// Runs the request in `chain` and returns the bytes written to the guest (status included).
@@ -63,10 +66,12 @@ pub fn execute(
     let mut readable: Vec<Buf> = Vec::new();
     let mut writable: Vec<Buf> = Vec::new();
     if !split_chain(chain, &mut readable, &mut writable) {
-        return 0; // a readable buffer after a writable one
+        inc(&disk.metrics.invalid_requests);
+        return 0;
     }
     // The last writable byte is the status.
     let Some(status_buf) = writable.last_mut().filter(|b| b.len > 0) else {
+        inc(&disk.metrics.invalid_requests);
         return 0;
     };
     let status_addr = status_buf.addr.wrapping_add(u64::from(status_buf.len - 1));
@@ -79,7 +84,14 @@ pub fn execute(
     };
     let (data_written, status) = match status {
         Ok(n) => (n, VIRTIO_BLK_S_OK),
-        Err(s) => (0, s),
+        Err(s) => {
+            inc(if s == VIRTIO_BLK_S_UNSUPP {
+                &disk.metrics.invalid_requests
+            } else {
+                &disk.metrics.io_errors
+            });
+            (0, s)
+        }
     };
     if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
         return 0;
@@ -103,6 +115,8 @@ fn run(
             let len = total(writable);
             let offset = check_range(header.sector, len, disk.nsectors)?;
             copy_file_to_guest(mem, writable, disk, offset, len)?;
+            inc(&disk.metrics.read_count);
+            add(&disk.metrics.read_bytes, len);
             Ok(len)
         }
         VIRTIO_BLK_T_OUT => {
@@ -112,12 +126,15 @@ fn run(
             let len = total(readable).saturating_sub(header_len);
             let offset = check_range(header.sector, len, disk.nsectors)?;
             copy_guest_to_file(mem, readable, header_len, disk, offset, len)?;
+            inc(&disk.metrics.write_count);
+            add(&disk.metrics.write_bytes, len);
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
             if !disk.read_only {
                 disk.file.sync_data().map_err(|_| VIRTIO_BLK_S_IOERR)?;
             }
+            inc(&disk.metrics.flush_count);
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {
@@ -125,6 +142,7 @@ fn run(
                 .unwrap_or(ID_BYTES)
                 .min(ID_BYTES);
             write_guest(mem, writable, 0, &disk.id[..n])?;
+            inc(&disk.metrics.get_id_count);
             Ok(n as u64)
         }
         _ => Err(VIRTIO_BLK_S_UNSUPP),
@@ -329,6 +347,7 @@ mod tests {
             read_only,
             id: &id,
             buf: &mut buf,
+            metrics: &BlockMetrics::default(),
         };
         let len = execute(chain, m, &mut disk);
         (len, m.read_obj(GuestAddress(STATUS)).unwrap())
@@ -450,6 +469,7 @@ mod tests {
             read_only: false,
             id: &id,
             buf: &mut buf,
+            metrics: &BlockMetrics::default(),
         };
         // A readable descriptor after a writable one: refused, and it returns.
         assert_eq!(execute(chain, &m, &mut disk), 0);

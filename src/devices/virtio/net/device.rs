@@ -2,6 +2,7 @@
 //! activation, and moving frames between the queues and the TAP.
 
 use std::io;
+use std::sync::Arc;
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -14,6 +15,7 @@ use crate::devices::virtio::{
     needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError, GuestBuf,
     IrqTrigger, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::metrics::{add, inc, NetMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Index of the receive queue.
@@ -41,7 +43,7 @@ pub enum NetError {
     EventFd(#[source] io::Error),
 }
 
-/// What the device counted; a guest's mistakes show here rather than in the log.
+/// A snapshot of what the device counted; a guest's mistakes show here rather than in the log.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NetCounters {
     /// Frames delivered to the guest.
@@ -83,14 +85,14 @@ pub struct Net {
     writable: Vec<GuestBuf>,
     /// Whether the TAP is registered with the event loop.
     pub(super) tap_watched: bool,
-    counters: NetCounters,
+    metrics: Arc<NetMetrics>,
 }
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
             .field("tap", &self.tap.name())
-            .field("counters", &self.counters)
+            .field("counters", &self.counters())
             .finish_non_exhaustive()
     }
 }
@@ -137,7 +139,7 @@ impl Net {
             readable: Vec::new(),
             writable: Vec::new(),
             tap_watched: false,
-            counters: NetCounters::default(),
+            metrics: Arc::new(NetMetrics::default()),
         })
     }
 
@@ -148,7 +150,21 @@ impl Net {
 
     /// What the device counted so far.
     pub fn counters(&self) -> NetCounters {
-        self.counters
+        let m = &self.metrics;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        NetCounters {
+            rx_frames: get(&m.rx_frames),
+            rx_bytes: get(&m.rx_bytes),
+            rx_dropped: get(&m.rx_dropped),
+            tx_frames: get(&m.tx_frames),
+            tx_bytes: get(&m.tx_bytes),
+            tx_dropped: get(&m.tx_dropped),
+        }
+    }
+
+    /// The device's counters, shared with the metrics dump.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
     }
 
     fn acked(&self, bit: u32) -> bool {
@@ -196,8 +212,8 @@ impl Net {
                 let sent = match ok.then(|| gather(mem, &self.readable, &mut self.tx_frame)) {
                     Some(Gather::Frame(len)) => match self.tap.write_frame(&self.tx_frame[..len]) {
                         Ok(_) => {
-                            self.counters.tx_frames += 1;
-                            self.counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                            inc(&self.metrics.tx_frames);
+                            add(&self.metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
                             true
                         }
                         Err(e) => {
@@ -208,7 +224,7 @@ impl Net {
                     _ => false,
                 };
                 if !sent {
-                    self.counters.tx_dropped += 1;
+                    inc(&self.metrics.tx_dropped);
                 }
                 if queue.add_used(mem, head, 0).is_err() {
                     debug!("virtio-net: cannot add a used element");
@@ -259,7 +275,7 @@ impl Net {
                     Ok(n) if n > VNET_HDR_LEN && n <= MAX_FRAME_LEN => self.rx_len = n,
                     Ok(n) => {
                         debug!("virtio-net: dropping a {n}-byte frame from the TAP");
-                        self.counters.rx_dropped += 1;
+                        inc(&self.metrics.rx_dropped);
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
@@ -286,8 +302,8 @@ impl Net {
             };
             match written {
                 Ok(()) => {
-                    self.counters.rx_frames += 1;
-                    self.counters.rx_bytes += (self.rx_len - VNET_HDR_LEN) as u64;
+                    inc(&self.metrics.rx_frames);
+                    add(&self.metrics.rx_bytes, (self.rx_len - VNET_HDR_LEN) as u64);
                     let len = u32::try_from(self.rx_len).unwrap_or(u32::MAX);
                     if queue.add_used(mem, head, len).is_err() {
                         debug!("virtio-net: cannot add a used element");
@@ -297,14 +313,14 @@ impl Net {
                 Err(ScatterError::TooSmall) => {
                     // Keep the buffer for a smaller frame; this one cannot ever fit.
                     queue.go_to_previous_position();
-                    self.counters.rx_dropped += 1;
+                    inc(&self.metrics.rx_dropped);
                 }
                 Err(ScatterError::Bad) => {
                     if queue.add_used(mem, head, 0).is_err() {
                         debug!("virtio-net: cannot add a used element");
                     }
                     used = true;
-                    self.counters.rx_dropped += 1;
+                    inc(&self.metrics.rx_dropped);
                 }
             }
             self.rx_len = 0;

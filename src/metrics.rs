@@ -1,0 +1,132 @@
+//! Counters: plain atomics that the vCPU threads and devices bump (relaxed, no locks), dumped
+//! as one JSON object per flush to the metrics file (`PUT /metrics`, FlushMetrics, exit).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{json, Map, Value};
+
+/// Adds one to a counter.
+#[inline]
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter.
+#[inline]
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+macro_rules! counters {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: AtomicU64,)*
+        }
+
+        impl $name {
+            /// The counters as a JSON object.
+            pub fn to_json(&self) -> Value {
+                let mut map = Map::new();
+                $(map.insert(stringify!($field).to_owned(), json!(self.$field.load(Ordering::Relaxed)));)*
+                Value::Object(map)
+            }
+        }
+    };
+}
+
+counters!(
+    /// One vCPU's exits, by kind.
+    VcpuMetrics {
+        /// Port reads.
+        exit_io_in,
+        /// Port writes.
+        exit_io_out,
+        /// MMIO reads.
+        exit_mmio_read,
+        /// MMIO writes.
+        exit_mmio_write,
+        /// HLT with the irqchip in user space (never here) or a guest halting for good.
+        exit_hlt,
+        /// Shutdown, reset and system events.
+        exit_system_event,
+        /// KVM_RUN interrupted by a kick or signal.
+        exit_interrupted,
+        /// Failures: internal errors, failed entries, unexpected exits.
+        failures,
+    }
+);
+
+counters!(
+    /// One block device.
+    BlockMetrics {
+        /// Read requests.
+        read_count,
+        /// Bytes read into the guest.
+        read_bytes,
+        /// Write requests.
+        write_count,
+        /// Bytes written to the image.
+        write_bytes,
+        /// Flush requests.
+        flush_count,
+        /// GET_ID requests.
+        get_id_count,
+        /// Requests that failed (I/O error, out of range, read-only).
+        io_errors,
+        /// Chains too broken to answer, and unsupported request types.
+        invalid_requests,
+    }
+);
+
+counters!(
+    /// One network device.
+    NetMetrics {
+        /// Frames delivered to the guest.
+        rx_frames,
+        /// Bytes delivered to the guest, headers excluded.
+        rx_bytes,
+        /// Frames read from the TAP and dropped.
+        rx_dropped,
+        /// Frames sent to the TAP.
+        tx_frames,
+        /// Bytes sent to the TAP, headers excluded.
+        tx_bytes,
+        /// Guest frames dropped.
+        tx_dropped,
+    }
+);
+
+counters!(
+    /// The API server.
+    ApiMetrics {
+        /// Requests answered.
+        requests,
+        /// Requests answered with an error status.
+        errors,
+    }
+);
+
+/// Milliseconds since the Unix epoch.
+pub fn utc_timestamp_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_dump_as_json() {
+        let m = NetMetrics::default();
+        inc(&m.rx_frames);
+        add(&m.rx_bytes, 1500);
+        let v = m.to_json();
+        assert_eq!(v["rx_frames"], 1);
+        assert_eq!(v["rx_bytes"], 1500);
+        assert_eq!(v["tx_dropped"], 0);
+    }
+}
