@@ -3,8 +3,10 @@
 //! The library is what the `skiff` binary uses: describe a VM with [`VmConfig`], build it
 //! with [`Vm::new`], then [`Vm::start`] and [`Vm::wait`].
 
+pub mod api;
 pub mod arch;
 pub mod config;
+pub mod controller;
 pub mod device_manager;
 pub mod devices;
 pub mod logger;
@@ -30,4 +32,16 @@ pub fn mark_process_start() {
 /// The instant boot-progress times count from.
 pub fn process_start() -> Instant {
     *PROCESS_START.get_or_init(Instant::now)
+}
+
+/// An error and its causes on one line: `what: why: deeper why`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }

@@ -1,5 +1,7 @@
 //! The `skiff` command: parse the command line, start logging, build the VM from one
-//! `VmConfig`, run it, and print the error chain on failure.
+//! `VmConfig`, run it, and print the error chain on failure. `skiff run` takes the VM on the
+//! command line; without a subcommand Skiff behaves as Firecracker does (`--api-sock`,
+//! `--config-file`, `--no-api`, ...), so tools written for Firecracker can start it.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -12,14 +14,74 @@ use skiff::{GuestExit, Vm, VmConfig};
 use vmm_sys_util::terminal::Terminal;
 
 /// Skiff: a microVM monitor on Linux KVM.
+///
+/// `skiff run --kernel ...` boots a VM described on the command line. Without a subcommand,
+/// Skiff serves the Firecracker REST API on a Unix socket and/or boots the VM a Firecracker
+/// JSON config file describes.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// Log level on stderr: error, warn, info, debug or trace.
-    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    /// Log level: error, warn, info, debug, trace or off.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = level)]
     log_level: LevelFilter,
+    /// Serve the Firecracker API on this Unix socket (which must not exist).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Boot at once from this Firecracker JSON document (boot-source, machine-config, drives,
+    /// network-interfaces, logger, metrics).
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Serve no API (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+    /// Instance id, reported by `GET /`.
+    #[arg(long, default_value = "anonymous-instance", value_name = "ID")]
+    id: String,
+    /// Write the log to this file or named pipe instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Log level in Firecracker's words (Error, Warning, Info, Debug, Trace, Off); overrides
+    /// --log-level.
+    #[arg(long, value_name = "LEVEL", value_parser = level)]
+    level: Option<LevelFilter>,
+    /// Write metrics (JSON lines) to this file or named pipe, as PUT /metrics does.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+    /// Log "Guest-boot-time" (info level) when the guest writes 123 to port 0x80.
+    #[arg(long)]
+    boot_timer: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+fn level(text: &str) -> Result<LevelFilter, String> {
+    skiff::logger::parse_level(text).ok_or_else(|| {
+        format!("'{text}' is not a log level (error, warn/warning, info, debug, trace, off)")
+    })
+}
+
+/// Default API socket when neither --api-sock nor --no-api is given.
+const DEFAULT_API_SOCK: &str = "/run/skiff.socket";
+
+/// Errors of the Firecracker-style start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("--no-api needs --config-file: nothing would describe the VM")]
+    NoApiWithoutConfig,
+    #[error("cannot read config file {}", .0.display())]
+    ReadConfig(PathBuf, #[source] std::io::Error),
+    #[error("config file {}", .0.display())]
+    ParseConfig(PathBuf, #[source] serde_json::Error),
+    #[error("config file {}", .0.display())]
+    Config(PathBuf, #[source] skiff::api::model::BadRequest),
+    #[error("cannot set up logging")]
+    Logger(#[source] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] skiff::api::server::ApiServerError),
+    #[error(transparent)]
+    Vmm(#[from] skiff::VmmError),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +154,79 @@ impl Drop for RawTerminal {
     }
 }
 
+/// Without a subcommand: Firecracker's way of starting.
+fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
+    use skiff::api::model::{FullVmConfig, Metrics};
+    use skiff::controller::Controller;
+
+    if cli.no_api && cli.config_file.is_none() {
+        return Err(StartError::NoApiWithoutConfig);
+    }
+    skiff::logger::configure(&skiff::logger::LoggerSettings {
+        path: cli.log_path.clone(),
+        level: cli.level,
+        ..Default::default()
+    })
+    .map_err(StartError::Logger)?;
+    let mut config = VmConfig::new("");
+    let mut doc = None;
+    if let Some(path) = &cli.config_file {
+        let text =
+            std::fs::read(path).map_err(|e| StartError::ReadConfig(path.clone(), e))?;
+        let parsed: FullVmConfig = serde_json::from_slice(&text)
+            .map_err(|e| StartError::ParseConfig(path.clone(), e))?;
+        config = parsed
+            .to_vm_config()
+            .map_err(|e| StartError::Config(path.clone(), e))?;
+        doc = Some(parsed);
+    }
+    config.boot_timer = cli.boot_timer;
+    let mut controller = Controller::new(cli.id.clone(), config);
+    if let (Some(doc), Some(path)) = (&doc, &cli.config_file) {
+        controller
+            .configure_from(doc)
+            .map_err(|e| StartError::Config(path.clone(), e))?;
+    }
+    if let Some(path) = &cli.metrics_path {
+        let m = Metrics {
+            metrics_path: path.to_string_lossy().into_owned(),
+        };
+        let doc = FullVmConfig {
+            metrics: Some(m),
+            ..Default::default()
+        };
+        controller
+            .configure_from(&doc)
+            .map_err(|e| StartError::Config(path.clone(), e))?;
+    }
+    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let (calls_tx, calls_rx) = std::sync::mpsc::channel();
+    let socket = (!cli.no_api)
+        .then(|| cli.api_sock.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK)));
+    let _socket_guard = match &socket {
+        Some(path) => {
+            skiff::api::server::spawn(path, calls_tx, &wake, controller.api_metrics())?;
+            Some(RemoveOnDrop(path.clone()))
+        }
+        None => None,
+    };
+    let _raw = RawTerminal::enter();
+    if doc.is_some() {
+        controller.start()?;
+    }
+    let calls = socket.is_some().then_some(&calls_rx);
+    Ok(controller.run(calls, &wake)?)
+}
+
+/// Removes the API socket when Skiff ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
     let config = VmConfig {
         kernel: args.kernel,
@@ -115,13 +250,7 @@ fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
 
 /// Prints an error and its causes on one line.
 fn report(err: &dyn std::error::Error) {
-    let mut line = format!("skiff: error: {err}");
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        line.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    eprintln!("{line}");
+    eprintln!("skiff: error: {}", skiff::error_chain(err));
 }
 
 fn main() -> ExitCode {
@@ -133,20 +262,22 @@ fn main() -> ExitCode {
         restore_terminal();
         default_hook(info);
     }));
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(GuestExit::Stopped(Some(sig))) => {
-                eprintln!("skiff: stopped by signal {sig}");
-                ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)))
-            }
-            Ok(how) => {
-                log::info!("guest ended: {how:?}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                report(&e);
-                ExitCode::FAILURE
-            }
-        },
+    let outcome = match cli.command {
+        Some(Command::Run(args)) => run(args).map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+        None => firecracker_style(&cli).map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+    };
+    match outcome {
+        Ok(GuestExit::Stopped(Some(sig))) => {
+            eprintln!("skiff: stopped by signal {sig}");
+            ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)))
+        }
+        Ok(how) => {
+            log::info!("guest ended: {how:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report(e.as_ref());
+            ExitCode::FAILURE
+        }
     }
 }

@@ -120,6 +120,23 @@ extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *
     }
 }
 
+/// Makes SIGTERM, SIGINT, SIGHUP and SIGQUIT write `evt` (and be remembered, see
+/// [`termination_signal`]) instead of killing the process.
+pub fn forward_termination_signals(evt: &EventFd) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    SIGNAL_EXIT_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+        vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
+            .map_err(|e| VmmError::EventThread(std::io::Error::from_raw_os_error(e.errno())))?;
+    }
+    Ok(())
+}
+
+/// The termination signal received, if any.
+pub fn termination_signal() -> Option<i32> {
+    Some(SIGNAL_RECEIVED.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
 /// Stops the event thread's loop.
 struct EventLoopStop {
     evt: EventFd,
@@ -438,13 +455,13 @@ impl Vm {
     /// Makes SIGTERM, SIGINT, SIGHUP and SIGQUIT end this VM cleanly (terminal restored,
     /// threads joined) instead of killing the process mid-write.
     pub fn stop_on_signals(&self) -> Result<(), VmmError> {
-        use std::os::fd::AsRawFd;
-        SIGNAL_EXIT_FD.store(self.exit.eventfd().as_raw_fd(), Ordering::SeqCst);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
-            vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
-                .map_err(|e| VmmError::EventThread(std::io::Error::from_raw_os_error(e.errno())))?;
-        }
-        Ok(())
+        forward_termination_signals(self.exit.eventfd())
+    }
+
+    /// The eventfd that becomes readable when the VM wants to end (guest exit, error, stop
+    /// request, signal): poll it, then call [`Vm::wait`], which then returns at once.
+    pub fn exit_event(&self) -> &EventFd {
+        &self.exit.eventfd()
     }
 
     /// Boot-progress writes recorded so far.
@@ -463,8 +480,7 @@ impl Vm {
             if let Some(outcome) = self.exit.take() {
                 break outcome;
             }
-            let sig = SIGNAL_RECEIVED.load(Ordering::SeqCst);
-            if sig != 0 {
+            if let Some(sig) = termination_signal() {
                 break Ok(GuestExit::Stopped(Some(sig)));
             }
             // Blocks until a vCPU, device, signal or request writes the exit eventfd.

@@ -1,0 +1,257 @@
+//! The Firecracker REST API: requests routed and parsed here (pure functions, unit-tested),
+//! served over HTTP/1.1 on a Unix socket by [`server`], and carried out by the
+//! [`crate::controller::Controller`] on the VMM's own thread.
+
+pub mod model;
+pub mod server;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use model::{
+    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, VmStateName, VmStateRequest,
+};
+
+/// Largest request body the server reads, as Firecracker's default.
+pub const MAX_PAYLOAD: usize = 51_200;
+
+/// A parsed API request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiRequest {
+    /// `GET /`
+    DescribeInstance,
+    /// `GET /version`
+    GetVersion,
+    /// `PUT /boot-source`
+    PutBootSource(BootSource),
+    /// `GET /machine-config`
+    GetMachineConfig,
+    /// `PUT /machine-config`
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`
+    PatchMachineConfig(MachineConfig),
+    /// `PUT /drives/{id}`
+    PutDrive(Drive),
+    /// `PATCH /drives/{id}`
+    PatchDrive(PartialDrive),
+    /// `PUT /network-interfaces/{id}`
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`
+    PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /actions`
+    Action(ActionType),
+    /// `PATCH /vm`
+    SetVmState(VmStateName),
+    /// `GET /vm/config`
+    GetVmConfig,
+    /// `PUT /logger`
+    PutLogger(Logger),
+    /// `PUT /metrics`
+    PutMetrics(Metrics),
+}
+
+impl ApiRequest {
+    /// Requests that configure the VM before it starts, and are refused afterwards.
+    pub fn is_pre_boot_only(&self) -> bool {
+        matches!(
+            self,
+            Self::PutBootSource(_)
+                | Self::PutMachineConfig(_)
+                | Self::PatchMachineConfig(_)
+                | Self::PutDrive(_)
+                | Self::PutNetworkInterface(_)
+        )
+    }
+}
+
+/// An answer: the status and, for 200 and errors, a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body, if any.
+    pub body: Option<Value>,
+}
+
+impl ApiResponse {
+    /// 204 No Content.
+    pub fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+
+    /// 200 with a body.
+    pub fn ok(body: Value) -> Self {
+        Self {
+            status: 200,
+            body: Some(body),
+        }
+    }
+
+    /// An error with Firecracker's `{"fault_message": ...}` body.
+    pub fn fault(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: Some(serde_json::json!({ "fault_message": message.into() })),
+        }
+    }
+}
+
+/// Endpoints of later work: answered with 400 and a clear message until they exist.
+const NOT_YET: &[(&str, &str)] = &[
+    ("/vsock", "vsock"),
+    ("/snapshot/create", "snapshots"),
+    ("/snapshot/load", "snapshots"),
+    ("/balloon", "the balloon device"),
+    ("/entropy", "the entropy device"),
+    ("/mmds", "MMDS"),
+    ("/cpu-config", "custom CPU templates"),
+    ("/serial", "serial output redirection"),
+    ("/pmem", "pmem devices"),
+    ("/hotplug/memory", "memory hot-plug"),
+];
+
+fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
+    if bytes.is_empty() {
+        return Err(ApiResponse::fault(400, "Empty request body"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))
+}
+
+/// `id` from the path must match the body's id, as in Firecracker.
+fn same_id(path_id: &str, body_id: &str, kind: &str) -> Result<(), ApiResponse> {
+    if path_id.is_empty() {
+        return Err(ApiResponse::fault(400, format!("Missing {kind} id in the path")));
+    }
+    if path_id != body_id {
+        return Err(ApiResponse::fault(
+            400,
+            format!("The id from the path [{path_id}] does not match the id from the body [{body_id}]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a method, path and body into a request, or the error answer.
+pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiResponse> {
+    let path = path.split('?').next().unwrap_or("");
+    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let invalid = || {
+        ApiResponse::fault(
+            400,
+            format!("Invalid request method and/or path: {method} {trimmed}."),
+        )
+    };
+    if let Some((_, what)) = NOT_YET
+        .iter()
+        .find(|(prefix, _)| trimmed == *prefix || trimmed.starts_with(&format!("{prefix}/")))
+    {
+        return Err(ApiResponse::fault(
+            400,
+            format!("{what} {} not supported by Skiff yet", if what.ends_with('s') { "are" } else { "is" }),
+        ));
+    }
+    let (first, rest) = match trimmed.trim_start_matches('/').split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (trimmed.trim_start_matches('/'), None),
+    };
+    let request = match (method, first, rest) {
+        ("GET", "", None) => ApiRequest::DescribeInstance,
+        ("GET", "version", None) => ApiRequest::GetVersion,
+        ("PUT", "boot-source", None) => ApiRequest::PutBootSource(body(bytes)?),
+        ("GET", "machine-config", None) => ApiRequest::GetMachineConfig,
+        ("PUT", "machine-config", None) => ApiRequest::PutMachineConfig(body(bytes)?),
+        ("PATCH", "machine-config", None) => ApiRequest::PatchMachineConfig(body(bytes)?),
+        ("PUT", "drives", Some(id)) => {
+            let d: Drive = body(bytes)?;
+            same_id(id, &d.drive_id, "drive")?;
+            ApiRequest::PutDrive(d)
+        }
+        ("PATCH", "drives", Some(id)) => {
+            let d: PartialDrive = body(bytes)?;
+            same_id(id, &d.drive_id, "drive")?;
+            ApiRequest::PatchDrive(d)
+        }
+        ("PUT", "network-interfaces", Some(id)) => {
+            let n: NetworkInterface = body(bytes)?;
+            same_id(id, &n.iface_id, "network interface")?;
+            ApiRequest::PutNetworkInterface(n)
+        }
+        ("PATCH", "network-interfaces", Some(id)) => {
+            let n: PartialNetworkInterface = body(bytes)?;
+            same_id(id, &n.iface_id, "network interface")?;
+            ApiRequest::PatchNetworkInterface(n)
+        }
+        ("PUT", "actions", None) => {
+            ApiRequest::Action(body::<InstanceActionInfo>(bytes)?.action_type)
+        }
+        ("PATCH", "vm", None) => ApiRequest::SetVmState(body::<VmStateRequest>(bytes)?.state),
+        ("GET", "vm", Some("config")) => ApiRequest::GetVmConfig,
+        ("PUT", "logger", None) => ApiRequest::PutLogger(body(bytes)?),
+        ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
+        _ => return Err(invalid()),
+    };
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(r: Result<ApiRequest, ApiResponse>) -> (u16, String) {
+        let e = r.unwrap_err();
+        let msg = e.body.unwrap()["fault_message"].as_str().unwrap().to_owned();
+        (e.status, msg)
+    }
+
+    #[test]
+    fn routes_known_paths() {
+        assert_eq!(route("GET", "/", b""), Ok(ApiRequest::DescribeInstance));
+        assert_eq!(route("GET", "/version", b""), Ok(ApiRequest::GetVersion));
+        assert_eq!(route("GET", "/vm/config", b""), Ok(ApiRequest::GetVmConfig));
+        assert_eq!(
+            route("PUT", "/actions", br#"{"action_type":"InstanceStart"}"#),
+            Ok(ApiRequest::Action(ActionType::InstanceStart))
+        );
+        assert_eq!(
+            route("PATCH", "/vm", br#"{"state":"Paused"}"#),
+            Ok(ApiRequest::SetVmState(VmStateName::Paused))
+        );
+        assert!(matches!(
+            route("PUT", "/drives/rootfs", br#"{"drive_id":"rootfs","path_on_host":"/i","is_root_device":true}"#),
+            Ok(ApiRequest::PutDrive(_))
+        ));
+    }
+
+    #[test]
+    fn bad_requests_get_firecracker_faults() {
+        assert_eq!(
+            fault(route("DELETE", "/machine-config", b"")),
+            (400, "Invalid request method and/or path: DELETE /machine-config.".to_owned())
+        );
+        assert_eq!(fault(route("GET", "/nope", b"")).0, 400);
+        assert_eq!(fault(route("PUT", "/actions", b"")).1, "Empty request body");
+        assert!(fault(route("PUT", "/actions", br#"{"action_type":"Reboot"}"#))
+            .1
+            .contains("unknown variant `Reboot`"));
+        assert!(fault(route("PUT", "/actions", b"{not json")).1.contains("key must be a string"));
+        assert!(fault(route(
+            "PUT",
+            "/drives/a",
+            br#"{"drive_id":"b","path_on_host":"/i","is_root_device":true}"#
+        ))
+        .1
+        .contains("does not match"));
+        assert_eq!(
+            fault(route("PUT", "/vsock", b"{}")),
+            (400, "vsock is not supported by Skiff yet".to_owned())
+        );
+        assert_eq!(
+            fault(route("PUT", "/snapshot/create", b"{}")).1,
+            "snapshots are not supported by Skiff yet"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! The Firecracker API's request and response bodies (shared/reference/firecracker-api.yaml),
+//! parsed with serde (unknown fields rejected) and converted to and from the one [`VmConfig`].
+//! The config file (`--config-file`) is the same [`FullVmConfig`] document.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_mac, DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE};
+
+/// Largest vCPU count the API accepts, as Firecracker.
+pub const MAX_API_VCPUS: u32 = 32;
+
+/// Why a body cannot be applied; the text becomes the `fault_message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, BadRequest> {
+    Err(BadRequest(msg.into()))
+}
+
+/// `PUT /boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Kernel image on the host.
+    pub kernel_image_path: String,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Initrd on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// `GET|PUT|PATCH /machine-config`. PUT needs both sizes; PATCH takes any subset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// vCPUs, 1 to 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u32>,
+    /// Guest memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// Simultaneous multithreading (not supported: false only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    /// Dirty-page tracking for snapshots (accepted, not used yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// CPU template: "None" only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages: "None" only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+/// A rate limiter: accepted only when empty (rate limiting is not implemented).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RateLimiter(serde_json::Map<String, serde_json::Value>);
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The drive's id (the path's id).
+    pub drive_id: String,
+    /// Image file on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// Root device: /dev/vda and `root=` on the command line.
+    pub is_root_device: bool,
+    /// Partition UUID of the root partition (`root=PARTUUID=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    /// "Unsafe" or "Writeback": flushes are always honoured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    /// "Sync" or "Async": requests run synchronously on the event thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// Not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    /// vhost-user socket: not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// `PATCH /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive's id.
+    pub drive_id: String,
+    /// New image file.
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    /// New rate limiter.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's id (the path's id).
+    pub iface_id: String,
+    /// The TAP on the host.
+    pub host_dev_name: String,
+    /// The guest's MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// MTU (not supported: the TAP's MTU applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface's id.
+    pub iface_id: String,
+    /// New RX rate limiter.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New TX rate limiter.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /logger`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// File or named pipe the log goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// Error, Warning, Info, Debug, Trace or Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// Prefix lines with the level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Prefix lines with file and line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log lines from this module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// File or named pipe the metrics go to.
+    pub metrics_path: String,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// The synchronous actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ActionType {
+    /// Boot the configured VM.
+    InstanceStart,
+    /// Send Ctrl-Alt-Del through the i8042.
+    SendCtrlAltDel,
+    /// Write the metrics now.
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateRequest {
+    /// Paused or Resumed.
+    pub state: VmStateName,
+}
+
+/// The states `PATCH /vm` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum VmStateName {
+    /// Stop every vCPU and device processing.
+    Paused,
+    /// Continue.
+    Resumed,
+}
+
+/// The whole configuration: `GET /vm/config`, and the `--config-file` document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FullVmConfig {
+    /// Kernel, initrd, command line.
+    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default, skip_serializing_if = "Option::is_none")]
+    pub machine_config: Option<MachineConfig>,
+    /// Block devices.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// Network devices.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// Logger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    /// Metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// Devices of later work, refused with a clear message when present.
+    #[serde(flatten, skip_serializing)]
+    pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Sections of Firecracker's document that Skiff does not have yet.
+const NOT_YET: &[&str] = &[
+    "vsock",
+    "balloon",
+    "entropy",
+    "mmds-config",
+    "cpu-config",
+    "pmem",
+    "memory-hotplug",
+    "serial",
+];
+
+fn empty_limiter(limiter: Option<&RateLimiter>, what: &str) -> Result<(), BadRequest> {
+    match limiter {
+        Some(l) if !l.0.is_empty() => bad(format!("{what}: rate limiting is not supported by Skiff yet")),
+        _ => Ok(()),
+    }
+}
+
+fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return bad(format!(
+            "invalid {kind} id '{id}': use 1 to 64 letters, digits, '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+impl BootSource {
+    /// Applies the boot source to `config`.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        if self.kernel_image_path.is_empty() {
+            return bad("kernel_image_path is empty");
+        }
+        config.kernel = PathBuf::from(&self.kernel_image_path);
+        config.initrd = self.initrd_path.as_ref().map(PathBuf::from);
+        config.cmdline = self.boot_args.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+        Ok(())
+    }
+}
+
+impl MachineConfig {
+    /// Applies the set fields to `config`; with `full` (PUT) both sizes are required and unset
+    /// options return to their defaults. Nothing changes unless every field is valid.
+    pub fn apply(&self, config: &mut VmConfig, full: bool) -> Result<(), BadRequest> {
+        if full && (self.vcpu_count.is_none() || self.mem_size_mib.is_none()) {
+            return bad("machine-config needs vcpu_count and mem_size_mib");
+        }
+        if let Some(n) = self.vcpu_count {
+            if n == 0 || n > MAX_API_VCPUS {
+                return bad(format!("vcpu_count {n} is out of range: 1 to {MAX_API_VCPUS}"));
+            }
+        }
+        if self.mem_size_mib == Some(0) {
+            return bad("mem_size_mib must be at least 1");
+        }
+        if self.smt == Some(true) {
+            return bad("smt is not supported by Skiff");
+        }
+        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
+            return bad(format!("cpu_template '{t}' is not supported by Skiff (only None)"));
+        }
+        if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != "None") {
+            return bad(format!("huge_pages '{h}' is not supported by Skiff yet (only None)"));
+        }
+        if let Some(n) = self.vcpu_count {
+            config.vcpus = n;
+        }
+        if let Some(m) = self.mem_size_mib {
+            config.memory_mib = m;
+        }
+        if full || self.track_dirty_pages.is_some() {
+            config.track_dirty_pages = self.track_dirty_pages.unwrap_or(false);
+        }
+        Ok(())
+    }
+
+    /// The machine configuration of `config`.
+    pub fn of(config: &VmConfig) -> Self {
+        Self {
+            vcpu_count: Some(config.vcpus),
+            mem_size_mib: Some(config.memory_mib),
+            smt: Some(false),
+            track_dirty_pages: Some(config.track_dirty_pages),
+            cpu_template: None,
+            huge_pages: Some("None".to_owned()),
+        }
+    }
+}
+
+impl Drive {
+    /// Adds or replaces the drive in `config`.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        check_id("drive", &self.drive_id)?;
+        if self.socket.is_some() {
+            return bad("vhost-user drives (socket) are not supported by Skiff");
+        }
+        empty_limiter(self.rate_limiter.as_ref(), "rate_limiter")?;
+        let Some(path) = self.path_on_host.as_deref().filter(|p| !p.is_empty()) else {
+            return bad(format!("drive {}: path_on_host is required", self.drive_id));
+        };
+        if let Some(c) = self.cache_type.as_deref().filter(|c| !["Unsafe", "Writeback"].contains(c)) {
+            return bad(format!("cache_type '{c}': expected Unsafe or Writeback"));
+        }
+        if let Some(e) = self.io_engine.as_deref().filter(|e| !["Sync", "Async"].contains(e)) {
+            return bad(format!("io_engine '{e}': expected Sync or Async"));
+        }
+        if let Some(uuid) = &self.partuuid {
+            if uuid.is_empty() || uuid.len() > 64 || !uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+                return bad(format!("partuuid '{uuid}' is not a partition UUID"));
+            }
+        }
+        if self.drive_id.len() > 20 {
+            return bad(format!("drive id '{}' is longer than virtio-blk's 20-byte serial", self.drive_id));
+        }
+        if self.is_root_device {
+            if let Some(other) = config.disks.iter().find(|d| d.root && d.id.as_deref() != Some(self.drive_id.as_str())) {
+                return bad(format!(
+                    "drive {} cannot be the root device: drive {} already is",
+                    self.drive_id,
+                    other.id.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        let disk = DiskConfig {
+            path: PathBuf::from(path),
+            read_only: self.is_read_only.unwrap_or(false),
+            id: Some(self.drive_id.clone()),
+            root: self.is_root_device,
+            partuuid: self.partuuid.clone(),
+        };
+        match config.disks.iter_mut().find(|d| d.id.as_deref() == Some(self.drive_id.as_str())) {
+            Some(existing) => *existing = disk,
+            None => config.disks.push(disk),
+        }
+        Ok(())
+    }
+
+    /// The API view of a configured disk.
+    pub fn of(disk: &DiskConfig) -> Self {
+        Self {
+            drive_id: disk.id.clone().unwrap_or_default(),
+            path_on_host: Some(disk.path.to_string_lossy().into_owned()),
+            is_root_device: disk.root,
+            partuuid: disk.partuuid.clone(),
+            is_read_only: Some(disk.read_only),
+            cache_type: Some("Unsafe".to_owned()),
+            io_engine: Some("Sync".to_owned()),
+            rate_limiter: None,
+            socket: None,
+        }
+    }
+}
+
+impl NetworkInterface {
+    /// Adds or replaces the interface in `config`.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        check_id("network interface", &self.iface_id)?;
+        empty_limiter(self.rx_rate_limiter.as_ref(), "rx_rate_limiter")?;
+        empty_limiter(self.tx_rate_limiter.as_ref(), "tx_rate_limiter")?;
+        if self.mtu.is_some() {
+            return bad("mtu is not supported by Skiff yet: set the MTU on the TAP");
+        }
+        let mac = match &self.guest_mac {
+            Some(m) => Some(parse_mac(m).map_err(|e| BadRequest(e.to_string()))?),
+            None => None,
+        };
+        if self.host_dev_name.is_empty() {
+            return bad("host_dev_name is empty");
+        }
+        if let Some(other) = config.nets.iter().find(|n| n.tap == self.host_dev_name && n.id.as_deref() != Some(self.iface_id.as_str())) {
+            return bad(format!(
+                "TAP {} is already used by network interface {}",
+                self.host_dev_name,
+                other.id.as_deref().unwrap_or("?")
+            ));
+        }
+        let net = NetConfig {
+            tap: self.host_dev_name.clone(),
+            mac,
+            id: Some(self.iface_id.clone()),
+        };
+        match config.nets.iter_mut().find(|n| n.id.as_deref() == Some(self.iface_id.as_str())) {
+            Some(existing) => *existing = net,
+            None => config.nets.push(net),
+        }
+        Ok(())
+    }
+
+    /// The API view of a configured interface.
+    pub fn of(net: &NetConfig) -> Self {
+        Self {
+            iface_id: net.id.clone().unwrap_or_default(),
+            host_dev_name: net.tap.clone(),
+            guest_mac: net.mac.map(|m| {
+                m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+            }),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        }
+    }
+}
+
+impl FullVmConfig {
+    /// The VM configuration this document describes (logger and metrics are the caller's).
+    pub fn to_vm_config(&self) -> Result<VmConfig, BadRequest> {
+        if let Some(key) = self.unsupported.keys().next() {
+            return if NOT_YET.contains(&key.as_str()) {
+                bad(format!("{key} is not supported by Skiff yet"))
+            } else {
+                bad(format!("unknown section '{key}'"))
+            };
+        }
+        let Some(boot) = &self.boot_source else {
+            return bad("boot-source is missing");
+        };
+        let mut config = VmConfig::new("");
+        boot.apply(&mut config)?;
+        if let Some(m) = &self.machine_config {
+            m.apply(&mut config, true)?;
+        }
+        for d in &self.drives {
+            d.apply(&mut config)?;
+        }
+        for n in &self.network_interfaces {
+            n.apply(&mut config)?;
+        }
+        Ok(config)
+    }
+
+    /// The document describing `config`.
+    pub fn of(config: &VmConfig, logger: Option<Logger>, metrics: Option<Metrics>) -> Self {
+        let boot_source = (!config.kernel.as_os_str().is_empty()).then(|| BootSource {
+            kernel_image_path: config.kernel.to_string_lossy().into_owned(),
+            boot_args: Some(config.cmdline.clone()),
+            initrd_path: config.initrd.as_ref().map(|p| p.to_string_lossy().into_owned()),
+        });
+        Self {
+            boot_source,
+            machine_config: Some(MachineConfig::of(config)),
+            drives: config.disks.iter().map(Drive::of).collect(),
+            network_interfaces: config.nets.iter().map(NetworkInterface::of).collect(),
+            logger,
+            metrics,
+            unsupported: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused() {
+        assert!(parse::<BootSource>(r#"{"kernel_image_path":"k","colour":1}"#)
+            .unwrap_err()
+            .contains("unknown field `colour`"));
+        assert!(parse::<MachineConfig>(r#"{"vcpu_count":"two"}"#).is_err());
+        assert!(parse::<MachineConfig>(r#"{"vcpu_count":-1}"#).is_err());
+        assert!(parse::<Drive>(r#"{"drive_id":"a"}"#)
+            .unwrap_err()
+            .contains("missing field `is_root_device`"));
+    }
+
+    #[test]
+    fn machine_config_rules() {
+        let mut c = VmConfig::new("k");
+        let m: MachineConfig = parse(r#"{"vcpu_count":2,"mem_size_mib":256}"#).unwrap();
+        m.apply(&mut c, true).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 256));
+        for bad_body in [
+            r#"{"vcpu_count":0,"mem_size_mib":256}"#,
+            r#"{"vcpu_count":33,"mem_size_mib":256}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":0}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":128,"smt":true}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"T2"}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"2M"}"#,
+        ] {
+            let m: MachineConfig = parse(bad_body).unwrap();
+            assert!(m.apply(&mut c, true).is_err(), "{bad_body}");
+        }
+        // A partial update needs no sizes; the whole update fails on one bad field.
+        let m: MachineConfig = parse(r#"{"vcpu_count":4}"#).unwrap();
+        assert!(m.apply(&mut c, true).is_err());
+        m.apply(&mut c, false).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (4, 256));
+    }
+
+    #[test]
+    fn drives_and_interfaces() {
+        let mut c = VmConfig::new("k");
+        let root: Drive = parse(r#"{"drive_id":"rootfs","path_on_host":"/img","is_root_device":true,"is_read_only":true}"#).unwrap();
+        root.apply(&mut c).unwrap();
+        root.apply(&mut c).unwrap(); // the same id again replaces
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.disks[0].root && c.disks[0].read_only);
+        let second_root: Drive = parse(r#"{"drive_id":"other","path_on_host":"/img2","is_root_device":true}"#).unwrap();
+        assert!(second_root.apply(&mut c).unwrap_err().0.contains("already is"));
+        for body in [
+            r#"{"drive_id":"x","is_root_device":false}"#,
+            r#"{"drive_id":"bad id","path_on_host":"/i","is_root_device":false}"#,
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":true,"partuuid":"1 init=/bin/sh"}"#,
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"socket":"/s"}"#,
+            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"rate_limiter":{"bandwidth":{"size":1,"refill_time":1}}}"#,
+        ] {
+            let d: Drive = parse(body).unwrap();
+            assert!(d.apply(&mut c).is_err(), "{body}");
+        }
+        let n: NetworkInterface = parse(r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:00:00:00:01"}"#).unwrap();
+        n.apply(&mut c).unwrap();
+        assert_eq!(c.nets[0].mac, Some([6, 0, 0, 0, 0, 1]));
+        let clash: NetworkInterface = parse(r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#).unwrap();
+        assert!(clash.apply(&mut c).is_err());
+        let bad_mac: NetworkInterface = parse(r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"zz"}"#).unwrap();
+        assert!(bad_mac.apply(&mut c).is_err());
+    }
+
+    #[test]
+    fn config_file_round_trip_and_later_sections() {
+        let doc = r#"{
+            "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true}],
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]
+        }"#;
+        let full: FullVmConfig = parse(doc).unwrap();
+        let config = full.to_vm_config().unwrap();
+        assert_eq!(config.vcpus, 2);
+        let back = FullVmConfig::of(&config, None, None);
+        assert_eq!(back.to_vm_config().unwrap(), config);
+        let vsock: FullVmConfig = parse(r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{}}"#).unwrap();
+        assert_eq!(vsock.to_vm_config().unwrap_err().0, "vsock is not supported by Skiff yet");
+        let odd: FullVmConfig = parse(r#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#).unwrap();
+        assert!(odd.to_vm_config().unwrap_err().0.contains("unknown section 'bogus'"));
+    }
+}

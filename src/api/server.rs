@@ -1,0 +1,165 @@
+//! HTTP/1.1 on a Unix socket with hyper, on the API thread's own single-threaded tokio runtime.
+//! Each connection is its own task, so a slow or stalled client only holds itself: headers
+//! and bodies have a time limit, bodies a size limit. Requests go to the controller over a
+//! channel and an eventfd; the answer comes back on a oneshot channel.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{route, ApiResponse, MAX_PAYLOAD};
+use crate::controller::ApiCall;
+use crate::metrics::{inc, ApiMetrics};
+
+/// How long a client may take to send its headers, and then its body.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors while starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// The socket cannot be bound.
+    #[error("cannot listen on the API socket {}", .0.display())]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// The thread or its runtime cannot start.
+    #[error("cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+struct Shared {
+    calls: Sender<ApiCall>,
+    wake: EventFd,
+    metrics: Arc<ApiMetrics>,
+}
+
+/// Binds `path` (which must not exist) and serves the API on a new thread named `skiff-api`.
+pub fn spawn(
+    path: &Path,
+    calls: Sender<ApiCall>,
+    wake: &EventFd,
+    metrics: Arc<ApiMetrics>,
+) -> Result<JoinHandle<()>, ApiServerError> {
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
+    let shared = Arc::new(Shared {
+        calls,
+        wake: wake.try_clone().map_err(ApiServerError::Thread)?,
+        metrics,
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ApiServerError::Thread)?;
+    std::thread::Builder::new()
+        .name("skiff-api".into())
+        .spawn(move || runtime.block_on(serve(listener, shared)))
+        .map_err(ApiServerError::Thread)
+}
+
+async fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("API server: {e}");
+            return;
+        }
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("API server: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, shared.clone()));
+            let result = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = result {
+                debug!("API connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = respond(req, &shared).await;
+    inc(&shared.metrics.requests);
+    if response.status >= 400 {
+        inc(&shared.metrics.errors);
+    }
+    Ok(to_http(&response))
+}
+
+async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = |size: String| {
+        ApiResponse::fault(
+            400,
+            format!("Request payload with size {size} is larger than the limit of {MAX_PAYLOAD} allowed by server."),
+        )
+    };
+    if let Some(len) = declared.filter(|&l| l > MAX_PAYLOAD as u64) {
+        return too_large(len.to_string());
+    }
+    let body = Limited::new(req.into_body(), MAX_PAYLOAD);
+    let bytes = match tokio::time::timeout(CLIENT_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(format!("over {MAX_PAYLOAD}"));
+        }
+        Ok(Err(e)) => return ApiResponse::fault(400, format!("cannot read the request body: {e}")),
+        Err(_) => return ApiResponse::fault(400, "timed out reading the request body"),
+    };
+    let request = match route(&method, &path, &bytes) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if shared.calls.send((request, reply)).is_err() || shared.wake.write(1).is_err() {
+        return ApiResponse::fault(500, "the VMM is shutting down");
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| ApiResponse::fault(500, "the VMM is shutting down"))
+}
+
+fn to_http(response: &ApiResponse) -> Response<Full<Bytes>> {
+    let body = response
+        .body
+        .as_ref()
+        .map(|b| Bytes::from(b.to_string()))
+        .unwrap_or_default();
+    let mut http = Response::new(Full::new(body));
+    *http.status_mut() =
+        StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if response.body.is_some() {
+        http.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    http
+}

@@ -1,0 +1,352 @@
+//! The VMM controller: one owner for the configuration being built, the running [`Vm`], the
+//! logger and metrics settings, carrying out API requests on the VMM's own thread. The API
+//! thread only parses and forwards, so neither a slow client nor a long request (a pause
+//! waits for every vCPU) ever runs on a vCPU or device thread.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::model::{
+    ActionType, BadRequest, FullVmConfig, Logger, MachineConfig, Metrics, VmStateName,
+};
+use crate::api::{ApiRequest, ApiResponse};
+use crate::config::VmConfig;
+use crate::logger::{parse_level, LoggerSettings};
+use crate::metrics::ApiMetrics;
+use crate::vmm::{forward_termination_signals, termination_signal, Vm, VmState, VmmError};
+use crate::GuestExit;
+
+/// The Firecracker API version whose paths and bodies Skiff serves (`GET /version`).
+pub const API_VERSION: &str = "1.16.1";
+/// How often metrics are written without being asked, as Firecracker.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+const AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+
+/// An API request with the channel its answer goes back on.
+pub type ApiCall = (ApiRequest, tokio::sync::oneshot::Sender<ApiResponse>);
+
+/// Owns the VM and its configuration; see the module documentation.
+#[derive(Debug)]
+pub struct Controller {
+    id: String,
+    config: VmConfig,
+    vm: Option<Vm>,
+    logger: Option<Logger>,
+    metrics: Option<(Metrics, File)>,
+    api_metrics: Arc<ApiMetrics>,
+    last_flush: Instant,
+}
+
+fn bad(e: BadRequest) -> ApiResponse {
+    ApiResponse::fault(400, e.0)
+}
+
+impl Controller {
+    /// A controller for instance `id` starting from `config` (empty until the API fills it).
+    pub fn new(id: String, config: VmConfig) -> Self {
+        Self {
+            id,
+            config,
+            vm: None,
+            logger: None,
+            metrics: None,
+            api_metrics: Arc::default(),
+            last_flush: Instant::now(),
+        }
+    }
+
+    /// The API server's counters, shared with the server.
+    pub fn api_metrics(&self) -> Arc<ApiMetrics> {
+        self.api_metrics.clone()
+    }
+
+    /// Sets up logging and metrics from a config file's sections.
+    pub fn configure_from(&mut self, doc: &FullVmConfig) -> Result<(), BadRequest> {
+        if let Some(l) = &doc.logger {
+            self.set_logger(l)?;
+        }
+        if let Some(m) = &doc.metrics {
+            self.set_metrics(m)?;
+        }
+        Ok(())
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.vm.as_ref().map(Vm::state) {
+            None | Some(VmState::Created) => "Not started",
+            Some(VmState::Paused) => "Paused",
+            Some(VmState::Running | VmState::Stopped) => "Running",
+        }
+    }
+
+    fn set_logger(&mut self, l: &Logger) -> Result<(), BadRequest> {
+        let level = match l.level.as_deref() {
+            Some(text) => Some(
+                parse_level(text)
+                    .ok_or_else(|| BadRequest(format!("invalid log level '{text}'")))?,
+            ),
+            None => None,
+        };
+        let settings = LoggerSettings {
+            path: l.log_path.as_ref().map(Into::into),
+            level,
+            show_level: l.show_level,
+            show_origin: l.show_log_origin,
+            module: l.module.clone(),
+        };
+        crate::logger::configure(&settings).map_err(|e| BadRequest(e.to_string()))?;
+        self.logger = Some(l.clone());
+        Ok(())
+    }
+
+    fn set_metrics(&mut self, m: &Metrics) -> Result<(), BadRequest> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.metrics.is_some() {
+            return Err(BadRequest("Reinitialization of metrics not allowed.".into()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&m.metrics_path)
+            .map_err(|e| BadRequest(format!("cannot open metrics file {}: {e}", m.metrics_path)))?;
+        self.metrics = Some((m.clone(), file));
+        Ok(())
+    }
+
+    /// Everything counted so far, as the JSON line the metrics file gets.
+    pub fn metrics_json(&self) -> serde_json::Value {
+        let mut doc = self.vm.as_ref().map_or_else(|| json!({}), Vm::metrics);
+        doc["utc_timestamp_ms"] = json!(crate::metrics::utc_timestamp_ms());
+        doc["api_server"] = self.api_metrics.to_json();
+        doc
+    }
+
+    /// Appends one metrics line to the metrics file, if one is set.
+    pub fn flush_metrics(&mut self) -> Result<(), BadRequest> {
+        let line = format!("{}\n", self.metrics_json());
+        let Some((m, file)) = self.metrics.as_mut() else {
+            return Err(BadRequest("metrics are not configured: PUT /metrics first".into()));
+        };
+        self.last_flush = Instant::now();
+        file.write_all(line.as_bytes())
+            .map_err(|e| BadRequest(format!("cannot write metrics to {}: {e}", m.metrics_path)))
+    }
+
+    /// Builds and starts the VM from the configuration so far.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        if self.vm.is_some() {
+            return Err(VmmError::State("already started"));
+        }
+        let vm = Vm::new(&self.config)?;
+        vm.stop_on_signals()?;
+        let vm = self.vm.insert(vm);
+        vm.start()?;
+        info!("instance {} started", self.id);
+        Ok(())
+    }
+
+    /// Carries out one API request.
+    pub fn handle(&mut self, request: ApiRequest) -> ApiResponse {
+        let started = self.vm.is_some();
+        if started && request.is_pre_boot_only() {
+            return ApiResponse::fault(400, AFTER_START);
+        }
+        let done = |r: Result<(), BadRequest>| match r {
+            Ok(()) => ApiResponse::no_content(),
+            Err(e) => bad(e),
+        };
+        match request {
+            ApiRequest::DescribeInstance => ApiResponse::ok(json!({
+                "id": self.id,
+                "state": self.state_name(),
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "Skiff",
+            })),
+            ApiRequest::GetVersion => ApiResponse::ok(json!({ "firecracker_version": API_VERSION })),
+            ApiRequest::GetMachineConfig => ApiResponse::ok(
+                serde_json::to_value(MachineConfig::of(&self.config)).unwrap_or_default(),
+            ),
+            ApiRequest::GetVmConfig => {
+                let doc = FullVmConfig::of(
+                    &self.config,
+                    self.logger.clone(),
+                    self.metrics.as_ref().map(|(m, _)| m.clone()),
+                );
+                ApiResponse::ok(serde_json::to_value(doc).unwrap_or_default())
+            }
+            ApiRequest::PutBootSource(b) => done(b.apply(&mut self.config)),
+            ApiRequest::PutMachineConfig(m) => done(m.apply(&mut self.config, true)),
+            ApiRequest::PatchMachineConfig(m) => done(m.apply(&mut self.config, false)),
+            ApiRequest::PutDrive(d) => done(d.apply(&mut self.config)),
+            ApiRequest::PutNetworkInterface(n) => done(n.apply(&mut self.config)),
+            ApiRequest::PatchDrive(d) => {
+                if !started {
+                    return ApiResponse::fault(400, BEFORE_START);
+                }
+                if !self.config.disks.iter().any(|x| x.id.as_deref() == Some(&d.drive_id)) {
+                    return ApiResponse::fault(400, format!("drive {} does not exist", d.drive_id));
+                }
+                if d.path_on_host.is_some() || d.rate_limiter.is_some_and(|r| r != Default::default()) {
+                    return ApiResponse::fault(
+                        400,
+                        "changing a drive after boot is not supported by Skiff yet",
+                    );
+                }
+                ApiResponse::no_content()
+            }
+            ApiRequest::PatchNetworkInterface(n) => {
+                if !started {
+                    return ApiResponse::fault(400, BEFORE_START);
+                }
+                if !self.config.nets.iter().any(|x| x.id.as_deref() == Some(&n.iface_id)) {
+                    return ApiResponse::fault(
+                        400,
+                        format!("network interface {} does not exist", n.iface_id),
+                    );
+                }
+                let empty = |r: &Option<_>| r.as_ref().is_none_or(|r| *r == Default::default());
+                if !empty(&n.rx_rate_limiter) || !empty(&n.tx_rate_limiter) {
+                    return ApiResponse::fault(400, "rate limiting is not supported by Skiff yet");
+                }
+                ApiResponse::no_content()
+            }
+            ApiRequest::PutLogger(l) => done(self.set_logger(&l)),
+            ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
+            ApiRequest::Action(action) => self.action(action),
+            ApiRequest::SetVmState(state) => {
+                let Some(vm) = self.vm.as_mut() else {
+                    return ApiResponse::fault(400, BEFORE_START);
+                };
+                let result = match state {
+                    VmStateName::Paused => vm.pause(),
+                    VmStateName::Resumed => vm.resume(),
+                };
+                match result {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+                }
+            }
+        }
+    }
+
+    fn action(&mut self, action: ActionType) -> ApiResponse {
+        match action {
+            ActionType::InstanceStart => {
+                if self.vm.is_some() {
+                    return ApiResponse::fault(400, AFTER_START);
+                }
+                if self.config.kernel.as_os_str().is_empty() {
+                    return ApiResponse::fault(
+                        400,
+                        "Cannot start microvm without kernel configuration (PUT /boot-source).",
+                    );
+                }
+                match self.start() {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => {
+                        // A VM that failed to build or start is gone; the config stays for
+                        // another try.
+                        self.vm = None;
+                        ApiResponse::fault(400, crate::error_chain(&e))
+                    }
+                }
+            }
+            ActionType::SendCtrlAltDel => match &self.vm {
+                None => ApiResponse::fault(400, BEFORE_START),
+                Some(vm) => match vm.send_ctrl_alt_del() {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+                },
+            },
+            ActionType::FlushMetrics => match self.flush_metrics() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => bad(e),
+            },
+        }
+    }
+
+    /// Serves API calls from `calls` (signalled by `wake`) until the VM ends or a termination
+    /// signal arrives, writing metrics periodically and at the end. Without calls (no API),
+    /// it just waits for the VM.
+    pub fn run(
+        &mut self,
+        calls: Option<&Receiver<ApiCall>>,
+        wake: &EventFd,
+    ) -> Result<GuestExit, VmmError> {
+        if self.vm.is_none() {
+            forward_termination_signals(wake)?;
+        }
+        let outcome = loop {
+            if let Some(vm) = self.vm.as_mut() {
+                if vm_wants_to_end(vm) {
+                    break vm.wait();
+                }
+            } else if let Some(sig) = termination_signal() {
+                break Ok(GuestExit::Stopped(Some(sig)));
+            }
+            let mut fds = vec![libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if let Some(vm) = &self.vm {
+                fds.push(libc::pollfd {
+                    fd: vm.exit_event().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let timeout = METRICS_PERIOD.saturating_sub(self.last_flush.elapsed());
+            let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `fds` is a valid array of pollfd for its whole length during the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            if n == 0 && self.metrics.is_some() {
+                if let Err(e) = self.flush_metrics() {
+                    warn!("{e}");
+                }
+            }
+            if fds[0].revents != 0 {
+                let _ = wake.read();
+            }
+            if let Some(calls) = calls {
+                loop {
+                    match calls.try_recv() {
+                        Ok((request, reply)) => {
+                            let _ = reply.send(self.handle(request));
+                        }
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                }
+            }
+        };
+        if self.metrics.is_some() {
+            if let Err(e) = self.flush_metrics() {
+                warn!("{e}");
+            }
+        }
+        outcome
+    }
+}
+
+/// Whether the VM's exit event is readable (without consuming it).
+fn vm_wants_to_end(vm: &Vm) -> bool {
+    let mut fd = libc::pollfd {
+        fd: vm.exit_event().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) } > 0;
+    ready || termination_signal().is_some()
+}
