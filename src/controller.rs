@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,7 +112,9 @@ impl Controller {
     fn set_metrics(&mut self, m: &Metrics) -> Result<(), BadRequest> {
         use std::os::unix::fs::OpenOptionsExt;
         if self.metrics.is_some() {
-            return Err(BadRequest("Reinitialization of metrics not allowed.".into()));
+            return Err(BadRequest(
+                "Reinitialization of metrics not allowed.".into(),
+            ));
         }
         let file = std::fs::OpenOptions::new()
             .append(true)
@@ -136,7 +138,9 @@ impl Controller {
     pub fn flush_metrics(&mut self) -> Result<(), BadRequest> {
         let line = format!("{}\n", self.metrics_json());
         let Some((m, file)) = self.metrics.as_mut() else {
-            return Err(BadRequest("metrics are not configured: PUT /metrics first".into()));
+            return Err(BadRequest(
+                "metrics are not configured: PUT /metrics first".into(),
+            ));
         };
         self.last_flush = Instant::now();
         file.write_all(line.as_bytes())
@@ -173,7 +177,9 @@ impl Controller {
                 "vmm_version": env!("CARGO_PKG_VERSION"),
                 "app_name": "Skiff",
             })),
-            ApiRequest::GetVersion => ApiResponse::ok(json!({ "firecracker_version": API_VERSION })),
+            ApiRequest::GetVersion => {
+                ApiResponse::ok(json!({ "firecracker_version": API_VERSION }))
+            }
             ApiRequest::GetMachineConfig => ApiResponse::ok(
                 serde_json::to_value(MachineConfig::of(&self.config)).unwrap_or_default(),
             ),
@@ -194,10 +200,17 @@ impl Controller {
                 if !started {
                     return ApiResponse::fault(400, BEFORE_START);
                 }
-                if !self.config.disks.iter().any(|x| x.id.as_deref() == Some(&d.drive_id)) {
+                if !self
+                    .config
+                    .disks
+                    .iter()
+                    .any(|x| x.id.as_deref() == Some(&d.drive_id))
+                {
                     return ApiResponse::fault(400, format!("drive {} does not exist", d.drive_id));
                 }
-                if d.path_on_host.is_some() || d.rate_limiter.is_some_and(|r| r != Default::default()) {
+                if d.path_on_host.is_some()
+                    || d.rate_limiter.is_some_and(|r| r != Default::default())
+                {
                     return ApiResponse::fault(
                         400,
                         "changing a drive after boot is not supported by Skiff yet",
@@ -209,7 +222,12 @@ impl Controller {
                 if !started {
                     return ApiResponse::fault(400, BEFORE_START);
                 }
-                if !self.config.nets.iter().any(|x| x.id.as_deref() == Some(&n.iface_id)) {
+                if !self
+                    .config
+                    .nets
+                    .iter()
+                    .any(|x| x.id.as_deref() == Some(&n.iface_id))
+                {
                     return ApiResponse::fault(
                         400,
                         format!("network interface {} does not exist", n.iface_id),
@@ -320,13 +338,8 @@ impl Controller {
                 let _ = wake.read();
             }
             if let Some(calls) = calls {
-                loop {
-                    match calls.try_recv() {
-                        Ok((request, reply)) => {
-                            let _ = reply.send(self.handle(request));
-                        }
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                    }
+                while let Ok((request, reply)) = calls.try_recv() {
+                    let _ = reply.send(self.handle(request));
                 }
             }
         };

@@ -128,7 +128,10 @@ pub fn configure(settings: &LoggerSettings) -> std::io::Result<()> {
                     .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
                     .open(path)
                     .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("cannot open {}: {e}", path.display()),
+                        )
                     })?,
             )
         }

@@ -171,10 +171,9 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
     let mut config = VmConfig::new("");
     let mut doc = None;
     if let Some(path) = &cli.config_file {
-        let text =
-            std::fs::read(path).map_err(|e| StartError::ReadConfig(path.clone(), e))?;
-        let parsed: FullVmConfig = serde_json::from_slice(&text)
-            .map_err(|e| StartError::ParseConfig(path.clone(), e))?;
+        let text = std::fs::read(path).map_err(|e| StartError::ReadConfig(path.clone(), e))?;
+        let parsed: FullVmConfig =
+            serde_json::from_slice(&text).map_err(|e| StartError::ParseConfig(path.clone(), e))?;
         config = parsed
             .to_vm_config()
             .map_err(|e| StartError::Config(path.clone(), e))?;
@@ -199,10 +198,14 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
             .configure_from(&doc)
             .map_err(|e| StartError::Config(path.clone(), e))?;
     }
-    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let wake =
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
     let (calls_tx, calls_rx) = std::sync::mpsc::channel();
-    let socket = (!cli.no_api)
-        .then(|| cli.api_sock.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK)));
+    let socket = (!cli.no_api).then(|| {
+        cli.api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK))
+    });
     let _socket_guard = match &socket {
         Some(path) => {
             skiff::api::server::spawn(path, calls_tx, &wake, controller.api_metrics())?;
@@ -263,7 +266,9 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
     let outcome = match cli.command {
-        Some(Command::Run(args)) => run(args).map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+        Some(Command::Run(args)) => {
+            run(args).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+        }
         None => firecracker_style(&cli).map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
     };
     match outcome {

@@ -28,11 +28,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, cpuid, mptable};
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
-use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::net::{Net, NetError};
+use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
@@ -418,7 +418,9 @@ impl Vm {
         if timeout.timed_out() {
             drop(state);
             self.release_devices();
-            return Err(VmmError::State("not answering: the event thread did not pause"));
+            return Err(VmmError::State(
+                "not answering: the event thread did not pause",
+            ));
         }
         Ok(())
     }
@@ -431,8 +433,16 @@ impl Vm {
 
     /// The VM's counters as one JSON object: vCPU exits by kind, and per device.
     pub fn metrics(&self) -> serde_json::Value {
-        let blocks = self.metrics.blocks.iter().map(|(id, m)| (id.clone(), m.to_json()));
-        let nets = self.metrics.nets.iter().map(|(id, m)| (id.clone(), m.to_json()));
+        let blocks = self
+            .metrics
+            .blocks
+            .iter()
+            .map(|(id, m)| (id.clone(), m.to_json()));
+        let nets = self
+            .metrics
+            .nets
+            .iter()
+            .map(|(id, m)| (id.clone(), m.to_json()));
         serde_json::json!({
             "vcpu": self.metrics.vcpus.iter().map(|m| m.to_json()).collect::<Vec<_>>(),
             "block": blocks.collect::<serde_json::Map<_, _>>(),
@@ -461,7 +471,7 @@ impl Vm {
     /// The eventfd that becomes readable when the VM wants to end (guest exit, error, stop
     /// request, signal): poll it, then call [`Vm::wait`], which then returns at once.
     pub fn exit_event(&self) -> &EventFd {
-        &self.exit.eventfd()
+        self.exit.eventfd()
     }
 
     /// Boot-progress writes recorded so far.

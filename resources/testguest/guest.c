@@ -1146,6 +1146,31 @@ static void check_netbench(void)
 	report("netbench", end && got > 0, "no datagrams or no end marker from the host");
 }
 
+/* Prints "tick N" every 50 ms (TSC time) until the i8042 delivers Ctrl-Alt-Del (the host's
+ * SendCtrlAltDel), then checks the scancodes. The ticks show the host whether the guest runs
+ * (pause and resume tests). Parameter: ticks_max= (default 1200, one minute). */
+static void check_ctrlaltdel(void)
+{
+	static const uint8_t want[4] = { 0x14, 0x11, 0xe0, 0x71 };	/* set 2: Ctrl, Alt, Del */
+	uint8_t keys[4] = { 0 };
+	unsigned n = 0;
+	uint64_t max = param_uint("ticks_max", 1200), tick = 0, next = now_us();
+	puts("keys: waiting for Ctrl-Alt-Del\n");
+	while (n < 4 && tick <= max) {
+		if (inb(0x64) & 1)
+			keys[n++] = inb(0x60);
+		if (now_us() >= next) {
+			printf("tick %lu\n", tick++);
+			next = now_us() + 50000;
+		}
+	}
+	printf("keys: %2x %2x %2x %2x\n", keys[0], keys[1], keys[2], keys[3]);
+	int ok = n == 4;
+	for (unsigned i = 0; i < 4; i++)
+		ok = ok && keys[i] == want[i];
+	report("ctrlaltdel", ok, n < 4 ? "no key sequence from the host" : "not the Ctrl-Alt-Del sequence");
+}
+
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
 static void check_progress(void)
 {
@@ -1205,11 +1230,12 @@ static void run_checks(const char *protocol)
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("netbench")) && !tsc_calibrate())
-		report("bench", 0, "cannot calibrate the TSC against the PIT");
+	if ((wants("blkbench") || wants("netbench") || wants("ctrlaltdel")) && !tsc_calibrate())
+		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
 		if (wants("netbench")) check_netbench();
+		if (wants("ctrlaltdel")) check_ctrlaltdel();
 	}
 	if (wants("serial")) check_serial();
 	finish();

@@ -124,12 +124,17 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
 /// `id` from the path must match the body's id, as in Firecracker.
 fn same_id(path_id: &str, body_id: &str, kind: &str) -> Result<(), ApiResponse> {
     if path_id.is_empty() {
-        return Err(ApiResponse::fault(400, format!("Missing {kind} id in the path")));
+        return Err(ApiResponse::fault(
+            400,
+            format!("Missing {kind} id in the path"),
+        ));
     }
     if path_id != body_id {
         return Err(ApiResponse::fault(
             400,
-            format!("The id from the path [{path_id}] does not match the id from the body [{body_id}]"),
+            format!(
+                "The id from the path [{path_id}] does not match the id from the body [{body_id}]"
+            ),
         ));
     }
     Ok(())
@@ -138,7 +143,10 @@ fn same_id(path_id: &str, body_id: &str, kind: &str) -> Result<(), ApiResponse> 
 /// Turns a method, path and body into a request, or the error answer.
 pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let path = path.split('?').next().unwrap_or("");
-    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let trimmed = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
     let invalid = || {
         ApiResponse::fault(
             400,
@@ -151,7 +159,10 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
     {
         return Err(ApiResponse::fault(
             400,
-            format!("{what} {} not supported by Skiff yet", if what.ends_with('s') { "are" } else { "is" }),
+            format!(
+                "{what} {} not supported by Skiff yet",
+                if what.ends_with('s') { "are" } else { "is" }
+            ),
         ));
     }
     let (first, rest) = match trimmed.trim_start_matches('/').split_once('/') {
@@ -203,7 +214,10 @@ mod tests {
 
     fn fault(r: Result<ApiRequest, ApiResponse>) -> (u16, String) {
         let e = r.unwrap_err();
-        let msg = e.body.unwrap()["fault_message"].as_str().unwrap().to_owned();
+        let msg = e.body.unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         (e.status, msg)
     }
 
@@ -221,7 +235,11 @@ mod tests {
             Ok(ApiRequest::SetVmState(VmStateName::Paused))
         );
         assert!(matches!(
-            route("PUT", "/drives/rootfs", br#"{"drive_id":"rootfs","path_on_host":"/i","is_root_device":true}"#),
+            route(
+                "PUT",
+                "/drives/rootfs",
+                br#"{"drive_id":"rootfs","path_on_host":"/i","is_root_device":true}"#
+            ),
             Ok(ApiRequest::PutDrive(_))
         ));
     }
@@ -230,14 +248,21 @@ mod tests {
     fn bad_requests_get_firecracker_faults() {
         assert_eq!(
             fault(route("DELETE", "/machine-config", b"")),
-            (400, "Invalid request method and/or path: DELETE /machine-config.".to_owned())
+            (
+                400,
+                "Invalid request method and/or path: DELETE /machine-config.".to_owned()
+            )
         );
         assert_eq!(fault(route("GET", "/nope", b"")).0, 400);
         assert_eq!(fault(route("PUT", "/actions", b"")).1, "Empty request body");
-        assert!(fault(route("PUT", "/actions", br#"{"action_type":"Reboot"}"#))
+        assert!(
+            fault(route("PUT", "/actions", br#"{"action_type":"Reboot"}"#))
+                .1
+                .contains("unknown variant `Reboot`")
+        );
+        assert!(fault(route("PUT", "/actions", b"{not json"))
             .1
-            .contains("unknown variant `Reboot`"));
-        assert!(fault(route("PUT", "/actions", b"{not json")).1.contains("key must be a string"));
+            .contains("key must be a string"));
         assert!(fault(route(
             "PUT",
             "/drives/a",

@@ -212,10 +212,18 @@ pub enum VmStateName {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct FullVmConfig {
     /// Kernel, initrd, command line.
-    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSource>,
     /// vCPUs and memory.
-    #[serde(rename = "machine-config", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub machine_config: Option<MachineConfig>,
     /// Block devices.
     #[serde(default)]
@@ -248,13 +256,20 @@ const NOT_YET: &[&str] = &[
 
 fn empty_limiter(limiter: Option<&RateLimiter>, what: &str) -> Result<(), BadRequest> {
     match limiter {
-        Some(l) if !l.0.is_empty() => bad(format!("{what}: rate limiting is not supported by Skiff yet")),
+        Some(l) if !l.0.is_empty() => bad(format!(
+            "{what}: rate limiting is not supported by Skiff yet"
+        )),
         _ => Ok(()),
     }
 }
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         return bad(format!(
             "invalid {kind} id '{id}': use 1 to 64 letters, digits, '_' or '-'"
         ));
@@ -270,7 +285,10 @@ impl BootSource {
         }
         config.kernel = PathBuf::from(&self.kernel_image_path);
         config.initrd = self.initrd_path.as_ref().map(PathBuf::from);
-        config.cmdline = self.boot_args.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+        config.cmdline = self
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
         Ok(())
     }
 }
@@ -284,7 +302,9 @@ impl MachineConfig {
         }
         if let Some(n) = self.vcpu_count {
             if n == 0 || n > MAX_API_VCPUS {
-                return bad(format!("vcpu_count {n} is out of range: 1 to {MAX_API_VCPUS}"));
+                return bad(format!(
+                    "vcpu_count {n} is out of range: 1 to {MAX_API_VCPUS}"
+                ));
             }
         }
         if self.mem_size_mib == Some(0) {
@@ -294,10 +314,14 @@ impl MachineConfig {
             return bad("smt is not supported by Skiff");
         }
         if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
-            return bad(format!("cpu_template '{t}' is not supported by Skiff (only None)"));
+            return bad(format!(
+                "cpu_template '{t}' is not supported by Skiff (only None)"
+            ));
         }
         if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != "None") {
-            return bad(format!("huge_pages '{h}' is not supported by Skiff yet (only None)"));
+            return bad(format!(
+                "huge_pages '{h}' is not supported by Skiff yet (only None)"
+            ));
         }
         if let Some(n) = self.vcpu_count {
             config.vcpus = n;
@@ -335,22 +359,40 @@ impl Drive {
         let Some(path) = self.path_on_host.as_deref().filter(|p| !p.is_empty()) else {
             return bad(format!("drive {}: path_on_host is required", self.drive_id));
         };
-        if let Some(c) = self.cache_type.as_deref().filter(|c| !["Unsafe", "Writeback"].contains(c)) {
+        if let Some(c) = self
+            .cache_type
+            .as_deref()
+            .filter(|c| !["Unsafe", "Writeback"].contains(c))
+        {
             return bad(format!("cache_type '{c}': expected Unsafe or Writeback"));
         }
-        if let Some(e) = self.io_engine.as_deref().filter(|e| !["Sync", "Async"].contains(e)) {
+        if let Some(e) = self
+            .io_engine
+            .as_deref()
+            .filter(|e| !["Sync", "Async"].contains(e))
+        {
             return bad(format!("io_engine '{e}': expected Sync or Async"));
         }
         if let Some(uuid) = &self.partuuid {
-            if uuid.is_empty() || uuid.len() > 64 || !uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            if uuid.is_empty()
+                || uuid.len() > 64
+                || !uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+            {
                 return bad(format!("partuuid '{uuid}' is not a partition UUID"));
             }
         }
         if self.drive_id.len() > 20 {
-            return bad(format!("drive id '{}' is longer than virtio-blk's 20-byte serial", self.drive_id));
+            return bad(format!(
+                "drive id '{}' is longer than virtio-blk's 20-byte serial",
+                self.drive_id
+            ));
         }
         if self.is_root_device {
-            if let Some(other) = config.disks.iter().find(|d| d.root && d.id.as_deref() != Some(self.drive_id.as_str())) {
+            if let Some(other) = config
+                .disks
+                .iter()
+                .find(|d| d.root && d.id.as_deref() != Some(self.drive_id.as_str()))
+            {
                 return bad(format!(
                     "drive {} cannot be the root device: drive {} already is",
                     self.drive_id,
@@ -365,7 +407,11 @@ impl Drive {
             root: self.is_root_device,
             partuuid: self.partuuid.clone(),
         };
-        match config.disks.iter_mut().find(|d| d.id.as_deref() == Some(self.drive_id.as_str())) {
+        match config
+            .disks
+            .iter_mut()
+            .find(|d| d.id.as_deref() == Some(self.drive_id.as_str()))
+        {
             Some(existing) => *existing = disk,
             None => config.disks.push(disk),
         }
@@ -404,7 +450,9 @@ impl NetworkInterface {
         if self.host_dev_name.is_empty() {
             return bad("host_dev_name is empty");
         }
-        if let Some(other) = config.nets.iter().find(|n| n.tap == self.host_dev_name && n.id.as_deref() != Some(self.iface_id.as_str())) {
+        if let Some(other) = config.nets.iter().find(|n| {
+            n.tap == self.host_dev_name && n.id.as_deref() != Some(self.iface_id.as_str())
+        }) {
             return bad(format!(
                 "TAP {} is already used by network interface {}",
                 self.host_dev_name,
@@ -416,7 +464,11 @@ impl NetworkInterface {
             mac,
             id: Some(self.iface_id.clone()),
         };
-        match config.nets.iter_mut().find(|n| n.id.as_deref() == Some(self.iface_id.as_str())) {
+        match config
+            .nets
+            .iter_mut()
+            .find(|n| n.id.as_deref() == Some(self.iface_id.as_str()))
+        {
             Some(existing) => *existing = net,
             None => config.nets.push(net),
         }
@@ -429,7 +481,10 @@ impl NetworkInterface {
             iface_id: net.id.clone().unwrap_or_default(),
             host_dev_name: net.tap.clone(),
             guest_mac: net.mac.map(|m| {
-                m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
             }),
             mtu: None,
             rx_rate_limiter: None,
@@ -470,7 +525,10 @@ impl FullVmConfig {
         let boot_source = (!config.kernel.as_os_str().is_empty()).then(|| BootSource {
             kernel_image_path: config.kernel.to_string_lossy().into_owned(),
             boot_args: Some(config.cmdline.clone()),
-            initrd_path: config.initrd.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            initrd_path: config
+                .initrd
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
         });
         Self {
             boot_source,
@@ -494,9 +552,11 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_wrong_types_are_refused() {
-        assert!(parse::<BootSource>(r#"{"kernel_image_path":"k","colour":1}"#)
-            .unwrap_err()
-            .contains("unknown field `colour`"));
+        assert!(
+            parse::<BootSource>(r#"{"kernel_image_path":"k","colour":1}"#)
+                .unwrap_err()
+                .contains("unknown field `colour`")
+        );
         assert!(parse::<MachineConfig>(r#"{"vcpu_count":"two"}"#).is_err());
         assert!(parse::<MachineConfig>(r#"{"vcpu_count":-1}"#).is_err());
         assert!(parse::<Drive>(r#"{"drive_id":"a"}"#)
@@ -536,8 +596,13 @@ mod tests {
         root.apply(&mut c).unwrap(); // the same id again replaces
         assert_eq!(c.disks.len(), 1);
         assert!(c.disks[0].root && c.disks[0].read_only);
-        let second_root: Drive = parse(r#"{"drive_id":"other","path_on_host":"/img2","is_root_device":true}"#).unwrap();
-        assert!(second_root.apply(&mut c).unwrap_err().0.contains("already is"));
+        let second_root: Drive =
+            parse(r#"{"drive_id":"other","path_on_host":"/img2","is_root_device":true}"#).unwrap();
+        assert!(second_root
+            .apply(&mut c)
+            .unwrap_err()
+            .0
+            .contains("already is"));
         for body in [
             r#"{"drive_id":"x","is_root_device":false}"#,
             r#"{"drive_id":"bad id","path_on_host":"/i","is_root_device":false}"#,
@@ -548,12 +613,16 @@ mod tests {
             let d: Drive = parse(body).unwrap();
             assert!(d.apply(&mut c).is_err(), "{body}");
         }
-        let n: NetworkInterface = parse(r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:00:00:00:01"}"#).unwrap();
+        let n: NetworkInterface =
+            parse(r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:00:00:00:01"}"#)
+                .unwrap();
         n.apply(&mut c).unwrap();
         assert_eq!(c.nets[0].mac, Some([6, 0, 0, 0, 0, 1]));
-        let clash: NetworkInterface = parse(r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#).unwrap();
+        let clash: NetworkInterface =
+            parse(r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#).unwrap();
         assert!(clash.apply(&mut c).is_err());
-        let bad_mac: NetworkInterface = parse(r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"zz"}"#).unwrap();
+        let bad_mac: NetworkInterface =
+            parse(r#"{"iface_id":"eth1","host_dev_name":"tap1","guest_mac":"zz"}"#).unwrap();
         assert!(bad_mac.apply(&mut c).is_err());
     }
 
@@ -570,9 +639,18 @@ mod tests {
         assert_eq!(config.vcpus, 2);
         let back = FullVmConfig::of(&config, None, None);
         assert_eq!(back.to_vm_config().unwrap(), config);
-        let vsock: FullVmConfig = parse(r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{}}"#).unwrap();
-        assert_eq!(vsock.to_vm_config().unwrap_err().0, "vsock is not supported by Skiff yet");
-        let odd: FullVmConfig = parse(r#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#).unwrap();
-        assert!(odd.to_vm_config().unwrap_err().0.contains("unknown section 'bogus'"));
+        let vsock: FullVmConfig =
+            parse(r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{}}"#).unwrap();
+        assert_eq!(
+            vsock.to_vm_config().unwrap_err().0,
+            "vsock is not supported by Skiff yet"
+        );
+        let odd: FullVmConfig =
+            parse(r#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#).unwrap();
+        assert!(odd
+            .to_vm_config()
+            .unwrap_err()
+            .0
+            .contains("unknown section 'bogus'"));
     }
 }

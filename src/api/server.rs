@@ -101,7 +101,10 @@ async fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>) 
     }
 }
 
-async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = respond(req, &shared).await;
     inc(&shared.metrics.requests);
     if response.status >= 400 {

@@ -1,0 +1,427 @@
+//! The Firecracker API over its real Unix socket: a VM configured, booted, paused, resumed and
+//! sent Ctrl-Alt-Del entirely through it; bad requests of every kind; the config file route.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::api::{call, fault, send_raw, Running};
+use common::test_guest;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn tmp(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+fn boot_source(cmdline: &str) -> String {
+    format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 {cmdline}"}}"#,
+        test_guest().display()
+    )
+}
+
+fn ticks(lines: &[String]) -> usize {
+    lines.iter().filter(|l| l.starts_with("tick ")).count()
+}
+
+#[test]
+fn boot_pause_resume_and_ctrl_alt_del_through_the_api() {
+    let mut vm = Running::start("api-boot", &[]);
+    let metrics = tmp("api-boot.metrics");
+    let _ = std::fs::remove_file(&metrics);
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    let (status, body) = vm.call("GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"Not started""#), "{body}");
+    for (method, path, body) in [
+        ("PUT", "/boot-source", boot_source("checks=ctrlaltdel")),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256}"#.to_owned(),
+        ),
+        (
+            "PUT",
+            "/metrics",
+            format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_owned(),
+        ),
+    ] {
+        let (status, answer) = vm.call(method, path, Some(&body));
+        assert_eq!(status, 204, "{method} {path}: {answer}");
+    }
+    vm.wait_for("keys: waiting for Ctrl-Alt-Del", LIMIT);
+    vm.wait_for("tick 2", LIMIT);
+    assert!(vm.call("GET", "/", None).1.contains(r#""state":"Running""#));
+
+    // Paused: no ticks. Lines already in the pipe may still arrive, so drain first.
+    assert_eq!(
+        vm.call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
+        204
+    );
+    assert!(vm.call("GET", "/", None).1.contains(r#""state":"Paused""#));
+    vm.lines_within(Duration::from_millis(300));
+    let while_paused = vm.lines_within(Duration::from_secs(1));
+    assert_eq!(
+        ticks(&while_paused),
+        0,
+        "ticks while paused: {while_paused:?}"
+    );
+    assert_eq!(
+        vm.call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
+        204
+    );
+    vm.wait_for("tick", Duration::from_secs(10));
+
+    // Post-boot rules.
+    let (status, body) = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        fault(&body).contains("after starting the microVM"),
+        "{body}"
+    );
+    let (status, body) = vm.call("PUT", "/boot-source", Some(&boot_source("")));
+    assert_eq!(
+        (status, fault(&body).contains("after starting")),
+        (400, true)
+    );
+    assert_eq!(
+        vm.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#)
+        )
+        .0,
+        204
+    );
+    let (status, config) = vm.call("GET", "/vm/config", None);
+    assert_eq!(status, 200);
+    assert!(config.contains(r#""vcpu_count":2"#) && config.contains(r#""mem_size_mib":256"#));
+
+    // Ctrl-Alt-Del reaches the guest's i8042 driver, which then powers off.
+    assert_eq!(
+        vm.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#)
+        )
+        .0,
+        204
+    );
+    vm.wait_for("PASS ctrlaltdel", LIMIT);
+    assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+    assert!(
+        vm.console().contains("keys: 14 11 e0 71"),
+        "{}",
+        vm.console()
+    );
+    assert!(!vm.sock.exists(), "the socket is removed at exit");
+
+    // Metrics: one line per flush and one at exit, with vCPU exits and API requests counted.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let last = &lines[1];
+    assert_eq!(last["vcpu"].as_array().unwrap().len(), 2);
+    assert!(
+        last["vcpu"][0]["exit_io_out"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    assert!(
+        last["api_server"]["requests"].as_u64().unwrap() >= 10,
+        "{last}"
+    );
+    assert!(
+        last["api_server"]["errors"].as_u64().unwrap() >= 2,
+        "{last}"
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_faults_and_leave_skiff_up() {
+    let vm = Running::start("api-bad", &[]);
+    let huge = format!(r#"{{"kernel_image_path": "{}"}}"#, "x".repeat(60_000));
+    let cases: Vec<(&str, &str, Option<&str>, &str)> = vec![
+        (
+            "PUT",
+            "/boot-source",
+            Some("{not json"),
+            "key must be a string",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path": 7}"#),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some("{}"),
+            "missing field `kernel_image_path`",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path": "/k", "x": 1}"#),
+            "unknown field `x`",
+        ),
+        ("PUT", "/boot-source", None, "Empty request body"),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": -1, "mem_size_mib": 128}"#),
+            "invalid value",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 99999999999999999999}"#),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 64, "mem_size_mib": 128}"#),
+            "out of range",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1}"#),
+            "needs vcpu_count and mem_size_mib",
+        ),
+        (
+            "PUT",
+            "/drives/d",
+            Some(r#"{"drive_id": "d", "is_root_device": false}"#),
+            "path_on_host is required",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/e",
+            Some(r#"{"iface_id": "e", "host_dev_name": "t", "guest_mac": "nope"}"#),
+            "not a unicast address",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "Reboot"}"#),
+            "unknown variant",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+            "without kernel configuration",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+            "before starting",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#),
+            "metrics are not configured",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Paused"}"#),
+            "before starting",
+        ),
+        (
+            "PATCH",
+            "/drives/d",
+            Some(r#"{"drive_id": "d"}"#),
+            "before starting",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            Some("{}"),
+            "vsock is not supported by Skiff yet",
+        ),
+        (
+            "GET",
+            "/nowhere",
+            None,
+            "Invalid request method and/or path: GET /nowhere.",
+        ),
+        (
+            "POST",
+            "/actions",
+            Some("{}"),
+            "Invalid request method and/or path",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(&huge),
+            "larger than the limit of 51200",
+        ),
+        (
+            "PUT",
+            "/metrics",
+            Some(r#"{"metrics_path": "/nonexistent/dir/m"}"#),
+            "cannot open metrics file",
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let (status, answer) = vm.call(method, path, body);
+        assert_eq!(status, 400, "{method} {path} {body:?}: {answer}");
+        let message = fault(&answer);
+        assert!(
+            message.contains(want),
+            "{method} {path}: {message:?} lacks {want:?}"
+        );
+    }
+    // A kernel that does not exist: InstanceStart fails with the reason; the config stays.
+    let missing = r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#;
+    assert_eq!(vm.call("PUT", "/boot-source", Some(missing)).0, 204);
+    let (status, answer) = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        fault(&answer).contains("cannot read kernel /nonexistent/vmlinux"),
+        "{answer}"
+    );
+
+    // A client that disconnects mid-request, and one that stalls mid-body, do not stop others.
+    {
+        let mut s = UnixStream::connect(&vm.sock).unwrap();
+        s.write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"kern")
+            .unwrap();
+    }
+    let mut stalled = UnixStream::connect(&vm.sock).unwrap();
+    stalled
+        .write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a stalled client held the API"
+    );
+    drop(stalled);
+    let (status, _) = send_raw(&vm.sock, b"garbage\r\n\r\n");
+    assert_eq!(status, 400);
+
+    // Nothing above changed the configuration, and Skiff is still serving.
+    let (status, config) = vm.call("GET", "/machine-config", None);
+    assert_eq!(status, 200);
+    assert!(config.contains(r#""vcpu_count":1"#) && config.contains(r#""mem_size_mib":128"#));
+}
+
+#[test]
+fn config_file_boots_without_an_api() {
+    let file = tmp("api-config.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}}}}"#,
+            boot_source("checks=progress,smp cpus=2")
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(common::skiff_bin());
+    cmd.arg("--config-file").arg(&file).arg("--no-api");
+    let mut vm = Running::spawn(cmd, PathBuf::new());
+    assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+    assert!(vm.console().contains("PASS smp"), "{}", vm.console());
+    assert!(
+        vm.console().contains("DONE passed=2 failed=0"),
+        "{}",
+        vm.console()
+    );
+}
+
+#[test]
+fn config_file_and_flag_errors_are_one_line() {
+    let bad_json = tmp("api-bad.json");
+    std::fs::write(&bad_json, "{\"boot-source\": ").unwrap();
+    let vsock = tmp("api-vsock.json");
+    std::fs::write(
+        &vsock,
+        r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 3, "uds_path": "/v"}}"#,
+    )
+    .unwrap();
+    let busy = tmp("api-busy.sock");
+    std::fs::write(&busy, "").unwrap();
+    for (args, want) in [
+        (vec!["--no-api"], "--no-api needs --config-file".to_owned()),
+        (
+            vec!["--config-file", "/nonexistent.json", "--no-api"],
+            "cannot read config file /nonexistent.json".to_owned(),
+        ),
+        (
+            vec!["--config-file", bad_json.to_str().unwrap(), "--no-api"],
+            format!("config file {}: EOF while parsing", bad_json.display()),
+        ),
+        (
+            vec!["--config-file", vsock.to_str().unwrap(), "--no-api"],
+            "vsock is not supported by Skiff yet".to_owned(),
+        ),
+        (
+            vec!["--api-sock", busy.to_str().unwrap()],
+            format!("cannot listen on the API socket {}", busy.display()),
+        ),
+    ] {
+        let out = common::run_skiff(&args, Duration::from_secs(20), None);
+        assert_eq!(out.code, Some(1), "{args:?}: {}", out.stderr);
+        let errors = out.error_lines();
+        assert_eq!(errors.len(), 1, "{args:?}: {}", out.stderr);
+        assert!(errors[0].contains(&want), "{args:?}: {}", errors[0]);
+    }
+}
+
+#[test]
+fn a_second_client_is_served_while_the_vm_runs() {
+    // The API answers quickly even while the guest keeps a vCPU busy.
+    let vm = Running::start("api-busy-guest", &[]);
+    assert_eq!(
+        vm.call(
+            "PUT",
+            "/boot-source",
+            Some(&boot_source("checks=ctrlaltdel"))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        vm.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .0,
+        204
+    );
+    vm.wait_for("tick 1", LIMIT);
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(call(&vm.sock, "GET", "/machine-config", None).0, 200);
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}
