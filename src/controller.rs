@@ -105,7 +105,19 @@ impl Controller {
             module: l.module.clone(),
         };
         crate::logger::configure(&settings).map_err(|e| BadRequest(e.to_string()))?;
-        self.logger = Some(l.clone());
+        let mut kept = l.clone();
+        kept.level = level.map(|l| {
+            match l {
+                log::LevelFilter::Off => "Off",
+                log::LevelFilter::Error => "Error",
+                log::LevelFilter::Warn => "Warning",
+                log::LevelFilter::Info => "Info",
+                log::LevelFilter::Debug => "Debug",
+                log::LevelFilter::Trace => "Trace",
+            }
+            .to_owned()
+        });
+        self.logger = Some(kept);
         Ok(())
     }
 

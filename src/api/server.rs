@@ -22,6 +22,10 @@ use super::{route, ApiResponse, MAX_PAYLOAD};
 use crate::controller::ApiCall;
 use crate::metrics::{inc, ApiMetrics};
 
+/// Bodies up to this size are read and discarded when too large, so the client can read the
+/// answer; beyond it the connection is simply closed after the answer.
+const DISCARD_LIMIT: usize = 1 << 20;
+
 /// How long a client may take to send its headers, and then its body.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -126,18 +130,23 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
             format!("Request payload with size {size} is larger than the limit of {MAX_PAYLOAD} allowed by server."),
         )
     };
-    if let Some(len) = declared.filter(|&l| l > MAX_PAYLOAD as u64) {
+    if let Some(len) = declared.filter(|&l| l > DISCARD_LIMIT as u64) {
         return too_large(len.to_string());
     }
-    let body = Limited::new(req.into_body(), MAX_PAYLOAD);
+    // Read (up to DISCARD_LIMIT) even a body that is too large, so the client is not reset
+    // while still sending and gets to read the answer.
+    let body = Limited::new(req.into_body(), DISCARD_LIMIT);
     let bytes = match tokio::time::timeout(CLIENT_TIMEOUT, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(format!("over {MAX_PAYLOAD}"));
+            return too_large(format!("over {DISCARD_LIMIT}"));
         }
         Ok(Err(e)) => return ApiResponse::fault(400, format!("cannot read the request body: {e}")),
         Err(_) => return ApiResponse::fault(400, "timed out reading the request body"),
     };
+    if bytes.len() > MAX_PAYLOAD {
+        return too_large(bytes.len().to_string());
+    }
     let request = match route(&method, &path, &bytes) {
         Ok(r) => r,
         Err(response) => return response,
