@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Skiff check on a fresh machine: installs what the tests need (Debian packages as
-# root), builds the Linux guest (cached under ~/.cache/skiff), then format, lints and all tests.
+# root), builds the Linux guest (cached under ~/.cache/skiff), then format, lints, all tests and
+# a time-bounded fuzz run of the API.
 #
 #   tools/test.sh            everything
 #   tools/test.sh --quick    skip the Linux guest tests (no kernel build)
@@ -30,3 +31,5 @@ cargo clippy --all-targets --locked -- -D warnings
 say "cargo test"
 cargo test --locked --all-targets
 cargo test --locked --doc
+say "API fuzzing (schemathesis, 60 s)"
+tools/fuzz-api.sh 60

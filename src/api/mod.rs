@@ -118,7 +118,16 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
     if bytes.is_empty() {
         return Err(ApiResponse::fault(400, "Empty request body"));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))?;
+    // serde would also take a struct as an array of its fields; the API takes objects only.
+    if !value.is_object() {
+        return Err(ApiResponse::fault(
+            400,
+            "The request body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiResponse::fault(400, format!("{e}")))
 }
 
 /// `id` from the path must match the body's id, as in Firecracker.
