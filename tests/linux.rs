@@ -441,3 +441,36 @@ fn linux_network_by_dhcp_on_virtio_net() {
         out.elapsed.as_secs_f64()
     ));
 }
+
+#[test]
+fn linux_booted_through_the_api_restarts_on_ctrl_alt_del() {
+    if skip() {
+        return;
+    }
+    use common::api::Running;
+    let dir = linux_dir();
+    let mut vm = Running::start("linux-api", &[]);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{} -- sleep 60"}}"#,
+        dir.join("vmlinux").display(),
+        dir.join("initramfs.cpio").display(),
+        config::DEFAULT_CMDLINE
+    );
+    assert_eq!(vm.call("PUT", "/boot-source", Some(&boot)).0, 204);
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
+    assert_eq!(vm.call("PUT", "/machine-config", Some(machine)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(vm.call("PUT", "/actions", Some(start)).0, 204);
+    // The keyboard must be there to take the keys; on hardware KVM, user space too.
+    vm.wait_for("input: AT Raw Set 2 keyboard", LIMIT);
+    if !pvm_host() {
+        vm.wait_for("SKIFF-INIT-OK", LIMIT);
+    }
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    let (status, body) = vm.call("PUT", "/actions", Some(cad));
+    assert_eq!(status, 204, "{body}");
+    // The kernel's keyboard handler restarts the machine (C_A_D), through the i8042.
+    vm.wait_for("reboot: Restarting system", Duration::from_secs(60));
+    assert_eq!(vm.wait(Duration::from_secs(60)), Some(0), "{}", vm.stderr());
+    assert!(!vm.console().contains("Kernel panic"), "{}", vm.console());
+}
