@@ -27,6 +27,9 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
     pub console_input: ConsoleInput,
+    /// A file the serial console's output goes to (created or truncated) instead of
+    /// standard output.
+    pub console_output: Option<PathBuf>,
     /// Block devices, in the order the guest sees them (/dev/vda first).
     pub disks: Vec<DiskConfig>,
     /// Network devices, in the order the guest sees them (eth0 first).
@@ -193,6 +196,7 @@ impl VmConfig {
             memory_mib: 128,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             console_input: ConsoleInput::Stdin,
+            console_output: None,
             disks: Vec::new(),
             nets: Vec::new(),
             track_dirty_pages: false,

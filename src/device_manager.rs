@@ -96,11 +96,13 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
 }
 
 impl DeviceManager {
-    /// Creates the legacy devices: COM1 on 0x3f8/IRQ 4, the i8042 on 0x60/0x64/IRQ 1 (calling
-    /// `on_reset` for a CPU reset) and the boot-progress port timing against `start`.
+    /// Creates the legacy devices: COM1 on 0x3f8/IRQ 4 (writing to `output`, or standard
+    /// output), the i8042 on 0x60/0x64/IRQ 1 (calling `on_reset` for a CPU reset) and the
+    /// boot-progress port timing against `start`.
     pub fn new(
         vm: &VmFd,
         console: ConsoleInput,
+        output: Option<File>,
         on_reset: Box<dyn Fn() + Send>,
         start: Instant,
     ) -> Result<Self, DeviceError> {
@@ -114,7 +116,10 @@ impl DeviceManager {
             }
             ConsoleInput::None => None,
         };
-        let out: Box<dyn Write + Send> = Box::new(Unbuffered(std::io::stdout()));
+        let out: Box<dyn Write + Send> = match output {
+            Some(file) => Box::new(file),
+            None => Box::new(Unbuffered(std::io::stdout())),
+        };
         let serial = SerialDevice::new(irq_line(vm, SERIAL_IRQ)?, out, input)
             .map_err(DeviceError::EventFd)?;
         let serial = Arc::new(Mutex::new(serial));

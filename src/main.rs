@@ -19,7 +19,7 @@ use vmm_sys_util::terminal::Terminal;
 /// Skiff serves the Firecracker REST API on a Unix socket and/or boots the VM a Firecracker
 /// JSON config file describes.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(version, about, long_about = None)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = level)]
@@ -52,6 +52,22 @@ struct Cli {
     boot_timer: bool,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+impl Cli {
+    /// The first Firecracker-style flag given, if any.
+    fn firecracker_flag(&self) -> Option<&'static str> {
+        [
+            (self.api_sock.is_some(), "--api-sock"),
+            (self.config_file.is_some(), "--config-file"),
+            (self.no_api, "--no-api"),
+            (self.log_path.is_some(), "--log-path"),
+            (self.metrics_path.is_some(), "--metrics-path"),
+            (self.boot_timer, "--boot-timer"),
+        ]
+        .into_iter()
+        .find_map(|(given, name)| given.then_some(name))
+    }
 }
 
 fn level(text: &str) -> Result<LevelFilter, String> {
@@ -239,6 +255,7 @@ fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
         memory_mib: args.memory,
         kvm_device: args.kvm_device,
         console_input: skiff::config::ConsoleInput::Stdin,
+        console_output: None,
         disks: args.disk,
         nets: args.net,
         track_dirty_pages: false,
@@ -265,6 +282,12 @@ fn main() -> ExitCode {
         restore_terminal();
         default_hook(info);
     }));
+    if let (Some(_), Some(flag)) = (&cli.command, cli.firecracker_flag()) {
+        eprintln!(
+            "skiff: error: {flag} belongs to the Firecracker-style start; `skiff run` takes the VM on its command line"
+        );
+        return ExitCode::from(2);
+    }
     let outcome = match cli.command {
         Some(Command::Run(args)) => {
             run(args).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)

@@ -9,6 +9,10 @@
 //! config.memory_mib = 256;
 //! let mut vm = Vm::new(&config)?;
 //! vm.start()?;
+//! vm.pause()?; // every vCPU, then the device thread, stands still
+//! vm.resume()?;
+//! println!("counters: {}", vm.metrics());
+//! vm.send_ctrl_alt_del()?; // or vm.request_stop() from another handle
 //! let how = vm.wait()?;
 //! println!("guest ended: {how:?}");
 //! # Ok::<(), skiff::VmmError>(())
@@ -87,6 +91,9 @@ pub enum VmmError {
     /// The event thread could not be set up.
     #[error("cannot start the event thread")]
     EventThread(#[source] std::io::Error),
+    /// The console output file cannot be created.
+    #[error("cannot create console output file {}", .0.display())]
+    ConsoleOutput(std::path::PathBuf, #[source] std::io::Error),
     /// The request does not fit the VM's state.
     #[error("the VM is {0}")]
     State(&'static str),
@@ -245,7 +252,15 @@ impl Vm {
             let exit = exit.clone();
             Box::new(move || exit.request(Ok(GuestExit::I8042Reset)))
         };
-        let mut devices = DeviceManager::new(&vm_fd, config.console_input, on_reset, start)?;
+        let output = match &config.console_output {
+            Some(path) => Some(
+                std::fs::File::create(path)
+                    .map_err(|e| VmmError::ConsoleOutput(path.clone(), e))?,
+            ),
+            None => None,
+        };
+        let mut devices =
+            DeviceManager::new(&vm_fd, config.console_input, output, on_reset, start)?;
 
         devices
             .progress()

@@ -267,3 +267,19 @@ fn net_spec_errors() {
         assert!(!out.stderr.contains("panicked"));
     }
 }
+
+#[test]
+fn firecracker_flags_do_not_mix_with_run() {
+    let out = run_skiff(
+        &["--api-sock", "/tmp/never.sock", "run", "--kernel", &guest()],
+        Duration::from_secs(10),
+        None,
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("--api-sock belongs to the Firecracker-style start"),
+        "{}",
+        out.stderr
+    );
+}

@@ -1,0 +1,87 @@
+//! The library API as an embedder uses it, in-process: configure, start, pause, resume, send
+//! keys, read metrics, stop.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::test_guest;
+use skiff::config::ConsoleInput;
+use skiff::{GuestExit, Vm, VmConfig, VmState};
+
+fn console_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+fn wait_for_console(path: &Path, text: &str) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no {text:?} in the console:\n{}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ticking_guest(console: &Path) -> VmConfig {
+    let mut config = VmConfig::new(test_guest());
+    config.cmdline = "console=ttyS0 checks=ctrlaltdel".into();
+    config.console_input = ConsoleInput::None;
+    config.console_output = Some(console.to_owned());
+    config
+}
+
+fn port_writes(vm: &Vm) -> u64 {
+    vm.metrics()["vcpu"][0]["exit_io_out"].as_u64().unwrap()
+}
+
+#[test]
+fn embedder_starts_pauses_resumes_and_ends_a_vm() {
+    let console = console_file("library-cad.console");
+    let mut vm = Vm::new(&ticking_guest(&console)).unwrap();
+    assert_eq!(vm.state(), VmState::Created);
+    vm.start().unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    wait_for_console(&console, "tick 2");
+
+    vm.pause().unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    let (exits, printed) = (port_writes(&vm), std::fs::read(&console).unwrap().len());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(port_writes(&vm), exits, "a paused vCPU kept running");
+    assert_eq!(std::fs::read(&console).unwrap().len(), printed);
+
+    vm.resume().unwrap();
+    let start = Instant::now();
+    while port_writes(&vm) == exits {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no progress after resume"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    vm.send_ctrl_alt_del().unwrap();
+    assert_eq!(vm.wait().unwrap(), GuestExit::I8042Reset);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("PASS ctrlaltdel"), "{text}");
+    assert_eq!(vm.state(), VmState::Stopped);
+}
+
+#[test]
+fn embedder_stops_a_running_vm() {
+    let console = console_file("library-stop.console");
+    let mut vm = Vm::new(&ticking_guest(&console)).unwrap();
+    assert!(vm.pause().is_err(), "a VM that never started cannot pause");
+    vm.start().unwrap();
+    wait_for_console(&console, "tick 1");
+    vm.request_stop();
+    assert_eq!(vm.wait().unwrap(), GuestExit::Stopped(None));
+    assert!(vm.start().is_err(), "a stopped VM does not start again");
+}
