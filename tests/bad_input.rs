@@ -211,6 +211,18 @@ fn disk_problems() {
     assert!(e.contains("smaller than one 512-byte sector"), "{e}");
 }
 
+/// Runs `skiff run` with `flag spec` and checks clap refuses it (status 2) saying `want`.
+fn assert_spec_refused(flag: &str, spec: &str, want: &str) {
+    let out = run_skiff(
+        &["run", "--kernel", &guest(), flag, spec],
+        Duration::from_secs(10),
+        None,
+    );
+    assert_eq!(out.code, Some(2), "{flag} {spec}: {}", out.stderr);
+    assert!(out.stderr.contains(want), "{flag} {spec}: {}", out.stderr);
+    assert!(!out.stderr.contains("panicked"));
+}
+
 #[test]
 fn disk_spec_errors() {
     for (spec, want) in [
@@ -218,14 +230,7 @@ fn disk_spec_errors() {
         ("path=/x,colour=red", "unknown key"),
         ("path=/x,readonly=perhaps", "on or off"),
     ] {
-        let out = run_skiff(
-            &["run", "--kernel", &guest(), "--disk", spec],
-            Duration::from_secs(10),
-            None,
-        );
-        assert_eq!(out.code, Some(2), "{spec}: {}", out.stderr);
-        assert!(out.stderr.contains(want), "{spec}: {}", out.stderr);
-        assert!(!out.stderr.contains("panicked"));
+        assert_spec_refused("--disk", spec, want);
     }
 }
 
@@ -257,14 +262,7 @@ fn net_spec_errors() {
         ("tap=t0,mac=ff:ff:ff:ff:ff:ff", "not a unicast address"),
         ("tap=t0,mac=06:00:00:00:01", "not a unicast address"),
     ] {
-        let out = run_skiff(
-            &["run", "--kernel", &guest(), "--net", spec],
-            Duration::from_secs(10),
-            None,
-        );
-        assert_eq!(out.code, Some(2), "{spec}: {}", out.stderr);
-        assert!(out.stderr.contains(want), "{spec}: {}", out.stderr);
-        assert!(!out.stderr.contains("panicked"));
+        assert_spec_refused("--net", spec, want);
     }
 }
 

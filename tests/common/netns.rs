@@ -90,9 +90,29 @@ impl NetNs {
         .expect("namespace thread")
     }
 
-    /// A UDP socket bound to `addr` inside the namespace.
+    /// A UDP socket bound to `addr` inside the namespace, with 16 MiB of receive buffer so a
+    /// guest's burst is not dropped before the test reads it.
     pub fn udp_socket(&self, addr: SocketAddr) -> UdpSocket {
-        self.run_in(move || UdpSocket::bind(addr).expect("bind in the namespace"))
+        let sock = self.run_in(move || UdpSocket::bind(addr).expect("bind in the namespace"));
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt reads an int through the pointer, which points at `size` for the
+        // duration of the call; the descriptor is the socket's own.
+        let ret = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                std::ptr::addr_of!(size).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap(),
+            )
+        };
+        assert_eq!(
+            ret,
+            0,
+            "SO_RCVBUFFORCE: {}",
+            std::io::Error::last_os_error()
+        );
+        sock
     }
 
     /// A DHCP server (dnsmasq) on `dev` that gives `ip` to `mac`, logging to its stderr; it

@@ -87,6 +87,43 @@ impl IrqTrigger {
     }
 }
 
+/// What every virtio device keeps the same way: offered and accepted features, one
+/// notification eventfd per queue (a KVM ioeventfd), the interrupt, and the eventfd that wakes
+/// the event thread at activation.
+#[derive(Debug)]
+pub struct VirtioBase {
+    /// Features offered.
+    pub avail_features: u64,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// One eventfd per queue.
+    pub queue_events: Vec<EventFd>,
+    /// Written at DRIVER_OK; the event thread then takes over the queues.
+    pub activate_evt: EventFd,
+    /// The device's interrupt.
+    pub irq: IrqTrigger,
+}
+
+impl VirtioBase {
+    /// A base offering `avail_features` with `queues` queues.
+    pub fn new(avail_features: u64, queues: usize) -> io::Result<Self> {
+        Ok(Self {
+            avail_features,
+            acked_features: 0,
+            queue_events: (0..queues)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .collect::<io::Result<_>>()?,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            irq: IrqTrigger::new()?,
+        })
+    }
+
+    /// Whether the driver accepted feature `bit`.
+    pub fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+}
+
 /// Why a device refused activation.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -106,27 +143,41 @@ pub enum ActivateError {
 /// A virtio device as the MMIO transport sees it. The transport runs on vCPU threads; queue
 /// processing runs on the event thread, which the device wakes through its activation eventfd.
 pub trait VirtioDevice: Send {
+    /// The state every device has.
+    fn base(&self) -> &VirtioBase;
+    /// The state every device has, to change.
+    fn base_mut(&mut self) -> &mut VirtioBase;
     /// Virtio device ID (virtio 1.2, 5).
     fn device_type(&self) -> u32;
     /// Largest size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Features the device offers.
-    fn avail_features(&self) -> u64;
-    /// Features the driver accepted (a subset of the offered ones).
-    fn set_acked_features(&mut self, features: u64);
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The eventfds the guest's queue notifications land on (KVM ioeventfds), one per queue.
-    fn queue_events(&self) -> &[EventFd];
-    /// The device's interrupt.
-    fn interrupt(&self) -> &IrqTrigger;
     /// Takes the validated queues at DRIVER_OK and hands work to the event thread. Must not
     /// block: it runs on a vCPU thread.
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
     /// Drops the queues and returns to the state before activation.
     fn reset(&mut self);
+
+    /// Features the device offers.
+    fn avail_features(&self) -> u64 {
+        self.base().avail_features
+    }
+    /// Features the driver accepted (a subset of the offered ones).
+    fn set_acked_features(&mut self, features: u64) {
+        let base = self.base_mut();
+        base.acked_features = features & base.avail_features;
+    }
+    /// The eventfds the guest's queue notifications land on (KVM ioeventfds), one per queue.
+    fn queue_events(&self) -> &[EventFd] {
+        &self.base().queue_events
+    }
+    /// The device's interrupt.
+    fn interrupt(&self) -> &IrqTrigger {
+        &self.base().irq
+    }
 }
 
 /// The 32-bit half `select` (0 or 1) of a 64-bit feature word.

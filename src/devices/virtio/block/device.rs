@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
-    needs_interrupt, pop_chain, read_config_bytes, ActivateError, IrqTrigger, VirtioDevice,
+    needs_interrupt, pop_chain, read_config_bytes, ActivateError, VirtioBase, VirtioDevice,
     INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
@@ -49,11 +49,7 @@ pub struct Block {
     read_only: bool,
     id: [u8; ID_BYTES],
     config: [u8; 8],
-    avail_features: u64,
-    acked_features: u64,
-    queue_events: [EventFd; 1],
-    pub(super) activate_evt: EventFd,
-    irq: IrqTrigger,
+    pub(super) base: VirtioBase,
     active: Option<Active>,
     buf: Vec<u8>,
     metrics: Arc<BlockMetrics>,
@@ -113,11 +109,7 @@ impl Block {
             read_only,
             id: id_bytes,
             config: nsectors.to_le_bytes(),
-            avail_features,
-            acked_features: 0,
-            queue_events: [EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            irq: IrqTrigger::new().map_err(BlockError::EventFd)?,
+            base: VirtioBase::new(avail_features, 1).map_err(BlockError::EventFd)?,
             active: None,
             buf: Vec::new(),
             metrics: Arc::new(BlockMetrics::default()),
@@ -131,7 +123,7 @@ impl Block {
 
     /// The queue's notification eventfd.
     pub(super) fn queue_event(&self) -> &EventFd {
-        &self.queue_events[0]
+        &self.base.queue_events[0]
     }
 
     /// Drains the request queue: notifications off while draining, on again and re-checked
@@ -172,7 +164,7 @@ impl Block {
             }
             if budget == 0 {
                 // More may be waiting: come back through the event loop.
-                let _ = self.queue_events[0].write(1);
+                let _ = self.base.queue_events[0].write(1);
                 break;
             }
             match queue.enable_notification(mem) {
@@ -181,7 +173,7 @@ impl Block {
             }
         }
         if used && needs_interrupt(queue, mem) {
-            if let Err(e) = self.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger(INT_VRING) {
                 warn!("virtio-blk: cannot raise interrupt: {e}");
             }
         }
@@ -189,20 +181,20 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
+    fn base(&self) -> &VirtioBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -213,26 +205,21 @@ impl VirtioDevice for Block {
         debug!("virtio-blk: ignoring config write at {offset:#x}");
     }
 
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &IrqTrigger {
-        &self.irq
-    }
-
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
         let got = queues.len();
         let Some(mut queue) = queues.into_iter().next().filter(|_| got == 1) else {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
-        queue.set_event_idx(self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        queue.set_event_idx(self.base.acked(VIRTIO_RING_F_EVENT_IDX));
         self.active = Some(Active { mem, queue });
-        self.activate_evt.write(1).map_err(ActivateError::Signal)
+        self.base
+            .activate_evt
+            .write(1)
+            .map_err(ActivateError::Signal)
     }
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
+        self.base.acked_features = 0;
     }
 }

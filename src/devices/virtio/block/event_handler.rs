@@ -11,15 +11,15 @@ use super::device::Block;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.base.activate_evt, EventSet::IN)) {
             warn!("virtio-blk: cannot watch the activation event: {e}");
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
+        if fd == self.base.activate_evt.as_raw_fd() {
+            let _ = self.base.activate_evt.read();
             // Registering again after a reset and re-activation fails harmlessly.
             let _ = ops.add(Events::new(self.queue_event(), EventSet::IN));
             // Requests queued before activation was seen.

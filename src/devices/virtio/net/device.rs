@@ -7,13 +7,12 @@ use std::sync::Arc;
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::devices::virtio::{
     needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError, GuestBuf,
-    IrqTrigger, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::{add, inc, NetMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -71,11 +70,7 @@ struct Active {
 pub struct Net {
     tap: Tap,
     config: [u8; 6],
-    avail_features: u64,
-    acked_features: u64,
-    pub(super) queue_events: [EventFd; 2],
-    pub(super) activate_evt: EventFd,
-    irq: IrqTrigger,
+    pub(super) base: VirtioBase,
     active: Option<Active>,
     /// The frame read from the TAP and not yet delivered: `rx_frame[..rx_len]`.
     rx_frame: Vec<u8>,
@@ -123,15 +118,10 @@ impl Net {
         if mac.is_some() {
             avail_features |= 1u64 << VIRTIO_NET_F_MAC;
         }
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(Self {
             tap,
             config: mac.unwrap_or_default(),
-            avail_features,
-            acked_features: 0,
-            queue_events: [evt()?, evt()?],
-            activate_evt: evt()?,
-            irq: IrqTrigger::new().map_err(NetError::EventFd)?,
+            base: VirtioBase::new(avail_features, 2).map_err(NetError::EventFd)?,
             active: None,
             rx_frame: vec![0; MAX_FRAME_LEN + 1],
             rx_len: 0,
@@ -168,7 +158,7 @@ impl Net {
     }
 
     fn acked(&self, bit: u32) -> bool {
-        self.acked_features & (1u64 << bit) != 0
+        self.base.acked(bit)
     }
 
     /// The TUN_F_* offloads matching what the driver accepted for received frames. TSO needs
@@ -234,7 +224,7 @@ impl Net {
             }
             if budget == 0 {
                 // More may be waiting: come back through the event loop.
-                let _ = self.queue_events[TX_QUEUE].write(1);
+                let _ = self.base.queue_events[TX_QUEUE].write(1);
                 break;
             }
             match queue.enable_notification(mem) {
@@ -243,7 +233,7 @@ impl Net {
             }
         }
         if used && needs_interrupt(queue, mem) {
-            if let Err(e) = self.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger(INT_VRING) {
                 warn!("virtio-net: cannot raise interrupt: {e}");
             }
         }
@@ -326,7 +316,7 @@ impl Net {
             self.rx_len = 0;
         };
         if used && needs_interrupt(queue, mem) {
-            if let Err(e) = self.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger(INT_VRING) {
                 warn!("virtio-net: cannot raise interrupt: {e}");
             }
         }
@@ -396,20 +386,20 @@ fn scatter(mem: &GuestMemoryMmap, bufs: &[GuestBuf], frame: &[u8]) -> Result<(),
 }
 
 impl VirtioDevice for Net {
+    fn base(&self) -> &VirtioBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -419,14 +409,6 @@ impl VirtioDevice for Net {
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // The MAC is read-only for a VERSION_1 driver (virtio 1.2, 5.1.4.2).
         debug!("virtio-net: ignoring config write at {offset:#x}");
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &IrqTrigger {
-        &self.irq
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
@@ -443,12 +425,15 @@ impl VirtioDevice for Net {
             warn!("virtio-net: {e}; the guest gets fully checksummed frames");
         }
         self.active = Some(Active { mem, rx, tx });
-        self.activate_evt.write(1).map_err(ActivateError::Signal)
+        self.base
+            .activate_evt
+            .write(1)
+            .map_err(ActivateError::Signal)
     }
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
+        self.base.acked_features = 0;
         self.rx_len = 0;
     }
 }
@@ -693,7 +678,9 @@ mod tests {
         // A buffer and a notification: the frame arrives and the TAP is watched again.
         rx.add_desc_chains(&[desc(BUF, 2048, F_WRITE, 0)], 0)
             .unwrap();
-        net.lock().unwrap().queue_events[RX_QUEUE].write(1).unwrap();
+        net.lock().unwrap().base.queue_events[RX_QUEUE]
+            .write(1)
+            .unwrap();
         em.run_with_timeout(100).unwrap();
         let dev = net.lock().unwrap();
         assert_eq!(dev.counters().rx_frames, 1);

@@ -34,25 +34,25 @@ impl Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.base.activate_evt, EventSet::IN)) {
             warn!("virtio-net: cannot watch the activation event: {e}");
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
+        if fd == self.base.activate_evt.as_raw_fd() {
+            let _ = self.base.activate_evt.read();
             // Registering again after a reset and re-activation fails harmlessly.
-            let _ = ops.add(Events::new(&self.queue_events[RX_QUEUE], EventSet::IN));
-            let _ = ops.add(Events::new(&self.queue_events[TX_QUEUE], EventSet::IN));
+            let _ = ops.add(Events::new(&self.base.queue_events[RX_QUEUE], EventSet::IN));
+            let _ = ops.add(Events::new(&self.base.queue_events[TX_QUEUE], EventSet::IN));
             self.process_tx();
             self.receive_and_watch(ops);
-        } else if fd == self.queue_events[TX_QUEUE].as_raw_fd() {
-            let _ = self.queue_events[TX_QUEUE].read();
+        } else if fd == self.base.queue_events[TX_QUEUE].as_raw_fd() {
+            let _ = self.base.queue_events[TX_QUEUE].read();
             self.process_tx();
-        } else if fd == self.queue_events[RX_QUEUE].as_raw_fd() {
-            let _ = self.queue_events[RX_QUEUE].read();
+        } else if fd == self.base.queue_events[RX_QUEUE].as_raw_fd() {
+            let _ = self.base.queue_events[RX_QUEUE].read();
             self.receive_and_watch(ops);
         } else if fd == self.tap().as_raw_fd() {
             self.receive_and_watch(ops);
