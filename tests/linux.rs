@@ -461,8 +461,11 @@ fn linux_booted_through_the_api_restarts_on_ctrl_alt_del() {
     assert_eq!(vm.call("PUT", "/machine-config", Some(machine)).0, 204);
     let start = r#"{"action_type": "InstanceStart"}"#;
     assert_eq!(vm.call("PUT", "/actions", Some(start)).0, 204);
-    // The keyboard must be there to take the keys; on hardware KVM, user space too.
+    // The keyboard must be there to take the keys, and done with its own set-up commands
+    // (LEDs, repeat rate), or it takes the scancodes for their answers: wait for a line the
+    // kernel prints after that; on hardware KVM, for user space.
     vm.wait_for("input: AT Raw Set 2 keyboard", LIMIT);
+    vm.wait_for("Freeing initrd memory", LIMIT);
     if !pvm_host() {
         vm.wait_for("SKIFF-INIT-OK", LIMIT);
     }
