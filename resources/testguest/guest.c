@@ -1171,6 +1171,17 @@ static void check_ctrlaltdel(void)
 	report("ctrlaltdel", ok, n < 4 ? "no key sequence from the host" : "not the Ctrl-Alt-Del sequence");
 }
 
+/* The cost of an exit: `exits` (default 20000) writes to port 0x2f0, which no device uses in
+ * Skiff, QEMU's microvm or Firecracker, timed with the TSC. */
+static void check_exits(void)
+{
+	uint64_t n = param_uint("exits", 20000), t0 = now_us();
+	for (uint64_t i = 0; i < n; i++)
+		outb(0x2f0, 0);
+	bench_line("exit port-write", n, 0, now_us() - t0 + 1);
+	report("exits", 1, 0);
+}
+
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
 static void check_progress(void)
 {
@@ -1230,11 +1241,12 @@ static void run_checks(const char *protocol)
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("netbench") || wants("ctrlaltdel")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("netbench") || wants("ctrlaltdel") || wants("exits")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
 		if (wants("netbench")) check_netbench();
+		if (wants("exits")) check_exits();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();
 	}
 	if (wants("serial")) check_serial();

@@ -172,10 +172,9 @@ impl Tap {
         Ok(())
     }
 
-    /// A stand-in for a TAP in unit tests: any descriptor that keeps frame boundaries (a
-    /// datagram socket).
-    #[cfg(test)]
-    pub(crate) fn from_file(file: File, name: &str) -> Self {
+    /// A stand-in for a TAP, for tests and benchmarks: any non-blocking descriptor that keeps
+    /// frame boundaries (a datagram socket). Offloads cannot be set on it.
+    pub fn from_file(file: File, name: &str) -> Self {
         Self {
             file,
             name: name.to_owned(),
