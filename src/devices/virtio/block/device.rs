@@ -11,8 +11,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
-    needs_interrupt, pop_chain, read_config_bytes, ActivateError, VirtioBase, VirtioDevice,
-    INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, ActivateError, VirtioBase, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -144,39 +144,13 @@ impl Block {
             buf: &mut self.buf,
             metrics: &self.metrics,
         };
-        let mut budget = queue.size();
-        let mut used = false;
-        loop {
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            while budget > 0 {
-                let Some(chain) = pop_chain(queue, mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = execute(chain, mem, &mut disk);
-                if queue.add_used(mem, head, len).is_err() {
-                    debug!("virtio-blk: cannot add a used element");
-                }
-                used = true;
-                budget -= 1;
-            }
-            if budget == 0 {
-                // More may be waiting: come back through the event loop.
-                let _ = self.base.queue_events[0].write(1);
-                break;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if used && needs_interrupt(queue, mem) {
-            if let Err(e) = self.base.irq.trigger(INT_VRING) {
-                warn!("virtio-blk: cannot raise interrupt: {e}");
-            }
-        }
+        drain_queue(
+            queue,
+            mem,
+            &self.base.queue_events[0],
+            &self.base.irq,
+            |chain| execute(chain, mem, &mut disk),
+        );
     }
 }
 

@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError, GuestBuf,
-    VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError,
+    GuestBuf, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::{add, inc, NetMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -185,25 +185,21 @@ impl Net {
             return;
         };
         let mem = &active.mem;
-        let queue = &mut active.tx;
-        let mut budget = queue.size();
-        let mut used = false;
-        loop {
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            while budget > 0 {
-                let Some(chain) = pop_chain(queue, mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let ok = split_chain(chain, &mut self.readable, &mut self.writable)
-                    && self.writable.is_empty();
-                let sent = match ok.then(|| gather(mem, &self.readable, &mut self.tx_frame)) {
-                    Some(Gather::Frame(len)) => match self.tap.write_frame(&self.tx_frame[..len]) {
+        let (tap, metrics) = (&self.tap, &self.metrics);
+        let (readable, writable, frame) =
+            (&mut self.readable, &mut self.writable, &mut self.tx_frame);
+        drain_queue(
+            &mut active.tx,
+            mem,
+            &self.base.queue_events[TX_QUEUE],
+            &self.base.irq,
+            |chain| {
+                let ok = split_chain(chain, readable, writable) && writable.is_empty();
+                let sent = match ok.then(|| gather(mem, readable, frame)) {
+                    Some(Gather::Frame(len)) => match tap.write_frame(&frame[..len]) {
                         Ok(_) => {
-                            inc(&self.metrics.tx_frames);
-                            add(&self.metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                            inc(&metrics.tx_frames);
+                            add(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
                             true
                         }
                         Err(e) => {
@@ -214,29 +210,11 @@ impl Net {
                     _ => false,
                 };
                 if !sent {
-                    inc(&self.metrics.tx_dropped);
+                    inc(&metrics.tx_dropped);
                 }
-                if queue.add_used(mem, head, 0).is_err() {
-                    debug!("virtio-net: cannot add a used element");
-                }
-                used = true;
-                budget -= 1;
-            }
-            if budget == 0 {
-                // More may be waiting: come back through the event loop.
-                let _ = self.base.queue_events[TX_QUEUE].write(1);
-                break;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if used && needs_interrupt(queue, mem) {
-            if let Err(e) = self.base.irq.trigger(INT_VRING) {
-                warn!("virtio-net: cannot raise interrupt: {e}");
-            }
-        }
+                0
+            },
+        );
     }
 
     /// Moves frames from the TAP into the guest's receive buffers, at most a queue's worth of
