@@ -53,8 +53,25 @@ pub fn spawn(
     wake: &EventFd,
     metrics: Arc<ApiMetrics>,
 ) -> Result<JoinHandle<()>, ApiServerError> {
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
+    let bind_err = |e| ApiServerError::Bind(path.to_owned(), e);
+    if path.symlink_metadata().is_ok() {
+        return Err(bind_err(std::io::Error::from_raw_os_error(
+            libc::EADDRINUSE,
+        )));
+    }
+    // Bound and listening under a temporary name, then renamed: a client that waits for the
+    // socket file to appear can connect at once (binding in place leaves a moment where the
+    // file exists and connections are refused).
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(bind_err)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
     listener
         .set_nonblocking(true)
         .map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
