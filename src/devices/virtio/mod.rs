@@ -210,17 +210,23 @@ pub(crate) struct GuestBuf {
     pub len: u32,
 }
 
+/// A chain's buffers, split by direction; kept by a device and reused for every chain so the
+/// queue drain does not allocate.
+#[derive(Debug, Default)]
+pub(crate) struct ChainBufs {
+    /// Device-readable buffers, in chain order.
+    pub readable: Vec<GuestBuf>,
+    /// Device-writable buffers, in chain order.
+    pub writable: Vec<GuestBuf>,
+}
+
 /// Splits `chain` into its device-readable buffers followed by its device-writable ones
-/// (virtio 1.2, 2.7.4.2), reusing the vectors' storage. False for a broken chain: a readable
-/// buffer after a writable one, or a chain cut short because it loops, is longer than the
-/// queue, or links to a descriptor outside the table (virtio-queue's iterator then just stops).
-pub(crate) fn split_chain(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    readable: &mut Vec<GuestBuf>,
-    writable: &mut Vec<GuestBuf>,
-) -> bool {
-    readable.clear();
-    writable.clear();
+/// (virtio 1.2, 2.7.4.2). False for a broken chain: a readable buffer after a writable one, or a
+/// chain cut short because it loops, is longer than the queue, or links to a descriptor outside
+/// the table (virtio-queue's iterator then just stops).
+pub(crate) fn split_chain(chain: DescriptorChain<&GuestMemoryMmap>, bufs: &mut ChainBufs) -> bool {
+    bufs.readable.clear();
+    bufs.writable.clear();
     let mut cut = false;
     for desc in chain {
         let buf = GuestBuf {
@@ -229,9 +235,9 @@ pub(crate) fn split_chain(
         };
         cut = desc.has_next();
         if desc.is_write_only() {
-            writable.push(buf);
-        } else if writable.is_empty() {
-            readable.push(buf);
+            bufs.writable.push(buf);
+        } else if bufs.writable.is_empty() {
+            bufs.readable.push(buf);
         } else {
             return false;
         }

@@ -11,8 +11,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
-    drain_queue, read_config_bytes, ActivateError, VirtioBase, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, read_config_bytes, ActivateError, ChainBufs, VirtioBase, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -52,6 +52,7 @@ pub struct Block {
     pub(super) base: VirtioBase,
     active: Option<Active>,
     buf: Vec<u8>,
+    chain: ChainBufs,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -112,6 +113,7 @@ impl Block {
             base: VirtioBase::new(avail_features, 1).map_err(BlockError::EventFd)?,
             active: None,
             buf: Vec::new(),
+            chain: ChainBufs::default(),
             metrics: Arc::new(BlockMetrics::default()),
         })
     }
@@ -143,6 +145,7 @@ impl Block {
             id: &self.id,
             buf: &mut self.buf,
             metrics: &self.metrics,
+            chain: &mut self.chain,
         };
         drain_queue(
             queue,

@@ -9,7 +9,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::{ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{split_chain, GuestBuf as Buf};
+use crate::devices::virtio::{split_chain, ChainBufs, GuestBuf as Buf};
 use crate::metrics::{add, inc, BlockMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -54,6 +54,8 @@ pub struct Disk<'a> {
     pub buf: &'a mut Vec<u8>,
     /// The device's counters.
     pub metrics: &'a BlockMetrics,
+    /// Storage for the chain's buffers, reused from request to request.
+    pub chain: &'a mut ChainBufs,
 }
 
 /// Runs the request in `chain` and returns the bytes written to the guest (status included).
@@ -63,13 +65,25 @@ pub fn execute(
     mem: &GuestMemoryMmap,
     disk: &mut Disk<'_>,
 ) -> u32 {
-    let mut readable: Vec<Buf> = Vec::new();
-    let mut writable: Vec<Buf> = Vec::new();
-    if !split_chain(chain, &mut readable, &mut writable) {
+    // Borrowed out of `disk` for the request (moving a Vec does not allocate), then returned.
+    let mut bufs = std::mem::take(&mut *disk.chain);
+    let len = execute_split(chain, mem, disk, &mut bufs);
+    *disk.chain = bufs;
+    len
+}
+
+fn execute_split(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    disk: &mut Disk<'_>,
+    bufs: &mut ChainBufs,
+) -> u32 {
+    if !split_chain(chain, bufs) {
         inc(&disk.metrics.invalid_requests);
         return 0;
     }
     // The last writable byte is the status.
+    let ChainBufs { readable, writable } = bufs;
     let Some(status_buf) = writable.last_mut().filter(|b| b.len > 0) else {
         inc(&disk.metrics.invalid_requests);
         return 0;
@@ -77,10 +91,10 @@ pub fn execute(
     let status_addr = status_buf.addr.wrapping_add(u64::from(status_buf.len - 1));
     status_buf.len -= 1;
     let mut header = RequestHeader::default();
-    let status = if read_exact(mem, &readable, 0, header.as_mut_slice()).is_err() {
+    let status = if read_exact(mem, readable, 0, header.as_mut_slice()).is_err() {
         Err(VIRTIO_BLK_S_IOERR)
     } else {
-        run(mem, &header, &readable, &writable, disk)
+        run(mem, &header, readable, writable, disk)
     };
     let (data_written, status) = match status {
         Ok(n) => (n, VIRTIO_BLK_S_OK),
@@ -348,6 +362,7 @@ mod tests {
             id: &id,
             buf: &mut buf,
             metrics: &BlockMetrics::default(),
+            chain: &mut ChainBufs::default(),
         };
         let len = execute(chain, m, &mut disk);
         (len, m.read_obj(GuestAddress(STATUS)).unwrap())
@@ -470,6 +485,7 @@ mod tests {
             id: &id,
             buf: &mut buf,
             metrics: &BlockMetrics::default(),
+            chain: &mut ChainBufs::default(),
         };
         // A readable descriptor after a writable one: refused, and it returns.
         assert_eq!(execute(chain, &m, &mut disk), 0);

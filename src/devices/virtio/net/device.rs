@@ -12,7 +12,8 @@ use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError,
-    GuestBuf, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ChainBufs, GuestBuf, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::{add, inc, NetMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -76,8 +77,7 @@ pub struct Net {
     rx_frame: Vec<u8>,
     rx_len: usize,
     tx_frame: Vec<u8>,
-    readable: Vec<GuestBuf>,
-    writable: Vec<GuestBuf>,
+    chain: ChainBufs,
     /// Whether the TAP is registered with the event loop.
     pub(super) tap_watched: bool,
     metrics: Arc<NetMetrics>,
@@ -126,8 +126,7 @@ impl Net {
             rx_frame: vec![0; MAX_FRAME_LEN + 1],
             rx_len: 0,
             tx_frame: vec![0; MAX_FRAME_LEN],
-            readable: Vec::new(),
-            writable: Vec::new(),
+            chain: ChainBufs::default(),
             tap_watched: false,
             metrics: Arc::new(NetMetrics::default()),
         })
@@ -186,16 +185,15 @@ impl Net {
         };
         let mem = &active.mem;
         let (tap, metrics) = (&self.tap, &self.metrics);
-        let (readable, writable, frame) =
-            (&mut self.readable, &mut self.writable, &mut self.tx_frame);
+        let (bufs, frame) = (&mut self.chain, &mut self.tx_frame);
         drain_queue(
             &mut active.tx,
             mem,
             &self.base.queue_events[TX_QUEUE],
             &self.base.irq,
             |chain| {
-                let ok = split_chain(chain, readable, writable) && writable.is_empty();
-                let sent = match ok.then(|| gather(mem, readable, frame)) {
+                let ok = split_chain(chain, bufs) && bufs.writable.is_empty();
+                let sent = match ok.then(|| gather(mem, &bufs.readable, frame)) {
                     Some(Gather::Frame(len)) => match tap.write_frame(&frame[..len]) {
                         Ok(_) => {
                             inc(&metrics.tx_frames);
@@ -261,10 +259,8 @@ impl Net {
             // num_buffers (virtio 1.2, 5.1.6.4): one buffer per frame without MRG_RXBUF. The
             // TAP leaves these two bytes alone.
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let written = if split_chain(chain, &mut self.readable, &mut self.writable)
-                && self.readable.is_empty()
-            {
-                scatter(mem, &self.writable, frame)
+            let written = if split_chain(chain, &mut self.chain) && self.chain.readable.is_empty() {
+                scatter(mem, &self.chain.writable, frame)
             } else {
                 Err(ScatterError::Bad)
             };
