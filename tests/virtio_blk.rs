@@ -102,7 +102,7 @@ fn two_disks_get_two_slots_and_irqs() {
 
 #[test]
 fn benchmark_work_runs_and_reports() {
-    // tools/bench-devices relies on this guest mode; here it runs small.
+    // tools/bench relies on this guest mode; here it runs small.
     let img = image("blk-bench.img");
     let args = run_args(
         test_guest(),

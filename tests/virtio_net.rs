@@ -120,7 +120,7 @@ fn an_absent_tap_is_created_up_and_carries_frames() {
 
 #[test]
 fn benchmark_work_runs_and_reports() {
-    // tools/bench-devices relies on this guest mode; here it runs small, with a Rust host side.
+    // tools/bench relies on this guest mode; here it runs small, with a Rust host side.
     let ns = NetNs::with_tap("netbench", "tap0", "172.30.0.1/24");
     let sock = ns.udp_socket(HOST.parse().unwrap());
     sock.set_read_timeout(Some(Duration::from_secs(30)))

@@ -1,5 +1,5 @@
 /*
- * The host side of tools/bench-devices' network rows, in C so the host is never the
+ * The host side of tools/bench's network rows, in C so the host is never the
  * bottleneck being measured.
  *
  *   netpeer guest PORT N SIZE       receive the test guest's datagrams on PORT until its end
