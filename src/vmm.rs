@@ -310,6 +310,7 @@ impl Vm {
         mptable::setup_mptable(&mem, count)?;
 
         let mut base_cpuid = kvm.supported_cpuid().clone();
+        cpuid::fill_brand_string(&mut base_cpuid);
         if kvm.is_pvm() {
             let hidden = cpuid::hide_pvm_unsupported(&mut base_cpuid);
             info!(

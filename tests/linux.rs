@@ -95,6 +95,14 @@ fn boot_linux(image: &str, vcpus: u32, mem_mib: u64) {
         "no kernel banner\n{}",
         ctx()
     );
+    // The model name is the host's: KVM's brand string, or the host's own where KVM leaves
+    // it empty (KVM PVM does).
+    let model = host_model_name();
+    assert!(
+        console.contains(&format!("{model} (family: ")),
+        "guest CPU model is not the host's {model:?}\n{}",
+        ctx()
+    );
     let cpus = if vcpus == 1 {
         "1 CPU".to_owned()
     } else {
@@ -199,6 +207,11 @@ fn linux_two_vcpus_256_mib() {
         "MP table CPUs not seen:\n{console}"
     );
     assert!(console.contains("smpboot: Allowing 2 CPUs"), "{console}");
+    let model = host_model_name();
+    assert!(
+        console.contains(&format!("{model} (family: ")),
+        "guest CPU model is not the host's {model:?}\n{console}"
+    );
     assert!(
         console.contains("smpboot: CPU 1 "),
         "second vCPU never ran kernel code:\n{console}"
@@ -207,6 +220,16 @@ fn linux_two_vcpus_256_mib() {
         "Linux, 2 vCPUs, PVM host: CPU 1 started and ran kernel code after {:.1} s; full SMP bring-up is not possible on this host (kernel-only check)",
         out.elapsed.as_secs_f64()
     ));
+}
+
+/// The host CPU's model name from /proc/cpuinfo, as Linux prints it.
+fn host_model_name() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, name)| name.trim().to_owned())
+        .expect("no model name in /proc/cpuinfo")
 }
 
 /// "Mount count" and "Last mount time" from the image's superblock, read with dumpe2fs.

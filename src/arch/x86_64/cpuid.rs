@@ -184,6 +184,38 @@ pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
+/// The processor brand string leaves, 48 bytes of ASCII in EAX..EDX of each.
+const BRAND_LEAVES: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
+
+/// Fills the brand string leaves from the host's own CPUID where KVM left them empty (KVM PVM
+/// does), as `-cpu host` does in other VMMs: without it the guest has no model name (Linux
+/// prints "AMD 19/01" in place of the host's "AMD EPYC"). Leaves KVM filled stay as they are.
+pub fn fill_brand_string(cpuid: &mut CpuId) {
+    fill_brand_from(cpuid, |leaf| {
+        let r = std::arch::x86_64::__cpuid(leaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    });
+}
+
+fn fill_brand_from(cpuid: &mut CpuId, host: impl Fn(u32) -> [u32; 4]) {
+    let brand = |e: &kvm_cpuid_entry2| BRAND_LEAVES.contains(&e.function);
+    let entries = cpuid.as_mut_slice();
+    let empty = entries
+        .iter()
+        .filter(|e| brand(e))
+        .all(|e| [e.eax, e.ebx, e.ecx, e.edx] == [0; 4]);
+    // Only when the guest's extended range reaches the brand leaves, as on the host.
+    let reaches = entries
+        .iter()
+        .any(|e| e.function == 0x8000_0000 && e.eax >= *BRAND_LEAVES.end());
+    if !empty || !reaches {
+        return;
+    }
+    for e in entries.iter_mut().filter(|e| brand(e)) {
+        [e.eax, e.ebx, e.ecx, e.edx] = host(e.function);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +265,57 @@ mod tests {
         }]);
         normalize(&mut c, 0, 1);
         assert_eq!(c.as_slice()[0].edx & LEAF1_EDX_HTT, 0);
+    }
+
+    fn fake_host(leaf: u32) -> [u32; 4] {
+        [leaf, leaf + 1, leaf + 2, leaf + 3]
+    }
+
+    #[test]
+    fn empty_brand_string_comes_from_the_host() {
+        let mut c = cpuid_with(&[
+            kvm_cpuid_entry2 {
+                eax: 0x8000_0008,
+                ..entry(0x8000_0000, 0)
+            },
+            entry(0x8000_0002, 0),
+            entry(0x8000_0003, 0),
+            entry(0x8000_0004, 0),
+        ]);
+        fill_brand_from(&mut c, fake_host);
+        let s = c.as_slice();
+        for e in &s[1..] {
+            assert_eq!([e.eax, e.ebx, e.ecx, e.edx], fake_host(e.function));
+        }
+        assert_eq!(s[0].eax, 0x8000_0008, "range leaf untouched");
+    }
+
+    #[test]
+    fn brand_string_kvm_gave_is_kept() {
+        let given = kvm_cpuid_entry2 {
+            eax: 0x2044_4d41,
+            ..entry(0x8000_0002, 0)
+        };
+        let range = kvm_cpuid_entry2 {
+            eax: 0x8000_0008,
+            ..entry(0x8000_0000, 0)
+        };
+        let mut c = cpuid_with(&[range, given, entry(0x8000_0003, 0), entry(0x8000_0004, 0)]);
+        fill_brand_from(&mut c, fake_host);
+        let s = c.as_slice();
+        assert_eq!(s[1].eax, 0x2044_4d41);
+        assert_eq!(s[2].eax, 0, "a partly given string is left whole");
+    }
+
+    #[test]
+    fn no_brand_string_below_the_extended_range() {
+        let range = kvm_cpuid_entry2 {
+            eax: 0x8000_0001,
+            ..entry(0x8000_0000, 0)
+        };
+        let mut c = cpuid_with(&[range, entry(0x8000_0002, 0)]);
+        fill_brand_from(&mut c, fake_host);
+        assert_eq!(c.as_slice()[1].eax, 0);
     }
 
     #[test]
