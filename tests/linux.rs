@@ -95,14 +95,7 @@ fn boot_linux(image: &str, vcpus: u32, mem_mib: u64) {
         "no kernel banner\n{}",
         ctx()
     );
-    // The model name is the host's: KVM's brand string, or the host's own where KVM leaves
-    // it empty (KVM PVM does).
-    let model = host_model_name();
-    assert!(
-        console.contains(&format!("{model} (family: ")),
-        "guest CPU model is not the host's {model:?}\n{}",
-        ctx()
-    );
+    assert_host_model(console);
     let cpus = if vcpus == 1 {
         "1 CPU".to_owned()
     } else {
@@ -207,11 +200,7 @@ fn linux_two_vcpus_256_mib() {
         "MP table CPUs not seen:\n{console}"
     );
     assert!(console.contains("smpboot: Allowing 2 CPUs"), "{console}");
-    let model = host_model_name();
-    assert!(
-        console.contains(&format!("{model} (family: ")),
-        "guest CPU model is not the host's {model:?}\n{console}"
-    );
+    assert_host_model(console);
     assert!(
         console.contains("smpboot: CPU 1 "),
         "second vCPU never ran kernel code:\n{console}"
@@ -222,14 +211,20 @@ fn linux_two_vcpus_256_mib() {
     ));
 }
 
-/// The host CPU's model name from /proc/cpuinfo, as Linux prints it.
-fn host_model_name() -> String {
+/// The guest kernel's CPU line names the host's model (/proc/cpuinfo): KVM's brand string, or
+/// the host's own where KVM leaves it empty (KVM PVM does).
+fn assert_host_model(console: &str) {
     let info = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");
-    info.lines()
+    let model = info
+        .lines()
         .find_map(|l| l.strip_prefix("model name"))
         .and_then(|rest| rest.split_once(':'))
-        .map(|(_, name)| name.trim().to_owned())
-        .expect("no model name in /proc/cpuinfo")
+        .map(|(_, name)| name.trim())
+        .expect("no model name in /proc/cpuinfo");
+    assert!(
+        console.contains(&format!("{model} (family: ")),
+        "guest CPU model is not the host's {model:?}\n{console}"
+    );
 }
 
 /// "Mount count" and "Last mount time" from the image's superblock, read with dumpe2fs.

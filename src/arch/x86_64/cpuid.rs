@@ -271,13 +271,18 @@ mod tests {
         [leaf, leaf + 1, leaf + 2, leaf + 3]
     }
 
+    /// Leaf 0x8000_0000 saying the extended leaves go up to `max`.
+    fn extended_range(max: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            eax: max,
+            ..entry(0x8000_0000, 0)
+        }
+    }
+
     #[test]
     fn empty_brand_string_comes_from_the_host() {
         let mut c = cpuid_with(&[
-            kvm_cpuid_entry2 {
-                eax: 0x8000_0008,
-                ..entry(0x8000_0000, 0)
-            },
+            extended_range(0x8000_0008),
             entry(0x8000_0002, 0),
             entry(0x8000_0003, 0),
             entry(0x8000_0004, 0),
@@ -296,11 +301,12 @@ mod tests {
             eax: 0x2044_4d41,
             ..entry(0x8000_0002, 0)
         };
-        let range = kvm_cpuid_entry2 {
-            eax: 0x8000_0008,
-            ..entry(0x8000_0000, 0)
-        };
-        let mut c = cpuid_with(&[range, given, entry(0x8000_0003, 0), entry(0x8000_0004, 0)]);
+        let mut c = cpuid_with(&[
+            extended_range(0x8000_0008),
+            given,
+            entry(0x8000_0003, 0),
+            entry(0x8000_0004, 0),
+        ]);
         fill_brand_from(&mut c, fake_host);
         let s = c.as_slice();
         assert_eq!(s[1].eax, 0x2044_4d41);
@@ -309,11 +315,7 @@ mod tests {
 
     #[test]
     fn no_brand_string_below_the_extended_range() {
-        let range = kvm_cpuid_entry2 {
-            eax: 0x8000_0001,
-            ..entry(0x8000_0000, 0)
-        };
-        let mut c = cpuid_with(&[range, entry(0x8000_0002, 0)]);
+        let mut c = cpuid_with(&[extended_range(0x8000_0001), entry(0x8000_0002, 0)]);
         fill_brand_from(&mut c, fake_host);
         assert_eq!(c.as_slice()[1].eax, 0);
     }
