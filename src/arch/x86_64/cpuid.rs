@@ -76,7 +76,16 @@ const PVM_HIDDEN: &[Feature] = &[
     feature("arch_capabilities", 7, 0, Reg::Edx, 29),
     feature("avx_vnni", 7, 1, Reg::Eax, 4),
     feature("avx512_bf16", 7, 1, Reg::Eax, 5),
+    // KVM's paravirtual features that work by hypercall: the PVM host never completes one
+    // (measured: a second vCPU sending its first IPI by KVM_HC_SEND_IPI re-executes the
+    // hypercall instruction forever), so Linux must use the APIC and plain halts instead.
+    feature("kvm_pv_unhalt", KVM_CPUID_FEATURES, 0, Reg::Eax, 7),
+    feature("kvm_pv_send_ipi", KVM_CPUID_FEATURES, 0, Reg::Eax, 11),
+    feature("kvm_pv_sched_yield", KVM_CPUID_FEATURES, 0, Reg::Eax, 13),
 ];
+
+/// KVM's paravirtual feature leaf (Documentation/virt/kvm/x86/cpuid.rst).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 
 /// CPUID leaf 1 ECX bit 31: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -335,14 +344,29 @@ mod tests {
                 eax: 0x7,
                 ..entry(0xd, 0)
             },
+            kvm_cpuid_entry2 {
+                // kvm-clock (3), PV unhalt (7), PV send IPI (11), PV sched yield (13).
+                eax: (1 << 3) | (1 << 7) | (1 << 11) | (1 << 13),
+                ..entry(KVM_CPUID_FEATURES, 0)
+            },
         ]);
         let hidden = hide_pvm_unsupported(&mut c);
-        for name in ["cx16", "popcnt", "xsave", "smap", "smep"] {
+        for name in [
+            "cx16",
+            "popcnt",
+            "xsave",
+            "smap",
+            "smep",
+            "kvm_pv_unhalt",
+            "kvm_pv_send_ipi",
+            "kvm_pv_sched_yield",
+        ] {
             assert!(hidden.contains(&name), "{name} not hidden");
         }
         let s = c.as_slice();
         assert_eq!(s[0].ecx, 1, "unrelated bits stay");
         assert_eq!(s[1].ebx, 1 << 3, "bmi1 stays");
         assert_eq!(s[2].eax, 0);
+        assert_eq!(s[3].eax, 1 << 3, "kvm-clock stays");
     }
 }
