@@ -23,7 +23,7 @@ case "$flavour" in pvm | kvm) ;; *) echo "usage: $0 [pvm|kvm|auto]" >&2; exit 2 
 say() { echo "[linux-guest] $*" >&2; }
 
 "$here/../../tools/need-packages.sh" linux-source-6.1 busybox-static e2fsprogs bc flex bison \
-	libelf-dev xz-utils gcc make patch
+	libelf-dev xz-utils gcc libc6-dev make patch
 
 tarball=/usr/src/linux-source-6.1.tar.xz
 busybox=/bin/busybox
@@ -33,56 +33,75 @@ patches=()
 [ "$flavour" = pvm ] && patches=("$here"/patches/*.patch)
 
 # Bump when the build steps below change what they produce.
-recipe=2
-key=$(
+recipe=4
+kernel_key=$(
 	{
-		echo "recipe $recipe $flavour"
-		dpkg-query -W -f='${Package} ${Version}\n' linux-source-6.1 busybox-static e2fsprogs
-		cat "$here/microvm.config" "$fragment" "$here/required.txt" "$here/init"
+		echo "kernel recipe $recipe $flavour"
+		dpkg-query -W -f='${Package} ${Version}\n' linux-source-6.1
+		cat "$here/microvm.config" "$fragment" "$here/required.txt"
 		for p in "${patches[@]}"; do cat "$p"; done
 	} | sha256sum | cut -c1-16
 )
-cache=${XDG_CACHE_HOME:-$HOME/.cache}/skiff/linux/$flavour-$key
+key=$(
+	{
+		echo "images recipe $recipe $kernel_key"
+		dpkg-query -W -f='${Package} ${Version}\n' busybox-static e2fsprogs libc6-dev
+		cat "$here/init" "$here/probe.c"
+	} | sha256sum | cut -c1-16
+)
+base=${XDG_CACHE_HOME:-$HOME/.cache}/skiff/linux
+cache=$base/$flavour-$key
 if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/initramfs.cpio" ] && [ -f "$cache/rootfs.ext4" ]; then
 	say "cached: $cache"
 	echo "$cache"
 	exit 0
 fi
 
-mkdir -p "$(dirname "$cache")"
-work=$(mktemp -d "$(dirname "$cache")/build.XXXXXX")
+mkdir -p "$base"
+work=$(mktemp -d "$base/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 
-say "unpacking $(basename "$tarball")"
-tar -C "$work" -xf "$tarball"
-src=$work/linux-source-6.1
-for p in "${patches[@]}"; do
-	say "applying $(basename "$p")"
-	patch -s -d "$src" -p1 <"$p"
-done
+# The kernel (the slow part) has a cache of its own, so a change to the images alone does not
+# rebuild it.
+kernel=$base/kernel-$flavour-$kernel_key
+if [ ! -f "$kernel/vmlinux" ] || [ ! -f "$kernel/bzImage" ] || [ ! -x "$kernel/gen_init_cpio" ]; then
+	say "unpacking $(basename "$tarball")"
+	tar -C "$work" -xf "$tarball"
+	src=$work/linux-source-6.1
+	for p in "${patches[@]}"; do
+		say "applying $(basename "$p")"
+		patch -s -d "$src" -p1 <"$p"
+	done
 
-say "configuring ($flavour): tinyconfig + microvm.config + $(basename "$fragment")"
-make -s -C "$src" tinyconfig >/dev/null
-"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$here/microvm.config" "$fragment" >/dev/null
-make -s -C "$src" olddefconfig >/dev/null
-while read -r line; do
-	case "$line" in '' | '#'*) continue ;; esac
-	if ! grep -qx "$line" "$src/.config"; then
-		say "config check failed: $line did not survive olddefconfig"
-		exit 1
-	fi
-done <"$here/required.txt"
+	say "configuring ($flavour): tinyconfig + microvm.config + $(basename "$fragment")"
+	make -s -C "$src" tinyconfig >/dev/null
+	"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$here/microvm.config" "$fragment" >/dev/null
+	make -s -C "$src" olddefconfig >/dev/null
+	while read -r line; do
+		case "$line" in '' | '#'*) continue ;; esac
+		if ! grep -qx "$line" "$src/.config"; then
+			say "config check failed: $line did not survive olddefconfig"
+			exit 1
+		fi
+	done <"$here/required.txt"
 
-jobs=$(nproc)
-say "building vmlinux and bzImage with $jobs jobs (about 4 minutes on 2 cores)"
-make -C "$src" -j"$jobs" vmlinux bzImage 2>&1 | awk '
-	/^ *(CC|AS|LD|AR)/ { n++; if (n % 250 == 0) { printf "[linux-guest] %d objects built\n", n > "/dev/stderr"; fflush("/dev/stderr") } }
-	/: error:|Error [0-9]/ { print > "/dev/stderr" }'
-[ -f "$src/vmlinux" ] && [ -f "$src/arch/x86/boot/bzImage" ] || { say "kernel build failed"; exit 1; }
+	jobs=$(nproc)
+	say "building vmlinux and bzImage with $jobs jobs (about 4 minutes on 2 cores)"
+	make -C "$src" -j"$jobs" vmlinux bzImage 2>&1 | awk '
+		/^ *(CC|AS|LD|AR)/ { n++; if (n % 250 == 0) { printf "[linux-guest] %d objects built\n", n > "/dev/stderr"; fflush("/dev/stderr") } }
+		/: error:|Error [0-9]/ { print > "/dev/stderr" }'
+	[ -f "$src/vmlinux" ] && [ -f "$src/arch/x86/boot/bzImage" ] || { say "kernel build failed"; exit 1; }
+	mkdir -p "$kernel.tmp"
+	cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$kernel.tmp/"
+	cp "$src/.config" "$kernel.tmp/config"
+	gcc -O2 -o "$kernel.tmp/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+	rm -rf "$kernel" "$src"
+	mv "$kernel.tmp" "$kernel"
+fi
 
 say "making initramfs and root image"
-gcc -O2 -o "$work/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+gcc -O2 -Wall -static -o "$work/skiff-probe" "$here/probe.c"
 cat >"$work/initramfs.list" <<LIST
 dir /dev 0755 0 0
 nod /dev/console 0600 0 0 c 5 1
@@ -93,22 +112,26 @@ dir /sys 0755 0 0
 dir /tmp 1777 0 0
 dir /mnt 0755 0 0
 file /bin/busybox $busybox 0755 0 0
-slink /bin/sh busybox 0777 0 0
 file /init $here/init 0755 0 0
+file /bin/skiff-probe $work/skiff-probe 0755 0 0
 LIST
-"$work/gen_init_cpio" "$work/initramfs.list" >"$work/initramfs.cpio"
+# Every applet's link is made here rather than by `busybox --install` at boot, which costs
+# about 10 s of emulated system calls on a KVM PVM host.
+applets=$("$busybox" --list | grep -v -x busybox)
+for a in $applets; do echo "slink /bin/$a busybox 0777 0 0"; done >>"$work/initramfs.list"
+"$kernel/gen_init_cpio" "$work/initramfs.list" >"$work/initramfs.cpio"
 
 root=$work/rootfs
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,root}
 cp "$busybox" "$root/bin/busybox"
-ln -s busybox "$root/bin/sh"
+for a in $applets; do ln -s busybox "$root/bin/$a"; done
 cp "$here/init" "$root/sbin/init"
+cp "$work/skiff-probe" "$root/bin/skiff-probe"
 echo "skiff" >"$root/etc/hostname"
 mkfs.ext4 -q -F -L skiff-root -E root_owner=0:0 -d "$root" "$work/rootfs.ext4" 64M
 
 mkdir -p "$cache.tmp"
-cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$work/initramfs.cpio" "$work/rootfs.ext4" "$cache.tmp/"
-cp "$src/.config" "$cache.tmp/config"
+cp "$kernel/vmlinux" "$kernel/bzImage" "$kernel/config" "$work/initramfs.cpio" "$work/rootfs.ext4" "$cache.tmp/"
 rm -rf "$cache"
 mv "$cache.tmp" "$cache"
 say "done in $(($(date +%s) - start)) s: $cache"
