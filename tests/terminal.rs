@@ -5,30 +5,11 @@ mod common;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::test_guest;
-
-/// A pseudo-terminal pair: (master, slave).
-fn pty() -> (File, File) {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two fds into the provided ints; the null name, termios and
-    // winsize pointers are allowed.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty failed");
-    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
-    unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) }
-}
+use common::{pty, test_guest};
 
 fn canonical(tty: &File) -> bool {
     // SAFETY: termios is plain data; tcgetattr fills it for a valid terminal fd.

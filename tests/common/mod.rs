@@ -6,7 +6,9 @@
 pub mod api;
 pub mod netns;
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -212,4 +214,49 @@ pub fn first_progress_ms(stderr: &str) -> Option<f64> {
         let ms = rest.split(" at ").nth(1)?.split(' ').next()?;
         ms.parse().ok()
     })
+}
+
+/// A pseudo-terminal pair: (master, slave).
+pub fn pty() -> (File, File) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds into the provided ints; the null name, termios and
+    // winsize pointers are allowed.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty failed");
+    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
+    unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) }
+}
+
+/// A child process that is killed when this goes out of scope, so a failed check leaves no VM
+/// running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Waits up to `limit` for the process to end; its exit code (None: killed, or still
+    /// running at the limit, when it is killed).
+    pub fn wait_for(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
