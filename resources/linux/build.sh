@@ -12,6 +12,7 @@
 # a hash of every input, so a second run takes a moment. The last line of stdout is that
 # directory, holding vmlinux, bzImage, initramfs.cpio, rootfs.ext4 and config.
 set -euo pipefail
+shopt -s inherit_errexit
 
 here=$(cd "$(dirname "$0")" && pwd)
 flavour=${1:-auto}
@@ -33,20 +34,23 @@ patches=()
 [ "$flavour" = pvm ] && patches=("$here"/patches/*.patch)
 
 # Bump when the build steps below change what they produce.
-recipe=4
+kernel_recipe=4
+images_recipe=5
 kernel_key=$(
 	{
-		echo "kernel recipe $recipe $flavour"
+		echo "kernel recipe $kernel_recipe $flavour"
 		dpkg-query -W -f='${Package} ${Version}\n' linux-source-6.1
+		gcc --version | head -n 1
 		cat "$here/microvm.config" "$fragment" "$here/required.txt"
 		for p in "${patches[@]}"; do cat "$p"; done
 	} | sha256sum | cut -c1-16
 )
 key=$(
 	{
-		echo "images recipe $recipe $kernel_key"
+		echo "images recipe $images_recipe $kernel_key"
 		dpkg-query -W -f='${Package} ${Version}\n' busybox-static e2fsprogs libc6-dev
-		cat "$here/init" "$here/probe.c"
+		gcc --version | head -n 1
+		cat "$here/init" "$here/skiff-guest.c"
 	} | sha256sum | cut -c1-16
 )
 base=${XDG_CACHE_HOME:-$HOME/.cache}/skiff/linux
@@ -58,6 +62,15 @@ if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/initramfs.
 fi
 
 mkdir -p "$base"
+# One build at a time (tests and tools/bench may start this together); the second finds the
+# first one's result.
+exec 9>"$base/.lock"
+flock 9
+if [ -f "$cache/vmlinux" ] && [ -f "$cache/bzImage" ] && [ -f "$cache/initramfs.cpio" ] && [ -f "$cache/rootfs.ext4" ]; then
+	say "cached: $cache"
+	echo "$cache"
+	exit 0
+fi
 work=$(mktemp -d "$base/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
@@ -92,16 +105,16 @@ if [ ! -f "$kernel/vmlinux" ] || [ ! -f "$kernel/bzImage" ] || [ ! -x "$kernel/g
 		/^ *(CC|AS|LD|AR)/ { n++; if (n % 250 == 0) { printf "[linux-guest] %d objects built\n", n > "/dev/stderr"; fflush("/dev/stderr") } }
 		/: error:|Error [0-9]/ { print > "/dev/stderr" }'
 	[ -f "$src/vmlinux" ] && [ -f "$src/arch/x86/boot/bzImage" ] || { say "kernel build failed"; exit 1; }
-	mkdir -p "$kernel.tmp"
-	cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$kernel.tmp/"
-	cp "$src/.config" "$kernel.tmp/config"
-	gcc -O2 -o "$kernel.tmp/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+	mkdir "$work/kernel"
+	cp "$src/vmlinux" "$src/arch/x86/boot/bzImage" "$work/kernel/"
+	cp "$src/.config" "$work/kernel/config"
+	gcc -O2 -o "$work/kernel/gen_init_cpio" "$src/usr/gen_init_cpio.c"
 	rm -rf "$kernel" "$src"
-	mv "$kernel.tmp" "$kernel"
+	mv -T "$work/kernel" "$kernel"
 fi
 
 say "making initramfs and root image"
-gcc -O2 -Wall -static -o "$work/skiff-probe" "$here/probe.c"
+gcc -O2 -Wall -static -o "$work/skiff-guest" "$here/skiff-guest.c"
 cat >"$work/initramfs.list" <<LIST
 dir /dev 0755 0 0
 nod /dev/console 0600 0 0 c 5 1
@@ -113,7 +126,7 @@ dir /tmp 1777 0 0
 dir /mnt 0755 0 0
 file /bin/busybox $busybox 0755 0 0
 file /init $here/init 0755 0 0
-file /bin/skiff-probe $work/skiff-probe 0755 0 0
+file /bin/skiff-guest $work/skiff-guest 0755 0 0
 LIST
 # Every applet's link is made here rather than by `busybox --install` at boot, which costs
 # about 10 s of emulated system calls on a KVM PVM host.
@@ -126,13 +139,13 @@ mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,root}
 cp "$busybox" "$root/bin/busybox"
 for a in $applets; do ln -s busybox "$root/bin/$a"; done
 cp "$here/init" "$root/sbin/init"
-cp "$work/skiff-probe" "$root/bin/skiff-probe"
+cp "$work/skiff-guest" "$root/bin/skiff-guest"
 echo "skiff" >"$root/etc/hostname"
 mkfs.ext4 -q -F -L skiff-root -E root_owner=0:0 -d "$root" "$work/rootfs.ext4" 64M
 
-mkdir -p "$cache.tmp"
-cp "$kernel/vmlinux" "$kernel/bzImage" "$kernel/config" "$work/initramfs.cpio" "$work/rootfs.ext4" "$cache.tmp/"
+mkdir "$work/out"
+cp "$kernel/vmlinux" "$kernel/bzImage" "$kernel/config" "$work/initramfs.cpio" "$work/rootfs.ext4" "$work/out/"
 rm -rf "$cache"
-mv "$cache.tmp" "$cache"
+mv -T "$work/out" "$cache"
 say "done in $(($(date +%s) - start)) s: $cache"
 echo "$cache"

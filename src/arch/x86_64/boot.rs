@@ -142,8 +142,8 @@ pub fn build_cmdline(raw: &str) -> Result<Cmdline, BootError> {
 /// sees the host's features, so the CPUID Skiff sets cannot stop Linux from using
 /// instructions the PVM emulator then fails on (measured: `xrstor`, `lock cmpxchg16b`,
 /// `popcnt`, `clac`); the kernel is told on its command line instead. XSAVE goes through
-/// `clearcpuid` too: Linux 6.1 has no `noxsave` and would hand that word to init as an
-/// argument. ERMS and FSRM go too: with them Linux clears and copies pages with byte-wise `rep`
+/// `clearcpuid` too: Linux 6.1 reads `noxsave` but does not register it as a parameter, so it
+/// also hands that word to init as its first argument. ERMS and FSRM go too: with them Linux clears and copies pages with byte-wise `rep`
 /// string instructions, which the emulator runs one iteration per byte (measured: an anonymous
 /// page fault 7.2 ms with them, 3.5 ms without). `skiff.no_int3_selftest` is read by Skiff's
 /// kernel patch (resources/linux/patches) and ignored by other kernels.
@@ -204,11 +204,16 @@ pub fn add_pvm_workarounds(cmdline: &mut Cmdline) -> Result<(), BootError> {
         .split_whitespace()
         .filter_map(|w| w.split('=').next())
         .collect();
-    let added: Vec<String> = PVM_KERNEL_PARAMS
+    let (kept, added): (Vec<&str>, Vec<&str>) = PVM_KERNEL_PARAMS
         .iter()
-        .filter(|p| !given.contains(&p.split('=').next().unwrap_or(p)))
-        .map(|p| (*p).to_owned())
-        .collect();
+        .partition(|p| given.contains(&p.split('=').next().unwrap_or(p)));
+    for p in kept {
+        log::warn!(
+            "PVM host: the command line's own {}= stands in for Skiff's {p}; without that the guest may fail on this host",
+            p.split('=').next().unwrap_or(p)
+        );
+    }
+    let added: Vec<String> = added.into_iter().map(str::to_owned).collect();
     append_kernel_params(cmdline, &added)?;
     if !added.is_empty() {
         log::info!("PVM host: added kernel parameters {}", added.join(" "));
