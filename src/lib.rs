@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub use config::VmConfig;
-pub use vmm::{Vm, VmState, VmmError};
+pub use vmm::{StopHandle, Vm, VmState, VmmError};
 pub use vstate::vcpu::GuestExit;
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();

@@ -12,7 +12,12 @@
 //! vm.pause()?; // every vCPU, then the device thread, stands still
 //! vm.resume()?;
 //! println!("counters: {}", vm.metrics());
-//! vm.send_ctrl_alt_del()?; // or vm.request_stop() from another handle
+//! let stop = vm.stop_handle();
+//! std::thread::spawn(move || {
+//!     std::thread::sleep(std::time::Duration::from_secs(60));
+//!     stop.request_stop(); // from another thread, while this one waits
+//! });
+//! vm.send_ctrl_alt_del()?;
 //! let how = vm.wait()?;
 //! println!("guest ended: {how:?}");
 //! # Ok::<(), skiff::VmmError>(())
@@ -40,7 +45,7 @@ use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
-    ExitSignal, GuestExit, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse,
+    pause_all, resume_all, ExitSignal, GuestExit, Vcpu, VcpuError, VcpuHandle,
 };
 use crate::vstate::vm::{create_vm, VmError};
 
@@ -97,6 +102,17 @@ pub enum VmmError {
     /// The request does not fit the VM's state.
     #[error("the VM is {0}")]
     State(&'static str),
+}
+
+/// Stops a [`Vm`] from another thread: cheap to clone, `Send` and `Sync`.
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<ExitSignal>);
+
+impl StopHandle {
+    /// Asks the VM to stop; its [`Vm::wait`] then returns [`GuestExit::Stopped`].
+    pub fn request_stop(&self) {
+        self.0.request(Ok(GuestExit::Stopped(None)));
+    }
 }
 
 /// Lifecycle of a [`Vm`].
@@ -349,7 +365,8 @@ impl Vm {
             handles: Vec::new(),
             event_thread: None,
             device_pause: Arc::default(),
-            pause_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventThread)?,
+            pause_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(VmmError::EventThread)?,
             metrics,
             state: VmState::Created,
         })
@@ -360,11 +377,20 @@ impl Vm {
         self.state
     }
 
-    /// Starts the event thread and every vCPU thread.
+    /// Starts the event thread and every vCPU thread. A VM whose start failed is stopped: it
+    /// cannot be started again.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if self.state != VmState::Created {
             return Err(VmmError::State("already started"));
         }
+        let started = self.start_threads();
+        if started.is_err() {
+            self.shutdown();
+        }
+        started
+    }
+
+    fn start_threads(&mut self) -> Result<(), VmmError> {
         let pauser = DevicePauser {
             evt: self.pause_evt.try_clone().map_err(VmmError::EventThread)?,
             state: self.device_pause.clone(),
@@ -379,18 +405,6 @@ impl Vm {
         Ok(())
     }
 
-    fn broadcast(&mut self, event: VcpuEvent, expect: VcpuResponse) -> Result<(), VmmError> {
-        for h in &self.handles {
-            h.send(event)?;
-        }
-        for h in &self.handles {
-            if h.response(VCPU_ACK_TIMEOUT)? != expect {
-                return Err(VmmError::State("not answering as expected"));
-            }
-        }
-        Ok(())
-    }
-
     /// Stops every vCPU at its next exit, then device processing; returns once all have
     /// acknowledged. The guest notices nothing but the time that passed.
     pub fn pause(&mut self) -> Result<(), VmmError> {
@@ -399,10 +413,11 @@ impl Vm {
             VmState::Paused => return Ok(()),
             _ => return Err(VmmError::State("not running")),
         }
-        self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused)?;
+        // Either every vCPU pauses or, on a failure, every one runs on.
+        pause_all(&self.handles, VCPU_ACK_TIMEOUT)?;
         if let Err(e) = self.hold_devices() {
             // Leave the VM as it was: running.
-            let _ = self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed);
+            let _ = resume_all(&self.handles, VCPU_ACK_TIMEOUT);
             return Err(e);
         }
         self.state = VmState::Paused;
@@ -417,7 +432,11 @@ impl Vm {
             _ => return Err(VmmError::State("not paused")),
         }
         self.release_devices();
-        self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        if let Err(e) = resume_all(&self.handles, VCPU_ACK_TIMEOUT) {
+            // Every vCPU is paused again: hold the devices too, and stay paused.
+            self.hold_devices()?;
+            return Err(e.into());
+        }
         self.state = VmState::Running;
         Ok(())
     }
@@ -475,7 +494,12 @@ impl Vm {
 
     /// Asks the VM to stop; [`Vm::wait`] then returns [`GuestExit::Stopped`].
     pub fn request_stop(&self) {
-        self.exit.request(Ok(GuestExit::Stopped(None)));
+        self.stop_handle().request_stop();
+    }
+
+    /// A handle that stops this VM from any thread, while another waits in [`Vm::wait`].
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.exit.clone())
     }
 
     /// Makes SIGTERM, SIGINT, SIGHUP and SIGQUIT end this VM cleanly (terminal restored,
@@ -543,7 +567,8 @@ fn spawn_event_thread(
     subscribers: Vec<Subscriber>,
     exit: Arc<ExitSignal>,
 ) -> Result<(JoinHandle<()>, EventFd), VmmError> {
-    let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventThread)?;
+    let stop_evt =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmmError::EventThread)?;
     let stopped = Arc::new(AtomicBool::new(false));
     let stopper = EventLoopStop {
         evt: stop_evt.try_clone().map_err(VmmError::EventThread)?,

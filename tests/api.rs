@@ -341,14 +341,23 @@ fn config_file_boots_without_an_api() {
         &file,
         format!(
             r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}}}}"#,
-            boot_source("checks=progress,smp cpus=2")
+            boot_source("checks=progress,smp cpus=2 boot_done=3")
         ),
     )
     .unwrap();
     let mut cmd = std::process::Command::new(common::skiff_bin());
-    cmd.arg("--config-file").arg(&file).arg("--no-api");
+    cmd.arg("--config-file")
+        .arg(&file)
+        .args(["--no-api", "--boot-timer", "--level", "Info"]);
     let mut vm = Running::spawn(cmd, PathBuf::new());
     assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+    // The guest writes the boot-complete code three times: the boot completed once.
+    assert_eq!(
+        vm.stderr().matches("Guest-boot-time = ").count(),
+        1,
+        "{}",
+        vm.stderr()
+    );
     assert!(vm.console().contains("PASS smp"), "{}", vm.console());
     assert!(
         vm.console().contains("DONE passed=2 failed=0"),

@@ -9,8 +9,9 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -77,6 +78,9 @@ pub enum VcpuError {
     /// The thread could not be started.
     #[error("cannot start the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+    /// The signal handler that kicks vCPUs out of KVM_RUN could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    KickHandler(#[source] std::io::Error),
     /// KVM_RUN failed.
     #[error("vCPU {0}: KVM_RUN failed")]
     Run(u8, #[source] kvm_ioctls::Error),
@@ -136,7 +140,7 @@ impl ExitSignal {
     /// A fresh signal.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            evt: EventFd::new(0)?,
+            evt: EventFd::new(libc::EFD_CLOEXEC)?,
             outcome: Mutex::new(None),
         })
     }
@@ -188,6 +192,12 @@ pub enum VcpuResponse {
     Exited,
 }
 
+/// A request and its sequence number; the acknowledgement carries the same number, so one that
+/// arrives after its requester gave up is recognised as stale and dropped.
+type Request = (u64, VcpuEvent);
+/// An acknowledgement and the number of the request it answers (0: not asked for).
+type Response = (u64, VcpuResponse);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum VcpuState {
     Running,
@@ -221,13 +231,31 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), handle_kick) {
-            log::error!("cannot install the vCPU kick handler: {e}");
-        }
-    });
+/// Installs the kick handler once per process; without it a kick would kill the process, so
+/// a failure stops the vCPU from starting.
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno()))
+        .map_err(|errno| VcpuError::KickHandler(std::io::Error::from_raw_os_error(errno)))
+}
+
+/// Publishes this thread's `kvm_run` to the kick handler for as long as it lives. Declared
+/// inside [`Vcpu::run`], it is dropped before the `Vcpu` that owns the mapping, on return and
+/// on unwinding alike, so the handler never sees an unmapped `kvm_run`.
+struct KickTarget;
+
+impl KickTarget {
+    fn set(run: *mut kvm_run) -> Self {
+        KVM_RUN.with(|c| c.set(run));
+        Self
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
 }
 
 /// One vCPU, configured and ready to run.
@@ -338,7 +366,7 @@ impl Vcpu {
 
     /// Starts the vCPU thread, named `skiff-vcpu-<id>`.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
-        install_kick_handler();
+        install_kick_handler()?;
         let id = self.id;
         let (event_tx, event_rx) = channel();
         let (resp_tx, resp_rx) = channel();
@@ -351,7 +379,7 @@ impl Vcpu {
                 }));
                 if result.is_err() {
                     exit.request(Err(VcpuError::Panicked(id)));
-                    let _ = resp_tx.send(VcpuResponse::Exited);
+                    let _ = resp_tx.send((0, VcpuResponse::Exited));
                 }
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
@@ -359,12 +387,13 @@ impl Vcpu {
             id,
             events: event_tx,
             responses: resp_rx,
+            next_seq: AtomicU64::new(1),
             thread: Some(thread),
         })
     }
 
-    fn run(mut self, events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) {
-        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
+    fn run(mut self, events: &Receiver<Request>, responses: &Sender<Response>) {
+        let kick_target = KickTarget::set(self.fd.get_kvm_run());
         let mut state = VcpuState::Running;
         while state != VcpuState::Exited {
             state = match state {
@@ -373,25 +402,25 @@ impl Vcpu {
                 VcpuState::Exited => VcpuState::Exited,
             };
         }
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-        let _ = responses.send(VcpuResponse::Exited);
+        drop(kick_target);
+        let _ = responses.send((0, VcpuResponse::Exited));
     }
 
     /// Handles queued requests without blocking; returns the state to move to, if any.
     fn handle_events(
-        events: &Receiver<VcpuEvent>,
-        responses: &Sender<VcpuResponse>,
+        events: &Receiver<Request>,
+        responses: &Sender<Response>,
     ) -> Option<VcpuState> {
         loop {
             match events.try_recv() {
-                Ok(VcpuEvent::Pause) => {
-                    let _ = responses.send(VcpuResponse::Paused);
+                Ok((seq, VcpuEvent::Pause)) => {
+                    let _ = responses.send((seq, VcpuResponse::Paused));
                     return Some(VcpuState::Paused);
                 }
-                Ok(VcpuEvent::Resume) => {
-                    let _ = responses.send(VcpuResponse::Resumed);
+                Ok((seq, VcpuEvent::Resume)) => {
+                    let _ = responses.send((seq, VcpuResponse::Resumed));
                 }
-                Ok(VcpuEvent::Exit) | Err(TryRecvError::Disconnected) => {
+                Ok((_, VcpuEvent::Exit)) | Err(TryRecvError::Disconnected) => {
                     return Some(VcpuState::Exited)
                 }
                 Err(TryRecvError::Empty) => return None,
@@ -399,11 +428,7 @@ impl Vcpu {
         }
     }
 
-    fn running(
-        &mut self,
-        events: &Receiver<VcpuEvent>,
-        responses: &Sender<VcpuResponse>,
-    ) -> VcpuState {
+    fn running(&mut self, events: &Receiver<Request>, responses: &Sender<Response>) -> VcpuState {
         // Requests sent before the kick handler could see this thread's kvm_run.
         if let Some(next) = Self::handle_events(events, responses) {
             return next;
@@ -429,17 +454,17 @@ impl Vcpu {
         }
     }
 
-    fn paused(events: &Receiver<VcpuEvent>, responses: &Sender<VcpuResponse>) -> VcpuState {
+    fn paused(events: &Receiver<Request>, responses: &Sender<Response>) -> VcpuState {
         match events.recv() {
-            Ok(VcpuEvent::Resume) => {
-                let _ = responses.send(VcpuResponse::Resumed);
+            Ok((seq, VcpuEvent::Resume)) => {
+                let _ = responses.send((seq, VcpuResponse::Resumed));
                 VcpuState::Running
             }
-            Ok(VcpuEvent::Pause) => {
-                let _ = responses.send(VcpuResponse::Paused);
+            Ok((seq, VcpuEvent::Pause)) => {
+                let _ = responses.send((seq, VcpuResponse::Paused));
                 VcpuState::Paused
             }
-            Ok(VcpuEvent::Exit) | Err(_) => VcpuState::Exited,
+            Ok((_, VcpuEvent::Exit)) | Err(_) => VcpuState::Exited,
         }
     }
 
@@ -559,31 +584,41 @@ impl Vcpu {
 #[derive(Debug)]
 pub struct VcpuHandle {
     id: u8,
-    events: Sender<VcpuEvent>,
-    responses: Receiver<VcpuResponse>,
+    events: Sender<Request>,
+    responses: Receiver<Response>,
+    next_seq: AtomicU64,
     thread: Option<JoinHandle<()>>,
 }
 
 impl VcpuHandle {
-    /// Sends `event` and kicks the thread out of KVM_RUN so it sees it.
-    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+    /// Sends `event` and kicks the thread out of KVM_RUN so it sees it; returns the request's
+    /// number for [`VcpuHandle::response_to`].
+    pub fn send(&self, event: VcpuEvent) -> Result<u64, VcpuError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         self.events
-            .send(event)
+            .send((seq, event))
             .map_err(|_| VcpuError::Gone(self.id))?;
         if let Some(t) = &self.thread {
             // SAFETY: the pthread_t belongs to a thread we have not joined yet, so it is
             // valid; the signal's handler only touches that thread's kvm_run.
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
         }
-        Ok(())
+        Ok(seq)
     }
 
-    /// Waits up to `timeout` for the thread's next acknowledgement.
-    pub fn response(&self, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
-        match self.responses.recv_timeout(timeout) {
-            Ok(r) => Ok(r),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                Err(VcpuError::Gone(self.id))
+    /// Waits up to `timeout` for the acknowledgement of request `seq`, dropping late ones to
+    /// earlier requests.
+    pub fn response_to(&self, seq: u64, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok((got, response)) if got == seq => return Ok(response),
+                Ok((_, VcpuResponse::Exited)) => return Err(VcpuError::Gone(self.id)),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::Gone(self.id))
+                }
             }
         }
     }
@@ -597,8 +632,112 @@ impl VcpuHandle {
     }
 }
 
+/// Sends `event` to every vCPU, then waits up to `timeout` for each to answer `expect`.
+fn broadcast(
+    handles: &[VcpuHandle],
+    event: VcpuEvent,
+    expect: VcpuResponse,
+    timeout: Duration,
+) -> Result<(), VcpuError> {
+    let mut sent = Vec::with_capacity(handles.len());
+    for h in handles {
+        sent.push(h.send(event)?);
+    }
+    for (h, seq) in handles.iter().zip(sent) {
+        if h.response_to(seq, timeout)? != expect {
+            return Err(VcpuError::Gone(h.id));
+        }
+    }
+    Ok(())
+}
+
+/// Pauses every vCPU, or none: when one does not acknowledge within `timeout`, all are told to
+/// resume (a vCPU handles its requests in order, so a late one pauses and then resumes).
+pub fn pause_all(handles: &[VcpuHandle], timeout: Duration) -> Result<(), VcpuError> {
+    broadcast(handles, VcpuEvent::Pause, VcpuResponse::Paused, timeout).inspect_err(|_| {
+        let _ = broadcast(handles, VcpuEvent::Resume, VcpuResponse::Resumed, timeout);
+    })
+}
+
+/// Resumes every vCPU, or none: when one does not acknowledge within `timeout`, all are told
+/// to pause again.
+pub fn resume_all(handles: &[VcpuHandle], timeout: Duration) -> Result<(), VcpuError> {
+    broadcast(handles, VcpuEvent::Resume, VcpuResponse::Resumed, timeout).inspect_err(|_| {
+        let _ = broadcast(handles, VcpuEvent::Pause, VcpuResponse::Paused, timeout);
+    })
+}
+
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in vCPU thread that answers each request after `delay`, in order; the flag
+    /// says whether it is paused.
+    fn slow_vcpu(id: u8, delay: Duration) -> (VcpuHandle, Arc<std::sync::atomic::AtomicBool>) {
+        let (event_tx, event_rx) = channel::<Request>();
+        let (resp_tx, resp_rx) = channel();
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state = paused.clone();
+        std::thread::spawn(move || {
+            for (seq, event) in event_rx {
+                std::thread::sleep(delay);
+                let answer = match event {
+                    VcpuEvent::Pause => VcpuResponse::Paused,
+                    VcpuEvent::Resume => VcpuResponse::Resumed,
+                    VcpuEvent::Exit => return,
+                };
+                state.store(answer == VcpuResponse::Paused, Ordering::SeqCst);
+                if resp_tx.send((seq, answer)).is_err() {
+                    return;
+                }
+            }
+        });
+        let handle = VcpuHandle {
+            id,
+            events: event_tx,
+            responses: resp_rx,
+            next_seq: AtomicU64::new(1),
+            thread: None,
+        };
+        (handle, paused)
+    }
+
+    #[test]
+    fn late_answers_are_matched_to_their_requests() {
+        let (h, _) = slow_vcpu(0, Duration::from_millis(300));
+        let pause = h.send(VcpuEvent::Pause).unwrap();
+        assert!(h.response_to(pause, Duration::from_millis(50)).is_err());
+        let resume = h.send(VcpuEvent::Resume).unwrap();
+        // The late Paused for the first request must not pass for the answer to the second.
+        assert_eq!(
+            h.response_to(resume, Duration::from_secs(5)).unwrap(),
+            VcpuResponse::Resumed
+        );
+    }
+
+    /// A pause that one vCPU does not acknowledge in time is undone on all of them: the quick
+    /// ones are resumed, and the slow one, which handles its requests in order, pauses late and
+    /// then resumes. Before, the quick ones stayed parked and later pauses read stale answers.
+    #[test]
+    fn a_pause_one_vcpu_misses_is_rolled_back_everywhere() {
+        let (quick, quick_paused) = slow_vcpu(0, Duration::ZERO);
+        let (slow, slow_paused) = slow_vcpu(1, Duration::from_millis(400));
+        let handles = [quick, slow];
+        assert!(pause_all(&handles, Duration::from_millis(100)).is_err());
+        // The slow one's pause and resume are handled by now.
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(!quick_paused.load(Ordering::SeqCst), "left parked");
+        assert!(!slow_paused.load(Ordering::SeqCst), "left parked");
+        // Nothing stale is read in the next round.
+        pause_all(&handles, Duration::from_secs(5)).unwrap();
+        assert!(quick_paused.load(Ordering::SeqCst) && slow_paused.load(Ordering::SeqCst));
+        resume_all(&handles, Duration::from_secs(5)).unwrap();
+        assert!(!quick_paused.load(Ordering::SeqCst) && !slow_paused.load(Ordering::SeqCst));
     }
 }

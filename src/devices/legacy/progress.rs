@@ -26,6 +26,8 @@ pub struct BootProgress {
     records: Vec<ProgressRecord>,
     dropped: u64,
     boot_timer: bool,
+    /// When the guest first wrote [`BOOT_COMPLETE`].
+    boot_time: Option<Duration>,
 }
 
 /// The byte Firecracker's boot timer takes as "boot complete" (its `--boot-timer`).
@@ -39,6 +41,7 @@ impl BootProgress {
             records: Vec::with_capacity(MAX_RECORDS),
             dropped: 0,
             boot_timer: false,
+            boot_time: None,
         }
     }
 
@@ -50,6 +53,11 @@ impl BootProgress {
     /// The writes recorded so far.
     pub fn records(&self) -> &[ProgressRecord] {
         &self.records
+    }
+
+    /// When the guest first wrote [`BOOT_COMPLETE`], if it did.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time
     }
 
     /// Writes beyond [`MAX_RECORDS`].
@@ -66,12 +74,17 @@ impl BusDevice for BootProgress {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let elapsed = self.start.elapsed();
         let Some(&code) = data.first() else { return };
-        if self.boot_timer && code == BOOT_COMPLETE {
-            info!(
-                "Guest-boot-time = {:>6} us {} ms",
-                elapsed.as_micros(),
-                elapsed.as_millis()
-            );
+        // The boot completes once: later writes of the code, which the guest may repeat at
+        // will, are only recorded like any other.
+        if code == BOOT_COMPLETE && self.boot_time.is_none() {
+            self.boot_time = Some(elapsed);
+            if self.boot_timer {
+                info!(
+                    "Guest-boot-time = {:>6} us {} ms",
+                    elapsed.as_micros(),
+                    elapsed.as_millis()
+                );
+            }
         }
         if self.records.len() < MAX_RECORDS {
             self.records.push(ProgressRecord { code, elapsed });
@@ -99,5 +112,16 @@ mod tests {
         assert_eq!(p.records()[1].code, 1);
         assert!(p.records()[0].elapsed <= p.records()[1].elapsed);
         assert_eq!(p.dropped(), 5);
+    }
+
+    #[test]
+    fn boot_completes_once() {
+        let mut p = BootProgress::new(Instant::now());
+        p.set_boot_timer(true);
+        p.write(0, &[BOOT_COMPLETE]);
+        let first = p.boot_time().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        p.write(0, &[BOOT_COMPLETE]);
+        assert_eq!(p.boot_time(), Some(first));
     }
 }
