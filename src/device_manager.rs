@@ -89,7 +89,7 @@ impl std::fmt::Debug for DeviceManager {
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(DeviceError::EventFd)?;
     vm.register_irqfd(&evt, gsi)
         .map_err(|e| DeviceError::Irqfd(gsi, e))?;
     Ok(evt)
@@ -183,7 +183,8 @@ impl DeviceManager {
             vm.register_irqfd(dev.interrupt().eventfd(), irq)
                 .map_err(|e| DeviceError::Irqfd(irq, e))?;
         }
-        let transport = MmioTransport::new(mem.clone(), device.clone());
+        let transport =
+            MmioTransport::new(mem.clone(), device.clone()).map_err(DeviceError::EventFd)?;
         self.mmio_bus
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
             .map_err(DeviceError::Bus)?;

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -37,6 +38,77 @@ fn effective_level(metadata: &Metadata) -> Level {
     }
 }
 
+/// Lines per second that one call site of [`guest_log!`](crate::guest_log) may write.
+pub const GUEST_LINES_PER_SEC: u64 = 10;
+
+/// A per-call-site budget for log lines a guest can cause: at most [`GUEST_LINES_PER_SEC`]
+/// lines in each second; the next line shown after a quiet spell says how many were left out.
+#[derive(Debug)]
+pub struct RateLimit {
+    /// The second (since process start) the count is for.
+    second: AtomicU64,
+    /// Lines asked for in that second.
+    count: AtomicU64,
+    /// Lines left out since the last one shown.
+    dropped: AtomicU64,
+}
+
+impl RateLimit {
+    /// A fresh budget.
+    pub const fn new() -> Self {
+        Self {
+            second: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out before this one)` when a line may be written now, `None` when it
+    /// must be left out. Lock-free: racing threads may let a line or two more through.
+    pub fn admit(&self) -> Option<u64> {
+        let now = crate::process_start().elapsed().as_secs();
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        if self.count.fetch_add(1, Ordering::Relaxed) < GUEST_LINES_PER_SEC {
+            Some(self.dropped.swap(0, Ordering::Relaxed))
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs a line that a guest (or any other untrusted party) can cause as often as it likes,
+/// rate-limited per call site at every level: `guest_log!(log::Level::Debug, "...", args)`.
+#[macro_export]
+macro_rules! guest_log {
+    ($level:expr, $($arg:tt)+) => {{
+        let level: log::Level = $level;
+        if log::log_enabled!(level) {
+            static LIMIT: $crate::logger::RateLimit = $crate::logger::RateLimit::new();
+            match LIMIT.admit() {
+                Some(0) => log::log!(level, $($arg)+),
+                Some(left_out) => log::log!(
+                    level,
+                    "{} ({left_out} more such lines left out)",
+                    format_args!($($arg)+)
+                ),
+                None => {}
+            }
+        }
+    }};
+}
+
+/// virtio-queue's own lines about what a driver did wrong, which a guest causes at will.
+static VIRTIO_QUEUE_LINES: RateLimit = RateLimit::new();
+
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         effective_level(metadata) <= log::max_level()
@@ -44,6 +116,9 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record) {
         if !self.enabled(record.metadata()) {
+            return;
+        }
+        if record.target().starts_with("virtio_queue") && VIRTIO_QUEUE_LINES.admit().is_none() {
             return;
         }
         let mut out = OUTPUT.lock().unwrap_or_else(PoisonError::into_inner);
@@ -173,6 +248,18 @@ mod tests {
             .target("skiff::vmm")
             .build();
         assert_eq!(effective_level(&ours), Level::Error);
+    }
+
+    #[test]
+    fn rate_limit_lets_a_burst_through_then_counts_what_it_left_out() {
+        let limit = RateLimit::new();
+        let shown = (0..1000).filter(|_| limit.admit().is_some()).count() as u64;
+        // A second boundary may fall inside the loop: at most two seconds' worth.
+        assert!((GUEST_LINES_PER_SEC..=2 * GUEST_LINES_PER_SEC).contains(&shown));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let left_out = limit.admit().expect("a new second admits again");
+        assert!(left_out >= 1000 - 2 * GUEST_LINES_PER_SEC, "{left_out}");
+        assert_eq!(limit.admit(), Some(0));
     }
 
     #[test]

@@ -214,8 +214,8 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
             .configure_from(&doc)
             .map_err(|e| StartError::Config(path.clone(), e))?;
     }
-    let wake =
-        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?;
+    let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(StartError::EventFd)?;
     let (calls_tx, calls_rx) = std::sync::mpsc::channel();
     let socket = (!cli.no_api).then(|| {
         cli.api_sock

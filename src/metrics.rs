@@ -77,6 +77,12 @@ counters!(
         io_errors,
         /// Chains too broken to answer, and unsupported request types.
         invalid_requests,
+        /// Reads of the image that failed on the host (a truncated image, a failing disk).
+        host_read_errors,
+        /// Writes to the image that failed on the host (a full disk).
+        host_write_errors,
+        /// Flushes of the image that failed on the host.
+        host_flush_errors,
     }
 );
 

@@ -596,6 +596,65 @@ static void check_blk(void)
 	report("blk", device_irqs > 0, "no interrupt through the IOAPIC");
 }
 
+/* Waits for the device to report DEVICE_NEEDS_RESET; returns whether it did. */
+static int blk_wait_needs_reset(void)
+{
+	for (unsigned i = 0; i < 20000000; i++) {
+		if (vr(&blk, 0x70) & 0x40)
+			return 1;
+		__asm__ volatile("pause");
+	}
+	return 0;
+}
+
+/* Resets the device and sets it up again from scratch, as a driver recovering would. */
+static const char *blk_reinit(void)
+{
+	vw(&blk, 0x70, 0);
+	if (vr(&blk, 0x70) != 0)
+		return "status not 0 after reset";
+	memset(&blk.q[0], 0, sizeof(blk.q[0]));
+	return virtio_init(&blk, 1u << 9, 1);
+}
+
+/* A driver gone wrong, as a malicious guest would be: an available index more than a queue
+ * ahead of the device, then a ring zeroed under a live device. Each time the device must say
+ * it needs a reset (virtio 1.2, 2.1.2), the reset must complete, and a fresh set-up must work.
+ * Then a storm of writes to read-only configuration bytes, which the host's log must survive. */
+static void check_hostile(void)
+{
+	const char *why;
+	if (!find_virtio(2, &blk)) { report("hostile", 0, "no virtio-blk device on the command line"); return; }
+	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("hostile", 0, why); return; }
+	if (blk_request(0, 0, blk_buf, 512, 1) != 0) { report("hostile", 0, "first read failed"); return; }
+
+	blk.q[0].avail.idx = (uint16_t)(blk.q[0].avail.idx + QSZ + 1);
+	__asm__ volatile("mfence" ::: "memory");
+	vw(&blk, 0x50, 0);
+	if (!blk_wait_needs_reset()) { report("hostile", 0, "no DEVICE_NEEDS_RESET for an index past the queue"); return; }
+	if (!(vr(&blk, 0x60) & 2)) { report("hostile", 0, "no configuration interrupt status"); return; }
+	puts("hostile: index past the queue: device needs reset\n");
+	if ((why = blk_reinit())) { report("hostile", 0, why); return; }
+	for (int i = 0; i < 3; i++)
+		if (blk_request(0, (uint64_t)i, blk_buf, 512, 1) != 0) { report("hostile", 0, "read after reset failed"); return; }
+	puts("hostile: reset, set up again, 3 reads\n");
+
+	blk.q[0].avail.idx = 0;
+	__asm__ volatile("mfence" ::: "memory");
+	vw(&blk, 0x50, 0);
+	if (!blk_wait_needs_reset()) { report("hostile", 0, "no DEVICE_NEEDS_RESET for a zeroed ring"); return; }
+	if ((why = blk_reinit())) { report("hostile", 0, why); return; }
+	if (blk_request(0, 0, blk_buf, 512, 1) != 0) { report("hostile", 0, "read after the second reset failed"); return; }
+	puts("hostile: zeroed ring: device needs reset, reset, read\n");
+
+	unsigned storm = (unsigned)param_uint("storm", 20000);
+	for (unsigned i = 0; i < storm; i++)
+		vw(&blk, 0x100, i);
+	if (vr(&blk, 0x100) == 0) { report("hostile", 0, "the capacity changed under a write storm"); return; }
+	printf("hostile: %u writes to read-only configuration bytes\n", storm);
+	report("hostile", 1, 0);
+}
+
 /* ---- virtio-net (virtio 1.2, 5.1) ---- */
 #define NET_RXQ 0
 #define NET_TXQ 1
@@ -1254,6 +1313,9 @@ static void check_progress(void)
 {
 	for (uint8_t c = 0x10; c < 0x14; c++)
 		progress(c);
+	/* Firecracker's boot-complete code, as often as asked (a guest may repeat it at will). */
+	for (uint64_t n = param_uint("boot_done", 0); n; n--)
+		progress(123);
 	report("progress", 1, 0);
 }
 
@@ -1307,6 +1369,7 @@ static void run_checks(const char *protocol)
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();
+	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
 	if ((wants("blkbench") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");

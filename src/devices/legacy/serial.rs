@@ -76,7 +76,7 @@ impl std::fmt::Debug for SerialDevice {
 impl SerialDevice {
     /// A UART raising `irq`, writing to `out` and reading host input from `input`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>, input: Option<File>) -> io::Result<Self> {
-        let input_ready = EventFd::new(libc::EFD_NONBLOCK)?;
+        let input_ready = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let events = InputReady(input_ready.try_clone()?);
         Ok(Self {
             serial: Serial::with_events(IrqLine(irq), events, out),

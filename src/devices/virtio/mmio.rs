@@ -2,14 +2,21 @@
 //! shared by every device. It runs on vCPU threads: it negotiates features, drives the device
 //! status machine from a table of valid transitions, collects and validates queue set-up, and
 //! at DRIVER_OK hands the queues to the device, which wakes the event thread.
+//!
+//! What its registers show (device type, features, interrupt status, configuration space) is
+//! kept outside the device's lock, which the event thread holds for a whole queue drain: a vCPU
+//! takes that lock only for the rare steps that change the device (feature acceptance,
+//! activation, reset), never to read a register or acknowledge an interrupt.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use log::debug;
+use log::Level;
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{feature_word, status, VirtioDevice, INT_CONFIG};
+use super::{feature_word, status, ConfigSpace, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
+use crate::guest_log;
 use crate::vstate::memory::GuestMemoryMmap;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -61,6 +68,13 @@ const STATUS_TRANSITIONS: &[(u32, u32)] = &[
 /// One virtio device behind its MMIO registers.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    device_type: u32,
+    avail_features: u64,
+    queue_max_sizes: Vec<u16>,
+    irq: Arc<IrqTrigger>,
+    config: Arc<ConfigSpace>,
+    /// The device's queue eventfds, for a notify that reaches the transport (no ioeventfd).
+    queue_events: Vec<EventFd>,
     mem: GuestMemoryMmap,
     status: u32,
     device_features_sel: u32,
@@ -70,7 +84,6 @@ pub struct MmioTransport {
     queues: Vec<Queue>,
     /// The driver wrote a queue size the device cannot take.
     bad_queue_size: bool,
-    config_generation: u32,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -81,9 +94,8 @@ impl std::fmt::Debug for MmioTransport {
     }
 }
 
-fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
-    device
-        .queue_max_sizes()
+fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
+    max_sizes
         .iter()
         .filter_map(|&max| Queue::new(max).ok())
         .collect()
@@ -91,20 +103,39 @@ fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
 
 impl MmioTransport {
     /// Puts `device` behind a transport that gives it `mem` at activation.
-    pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        let queues = new_queues(&*device.lock().unwrap_or_else(PoisonError::into_inner));
-        Self {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> std::io::Result<Self> {
+        let dev = device.lock().unwrap_or_else(PoisonError::into_inner);
+        let device_type = dev.device_type();
+        let avail_features = dev.avail_features();
+        let queue_max_sizes = dev.queue_max_sizes().to_vec();
+        let irq = dev.interrupt().clone();
+        let config = dev.config_space().clone();
+        let queue_events = dev
+            .queue_events()
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<_>>()?;
+        drop(dev);
+        Ok(Self {
+            queues: new_queues(&queue_max_sizes),
             device,
+            device_type,
+            avail_features,
+            queue_max_sizes,
+            irq,
+            config,
+            queue_events,
             mem,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            queues,
             bad_queue_size: false,
-            config_generation: 0,
-        }
+        })
     }
 
     fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -122,12 +153,9 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        let mut device = self.device();
-        device.reset();
-        device.interrupt().clear();
-        let queues = new_queues(&*device);
-        drop(device);
-        self.queues = queues;
+        self.device().reset();
+        self.irq.clear();
+        self.queues = new_queues(&self.queue_max_sizes);
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -146,7 +174,8 @@ impl MmioTransport {
             return;
         }
         if !STATUS_TRANSITIONS.contains(&(self.status, value)) {
-            debug!(
+            guest_log!(
+                Level::Debug,
                 "virtio-mmio: ignoring status {value:#x} in status {:#x}",
                 self.status
             );
@@ -154,10 +183,21 @@ impl MmioTransport {
         }
         let newly = value & !self.status;
         if newly == FEATURES_OK {
-            let offered = self.device().avail_features();
-            if self.driver_features & !offered != 0 {
-                // Leave FEATURES_OK clear: the driver reads it back and gives up.
-                debug!("virtio-mmio: driver accepted features the device did not offer");
+            // Leave FEATURES_OK clear on refusal: the driver reads it back and gives up. A
+            // legacy driver (no VERSION_1) would expect a layout this transport does not have
+            // (virtio 1.2, 4.2.4).
+            if self.driver_features & !self.avail_features != 0 {
+                guest_log!(
+                    Level::Debug,
+                    "virtio-mmio: driver accepted features the device did not offer"
+                );
+                return;
+            }
+            if self.driver_features & (1u64 << VIRTIO_F_VERSION_1) == 0 {
+                guest_log!(
+                    Level::Debug,
+                    "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1"
+                );
                 return;
             }
             self.device().set_acked_features(self.driver_features);
@@ -187,22 +227,20 @@ impl MmioTransport {
         match result {
             Ok(()) => true,
             Err(why) => {
-                debug!("virtio-mmio: cannot activate device: {why}");
-                self.status |= DEVICE_NEEDS_RESET;
-                let _ = self.device().interrupt().trigger(INT_CONFIG);
+                guest_log!(Level::Debug, "virtio-mmio: cannot activate device: {why}");
+                self.irq.signal_needs_reset();
                 false
             }
         }
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
-        let device = self.device();
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => device.device_type(),
+            REG_DEVICE_ID => self.device_type,
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => feature_word(device.avail_features(), self.device_features_sel),
+            REG_DEVICE_FEATURES => feature_word(self.avail_features, self.device_features_sel),
             REG_QUEUE_NUM_MAX => self
                 .queues
                 .get(self.queue_sel as usize)
@@ -211,9 +249,10 @@ impl MmioTransport {
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            REG_INTERRUPT_STATUS => device.interrupt().status(),
+            REG_INTERRUPT_STATUS => self.irq.status(),
+            REG_STATUS if self.irq.needs_reset() => self.status | DEVICE_NEEDS_RESET,
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_CONFIG_GENERATION => self.config.generation(),
             _ => 0,
         }
     }
@@ -272,14 +311,17 @@ impl MmioTransport {
             REG_QUEUE_NOTIFY => {
                 // Normally consumed by the KVM ioeventfd and never seen here.
                 if self.status & DRIVER_OK != 0 {
-                    if let Some(evt) = self.device().queue_events().get(value as usize) {
+                    if let Some(evt) = self.queue_events.get(value as usize) {
                         let _ = evt.write(1);
                     }
                 }
             }
-            REG_INTERRUPT_ACK => self.device().interrupt().ack(value),
+            REG_INTERRUPT_ACK => self.irq.ack(value),
             REG_STATUS => self.set_status(value),
-            _ => debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+            _ => guest_log!(
+                Level::Debug,
+                "virtio-mmio: write to read-only or unknown register {offset:#x}"
+            ),
         }
     }
 
@@ -293,7 +335,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.device().read_config(offset - CONFIG_SPACE, data);
+            self.config.read(offset - CONFIG_SPACE, data);
             return;
         }
         if data.len() == 4 && offset.is_multiple_of(4) {
@@ -305,15 +347,21 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            self.device().write_config(offset - CONFIG_SPACE, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            if !self.config.write(offset - CONFIG_SPACE, data) {
+                guest_log!(
+                    Level::Debug,
+                    "virtio-mmio: ignoring a write to read-only configuration byte {:#x}",
+                    offset - CONFIG_SPACE
+                );
+            }
             return;
         }
         match <[u8; 4]>::try_from(data) {
             Ok(word) if offset.is_multiple_of(4) => {
                 self.write_reg(offset, u32::from_le_bytes(word));
             }
-            _ => debug!(
+            _ => guest_log!(
+                Level::Debug,
                 "virtio-mmio: ignoring {}-byte register write at {offset:#x}",
                 data.len()
             ),
@@ -325,6 +373,7 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::Block;
+    use crate::devices::virtio::INT_CONFIG;
     use vm_memory::GuestAddress;
 
     fn transport() -> MmioTransport {
@@ -337,7 +386,7 @@ mod tests {
         let block = Block::new(&path, false, "t").unwrap();
         std::fs::remove_file(&path).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        MmioTransport::new(mem, Arc::new(Mutex::new(block)))
+        MmioTransport::new(mem, Arc::new(Mutex::new(block))).unwrap()
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -408,6 +457,55 @@ mod tests {
         );
         write(&mut t, REG_STATUS, 0);
         assert_eq!(read(&mut t, REG_STATUS), 0, "reset");
+    }
+
+    /// The event thread holds the device's lock for a whole queue drain (disk I/O included):
+    /// what the driver reads on every interrupt, and its acknowledgement, must not wait for it.
+    #[test]
+    fn registers_never_wait_for_the_device_lock() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc::channel;
+        let mut t = transport();
+        start_queue(&mut t, 16, 0x1000);
+        t.irq.trigger(crate::devices::virtio::INT_VRING).unwrap();
+        let device = t.device.clone();
+        let released = Arc::new(AtomicBool::new(false));
+        let (locked_tx, locked_rx) = channel();
+        let holder = {
+            let released = released.clone();
+            std::thread::spawn(move || {
+                let guard = device.lock().unwrap();
+                locked_tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                released.store(true, Ordering::SeqCst);
+                drop(guard);
+            })
+        };
+        locked_rx.recv().unwrap();
+        assert_eq!(read(&mut t, REG_DEVICE_ID), 2);
+        assert_ne!(read(&mut t, REG_DEVICE_FEATURES), 0);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 1);
+        write(&mut t, REG_INTERRUPT_ACK, 1);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+        assert_eq!(read(&mut t, REG_STATUS) & DRIVER_OK, DRIVER_OK);
+        assert_eq!(read(&mut t, CONFIG_SPACE), 8);
+        write(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "a register access waited for the device's lock"
+        );
+        holder.join().unwrap();
+    }
+
+    #[test]
+    fn a_driver_without_version_1_is_refused() {
+        let mut t = transport();
+        write(&mut t, REG_STATUS, ACKNOWLEDGE);
+        write(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        write(&mut t, REG_DRIVER_FEATURES, 1 << 9); // FLUSH, offered
+        write(&mut t, REG_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_eq!(read(&mut t, REG_STATUS) & FEATURES_OK, 0);
     }
 
     #[test]

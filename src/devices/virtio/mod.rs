@@ -6,9 +6,10 @@ pub mod mmio;
 pub mod net;
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use log::debug;
+use log::Level;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -44,10 +45,12 @@ pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
 /// A device's interrupt: the status bits the driver reads and acknowledges through the
-/// transport, and the irqfd that raises the guest IRQ.
+/// transport, the irqfd that raises the guest IRQ, and whether the device needs a reset. Shared
+/// between the device (event thread) and its transport (vCPU threads) outside the device's lock.
 #[derive(Debug)]
 pub struct IrqTrigger {
     status: AtomicU32,
+    needs_reset: AtomicBool,
     evt: EventFd,
 }
 
@@ -56,7 +59,8 @@ impl IrqTrigger {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             status: AtomicU32::new(0),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            needs_reset: AtomicBool::new(false),
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
 
@@ -76,9 +80,25 @@ impl IrqTrigger {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// The device hit an error it cannot recover from without a reset: DEVICE_NEEDS_RESET shows
+    /// in the status register and the driver gets a configuration interrupt (virtio 1.2, 2.1.2).
+    pub fn signal_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.trigger(INT_CONFIG) {
+                crate::guest_log!(log::Level::Warn, "virtio: cannot raise interrupt: {e}");
+            }
+        }
+    }
+
+    /// Whether DEVICE_NEEDS_RESET is set.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
     /// Clears every bit (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// The eventfd to register as an irqfd.
@@ -87,9 +107,70 @@ impl IrqTrigger {
     }
 }
 
+/// A device's configuration space (virtio 1.2, 4.2.2: from offset 0x100 of its window), shared
+/// with its transport so that the driver's reads and writes never wait on the device's lock.
+/// The driver may write only the bytes in `writable`; the device changes it with
+/// [`ConfigSpace::update`], which moves the generation the driver checks (virtio 1.2, 2.5.1).
+#[derive(Debug)]
+pub struct ConfigSpace {
+    bytes: Mutex<Vec<u8>>,
+    writable: std::ops::Range<usize>,
+    generation: AtomicU32,
+}
+
+impl ConfigSpace {
+    /// A space holding `bytes`, of which the driver may write `writable`.
+    pub fn new(bytes: Vec<u8>, writable: std::ops::Range<usize>) -> Self {
+        Self {
+            bytes: Mutex::new(bytes),
+            writable,
+            generation: AtomicU32::new(0),
+        }
+    }
+
+    fn bytes(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Copies `offset..` into `data`; what lies past the end reads as zeros.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let bytes = self.bytes();
+        let Some(src) = usize::try_from(offset).ok().and_then(|o| bytes.get(o..)) else {
+            return;
+        };
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+
+    /// A driver's write: taken only when it lies wholly in the writable bytes.
+    pub fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let Some(range) = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(data.len())?))
+            .filter(|r| self.writable.start <= r.start && r.end <= self.writable.end)
+        else {
+            return false;
+        };
+        self.bytes()[range].copy_from_slice(data);
+        true
+    }
+
+    /// The device changes its configuration.
+    pub fn update(&self, change: impl FnOnce(&mut [u8])) {
+        change(&mut self.bytes());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The configuration generation.
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::SeqCst)
+    }
+}
+
 /// What every virtio device keeps the same way: offered and accepted features, one
-/// notification eventfd per queue (a KVM ioeventfd), the interrupt, and the eventfd that wakes
-/// the event thread at activation.
+/// notification eventfd per queue (a KVM ioeventfd), the interrupt and configuration space
+/// (shared with the transport), and the eventfd that wakes the event thread at activation.
 #[derive(Debug)]
 pub struct VirtioBase {
     /// Features offered.
@@ -101,20 +182,23 @@ pub struct VirtioBase {
     /// Written at DRIVER_OK; the event thread then takes over the queues.
     pub activate_evt: EventFd,
     /// The device's interrupt.
-    pub irq: IrqTrigger,
+    pub irq: Arc<IrqTrigger>,
+    /// The device's configuration space.
+    pub config: Arc<ConfigSpace>,
 }
 
 impl VirtioBase {
-    /// A base offering `avail_features` with `queues` queues.
-    pub fn new(avail_features: u64, queues: usize) -> io::Result<Self> {
+    /// A base offering `avail_features` with `queues` queues and configuration space `config`.
+    pub fn new(avail_features: u64, queues: usize, config: ConfigSpace) -> io::Result<Self> {
         Ok(Self {
             avail_features,
             acked_features: 0,
             queue_events: (0..queues)
-                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
                 .collect::<io::Result<_>>()?,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            irq: IrqTrigger::new()?,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            irq: Arc::new(IrqTrigger::new()?),
+            config: Arc::new(config),
         })
     }
 
@@ -151,10 +235,6 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Largest size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Reads the device-specific configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device-specific configuration space.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Takes the validated queues at DRIVER_OK and hands work to the event thread. Must not
     /// block: it runs on a vCPU thread.
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
@@ -175,8 +255,12 @@ pub trait VirtioDevice: Send {
         &self.base().queue_events
     }
     /// The device's interrupt.
-    fn interrupt(&self) -> &IrqTrigger {
+    fn interrupt(&self) -> &Arc<IrqTrigger> {
         &self.base().irq
+    }
+    /// The device's configuration space.
+    fn config_space(&self) -> &Arc<ConfigSpace> {
+        &self.base().config
     }
 }
 
@@ -186,18 +270,6 @@ pub(crate) fn feature_word(features: u64, select: u32) -> u32 {
         0 => (features & 0xffff_ffff) as u32,
         1 => (features >> 32) as u32,
         _ => 0,
-    }
-}
-
-/// Copies `offset..` of a device's config bytes into `data`; reads past the end give zeros.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(src) = config.get(start..) {
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
     }
 }
 
@@ -245,17 +317,23 @@ pub(crate) fn split_chain(chain: DescriptorChain<&GuestMemoryMmap>, bufs: &mut C
     !cut
 }
 
-/// The next available chain, if any. Unlike `Queue::pop_descriptor_chain` it reports a broken
-/// available ring (a guest error) at debug level only.
+/// The driver broke a queue beyond use: its available index is more than a queue's worth ahead
+/// of the device (virtio 1.2, 2.7.13.3), or its ring is unreadable. The device stops using the
+/// queue and asks for a reset ([`IrqTrigger::signal_needs_reset`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BrokenQueue;
+
+/// The next available chain, if any. A broken available ring is the guest's error: it is
+/// reported at debug level, rate-limited, and as [`BrokenQueue`].
 pub(crate) fn pop_chain<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
-) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, BrokenQueue> {
     match queue.iter(mem) {
-        Ok(mut iter) => iter.next(),
+        Ok(mut iter) => Ok(iter.next()),
         Err(e) => {
-            debug!("virtio: unusable available ring: {e}");
-            None
+            crate::guest_log!(Level::Debug, "virtio: unusable available ring: {e}");
+            Err(BrokenQueue)
         }
     }
 }
@@ -274,48 +352,178 @@ pub(crate) fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool 
 }
 
 /// Drains `queue` the way every device should (virtio 1.2, 2.7.10): notifications off while
-/// draining, on again and re-checked so nothing slips between, at most a queue's worth of chains
-/// per call so a driver that keeps adding cannot starve the event loop (when more may wait,
-/// `requeue` is written and the loop comes back). `handle` processes one chain and returns the
-/// bytes it wrote to the guest. Raises the interrupt, if the driver wants one, when anything
-/// was used.
+/// draining, on again and re-checked so nothing slips between. The budget, a queue's worth,
+/// counts every turn of the loop, not only the chains used, so whatever the driver writes the
+/// call ends; when more may wait, `requeue` is written and the event loop comes back after other
+/// work. `handle` processes one chain and returns the bytes it wrote to the guest. Raises the
+/// interrupt, if the driver wants one, when anything was used.
 pub(crate) fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     requeue: &EventFd,
     irq: &IrqTrigger,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-) {
+) -> Result<(), BrokenQueue> {
     let mut budget = queue.size();
     let mut used = false;
-    loop {
-        if queue.disable_notification(mem).is_err() {
-            break;
-        }
-        while budget > 0 {
-            let Some(chain) = pop_chain(queue, mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = handle(chain);
-            if queue.add_used(mem, head, len).is_err() {
-                debug!("virtio: cannot add a used element");
-            }
-            used = true;
-            budget -= 1;
-        }
+    let mut notifying = true;
+    let result = loop {
         if budget == 0 {
             let _ = requeue.write(1);
-            break;
+            break Ok(());
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
+        budget -= 1;
+        if notifying {
+            if queue.disable_notification(mem).is_err() {
+                break Err(BrokenQueue);
+            }
+            notifying = false;
         }
-    }
+        let chain = match pop_chain(queue, mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => match queue.enable_notification(mem) {
+                // Added meanwhile: go on.
+                Ok(true) => {
+                    notifying = true;
+                    continue;
+                }
+                Ok(false) => break Ok(()),
+                Err(_) => break Err(BrokenQueue),
+            },
+            Err(broken) => break Err(broken),
+        };
+        let head = chain.head_index();
+        let len = handle(chain);
+        if queue.add_used(mem, head, len).is_err() {
+            crate::guest_log!(Level::Debug, "virtio: cannot add a used element");
+        }
+        used = true;
+    };
     if used && needs_interrupt(queue, mem) {
         if let Err(e) = irq.trigger(INT_VRING) {
-            log::warn!("virtio: cannot raise interrupt: {e}");
+            crate::guest_log!(Level::Warn, "virtio: cannot raise interrupt: {e}");
         }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        requeue: EventFd,
+        irq: IrqTrigger,
+    }
+
+    fn rig() -> Rig {
+        Rig {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+            requeue: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            irq: IrqTrigger::new().unwrap(),
+        }
+    }
+
+    /// Publishes `n` one-descriptor chains (heads 0..n) on `vq`.
+    fn publish(vq: &MockSplitQueue<'_, GuestMemoryMmap>, n: u16) {
+        let descs: Vec<RawDescriptor> = (0..n)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(0x8000 + u64::from(i) * 64, 64, 0, 0))
+            })
+            .collect();
+        for (i, d) in descs.iter().enumerate() {
+            vq.desc_table()
+                .store(u16::try_from(i).unwrap(), *d)
+                .unwrap();
+            vq.avail()
+                .ring()
+                .ref_at(i)
+                .unwrap()
+                .store(u16::try_from(i).unwrap().to_le());
+        }
+        vq.avail().idx().store(n.to_le());
+    }
+
+    #[test]
+    fn drain_uses_every_chain_and_ends() {
+        let r = rig();
+        let vq = MockSplitQueue::new(&r.mem, 16);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        publish(&vq, 3);
+        let mut seen = 0;
+        let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
+            seen += 1;
+            0
+        });
+        assert_eq!(result, Ok(()));
+        assert_eq!(seen, 3);
+        assert_eq!(u16::from_le(vq.used().idx().load()), 3);
+        assert_eq!(r.irq.status(), INT_VRING);
+    }
+
+    /// An available index more than a queue's worth ahead (or a ring zeroed under a live
+    /// device, which looks the same after wrapping) ends the drain at once with the queue
+    /// reported broken; it used to spin forever on the event thread.
+    #[test]
+    fn impossible_avail_index_ends_the_drain() {
+        for (published, idx) in [(0, 17u16), (0, 0xffff), (2, 0)] {
+            let r = rig();
+            let vq = MockSplitQueue::new(&r.mem, 16);
+            let mut queue: Queue = vq.create_queue().unwrap();
+            publish(&vq, published);
+            let mut seen = 0;
+            if published > 0 {
+                drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
+                    seen += 1;
+                    0
+                })
+                .unwrap();
+            }
+            vq.avail().idx().store(idx.to_le());
+            let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
+                seen += 1;
+                0
+            });
+            assert_eq!(result, Err(BrokenQueue), "index {idx} after {published}");
+            assert_eq!(seen, published, "no chain taken from a broken ring");
+        }
+    }
+
+    #[test]
+    fn needs_reset_raises_one_config_interrupt_until_cleared() {
+        let irq = IrqTrigger::new().unwrap();
+        irq.signal_needs_reset();
+        irq.signal_needs_reset();
+        assert!(irq.needs_reset());
+        assert_eq!(irq.status(), INT_CONFIG);
+        assert_eq!(irq.eventfd().read().unwrap(), 1);
+        irq.clear();
+        assert!(!irq.needs_reset());
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn config_space_writes_only_its_writable_bytes() {
+        let config = ConfigSpace::new(vec![1, 2, 3, 4, 5, 6, 7, 8], 4..8);
+        let mut out = [0u8; 4];
+        config.read(6, &mut out);
+        assert_eq!(out, [7, 8, 0, 0], "past the end reads zeros");
+        config.read(u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+        assert!(!config.write(2, &[9, 9, 9, 9]), "straddles read-only bytes");
+        assert!(!config.write(u64::MAX, &[9]));
+        assert!(config.write(4, &[9, 9]));
+        config.read(0, &mut out);
+        assert_eq!(out, [1, 2, 3, 4]);
+        let generation = config.generation();
+        config.update(|b| b[0] = 0xaa);
+        assert_ne!(config.generation(), generation);
+        config.read(0, &mut out);
+        assert_eq!(out[0], 0xaa);
     }
 }

@@ -4,14 +4,14 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::warn;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::devices::virtio::{
-    drain_queue, read_config_bytes, ActivateError, ChainBufs, VirtioBase, VirtioDevice,
+    drain_queue, ActivateError, ChainBufs, ConfigSpace, VirtioBase, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
@@ -45,10 +45,11 @@ struct Active {
 /// A virtio block device backed by a raw image.
 pub struct Block {
     file: File,
+    /// The image's path, as log lines name it.
+    name: String,
     nsectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
-    config: [u8; 8],
     pub(super) base: VirtioBase,
     active: Option<Active>,
     buf: Vec<u8>,
@@ -106,11 +107,17 @@ impl Block {
         }
         Ok(Self {
             file,
+            name: path.display().to_string(),
             nsectors,
             read_only,
             id: id_bytes,
-            config: nsectors.to_le_bytes(),
-            base: VirtioBase::new(avail_features, 1).map_err(BlockError::EventFd)?,
+            // Capacity in sectors (virtio 1.2, 5.2.4); nothing the driver may write.
+            base: VirtioBase::new(
+                avail_features,
+                1,
+                ConfigSpace::new(nsectors.to_le_bytes().to_vec(), 0..0),
+            )
+            .map_err(BlockError::EventFd)?,
             active: None,
             buf: Vec::new(),
             chain: ChainBufs::default(),
@@ -128,10 +135,8 @@ impl Block {
         &self.base.queue_events[0]
     }
 
-    /// Drains the request queue: notifications off while draining, on again and re-checked
-    /// (virtio 1.2, 2.7.10), at most one queue's worth of requests per wake-up so a driver
-    /// that keeps adding cannot starve the event loop. Raises the interrupt if the driver
-    /// asked for one.
+    /// Drains the request queue (see [`drain_queue`]). A queue the driver broke is dropped
+    /// until the driver resets the device, which is told it needs one.
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -140,6 +145,7 @@ impl Block {
         let queue = &mut active.queue;
         let mut disk = Disk {
             file: &self.file,
+            name: &self.name,
             nsectors: self.nsectors,
             read_only: self.read_only,
             id: &self.id,
@@ -147,13 +153,17 @@ impl Block {
             metrics: &self.metrics,
             chain: &mut self.chain,
         };
-        drain_queue(
+        let drained = drain_queue(
             queue,
             mem,
             &self.base.queue_events[0],
             &self.base.irq,
             |chain| execute(chain, mem, &mut disk),
         );
+        if drained.is_err() {
+            self.active = None;
+            self.base.irq.signal_needs_reset();
+        }
     }
 }
 
@@ -172,14 +182,6 @@ impl VirtioDevice for Block {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        debug!("virtio-blk: ignoring config write at {offset:#x}");
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {

@@ -4,7 +4,9 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use log::Level;
 use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -44,6 +46,8 @@ unsafe impl ByteValued for RequestHeader {}
 pub struct Disk<'a> {
     /// The image.
     pub file: &'a File,
+    /// What the host calls it in log lines (the image's path).
+    pub name: &'a str,
     /// Size in sectors.
     pub nsectors: u64,
     /// Writes are refused.
@@ -88,7 +92,11 @@ fn execute_split(
         inc(&disk.metrics.invalid_requests);
         return 0;
     };
-    let status_addr = status_buf.addr.wrapping_add(u64::from(status_buf.len - 1));
+    // A status byte at the very top of the address space, past which the buffer would wrap.
+    let Some(status_addr) = status_buf.addr.checked_add(u64::from(status_buf.len - 1)) else {
+        inc(&disk.metrics.invalid_requests);
+        return 0;
+    };
     status_buf.len -= 1;
     let mut header = RequestHeader::default();
     let status = if read_exact(mem, readable, 0, header.as_mut_slice()).is_err() {
@@ -146,7 +154,9 @@ fn run(
         }
         VIRTIO_BLK_T_FLUSH => {
             if !disk.read_only {
-                disk.file.sync_data().map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                disk.file.sync_data().map_err(|e| {
+                    host_error(disk.name, "flush", &disk.metrics.host_flush_errors, &e)
+                })?;
             }
             inc(&disk.metrics.flush_count);
             Ok(0)
@@ -161,6 +171,21 @@ fn run(
         }
         _ => Err(VIRTIO_BLK_S_UNSUPP),
     }
+}
+
+/// A read, write or flush of the image failed on the host: the guest gets IOERR, the first
+/// failure of each kind on each disk is logged with its cause, later ones are counted (and
+/// logged at debug level, rate-limited: a guest can repeat them at will).
+fn host_error(name: &str, op: &str, count: &AtomicU64, e: &std::io::Error) -> u8 {
+    if count.fetch_add(1, Ordering::Relaxed) == 0 {
+        log::warn!(
+            "disk {name}: {op} failed: {e}; the guest gets an I/O error (later failures are \
+             counted in the metrics as host_{op}_errors)"
+        );
+    } else {
+        crate::guest_log!(Level::Debug, "disk {name}: {op} failed: {e}");
+    }
+    VIRTIO_BLK_S_IOERR
 }
 
 fn total(bufs: &[Buf]) -> u64 {
@@ -245,12 +270,12 @@ fn copy_file_to_guest(
     len: u64,
 ) -> Result<(), u8> {
     let mut pos = offset;
-    let file = disk.file;
+    let (file, name, metrics) = (disk.file, disk.name, disk.metrics);
     let buf = &mut *disk.buf;
     for_each_piece(bufs, 0, len, |addr, n| {
         buf.resize(n, 0);
         file.read_exact_at(&mut buf[..n], pos)
-            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            .map_err(|e| host_error(name, "read", &metrics.host_read_errors, &e))?;
         mem.write_slice(&buf[..n], GuestAddress(addr))
             .map_err(|_| VIRTIO_BLK_S_IOERR)?;
         pos += n as u64;
@@ -267,14 +292,14 @@ fn copy_guest_to_file(
     len: u64,
 ) -> Result<(), u8> {
     let mut pos = offset;
-    let file = disk.file;
+    let (file, name, metrics) = (disk.file, disk.name, disk.metrics);
     let buf = &mut *disk.buf;
     for_each_piece(bufs, skip, len, |addr, n| {
         buf.resize(n, 0);
         mem.read_slice(&mut buf[..n], GuestAddress(addr))
             .map_err(|_| VIRTIO_BLK_S_IOERR)?;
         file.write_all_at(&buf[..n], pos)
-            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            .map_err(|e| host_error(name, "write", &metrics.host_write_errors, &e))?;
         pos += n as u64;
         Ok(())
     })
@@ -349,23 +374,82 @@ mod tests {
 
     /// Runs the chain `descs` (next links set by the mock) and returns (used length, status byte).
     fn run_chain(m: &GuestMemoryMmap, descs: &[RawDescriptor], read_only: bool) -> (u32, u8) {
+        run_chain_on(m, descs, &image(), read_only, &BlockMetrics::default())
+    }
+
+    /// [`run_chain`] on an 8-sector disk backed by `file`, counting in `metrics`.
+    fn run_chain_on(
+        m: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        file: &File,
+        read_only: bool,
+        metrics: &BlockMetrics,
+    ) -> (u32, u8) {
         m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
         let vq = MockSplitQueue::new(m, 16);
         let chain = vq.build_desc_chain(descs).unwrap();
-        let file = image();
         let id = [b'x'; ID_BYTES];
         let mut buf = Vec::new();
         let mut disk = Disk {
-            file: &file,
+            file,
+            name: "test.img",
             nsectors: 8,
             read_only,
             id: &id,
             buf: &mut buf,
-            metrics: &BlockMetrics::default(),
+            metrics,
             chain: &mut ChainBufs::default(),
         };
         let len = execute(chain, m, &mut disk);
         (len, m.read_obj(GuestAddress(STATUS)).unwrap())
+    }
+
+    /// The image shrank under the device (truncated on the host) and the host disk is full:
+    /// the guest gets IOERR and the host's counters say which kind of failure it was.
+    #[test]
+    fn host_io_failures_reach_the_guest_and_are_counted() {
+        let m = mem();
+        let metrics = BlockMetrics::default();
+        let truncated = image();
+        truncated.set_len(512).unwrap();
+        header(&m, VIRTIO_BLK_T_IN, 4);
+        for _ in 0..3 {
+            let (_, status) =
+                run_chain_on(&m, &request(DATA, 512, true), &truncated, false, &metrics);
+            assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        }
+        let full = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (_, status) = run_chain_on(&m, &request(DATA, 512, false), &full, false, &metrics);
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        let counts = metrics.to_json();
+        assert_eq!(counts["host_read_errors"], 3);
+        assert_eq!(counts["host_write_errors"], 1);
+        assert_eq!(counts["host_flush_errors"], 0);
+        assert_eq!(counts["io_errors"], 4);
+    }
+
+    /// A status buffer whose last byte's address wraps past the top of the address space is
+    /// refused; the wrapped address (here STATUS) used to receive the status.
+    #[test]
+    fn status_address_that_wraps_is_refused() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let len = 0x4000u32;
+        let addr = STATUS.wrapping_sub(u64::from(len) - 1);
+        assert!(addr > STATUS, "wraps");
+        let descs = [
+            desc(HDR, 16, 0, 0),
+            desc(DATA, 512, F_WRITE, 0),
+            desc(addr, len, F_WRITE, 0),
+        ];
+        let (used, status) = run_chain(&m, &descs, false);
+        assert_eq!(used, 0);
+        assert_eq!(status, 0xee, "nothing written at the wrapped address");
     }
 
     #[test]
@@ -480,6 +564,7 @@ mod tests {
         let mut buf = Vec::new();
         let mut disk = Disk {
             file: &file,
+            name: "test.img",
             nsectors: 8,
             read_only: false,
             id: &id,

@@ -4,17 +4,18 @@
 use std::io;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::{warn, Level};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::devices::virtio::{
-    drain_queue, needs_interrupt, pop_chain, read_config_bytes, split_chain, ActivateError,
-    ChainBufs, GuestBuf, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+    drain_queue, needs_interrupt, pop_chain, split_chain, ActivateError, BrokenQueue, ChainBufs,
+    ConfigSpace, GuestBuf, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::guest_log;
 use crate::metrics::{add, inc, NetMetrics};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -70,7 +71,6 @@ struct Active {
 /// A virtio network device on a TAP.
 pub struct Net {
     tap: Tap,
-    config: [u8; 6],
     pub(super) base: VirtioBase,
     active: Option<Active>,
     /// The frame read from the TAP and not yet delivered: `rx_frame[..rx_len]`.
@@ -120,8 +120,13 @@ impl Net {
         }
         Ok(Self {
             tap,
-            config: mac.unwrap_or_default(),
-            base: VirtioBase::new(avail_features, 2).map_err(NetError::EventFd)?,
+            // The MAC (virtio 1.2, 5.1.4), read-only for a VERSION_1 driver.
+            base: VirtioBase::new(
+                avail_features,
+                2,
+                ConfigSpace::new(mac.unwrap_or_default().to_vec(), 0..0),
+            )
+            .map_err(NetError::EventFd)?,
             active: None,
             rx_frame: vec![0; MAX_FRAME_LEN + 1],
             rx_len: 0,
@@ -176,9 +181,15 @@ impl Net {
         flags
     }
 
-    /// Sends the guest's frames to the TAP: notifications off while draining, on again and
-    /// re-checked, at most a queue's worth per wake-up. A broken chain or a frame the TAP
-    /// refuses is dropped and counted; the buffer goes back to the guest either way.
+    /// The driver broke a queue: the device stops until the driver resets it, and says so.
+    fn broken(&mut self) {
+        self.active = None;
+        self.rx_len = 0;
+        self.base.irq.signal_needs_reset();
+    }
+
+    /// Sends the guest's frames to the TAP (see [`drain_queue`]). A broken chain or a frame the
+    /// TAP refuses is dropped and counted; the buffer goes back to the guest either way.
     pub fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -186,7 +197,7 @@ impl Net {
         let mem = &active.mem;
         let (tap, metrics) = (&self.tap, &self.metrics);
         let (bufs, frame) = (&mut self.chain, &mut self.tx_frame);
-        drain_queue(
+        let drained = drain_queue(
             &mut active.tx,
             mem,
             &self.base.queue_events[TX_QUEUE],
@@ -201,7 +212,10 @@ impl Net {
                             true
                         }
                         Err(e) => {
-                            debug!("virtio-net: TAP refused a {len}-byte frame: {e}");
+                            guest_log!(
+                                Level::Debug,
+                                "virtio-net: TAP refused a {len}-byte frame: {e}"
+                            );
                             false
                         }
                     },
@@ -213,6 +227,9 @@ impl Net {
                 0
             },
         );
+        if drained.is_err() {
+            self.broken();
+        }
     }
 
     /// Moves frames from the TAP into the guest's receive buffers, at most a queue's worth of
@@ -230,6 +247,7 @@ impl Net {
         let _ = queue.disable_notification(mem);
         let mut budget = queue.size();
         let mut used = false;
+        let mut broken = false;
         let watch = loop {
             if self.rx_len == 0 {
                 if budget == 0 {
@@ -240,19 +258,31 @@ impl Net {
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN && n <= MAX_FRAME_LEN => self.rx_len = n,
                     Ok(n) => {
-                        debug!("virtio-net: dropping a {n}-byte frame from the TAP");
+                        guest_log!(
+                            Level::Debug,
+                            "virtio-net: dropping a {n}-byte frame from the TAP"
+                        );
                         inc(&self.metrics.rx_dropped);
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
                     Err(e) => {
-                        warn!("virtio-net: cannot read from TAP {}: {e}", self.tap.name());
+                        guest_log!(
+                            Level::Warn,
+                            "virtio-net: cannot read from TAP {}: {e}",
+                            self.tap.name()
+                        );
                         break true;
                     }
                 }
             }
-            let Some(chain) = next_rx_chain(queue, mem) else {
-                break false;
+            let chain = match next_rx_chain(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break false,
+                Err(BrokenQueue) => {
+                    broken = true;
+                    break false;
+                }
             };
             let head = chain.head_index();
             let frame = &mut self.rx_frame[..self.rx_len];
@@ -270,7 +300,7 @@ impl Net {
                     add(&self.metrics.rx_bytes, (self.rx_len - VNET_HDR_LEN) as u64);
                     let len = u32::try_from(self.rx_len).unwrap_or(u32::MAX);
                     if queue.add_used(mem, head, len).is_err() {
-                        debug!("virtio-net: cannot add a used element");
+                        guest_log!(Level::Debug, "virtio-net: cannot add a used element");
                     }
                     used = true;
                 }
@@ -281,7 +311,7 @@ impl Net {
                 }
                 Err(ScatterError::Bad) => {
                     if queue.add_used(mem, head, 0).is_err() {
-                        debug!("virtio-net: cannot add a used element");
+                        guest_log!(Level::Debug, "virtio-net: cannot add a used element");
                     }
                     used = true;
                     inc(&self.metrics.rx_dropped);
@@ -291,8 +321,11 @@ impl Net {
         };
         if used && needs_interrupt(queue, mem) {
             if let Err(e) = self.base.irq.trigger(INT_VRING) {
-                warn!("virtio-net: cannot raise interrupt: {e}");
+                guest_log!(Level::Warn, "virtio-net: cannot raise interrupt: {e}");
             }
+        }
+        if broken {
+            self.broken();
         }
         watch
     }
@@ -304,13 +337,14 @@ impl Net {
 fn next_rx_chain<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
-) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>> {
-    if let Some(chain) = pop_chain(queue, mem) {
-        return Some(chain);
+) -> Result<Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>>, BrokenQueue> {
+    if let Some(chain) = pop_chain(queue, mem)? {
+        return Ok(Some(chain));
     }
     match queue.enable_notification(mem) {
         Ok(true) => pop_chain(queue, mem),
-        _ => None,
+        Ok(false) => Ok(None),
+        Err(_) => Err(BrokenQueue),
     }
 }
 
@@ -374,15 +408,6 @@ impl VirtioDevice for Net {
 
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // The MAC is read-only for a VERSION_1 driver (virtio 1.2, 5.1.4.2).
-        debug!("virtio-net: ignoring config write at {offset:#x}");
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
@@ -676,7 +701,7 @@ mod tests {
             .set_acked_features(all & !(1 << VIRTIO_NET_F_GUEST_CSUM));
         assert_eq!(rig.net.tap_offloads(), 0);
         let mut mac = [0u8; 6];
-        rig.net.read_config(0, &mut mac);
+        rig.net.config_space().read(0, &mut mac);
         assert_eq!(mac, [6, 0, 0, 0, 0, 1]);
     }
 }
