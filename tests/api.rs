@@ -335,6 +335,48 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
 }
 
 #[test]
+fn a_drive_that_is_a_fifo_is_refused_and_the_api_stays_up() {
+    // Opening a FIFO read-only used to wait for a writer: InstanceStart never answered, and
+    // since the controller carries out every request, nothing else did either.
+    let vm = Running::start("api-fifo-drive", &[]);
+    let pipe = tmp("api-drive.fifo");
+    let _ = std::fs::remove_file(&pipe);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert_eq!(
+        vm.call("PUT", "/boot-source", Some(&boot_source(""))).0,
+        204
+    );
+    let drive = format!(
+        r#"{{"drive_id": "fifo", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+        pipe.display()
+    );
+    let (status, answer) = vm.call("PUT", "/drives/fifo", Some(&drive));
+    assert_eq!(status, 204, "{answer}");
+    let t = Instant::now();
+    let (status, answer) = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        fault(&answer).contains(&format!(
+            "disk image {} is not a regular file or block device",
+            pipe.display()
+        )),
+        "{answer}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let (status, body) = vm.call("GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"Not started""#), "{body}");
+}
+
+#[test]
 fn config_file_boots_without_an_api() {
     let file = tmp("api-config.json");
     std::fs::write(
