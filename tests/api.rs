@@ -4,8 +4,9 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::api::{call, fault, send_raw, Running};
@@ -410,7 +411,7 @@ fn config_file_and_flag_errors_are_one_line() {
     )
     .unwrap();
     let busy = tmp("api-busy.sock");
-    std::fs::write(&busy, "").unwrap();
+    std::fs::write(&busy, "not a socket").unwrap();
     for (args, want) in [
         (vec!["--no-api"], "--no-api needs --config-file".to_owned()),
         (
@@ -436,6 +437,139 @@ fn config_file_and_flag_errors_are_one_line() {
         assert_eq!(errors.len(), 1, "{args:?}: {}", out.stderr);
         assert!(errors[0].contains(&want), "{args:?}: {}", errors[0]);
     }
+    // The file that was in the way is still there, untouched; no temporary name is left.
+    assert_eq!(std::fs::read_to_string(&busy).unwrap(), "not a socket");
+    assert_eq!(leftovers(&busy), Vec::<String>::new());
+}
+
+/// Entries beside `sock` that start with its temporary name's prefix (`.NAME.`).
+fn leftovers(sock: &Path) -> Vec<String> {
+    let prefix = format!(".{}.", sock.file_name().unwrap().to_str().unwrap());
+    std::fs::read_dir(sock.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Removes what a failed earlier run may have left beside `sock`.
+fn clean_leftovers(sock: &Path) {
+    let _ = std::fs::remove_file(sock);
+    for name in leftovers(sock) {
+        let p = sock.with_file_name(name);
+        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+    }
+}
+
+#[test]
+fn api_socket_is_private_whatever_the_umask() {
+    let sock = tmp("api-umask.sock");
+    clean_leftovers(&sock);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"umask 0 && exec "$0" --api-sock "$1""#)
+        .arg(common::skiff_bin())
+        .arg(&sock);
+    let vm = Running::spawn(cmd, sock.clone());
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < LIMIT, "no API socket: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "{:o}",
+        meta.permissions().mode()
+    );
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    assert_eq!(leftovers(&sock), Vec::<String>::new());
+}
+
+/// Whether strace can trace a child here (it is missing, or ptrace is forbidden, in some
+/// containers).
+fn strace_works() -> bool {
+    std::process::Command::new("strace")
+        .args(["-o", "/dev/null", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn an_api_socket_path_taken_during_startup_is_left_alone() {
+    // Skiff checks that the path is free, binds under a temporary name, then renames. A file
+    // created at the path in between must make the start fail, never be replaced. strace
+    // holds bind() for half a second to open that window wide.
+    if !strace_works() {
+        eprintln!("skipped: strace cannot trace processes here");
+        return;
+    }
+    let sock = tmp("api-race.sock");
+    clean_leftovers(&sock);
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-o", "/dev/null", "-e", "trace=bind"])
+        .args(["-e", "inject=bind:delay_exit=500000", "--"])
+        .arg(common::skiff_bin())
+        .arg("--api-sock")
+        .arg(&sock);
+    let mut vm = Running::spawn(cmd, sock.clone());
+    let start = Instant::now();
+    let temporary = loop {
+        if let Some(name) = leftovers(&sock).pop() {
+            break name;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "no temporary name: {}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    // The temporary name carries Skiff's pid (strace is the child we know).
+    let pid: i32 = temporary
+        .trim_start_matches(".api-race.sock.")
+        .split(['.', '-'])
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {temporary}"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&sock)
+        .and_then(|mut f| f.write_all(b"precious"))
+        .expect("the path is still free while bind() is held");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = None;
+    while status.is_none() && Instant::now() < deadline {
+        status = vm.child.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if status.is_none() {
+        // Still serving on the path it took over. strace has not reaped it, so the pid is
+        // still this Skiff's.
+        // SAFETY: kill(2) takes no pointers; `pid` names our own, not yet reaped, grandchild.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let kept = std::fs::read(&sock);
+    assert!(
+        status.is_some(),
+        "Skiff kept running; the path now holds {kept:?}"
+    );
+    assert_eq!(kept.unwrap(), b"precious");
+    assert_eq!(status.unwrap().code(), Some(1), "{}", vm.stderr());
+    assert!(
+        vm.stderr().contains(&format!(
+            "cannot listen on the API socket {}",
+            sock.display()
+        )),
+        "{}",
+        vm.stderr()
+    );
+    assert_eq!(leftovers(&sock), Vec::<String>::new());
 }
 
 #[test]

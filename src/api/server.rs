@@ -4,6 +4,10 @@
 //! channel and an eventfd; the answer comes back on a oneshot channel.
 
 use std::convert::Infallible;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -46,7 +50,8 @@ struct Shared {
     metrics: Arc<ApiMetrics>,
 }
 
-/// Binds `path` (which must not exist) and serves the API on a new thread named `skiff-api`.
+/// Binds `path` (which must not exist; see [`bind`]) and serves the API on a new thread named
+/// `skiff-api`.
 pub fn spawn(
     path: &Path,
     calls: Sender<ApiCall>,
@@ -54,24 +59,7 @@ pub fn spawn(
     metrics: Arc<ApiMetrics>,
 ) -> Result<JoinHandle<()>, ApiServerError> {
     let bind_err = |e| ApiServerError::Bind(path.to_owned(), e);
-    if path.symlink_metadata().is_ok() {
-        return Err(bind_err(std::io::Error::from_raw_os_error(
-            libc::EADDRINUSE,
-        )));
-    }
-    // Bound and listening under a temporary name, then renamed: a client that waits for the
-    // socket file to appear can connect at once (binding in place leaves a moment where the
-    // file exists and connections are refused).
-    let name = path
-        .file_name()
-        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(bind_err)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(bind_err(e));
-    }
+    let listener = bind(path).map_err(bind_err)?;
     listener
         .set_nonblocking(true)
         .map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
@@ -90,7 +78,88 @@ pub fn spawn(
         .map_err(ApiServerError::Thread)
 }
 
-async fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>) {
+/// Binds and listens on a socket at `path`, which must not exist, with mode 0600.
+///
+/// The socket is bound in a fresh directory only this user can enter, made private, then
+/// renamed to `path`: a client that waits for the file to appear can connect at once (binding
+/// in place leaves a moment where the file exists and connections are refused), nobody else
+/// can reach it while its mode still follows the umask, and the rename refuses to replace
+/// anything created at `path` in the meantime.
+fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+    })?;
+    // Checked first only for a clear error before anything is created; the rename below is
+    // what guarantees that nothing is replaced.
+    if path.symlink_metadata().is_ok() {
+        return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    let dir = private_dir(path, &name.to_string_lossy())?;
+    let tmp = dir.join("s");
+    let bound = UnixListener::bind(&tmp).and_then(|listener| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        rename_no_replace(&tmp, path)?;
+        Ok(listener)
+    });
+    // After a successful rename only the empty directory is left.
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    bound
+}
+
+/// Creates a new mode-0700 directory beside `path`, named `.NAME.PID.SALT`. An existing entry
+/// (a leftover of a killed Skiff, or something planted) is never reused: another salt is
+/// tried.
+fn private_dir(path: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let salt = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for attempt in 0..16 {
+        let dir = path.with_file_name(format!(
+            ".{name}.{}.{:04x}",
+            std::process::id(),
+            salt.wrapping_add(attempt) & 0xffff
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EEXIST)))
+}
+
+/// Renames `from` to `to`, failing with EEXIST if `to` exists.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let c_from = CString::new(from.as_os_str().as_bytes())?;
+    let c_to = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both pointers are NUL-terminated strings that live across the call, which only
+    // reads them; AT_FDCWD makes relative paths resolve as std's own calls do.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // A file system (or kernel) without RENAME_NOREPLACE: link(2) never replaces either.
+        Some(libc::EINVAL | libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
+async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -191,4 +260,48 @@ fn to_http(response: &ApiResponse) -> Response<Full<Bytes>> {
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     http
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_never_replaces() {
+        let dir = std::env::temp_dir().join(format!("skiff-rename-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (from, to) = (dir.join("from"), dir.join("to"));
+        std::fs::write(&from, "new").unwrap();
+        std::fs::write(&to, "old").unwrap();
+        let err = rename_no_replace(&from, &to).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "old");
+        std::fs::remove_file(&to).unwrap();
+        rename_no_replace(&from, &to).unwrap();
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "new");
+        assert!(!from.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bound_socket_is_private_and_nothing_is_left_beside_it() {
+        let dir = std::env::temp_dir().join(format!("skiff-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["api.sock"]);
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(listener);
+        assert!(bind(&path).is_err(), "an existing path must be refused");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
