@@ -488,6 +488,74 @@ fn api_socket_is_private_whatever_the_umask() {
     assert_eq!(leftovers(&sock), Vec::<String>::new());
 }
 
+/// Starts `skiff --api-sock sock`, with stdio out of the way.
+fn spawn_api(sock: &Path) -> common::KillOnDrop {
+    let child = std::process::Command::new(common::skiff_bin())
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::KillOnDrop(child)
+}
+
+fn sigterm(child: &common::KillOnDrop) {
+    let pid = i32::try_from(child.0.id()).unwrap();
+    // SAFETY: kill(2) takes no pointers; the child is not reaped yet, so `pid` is still ours.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[test]
+fn an_early_termination_signal_leaves_no_api_socket() {
+    // Skiff used to install its signal handlers only once it began serving calls, some
+    // milliseconds after the socket appeared: a SIGTERM in between killed it with the socket
+    // left behind, and the next start on that path failed.
+    let sock = tmp("api-early-signal.sock");
+    let check = |when: &str, mut skiff: common::KillOnDrop| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while skiff.0.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{when}: SIGTERM did not end Skiff"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            sock.symlink_metadata().is_err(),
+            "{when}: the API socket was left behind"
+        );
+        assert_eq!(leftovers(&sock), Vec::<String>::new(), "{when}");
+    };
+    for delay_ms in 0..=30 {
+        clean_leftovers(&sock);
+        let skiff = spawn_api(&sock);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        sigterm(&skiff);
+        check(&format!("SIGTERM after {delay_ms} ms"), skiff);
+    }
+    for _ in 0..10 {
+        clean_leftovers(&sock);
+        let skiff = spawn_api(&sock);
+        let start = Instant::now();
+        while sock.symlink_metadata().is_err() {
+            assert!(start.elapsed() < LIMIT, "no API socket");
+            std::hint::spin_loop();
+        }
+        sigterm(&skiff);
+        check("SIGTERM as the socket appears", skiff);
+    }
+    // A fresh start on the same path works.
+    let _skiff = spawn_api(&sock);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < LIMIT, "no API socket on the second start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(call(&sock, "GET", "/", None).0, 200);
+}
+
 /// Whether strace can trace a child here (it is missing, or ptrace is forbidden, in some
 /// containers).
 fn strace_works() -> bool {

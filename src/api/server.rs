@@ -58,11 +58,6 @@ pub fn spawn(
     wake: &EventFd,
     metrics: Arc<ApiMetrics>,
 ) -> Result<JoinHandle<()>, ApiServerError> {
-    let bind_err = |e| ApiServerError::Bind(path.to_owned(), e);
-    let listener = bind(path).map_err(bind_err)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
     let shared = Arc::new(Shared {
         calls,
         wake: wake.try_clone().map_err(ApiServerError::Thread)?,
@@ -72,10 +67,16 @@ pub fn spawn(
         .enable_all()
         .build()
         .map_err(ApiServerError::Thread)?;
+    // Everything that can fail without the socket is done; from here a failure must not
+    // leave the socket behind, as the caller only takes charge of it on success.
+    let listener = bind(path).map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
     std::thread::Builder::new()
         .name("skiff-api".into())
         .spawn(move || runtime.block_on(serve(listener, shared)))
-        .map_err(ApiServerError::Thread)
+        .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            ApiServerError::Thread(e)
+        })
 }
 
 /// Binds and listens on a socket at `path`, which must not exist, with mode 0600.
@@ -97,6 +98,7 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let dir = private_dir(path, &name.to_string_lossy())?;
     let tmp = dir.join("s");
     let bound = UnixListener::bind(&tmp).and_then(|listener| {
+        listener.set_nonblocking(true)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         rename_no_replace(&tmp, path)?;
         Ok(listener)
