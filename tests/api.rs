@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -554,6 +554,111 @@ fn an_early_termination_signal_leaves_no_api_socket() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(call(&sock, "GET", "/", None).0, 200);
+}
+
+#[test]
+fn connections_past_the_cap_get_503_and_the_others_keep_working() {
+    // Skiff serves 10 connections at once, as Firecracker; it used to accept without limit,
+    // so a client could take every file descriptor it had.
+    const CAP: usize = 10;
+    let vm = Running::start("api-cap", &[]);
+    let connect = || {
+        let s = UnixStream::connect(&vm.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    // Each answered once, so each has surely been accepted.
+    let mut held: Vec<UnixStream> = (0..CAP)
+        .map(|_| {
+            let mut s = connect();
+            assert_eq!(common::api::call_on(&mut s, "GET", "/").0, 200);
+            s
+        })
+        .collect();
+    let mut extra = connect();
+    let mut answer = String::new();
+    extra
+        .read_to_string(&mut answer)
+        .expect("the connection past the cap is answered and closed");
+    let (status, body) = common::api::parse_answer(&answer);
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(fault(&body), "Too many open connections");
+    // The connections already open are still served.
+    for s in &mut held {
+        assert_eq!(common::api::call_on(s, "GET", "/version").0, 200);
+    }
+    // A client that leaves frees its place for the next.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, answer) = vm.call("GET", "/", None);
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the freed place was not reused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn running_out_of_file_descriptors_neither_floods_the_log_nor_stops_the_api() {
+    // At the fd limit accept() fails with EMFILE for as long as a connection waits; Skiff
+    // used to log a warning for each try, about 90 a second.
+    let vm = Running::start("api-emfile", &[]);
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    let pid = i32::try_from(vm.child.id()).unwrap();
+    // Lower Skiff's RLIMIT_NOFILE so that exactly two more descriptors fit.
+    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut limit = 0;
+    let mut free = 0;
+    while free < 2 {
+        if !used.contains(&limit) {
+            free += 1;
+        }
+        limit += 1;
+    }
+    let rlim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: `rlim` is a valid rlimit read during the call; the old-limit pointer may be null.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &rlim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let held: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut s = UnixStream::connect(&vm.sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(common::api::call_on(&mut s, "GET", "/").0, 200);
+            s
+        })
+        .collect();
+    // The kernel queues this one, but Skiff cannot accept it while the others are open.
+    let mut waiting = UnixStream::connect(&vm.sock).unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = vm.stderr().lines().count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines in 2 s of EMFILE:\n{}",
+        vm.stderr()
+    );
+    assert!(vm.stderr().contains("accept failed"), "{}", vm.stderr());
+    drop(held);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    waiting
+        .read_to_string(&mut answer)
+        .expect("the waiting client is served once descriptors are free");
+    assert_eq!(common::api::parse_answer(&answer).0, 200, "{answer}");
+    assert!(vm.stderr().lines().count() <= 2, "{}", vm.stderr());
 }
 
 /// Whether strace can trace a child here (it is missing, or ptrace is forbidden, in some

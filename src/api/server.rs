@@ -1,10 +1,12 @@
 //! HTTP/1.1 on a Unix socket with hyper, on the API thread's own single-threaded tokio runtime.
 //! Each connection is its own task, so a slow or stalled client only holds itself: headers
-//! and bodies have a time limit, bodies a size limit. Requests go to the controller over a
-//! channel and an eventfd; the answer comes back on a oneshot channel.
+//! and bodies have a time limit, bodies a size limit, and at most [`MAX_CONNECTIONS`] are
+//! served at once. Requests go to the controller over a channel and an eventfd; the answer
+//! comes back on a oneshot channel.
 
 use std::convert::Infallible;
 use std::ffi::CString;
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -32,6 +34,28 @@ const DISCARD_LIMIT: usize = 1 << 20;
 
 /// How long a client may take to send its headers, and then its body.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once, as Firecracker's API server allows; one more is answered 503
+/// and closed. Without a cap a client could take every file descriptor Skiff has.
+pub const MAX_CONNECTIONS: usize = 10;
+
+/// The whole answer to a connection past the cap, written without hyper or a task.
+const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\n\
+Content-Length: 45\r\n\
+Connection: close\r\n\r\n\
+{\"fault_message\":\"Too many open connections\"}";
+
+/// Accept failures are logged at most once per this period: at the fd limit accept fails for
+/// as long as a connection waits in the backlog.
+const ACCEPT_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Pause after accept fails for want of descriptors or memory: the waiting connection keeps
+/// the listener readable, so retrying at once would spin until something is closed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Pause after any other accept failure.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// Errors while starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -169,17 +193,35 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             return;
         }
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut failures = AcceptFailures::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                warn!("API server: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                inc(&shared.metrics.accept_failures);
+                failures.record(&e);
+                let out_of_resources = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                let pause = if out_of_resources {
+                    ACCEPT_BACKOFF
+                } else {
+                    ACCEPT_RETRY
+                };
+                tokio::time::sleep(pause).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            inc(&shared.metrics.connections_refused);
+            refuse(stream);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| answer(req, shared.clone()));
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -190,6 +232,58 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 debug!("API connection ended: {e}");
             }
         });
+    }
+}
+
+/// Answers a connection past the cap with 503 and closes it, at once and without a task, so
+/// refusing costs nothing that a client opening connections in a loop could pile up.
+fn refuse(stream: tokio::net::UnixStream) {
+    // Plain non-blocking calls on the descriptor: tokio's try_read and try_write answer
+    // WouldBlock until its event loop has seen the new socket ready.
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    // Read what the client already sent: closing a Unix socket with unread data makes the
+    // client's next read fail with ECONNRESET instead of returning the answer.
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!((&stream).read(&mut buf), Ok(1..)) {
+            break;
+        }
+    }
+    // The send buffer of a new socket is empty: the short answer goes out whole or not at all.
+    if let Err(e) = (&stream).write(SERVER_FULL) {
+        debug!("API server: cannot answer a refused connection: {e}");
+    }
+}
+
+/// Logs accept failures at most once per [`ACCEPT_LOG_PERIOD`], with the number left unlogged
+/// since the last line, so a full file table cannot flood the log.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn record(&mut self, e: &std::io::Error) {
+        if self
+            .last_logged
+            .is_some_and(|t| t.elapsed() < ACCEPT_LOG_PERIOD)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        if self.unlogged == 0 {
+            warn!("API server: accept failed: {e}");
+        } else {
+            warn!(
+                "API server: accept failed: {e} ({} more failures since the last report)",
+                self.unlogged
+            );
+        }
+        self.last_logged = Some(Instant::now());
+        self.unlogged = 0;
     }
 }
 
@@ -267,6 +361,32 @@ fn to_http(response: &ApiResponse) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_full_answer_is_well_formed() {
+        let text = std::str::from_utf8(SERVER_FULL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["fault_message"], "Too many open connections");
+    }
+
+    #[test]
+    fn accept_failures_are_logged_once_per_period() {
+        let mut f = AcceptFailures::default();
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        f.record(&e);
+        let first = f.last_logged;
+        for _ in 0..1000 {
+            f.record(&e);
+        }
+        assert_eq!(f.last_logged, first, "logged again within the period");
+        assert_eq!(f.unlogged, 1000);
+        f.last_logged = Instant::now().checked_sub(ACCEPT_LOG_PERIOD);
+        f.record(&e);
+        assert_eq!(f.unlogged, 0);
+    }
 
     #[test]
     fn rename_never_replaces() {
