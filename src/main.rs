@@ -216,6 +216,10 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
     }
     let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(StartError::EventFd)?;
+    // Before the socket exists: from here on a termination signal ends Skiff through the
+    // path below, which removes the socket. (Installed only here, not at the top, so that a
+    // signal still simply kills a Skiff stuck reading a --config-file that is a pipe.)
+    skiff::vmm::forward_termination_signals(&wake)?;
     let (calls_tx, calls_rx) = std::sync::mpsc::channel();
     let socket = (!cli.no_api).then(|| {
         cli.api_sock
@@ -230,7 +234,8 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         None => None,
     };
     let _raw = RawTerminal::enter();
-    if doc.is_some() {
+    // A signal that came while starting up wins over booting the VM.
+    if doc.is_some() && skiff::vmm::termination_signal().is_none() {
         controller.start()?;
     }
     let calls = socket.is_some().then_some(&calls_rx);

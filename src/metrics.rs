@@ -111,6 +111,10 @@ counters!(
         requests,
         /// Requests answered with an error status.
         errors,
+        /// Connections past the cap, answered 503 and closed.
+        connections_refused,
+        /// Failed accepts (out of file descriptors, most likely); logged rate-limited.
+        accept_failures,
     }
 );
 

@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::api::{call, fault, send_raw, Running};
@@ -335,6 +336,48 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
 }
 
 #[test]
+fn a_drive_that_is_a_fifo_is_refused_and_the_api_stays_up() {
+    // Opening a FIFO read-only used to wait for a writer: InstanceStart never answered, and
+    // since the controller carries out every request, nothing else did either.
+    let vm = Running::start("api-fifo-drive", &[]);
+    let pipe = tmp("api-drive.fifo");
+    let _ = std::fs::remove_file(&pipe);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert_eq!(
+        vm.call("PUT", "/boot-source", Some(&boot_source(""))).0,
+        204
+    );
+    let drive = format!(
+        r#"{{"drive_id": "fifo", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
+        pipe.display()
+    );
+    let (status, answer) = vm.call("PUT", "/drives/fifo", Some(&drive));
+    assert_eq!(status, 204, "{answer}");
+    let t = Instant::now();
+    let (status, answer) = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        fault(&answer).contains(&format!(
+            "disk image {} is not a regular file or block device",
+            pipe.display()
+        )),
+        "{answer}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let (status, body) = vm.call("GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"Not started""#), "{body}");
+}
+
+#[test]
 fn config_file_boots_without_an_api() {
     let file = tmp("api-config.json");
     std::fs::write(
@@ -377,7 +420,7 @@ fn config_file_and_flag_errors_are_one_line() {
     )
     .unwrap();
     let busy = tmp("api-busy.sock");
-    std::fs::write(&busy, "").unwrap();
+    std::fs::write(&busy, "not a socket").unwrap();
     for (args, want) in [
         (vec!["--no-api"], "--no-api needs --config-file".to_owned()),
         (
@@ -403,6 +446,312 @@ fn config_file_and_flag_errors_are_one_line() {
         assert_eq!(errors.len(), 1, "{args:?}: {}", out.stderr);
         assert!(errors[0].contains(&want), "{args:?}: {}", errors[0]);
     }
+    // The file that was in the way is still there, untouched; no temporary name is left.
+    assert_eq!(std::fs::read_to_string(&busy).unwrap(), "not a socket");
+    assert_eq!(leftovers(&busy), Vec::<String>::new());
+}
+
+/// Entries beside `sock` that start with its temporary name's prefix (`.NAME.`).
+fn leftovers(sock: &Path) -> Vec<String> {
+    let prefix = format!(".{}.", sock.file_name().unwrap().to_str().unwrap());
+    std::fs::read_dir(sock.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Removes what a failed earlier run may have left beside `sock`.
+fn clean_leftovers(sock: &Path) {
+    let _ = std::fs::remove_file(sock);
+    for name in leftovers(sock) {
+        let p = sock.with_file_name(name);
+        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+    }
+}
+
+#[test]
+fn api_socket_is_private_whatever_the_umask() {
+    let sock = tmp("api-umask.sock");
+    clean_leftovers(&sock);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"umask 0 && exec "$0" --api-sock "$1""#)
+        .arg(common::skiff_bin())
+        .arg(&sock);
+    let vm = Running::spawn(cmd, sock.clone());
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < LIMIT, "no API socket: {}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "{:o}",
+        meta.permissions().mode()
+    );
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    assert_eq!(leftovers(&sock), Vec::<String>::new());
+}
+
+/// Starts `skiff --api-sock sock`, with stdio out of the way.
+fn spawn_api(sock: &Path) -> common::KillOnDrop {
+    let child = std::process::Command::new(common::skiff_bin())
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::KillOnDrop(child)
+}
+
+fn sigterm(child: &common::KillOnDrop) {
+    let pid = i32::try_from(child.0.id()).unwrap();
+    // SAFETY: kill(2) takes no pointers; the child is not reaped yet, so `pid` is still ours.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[test]
+fn an_early_termination_signal_leaves_no_api_socket() {
+    // Skiff used to install its signal handlers only once it began serving calls, some
+    // milliseconds after the socket appeared: a SIGTERM in between killed it with the socket
+    // left behind, and the next start on that path failed.
+    let sock = tmp("api-early-signal.sock");
+    let check = |when: &str, mut skiff: common::KillOnDrop| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while skiff.0.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{when}: SIGTERM did not end Skiff"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            sock.symlink_metadata().is_err(),
+            "{when}: the API socket was left behind"
+        );
+        assert_eq!(leftovers(&sock), Vec::<String>::new(), "{when}");
+    };
+    for delay_ms in 0..=30 {
+        clean_leftovers(&sock);
+        let skiff = spawn_api(&sock);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        sigterm(&skiff);
+        check(&format!("SIGTERM after {delay_ms} ms"), skiff);
+    }
+    for _ in 0..10 {
+        clean_leftovers(&sock);
+        let skiff = spawn_api(&sock);
+        let start = Instant::now();
+        while sock.symlink_metadata().is_err() {
+            assert!(start.elapsed() < LIMIT, "no API socket");
+            std::hint::spin_loop();
+        }
+        sigterm(&skiff);
+        check("SIGTERM as the socket appears", skiff);
+    }
+    // A fresh start on the same path works.
+    let _skiff = spawn_api(&sock);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < LIMIT, "no API socket on the second start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(call(&sock, "GET", "/", None).0, 200);
+}
+
+#[test]
+fn connections_past_the_cap_get_503_and_the_others_keep_working() {
+    // Skiff serves 10 connections at once, as Firecracker; it used to accept without limit,
+    // so a client could take every file descriptor it had.
+    const CAP: usize = 10;
+    let vm = Running::start("api-cap", &[]);
+    let connect = || {
+        let s = UnixStream::connect(&vm.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    // Each answered once, so each has surely been accepted.
+    let mut held: Vec<UnixStream> = (0..CAP)
+        .map(|_| {
+            let mut s = connect();
+            assert_eq!(common::api::call_on(&mut s, "GET", "/").0, 200);
+            s
+        })
+        .collect();
+    let mut extra = connect();
+    let mut answer = String::new();
+    extra
+        .read_to_string(&mut answer)
+        .expect("the connection past the cap is answered and closed");
+    let (status, body) = common::api::parse_answer(&answer);
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(fault(&body), "Too many open connections");
+    // The connections already open are still served.
+    for s in &mut held {
+        assert_eq!(common::api::call_on(s, "GET", "/version").0, 200);
+    }
+    // A client that leaves frees its place for the next.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, answer) = vm.call("GET", "/", None);
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the freed place was not reused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn running_out_of_file_descriptors_neither_floods_the_log_nor_stops_the_api() {
+    // At the fd limit accept() fails with EMFILE for as long as a connection waits; Skiff
+    // used to log a warning for each try, about 90 a second.
+    let vm = Running::start("api-emfile", &[]);
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    let pid = i32::try_from(vm.child.id()).unwrap();
+    // Lower Skiff's RLIMIT_NOFILE so that exactly two more descriptors fit.
+    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut limit = 0;
+    let mut free = 0;
+    while free < 2 {
+        if !used.contains(&limit) {
+            free += 1;
+        }
+        limit += 1;
+    }
+    let rlim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: `rlim` is a valid rlimit read during the call; the old-limit pointer may be null.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &rlim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let held: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut s = UnixStream::connect(&vm.sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(common::api::call_on(&mut s, "GET", "/").0, 200);
+            s
+        })
+        .collect();
+    // The kernel queues this one, but Skiff cannot accept it while the others are open.
+    let mut waiting = UnixStream::connect(&vm.sock).unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = vm.stderr().lines().count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines in 2 s of EMFILE:\n{}",
+        vm.stderr()
+    );
+    assert!(vm.stderr().contains("accept failed"), "{}", vm.stderr());
+    drop(held);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    waiting
+        .read_to_string(&mut answer)
+        .expect("the waiting client is served once descriptors are free");
+    assert_eq!(common::api::parse_answer(&answer).0, 200, "{answer}");
+    assert!(vm.stderr().lines().count() <= 2, "{}", vm.stderr());
+}
+
+/// Whether strace can trace a child here (it is missing, or ptrace is forbidden, in some
+/// containers).
+fn strace_works() -> bool {
+    std::process::Command::new("strace")
+        .args(["-o", "/dev/null", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn an_api_socket_path_taken_during_startup_is_left_alone() {
+    // Skiff checks that the path is free, binds under a temporary name, then renames. A file
+    // created at the path in between must make the start fail, never be replaced. strace
+    // holds bind() for half a second to open that window wide.
+    if !strace_works() {
+        eprintln!("skipped: strace cannot trace processes here");
+        return;
+    }
+    let sock = tmp("api-race.sock");
+    clean_leftovers(&sock);
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-o", "/dev/null", "-e", "trace=bind"])
+        .args(["-e", "inject=bind:delay_exit=500000", "--"])
+        .arg(common::skiff_bin())
+        .arg("--api-sock")
+        .arg(&sock);
+    let mut vm = Running::spawn(cmd, sock.clone());
+    let start = Instant::now();
+    let temporary = loop {
+        if let Some(name) = leftovers(&sock).pop() {
+            break name;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "no temporary name: {}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    // The temporary name carries Skiff's pid (strace is the child we know).
+    let pid: i32 = temporary
+        .trim_start_matches(".api-race.sock.")
+        .split(['.', '-'])
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {temporary}"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&sock)
+        .and_then(|mut f| f.write_all(b"precious"))
+        .expect("the path is still free while bind() is held");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = None;
+    while status.is_none() && Instant::now() < deadline {
+        status = vm.child.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if status.is_none() {
+        // Still serving on the path it took over. strace has not reaped it, so the pid is
+        // still this Skiff's.
+        // SAFETY: kill(2) takes no pointers; `pid` names our own, not yet reaped, grandchild.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let kept = std::fs::read(&sock);
+    assert!(
+        status.is_some(),
+        "Skiff kept running; the path now holds {kept:?}"
+    );
+    assert_eq!(kept.unwrap(), b"precious");
+    assert_eq!(status.unwrap().code(), Some(1), "{}", vm.stderr());
+    assert!(
+        vm.stderr().contains(&format!(
+            "cannot listen on the API socket {}",
+            sock.display()
+        )),
+        "{}",
+        vm.stderr()
+    );
+    assert_eq!(leftovers(&sock), Vec::<String>::new());
 }
 
 #[test]

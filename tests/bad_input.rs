@@ -211,6 +211,57 @@ fn disk_problems() {
     assert!(e.contains("smaller than one 512-byte sector"), "{e}");
 }
 
+/// Makes a named pipe at a fresh path under the test's temporary directory.
+fn fifo(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_file(&p);
+    let status = std::process::Command::new("mkfifo")
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo {}", p.display());
+    p
+}
+
+#[test]
+fn disk_that_is_not_a_file_or_block_device() {
+    // A read-only FIFO used to block Skiff in open() until a writer came, i.e. forever; a
+    // character device used to be taken for an empty image. Both are refused at once now.
+    let pipe = fifo("disk.fifo");
+    for spec in [
+        format!("path={},readonly=on", pipe.display()),
+        format!("path={}", pipe.display()),
+        "path=/dev/null,readonly=on".to_owned(),
+    ] {
+        let out = run_skiff(
+            &["run", "--kernel", &guest(), "--disk", &spec],
+            Duration::from_secs(10),
+            None,
+        );
+        assert_eq!(
+            out.code,
+            Some(1),
+            "--disk {spec} did not end: {}",
+            out.stderr
+        );
+        assert!(
+            out.elapsed < Duration::from_secs(5),
+            "--disk {spec} took {:?}",
+            out.elapsed
+        );
+        let errors = out.error_lines();
+        assert_eq!(errors.len(), 1, "{}", out.stderr);
+        let path = spec.trim_start_matches("path=").split(',').next().unwrap();
+        assert!(
+            errors[0].contains(&format!(
+                "disk image {path} is not a regular file or block device"
+            )),
+            "{}",
+            errors[0]
+        );
+    }
+}
+
 /// Runs `skiff run` with `flag spec` and checks clap refuses it (status 2) saying `want`.
 fn assert_spec_refused(flag: &str, spec: &str, want: &str) {
     let out = run_skiff(

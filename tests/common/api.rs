@@ -33,6 +33,31 @@ pub fn send_raw(sock: &Path, raw: &[u8]) -> (u16, String) {
     parse_answer(&answer)
 }
 
+/// Sends a bodiless request on a connection that stays open, and reads its one answer
+/// (which must carry a Content-Length, as all of Skiff's do).
+pub fn call_on(s: &mut UnixStream, method: &str, path: &str) -> (u16, String) {
+    let raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    s.write_all(raw.as_bytes()).expect("send the request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read the answer's head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).expect("read the answer's body");
+    parse_answer(&format!("{head}{}", String::from_utf8_lossy(&body)))
+}
+
 /// Status code and body of an HTTP answer.
 pub fn parse_answer(answer: &str) -> (u16, String) {
     let status = answer
@@ -101,9 +126,14 @@ impl Running {
         let mut err = child.stderr.take().unwrap();
         let all_err = stderr.clone();
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            all_err.lock().unwrap().push_str(&s);
+            // Appended as it comes, so a test can read the log of a Skiff still running.
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                all_err
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
         });
         Self {
             child,

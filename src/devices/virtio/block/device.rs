@@ -1,6 +1,8 @@
 //! The virtio-blk device: configuration space, features, activation, and draining its queue.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,6 +38,42 @@ pub enum BlockError {
     EventFd(#[source] std::io::Error),
 }
 
+/// Opens a disk image, refusing anything but a regular file or a block device.
+///
+/// The open is non-blocking: opening a FIFO read-only otherwise waits for a writer, which may
+/// never come, and would hang Skiff (through the API, the controller and every later
+/// request). The type is checked on the opened descriptor, so the path cannot be swapped
+/// between the check and the open; then the flag is cleared, as the I/O path expects
+/// blocking reads and writes.
+fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
+    let open_err = |e| BlockError::Open(path.to_owned(), e);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(open_err)?;
+    let kind = file.metadata().map_err(open_err)?.file_type();
+    if kind.is_dir() {
+        return Err(BlockError::Unusable(path.to_owned(), "is a directory"));
+    }
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(BlockError::Unusable(
+            path.to_owned(),
+            "is not a regular file or block device",
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL only reads the flags of `fd`, which `file` owns and keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: F_SETFL only changes the status flags of `fd`, which `file` owns; no memory is
+    // passed.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(open_err(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
 /// What the device works on once the driver is ready.
 struct Active {
     mem: GuestMemoryMmap,
@@ -69,17 +107,7 @@ impl std::fmt::Debug for Block {
 impl Block {
     /// Opens `path` (read-only if asked) as a disk whose GET_ID answer is `id`.
     pub fn new(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
-        if meta.is_dir() {
-            return Err(BlockError::Unusable(path.to_owned(), "is a directory"));
-        }
+        let file = open_image(path, read_only)?;
         let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
             .map_err(|e| BlockError::Open(path.to_owned(), e))?;
         if size < SECTOR_SIZE {
