@@ -23,7 +23,7 @@
 //! # Ok::<(), skiff::VmmError>(())
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -128,37 +128,7 @@ pub enum VmState {
     Stopped,
 }
 
-/// Signals forwarded to the VM's exit event (see [`Vm::stop_on_signals`]).
-static SIGNAL_EXIT_FD: AtomicI32 = AtomicI32::new(-1);
-static SIGNAL_RECEIVED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    SIGNAL_RECEIVED.store(num, Ordering::SeqCst);
-    let fd = SIGNAL_EXIT_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is
-        // the VM's exit eventfd, which outlives the handler's registration.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
-    }
-}
-
-/// Makes SIGTERM, SIGINT, SIGHUP and SIGQUIT write `evt` (and be remembered, see
-/// [`termination_signal`]) instead of killing the process.
-pub fn forward_termination_signals(evt: &EventFd) -> Result<(), VmmError> {
-    use std::os::fd::AsRawFd;
-    SIGNAL_EXIT_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
-        vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
-            .map_err(|e| VmmError::EventThread(std::io::Error::from_raw_os_error(e.errno())))?;
-    }
-    Ok(())
-}
-
-/// The termination signal received, if any.
-pub fn termination_signal() -> Option<i32> {
-    Some(SIGNAL_RECEIVED.load(Ordering::SeqCst)).filter(|&s| s != 0)
-}
+pub use crate::signals::{forward_termination_signals, termination_signal};
 
 /// Stops the event thread's loop.
 struct EventLoopStop {
@@ -558,6 +528,8 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
+        // The exit eventfd closes with the VM: no signal may write to its number afterwards.
+        crate::signals::stop_forwarding_to(self.exit.eventfd());
     }
 }
 
