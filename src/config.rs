@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub use crate::device_manager::ConsoleInput;
+pub use crate::seccomp::SeccompConfig;
 
 /// Default kernel command line: serial console, reboot through the i8042, no PCI.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -39,6 +40,8 @@ pub struct VmConfig {
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
     /// Firecracker's `--boot-timer` does.
     pub boot_timer: bool,
+    /// The seccomp filters the VM's threads install.
+    pub seccomp: SeccompConfig,
 }
 
 /// A virtio network device on a TAP.
@@ -201,6 +204,7 @@ impl VmConfig {
             nets: Vec::new(),
             track_dirty_pages: false,
             boot_timer: false,
+            seccomp: SeccompConfig::Default,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::api::{ApiRequest, ApiResponse};
 use crate::config::VmConfig;
 use crate::logger::{parse_level, LoggerSettings};
 use crate::metrics::ApiMetrics;
+use crate::seccomp::ThreadKind;
 use crate::vmm::{forward_termination_signals, termination_signal, Vm, VmState, VmmError};
 use crate::GuestExit;
 
@@ -168,6 +169,8 @@ impl Controller {
         vm.stop_on_signals()?;
         let vm = self.vm.insert(vm);
         vm.start()?;
+        // From here this thread only serves the running VM.
+        vm.seccomp_filters().apply(ThreadKind::Main)?;
         info!("instance {} started", self.id);
         Ok(())
     }

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use log::LevelFilter;
-use skiff::config::{DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
+use skiff::config::{SeccompConfig, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE};
+use skiff::seccomp::{Filters, ThreadKind};
 use skiff::{GuestExit, Vm, VmConfig};
 use vmm_sys_util::terminal::Terminal;
 
@@ -50,11 +51,27 @@ struct Cli {
     /// Log "Guest-boot-time" (info level) when the guest writes 123 to port 0x80.
     #[arg(long)]
     boot_timer: bool,
+    /// Run every thread without its seccomp filter.
+    #[arg(long, global = true, conflicts_with = "seccomp_filter")]
+    no_seccomp: bool,
+    /// Take the threads' seccomp filters from this seccompiler JSON file (keys main, vcpu,
+    /// event, api; Firecracker's vmm stands for main and event) instead of Skiff's own.
+    #[arg(long, global = true, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 impl Cli {
+    /// The filters the flags ask for.
+    fn seccomp(&self) -> SeccompConfig {
+        match (&self.seccomp_filter, self.no_seccomp) {
+            (Some(path), _) => SeccompConfig::Custom(path.clone()),
+            (None, true) => SeccompConfig::None,
+            (None, false) => SeccompConfig::Default,
+        }
+    }
+
     /// The first Firecracker-style flag given, if any.
     fn firecracker_flag(&self) -> Option<&'static str> {
         [
@@ -96,6 +113,9 @@ enum StartError {
     Api(#[from] skiff::api::server::ApiServerError),
     #[error(transparent)]
     Vmm(#[from] skiff::VmmError),
+    /// The seccomp filters cannot be loaded.
+    #[error(transparent)]
+    Seccomp(#[from] skiff::seccomp::SeccompError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
 }
@@ -178,6 +198,8 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
     if cli.no_api && cli.config_file.is_none() {
         return Err(StartError::NoApiWithoutConfig);
     }
+    // Checked first, so that a bad filter file is one error before anything starts.
+    let filters = Filters::load(&cli.seccomp())?;
     skiff::logger::configure(&skiff::logger::LoggerSettings {
         path: cli.log_path.clone(),
         level: cli.level,
@@ -196,6 +218,7 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         doc = Some(parsed);
     }
     config.boot_timer = cli.boot_timer;
+    config.seccomp = cli.seccomp();
     let mut controller = Controller::new(cli.id.clone(), config);
     if let (Some(doc), Some(path)) = (&doc, &cli.config_file) {
         controller
@@ -228,7 +251,13 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
     });
     let _socket_guard = match &socket {
         Some(path) => {
-            skiff::api::server::spawn(path, calls_tx, &wake, controller.api_metrics())?;
+            skiff::api::server::spawn(
+                path,
+                calls_tx,
+                &wake,
+                controller.api_metrics(),
+                filters.clone(),
+            )?;
             Some(RemoveOnDrop(path.clone()))
         }
         None => None,
@@ -251,7 +280,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
+fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmError> {
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -265,11 +294,14 @@ fn run(args: RunArgs) -> Result<GuestExit, skiff::VmmError> {
         nets: args.net,
         track_dirty_pages: false,
         boot_timer: false,
+        seccomp,
     };
     let mut vm = Vm::new(&config)?;
     vm.stop_on_signals()?;
     let _raw = RawTerminal::enter();
     vm.start()?;
+    // From here this thread only waits for the VM.
+    vm.seccomp_filters().apply(ThreadKind::Main)?;
     vm.wait()
 }
 
@@ -293,9 +325,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let seccomp = cli.seccomp();
     let outcome = match cli.command {
         Some(Command::Run(args)) => {
-            run(args).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+            run(args, seccomp).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
         }
         None => firecracker_style(&cli).map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
     };

@@ -42,6 +42,7 @@ use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::net::{Net, NetError};
 use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
@@ -102,6 +103,9 @@ pub enum VmmError {
     /// The request does not fit the VM's state.
     #[error("the VM is {0}")]
     State(&'static str),
+    /// The seccomp filters cannot be loaded or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Stops a [`Vm`] from another thread: cheap to clone, `Send` and `Sync`.
@@ -208,6 +212,7 @@ pub struct Vm {
     device_pause: Arc<(Mutex<DevicePause>, Condvar)>,
     pause_evt: EventFd,
     metrics: MetricsSources,
+    filters: Filters,
     state: VmState,
 }
 
@@ -226,6 +231,7 @@ impl Vm {
                 max: u32::try_from(max).unwrap_or(u32::MAX),
             })?;
         // Check the cheap things before mapping memory and reading the kernel.
+        let filters = Filters::load(&config.seccomp)?;
         let mut cmdline = boot::build_cmdline(&config.cmdline)?;
         if kvm.is_pvm() {
             boot::add_pvm_workarounds(&mut cmdline)?;
@@ -338,6 +344,7 @@ impl Vm {
             pause_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(VmmError::EventThread)?,
             metrics,
+            filters,
             state: VmState::Created,
         })
     }
@@ -345,6 +352,12 @@ impl Vm {
     /// The VM's state.
     pub fn state(&self) -> VmState {
         self.state
+    }
+
+    /// The seccomp filters of this VM's threads; a caller that goes on serving the VM from
+    /// its own thread installs [`ThreadKind::Main`]'s once the VM runs.
+    pub fn seccomp_filters(&self) -> &Filters {
+        &self.filters
     }
 
     /// Starts the event thread and every vCPU thread. A VM whose start failed is stopped: it
@@ -367,9 +380,13 @@ impl Vm {
         };
         let mut subscribers = self.devices.subscribers();
         subscribers.push(Arc::new(Mutex::new(pauser)));
-        self.event_thread = Some(spawn_event_thread(subscribers, self.exit.clone())?);
+        self.event_thread = Some(spawn_event_thread(
+            subscribers,
+            self.exit.clone(),
+            self.filters.clone(),
+        )?);
         for vcpu in self.vcpus.drain(..) {
-            self.handles.push(vcpu.start()?);
+            self.handles.push(vcpu.start(self.filters.clone())?);
         }
         self.state = VmState::Running;
         Ok(())
@@ -538,6 +555,7 @@ impl Drop for Vm {
 fn spawn_event_thread(
     subscribers: Vec<Subscriber>,
     exit: Arc<ExitSignal>,
+    filters: Filters,
 ) -> Result<(JoinHandle<()>, EventFd), VmmError> {
     let stop_evt =
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmmError::EventThread)?;
@@ -555,6 +573,12 @@ fn spawn_event_thread(
     let thread = std::thread::Builder::new()
         .name("skiff-events".into())
         .spawn(move || {
+            // Everything the devices need is open; what arrives from here on is the guest's.
+            if let Err(e) = filters.apply(ThreadKind::Event) {
+                log::error!("event thread: {e}");
+                exit.request(Ok(GuestExit::Stopped(None)));
+                return;
+            }
             while !stopped.load(Ordering::SeqCst) {
                 if let Err(e) = manager.run() {
                     log::error!("event thread: {e:?}");

@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{route, ApiResponse, MAX_PAYLOAD};
 use crate::controller::ApiCall;
 use crate::metrics::{inc, ApiMetrics};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Bodies up to this size are read and discarded when too large, so the client can read the
 /// answer; beyond it the connection is simply closed after the answer.
@@ -81,6 +82,7 @@ pub fn spawn(
     calls: Sender<ApiCall>,
     wake: &EventFd,
     metrics: Arc<ApiMetrics>,
+    filters: Filters,
 ) -> Result<JoinHandle<()>, ApiServerError> {
     let shared = Arc::new(Shared {
         calls,
@@ -96,7 +98,14 @@ pub fn spawn(
     let listener = bind(path).map_err(|e| ApiServerError::Bind(path.to_owned(), e))?;
     std::thread::Builder::new()
         .name("skiff-api".into())
-        .spawn(move || runtime.block_on(serve(listener, shared)))
+        .spawn(move || {
+            // The socket is bound: from here on the thread only serves what clients send.
+            if let Err(e) = filters.apply(ThreadKind::Api) {
+                log::error!("API server: {e}; serving no requests");
+                return;
+            }
+            runtime.block_on(serve(listener, shared));
+        })
         .map_err(|e| {
             let _ = std::fs::remove_file(path);
             ApiServerError::Thread(e)

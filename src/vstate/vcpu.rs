@@ -29,6 +29,7 @@ use super::memory::GuestMemoryMmap;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
 use crate::metrics::{inc, VcpuMetrics};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Why the guest stopped, when it stopped cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +79,9 @@ pub enum VcpuError {
     /// The thread could not be started.
     #[error("cannot start the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+    /// The vCPU's seccomp filter could not be installed.
+    #[error("vCPU {0}: cannot confine its thread")]
+    Seccomp(u8, #[source] crate::seccomp::SeccompError),
     /// The signal handler that kicks vCPUs out of KVM_RUN could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     KickHandler(#[source] std::io::Error),
@@ -364,8 +368,9 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU thread, named `skiff-vcpu-<id>`.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU thread, named `skiff-vcpu-<id>`, which installs the vCPU seccomp
+    /// filter from `filters` before it first enters the guest.
+    pub fn start(self, filters: Filters) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
         let (event_tx, event_rx) = channel();
@@ -374,6 +379,11 @@ impl Vcpu {
             .name(format!("skiff-vcpu-{id}"))
             .spawn(move || {
                 let exit = self.exit.clone();
+                if let Err(e) = filters.apply(ThreadKind::Vcpu) {
+                    exit.request(Err(VcpuError::Seccomp(id, e)));
+                    let _ = resp_tx.send((0, VcpuResponse::Exited));
+                    return;
+                }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     self.run(&event_rx, &resp_tx);
                 }));
