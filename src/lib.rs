@@ -9,6 +9,7 @@ pub mod config;
 pub mod controller;
 pub mod device_manager;
 pub mod devices;
+pub mod jailer;
 pub mod logger;
 pub mod metrics;
 pub mod seccomp;

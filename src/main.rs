@@ -58,6 +58,15 @@ struct Cli {
     /// event, api; Firecracker's vmm stands for main and event) instead of Skiff's own.
     #[arg(long, global = true, value_name = "FILE")]
     seccomp_filter: Option<PathBuf>,
+    /// Set by a jailer (Firecracker's or skiff-jailer): CLOCK_MONOTONIC when it started, in µs.
+    #[arg(long, hide = true, value_name = "US")]
+    start_time_us: Option<u64>,
+    /// Set by a jailer: this process's CPU time when the jailer exec'd Skiff, in µs.
+    #[arg(long, hide = true, value_name = "US")]
+    start_time_cpu_us: Option<u64>,
+    /// Set by a jailer: CPU time of the jailer's processes that ended before the exec, in µs.
+    #[arg(long, hide = true, value_name = "US")]
+    parent_cpu_time_us: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -314,6 +323,13 @@ fn main() -> ExitCode {
     skiff::mark_process_start();
     let cli = Cli::parse();
     skiff::logger::init(cli.log_level);
+    if let Some(start) = cli.start_time_us {
+        log::info!(
+            "started by a jailer {} us ago, which used {} us of CPU",
+            skiff::jailer::monotonic_us().saturating_sub(start),
+            cli.start_time_cpu_us.unwrap_or(0) + cli.parent_cpu_time_us.unwrap_or(0)
+        );
+    }
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         restore_terminal();
