@@ -232,10 +232,14 @@ impl Drop for KillPid {
     }
 }
 
-fn write_vm_config(root: &Path) {
+/// The jail's VM config; with `tap`, a network interface on that (existing) TAP.
+fn write_vm_config(root: &Path, tap: Option<&str>) {
+    let nets = tap.map_or(String::new(), |tap| {
+        format!(r#", "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{tap}"}}]"#)
+    });
     let config = format!(
         r#"{{"boot-source": {{"kernel_image_path": "/guest.elf", "boot_args": "{CTRLALTDEL}"}},
-            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}}}}"#
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}}{nets}}}"#
     );
     fs::write(root.join("vm.json"), config).unwrap();
 }
@@ -263,8 +267,32 @@ fn boots_jailed_as_an_unprivileged_user_in_its_cgroup_and_network_namespace() {
     let parent = format!("skiff-jailer-test-{}", std::process::id());
     let base = Base::new("boot");
     let root = base.prepare(&id);
-    write_vm_config(&root);
+    // A TAP the jailed user owns, made and brought up by the operator: the jailed Skiff,
+    // without CAP_NET_ADMIN or /sys, must attach to it as it is.
+    write_vm_config(&root, Some("tap0"));
     let ns = NetNs::new("jail");
+    let uid = UID.to_string();
+    for args in [
+        vec![
+            "-n",
+            ns.name(),
+            "tuntap",
+            "add",
+            "dev",
+            "tap0",
+            "mode",
+            "tap",
+            "user",
+            &uid,
+        ],
+        vec!["-n", ns.name(), "link", "set", "tap0", "up"],
+    ] {
+        let out = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
 
     // Settings: a core v2 file every cgroup has, and one controller's file if the host
     // offers any controller to v2 (enabled by the jailer down the path).
@@ -533,7 +561,7 @@ fn daemonized_into_a_new_pid_namespace_and_driven_through_the_api() {
     let id = format!("daemon-{}", std::process::id());
     let base = Base::new("daemon");
     let root = base.prepare(&id);
-    write_vm_config(&root);
+    write_vm_config(&root, None);
     let cmd = jailer(
         &base,
         &id,

@@ -2,11 +2,11 @@
 //! (`IFF_VNET_HDR`) in front of every frame, non-blocking so the event thread never waits on it.
 //! See Documentation/networking/tuntap.rst in the kernel tree.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
@@ -82,7 +82,11 @@ impl Tap {
     /// call creates is brought up; one that existed is left as its owner configured it.
     pub fn open(name: &str) -> Result<Self, TapError> {
         check_name(name)?;
-        let existed = Path::new("/sys/class/net").join(name).exists();
+        // Asked of the kernel, not of /sys/class/net, which a jail does not have.
+        let existed = CString::new(name).is_ok_and(|c| {
+            // SAFETY: if_nametoindex reads the NUL-terminated string `c`, alive for the call.
+            unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+        });
         let file = OpenOptions::new()
             .read(true)
             .write(true)
