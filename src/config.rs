@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 pub use crate::device_manager::ConsoleInput;
 
 /// Default kernel command line: serial console, reboot through the i8042, no PCI.
@@ -50,6 +52,84 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The interface's id in the API (`iface_id`).
     pub id: Option<String>,
+}
+
+/// One token bucket of a rate limiter, as Firecracker's API describes it. The bucket holds
+/// `size` tokens (bytes or operations) when full and refills continuously, from empty to full
+/// in `refill_time` milliseconds; `one_time_burst` tokens come on top, once, and do not refill.
+/// A bucket with `size` or `refill_time` 0 limits nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Tokens in a full bucket.
+    pub size: u64,
+    /// Extra tokens spent before the bucket's own, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the bucket from empty to full.
+    pub refill_time: u64,
+}
+
+impl TokenBucketConfig {
+    /// A bucket that limits to `per_second` tokens a second, with a second's worth in a full
+    /// bucket (the command line's `bw=` and `iops=`).
+    pub fn per_second(per_second: u64) -> Self {
+        Self {
+            size: per_second,
+            one_time_burst: None,
+            refill_time: 1000,
+        }
+    }
+
+    /// Whether the bucket limits anything.
+    pub fn is_enabled(&self) -> bool {
+        self.size != 0 && self.refill_time != 0
+    }
+}
+
+/// A rate limiter as Firecracker's API describes it: a bandwidth bucket counting bytes and an
+/// ops bucket counting requests (or frames), each optional. A request goes through when both
+/// buckets hold enough tokens for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+impl RateLimiterConfig {
+    /// The limiter as stored and shown: buckets that limit nothing are left out (and a
+    /// `one_time_burst` of 0 with them); `None` when no bucket is left.
+    pub fn normalized(self) -> Option<Self> {
+        let bucket = |b: Option<TokenBucketConfig>| {
+            b.filter(TokenBucketConfig::is_enabled)
+                .map(|b| TokenBucketConfig {
+                    one_time_burst: b.one_time_burst.filter(|&n| n != 0),
+                    ..b
+                })
+        };
+        let limiter = Self {
+            bandwidth: bucket(self.bandwidth),
+            ops: bucket(self.ops),
+        };
+        (limiter != Self::default()).then_some(limiter)
+    }
+
+    /// `current` (None: no limiter) after a `PATCH` carrying `update`, as Firecracker applies
+    /// it: a bucket given replaces the current one (or removes it, with `size` or
+    /// `refill_time` 0); a bucket not given stays as it is.
+    pub fn patch(current: Option<Self>, update: &Self) -> Option<Self> {
+        let current = current.unwrap_or_default();
+        Self {
+            bandwidth: update.bandwidth.or(current.bandwidth),
+            ops: update.ops.or(current.ops),
+        }
+        .normalized()
+    }
 }
 
 /// Errors in a `--net` description.
@@ -269,5 +349,62 @@ mod tests {
                 "{mac}"
             );
         }
+    }
+
+    #[test]
+    fn rate_limiter_patches_follow_firecracker() {
+        let bucket = |size, refill_time| TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time,
+        };
+        let both = RateLimiterConfig {
+            bandwidth: Some(bucket(1000, 100)),
+            ops: Some(bucket(10, 1000)),
+        };
+        // A bucket not given stays; one given replaces; a zero one removes.
+        let faster_ops = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(20, 1000)),
+        };
+        assert_eq!(
+            RateLimiterConfig::patch(Some(both), &faster_ops),
+            Some(RateLimiterConfig {
+                bandwidth: both.bandwidth,
+                ops: faster_ops.ops
+            })
+        );
+        let no_ops = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(0, 0)),
+        };
+        assert_eq!(
+            RateLimiterConfig::patch(Some(both), &no_ops).unwrap().ops,
+            None
+        );
+        let nothing = RateLimiterConfig {
+            bandwidth: Some(bucket(5, 0)),
+            ops: Some(bucket(0, 5)),
+        };
+        assert_eq!(RateLimiterConfig::patch(Some(both), &nothing), None);
+        assert_eq!(
+            RateLimiterConfig::patch(None, &faster_ops),
+            Some(faster_ops)
+        );
+        assert_eq!(
+            RateLimiterConfig::patch(None, &RateLimiterConfig::default()),
+            None
+        );
+        let zero_burst = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                one_time_burst: Some(0),
+                ..bucket(1, 1)
+            }),
+            ops: None,
+        };
+        assert_eq!(
+            zero_burst.normalized().unwrap().bandwidth,
+            Some(bucket(1, 1))
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod logger;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod signals;
 pub mod vmm;
 pub mod vstate;
