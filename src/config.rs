@@ -52,6 +52,10 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The interface's id in the API (`iface_id`).
     pub id: Option<String>,
+    /// Limits on what the guest receives.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// One token bucket of a rate limiter, as Firecracker's API describes it. The bucket holds
@@ -138,12 +142,32 @@ pub enum NetSpecError {
     /// No `tap=`.
     #[error("missing tap=NAME")]
     MissingTap,
-    /// A key that is not tap or mac.
-    #[error("unknown key '{0}' (expected tap, mac)")]
+    /// A key that is not tap, mac or a rate limit.
+    #[error("unknown key '{0}' (expected tap, mac, rx_bw, rx_pps, tx_bw, tx_pps)")]
     UnknownKey(String),
     /// Not six colon-separated hex bytes, or a multicast address.
     #[error("mac '{0}' is not a unicast address like 06:00:ac:10:00:02")]
     BadMac(String),
+    /// A rate that is not a whole number.
+    #[error("{0} must be a whole number, not '{1}'")]
+    BadRate(String, String),
+}
+
+/// Parses the value of a `KEY=PER_SECOND` rate option.
+fn rate(value: &str) -> Option<TokenBucketConfig> {
+    value.parse().ok().map(TokenBucketConfig::per_second)
+}
+
+/// Sets the bandwidth (or else the ops) bucket of `limiter`, created if absent, from a rate
+/// option; a rate of 0 removes the bucket.
+fn set_rate(limiter: &mut Option<RateLimiterConfig>, bandwidth: bool, bucket: TokenBucketConfig) {
+    let mut l = limiter.unwrap_or_default();
+    if bandwidth {
+        l.bandwidth = Some(bucket);
+    } else {
+        l.ops = Some(bucket);
+    }
+    *limiter = l.normalized();
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC address.
@@ -164,17 +188,30 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
 impl std::str::FromStr for NetConfig {
     type Err = NetSpecError;
 
-    /// Parses `tap=NAME[,mac=MAC]`.
+    /// Parses `tap=NAME[,mac=MAC][,rx_bw=BYTES][,rx_pps=N][,tx_bw=BYTES][,tx_pps=N]`, the
+    /// rates per second.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
             id: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("tap", value)) => net.tap = value.to_owned(),
                 Some(("mac", value)) => net.mac = Some(parse_mac(value)?),
+                Some((key @ ("rx_bw" | "rx_pps" | "tx_bw" | "tx_pps"), value)) => {
+                    let bucket = rate(value)
+                        .ok_or_else(|| NetSpecError::BadRate(key.to_owned(), value.to_owned()))?;
+                    let limiter = if key.starts_with("rx") {
+                        &mut net.rx_rate_limiter
+                    } else {
+                        &mut net.tx_rate_limiter
+                    };
+                    set_rate(limiter, key.ends_with("bw"), bucket);
+                }
                 _ => {
                     let key = part.split_once('=').map_or(part, |(k, _)| k);
                     return Err(NetSpecError::UnknownKey(key.to_owned()));
@@ -201,6 +238,8 @@ pub struct DiskConfig {
     pub root: bool,
     /// With `root`: the root partition's UUID, giving `root=PARTUUID=...` instead.
     pub partuuid: Option<String>,
+    /// Limits on the guest's requests.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Errors in a `--disk` description.
@@ -209,9 +248,12 @@ pub enum DiskSpecError {
     /// No `path=`.
     #[error("missing path=IMAGE")]
     MissingPath,
-    /// A key that is not path, readonly, id or root.
-    #[error("unknown key '{0}' (expected path, readonly, id, root)")]
+    /// A key that is not path, readonly, id, root, bw or iops.
+    #[error("unknown key '{0}' (expected path, readonly, id, root, bw, iops)")]
     UnknownKey(String),
+    /// A rate that is not a whole number.
+    #[error("{0} must be a whole number, not '{1}'")]
+    BadRate(String, String),
     /// An on/off value that is neither.
     #[error("{0} must be on or off, not '{1}'")]
     BadSwitch(&'static str, String),
@@ -231,7 +273,8 @@ fn switch(key: &'static str, value: &str) -> Result<bool, DiskSpecError> {
 impl std::str::FromStr for DiskConfig {
     type Err = DiskSpecError;
 
-    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on]`.
+    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]`, the rates
+    /// per second.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut disk = DiskConfig {
             path: PathBuf::new(),
@@ -239,6 +282,7 @@ impl std::str::FromStr for DiskConfig {
             id: None,
             root: false,
             partuuid: None,
+            rate_limiter: None,
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or((part, "on"));
@@ -246,6 +290,11 @@ impl std::str::FromStr for DiskConfig {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" => disk.read_only = switch("readonly", value)?,
                 "root" => disk.root = switch("root", value)?,
+                "bw" | "iops" => {
+                    let bucket = rate(value)
+                        .ok_or_else(|| DiskSpecError::BadRate(key.to_owned(), value.to_owned()))?;
+                    set_rate(&mut disk.rate_limiter, key == "bw", bucket);
+                }
                 "id" => {
                     if value.is_empty()
                         || value.len() > 20
@@ -300,7 +349,26 @@ mod tests {
                 id: Some("data0".into()),
                 root: true,
                 partuuid: None,
+                rate_limiter: None,
             }
+        );
+        let limited: DiskConfig = "path=/img,bw=4194304,iops=100".parse().unwrap();
+        assert_eq!(
+            limited.rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig {
+                    size: 4 << 20,
+                    one_time_burst: None,
+                    refill_time: 1000
+                }),
+                ops: Some(TokenBucketConfig::per_second(100)),
+            })
+        );
+        let unlimited: DiskConfig = "path=/img,bw=5,bw=0".parse().unwrap();
+        assert_eq!(unlimited.rate_limiter, None, "0 removes the limit");
+        assert_eq!(
+            "path=/a,iops=lots".parse::<DiskConfig>(),
+            Err(DiskSpecError::BadRate("iops".into(), "lots".into()))
         );
         assert_eq!(
             "readonly=on".parse::<DiskConfig>(),
@@ -325,6 +393,26 @@ mod tests {
         let n: NetConfig = "tap=tap0,mac=06:00:AC:10:00:02".parse().unwrap();
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!((n.rx_rate_limiter, n.tx_rate_limiter), (None, None));
+        let n: NetConfig = "tap=t,tx_pps=1000,rx_bw=125000".parse().unwrap();
+        let per_second = |n| Some(TokenBucketConfig::per_second(n));
+        assert_eq!(
+            (n.rx_rate_limiter, n.tx_rate_limiter),
+            (
+                Some(RateLimiterConfig {
+                    bandwidth: per_second(125_000),
+                    ops: None
+                }),
+                Some(RateLimiterConfig {
+                    bandwidth: None,
+                    ops: per_second(1000)
+                })
+            )
+        );
+        assert!(matches!(
+            "tap=t,rx_pps=-1".parse::<NetConfig>(),
+            Err(NetSpecError::BadRate(..))
+        ));
         assert_eq!(
             "mac=06:00:00:00:00:01".parse::<NetConfig>(),
             Err(NetSpecError::MissingTap)
