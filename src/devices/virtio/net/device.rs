@@ -812,6 +812,40 @@ mod tests {
         assert_eq!(used(&m), 4);
     }
 
+    /// A frame held back for an hour goes as soon as a PATCH lifts the limit: the update
+    /// wakes the device's event handling through the limiter's timer.
+    #[test]
+    fn an_update_wakes_a_throttled_queue() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        rig.net
+            .update_rate_limiters(None, Some(&ops_limit(1, 3_600_000)))
+            .unwrap();
+        for i in 0..2u16 {
+            let at = BUF + u64::from(i) * 2048;
+            m.write_slice(&frame(100, u8::try_from(i).unwrap()), GuestAddress(at))
+                .unwrap();
+            rig.send(&[desc(at, 112, 0, 0)], i);
+        }
+        let net = Arc::new(Mutex::new(rig.net));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(net.clone());
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(net.lock().unwrap().counters().tx_frames, 1);
+        assert_eq!(
+            em.run_with_timeout(50).unwrap(),
+            0,
+            "nothing to do for an hour"
+        );
+        net.lock()
+            .unwrap()
+            .update_rate_limiters(None, Some(&ops_limit(0, 0)))
+            .unwrap();
+        assert_eq!(net.lock().unwrap().rate_limiters(), (None, None));
+        em.run_with_timeout(1000).unwrap();
+        assert_eq!(net.lock().unwrap().counters().tx_frames, 2);
+    }
+
     /// Frames beyond the RX ops budget stay in the TAP (which is not watched meanwhile, so
     /// the loop does not spin) until the limiter's timer fires.
     #[test]
