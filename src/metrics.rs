@@ -84,7 +84,7 @@ counters!(
         /// Flushes of the image that failed on the host.
         host_flush_errors,
         /// Requests put back on the queue by the rate limiter, to run when it allows.
-        rate_limiter_throttled,
+        rate_limiter_throttled_events,
     }
 );
 

@@ -108,7 +108,7 @@ fn execute_split(
     } else {
         // One op, and the bytes of a read or write (as Firecracker counts them).
         if !limiter.consume_op(data_len(&header, readable, writable, disk.nsectors)) {
-            inc(&disk.metrics.rate_limiter_throttled);
+            inc(&disk.metrics.rate_limiter_throttled_events);
             return Handled::Deferred;
         }
         run(mem, &header, readable, writable, disk)
@@ -489,7 +489,7 @@ mod tests {
         assert_eq!(data, [0xaa; 1024], "nothing read");
         assert!(limiter.is_blocked());
         assert_eq!(limiter.ops().unwrap().budget(), 1, "the op is not spent");
-        assert_eq!(metrics.to_json()["rate_limiter_throttled"], 1);
+        assert_eq!(metrics.to_json()["rate_limiter_throttled_events"], 1);
         assert_eq!(metrics.to_json()["read_count"], 1);
     }
 
