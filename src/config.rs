@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 pub use crate::device_manager::ConsoleInput;
 pub use crate::seccomp::SeccompConfig;
 
@@ -53,6 +55,88 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The interface's id in the API (`iface_id`).
     pub id: Option<String>,
+    /// Limits on what the guest receives.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// One token bucket of a rate limiter, as Firecracker's API describes it. The bucket holds
+/// `size` tokens (bytes or operations) when full and refills continuously, from empty to full
+/// in `refill_time` milliseconds; `one_time_burst` tokens come on top, once, and do not refill.
+/// A bucket with `size` or `refill_time` 0 limits nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Tokens in a full bucket.
+    pub size: u64,
+    /// Extra tokens spent before the bucket's own, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the bucket from empty to full.
+    pub refill_time: u64,
+}
+
+impl TokenBucketConfig {
+    /// A bucket that limits to `per_second` tokens a second, with a second's worth in a full
+    /// bucket (the command line's `bw=` and `iops=`).
+    pub fn per_second(per_second: u64) -> Self {
+        Self {
+            size: per_second,
+            one_time_burst: None,
+            refill_time: 1000,
+        }
+    }
+
+    /// Whether the bucket limits anything.
+    pub fn is_enabled(&self) -> bool {
+        self.size != 0 && self.refill_time != 0
+    }
+}
+
+/// A rate limiter as Firecracker's API describes it: a bandwidth bucket counting bytes and an
+/// ops bucket counting requests (or frames), each optional. A request goes through when both
+/// buckets hold enough tokens for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+impl RateLimiterConfig {
+    /// The limiter as stored and shown: buckets that limit nothing are left out (and a
+    /// `one_time_burst` of 0 with them); `None` when no bucket is left.
+    pub fn normalized(self) -> Option<Self> {
+        let bucket = |b: Option<TokenBucketConfig>| {
+            b.filter(TokenBucketConfig::is_enabled)
+                .map(|b| TokenBucketConfig {
+                    one_time_burst: b.one_time_burst.filter(|&n| n != 0),
+                    ..b
+                })
+        };
+        let limiter = Self {
+            bandwidth: bucket(self.bandwidth),
+            ops: bucket(self.ops),
+        };
+        (limiter != Self::default()).then_some(limiter)
+    }
+
+    /// `current` (None: no limiter) after a `PATCH` carrying `update`, as Firecracker applies
+    /// it: a bucket given replaces the current one (or removes it, with `size` or
+    /// `refill_time` 0); a bucket not given stays as it is.
+    pub fn patch(current: Option<Self>, update: &Self) -> Option<Self> {
+        let current = current.unwrap_or_default();
+        Self {
+            bandwidth: update.bandwidth.or(current.bandwidth),
+            ops: update.ops.or(current.ops),
+        }
+        .normalized()
+    }
 }
 
 /// Errors in a `--net` description.
@@ -61,12 +145,32 @@ pub enum NetSpecError {
     /// No `tap=`.
     #[error("missing tap=NAME")]
     MissingTap,
-    /// A key that is not tap or mac.
-    #[error("unknown key '{0}' (expected tap, mac)")]
+    /// A key that is not tap, mac or a rate limit.
+    #[error("unknown key '{0}' (expected tap, mac, rx_bw, rx_pps, tx_bw, tx_pps)")]
     UnknownKey(String),
     /// Not six colon-separated hex bytes, or a multicast address.
     #[error("mac '{0}' is not a unicast address like 06:00:ac:10:00:02")]
     BadMac(String),
+    /// A rate that is not a whole number.
+    #[error("{0} must be a whole number, not '{1}'")]
+    BadRate(String, String),
+}
+
+/// Parses the value of a `KEY=PER_SECOND` rate option.
+fn rate(value: &str) -> Option<TokenBucketConfig> {
+    value.parse().ok().map(TokenBucketConfig::per_second)
+}
+
+/// Sets the bandwidth (or else the ops) bucket of `limiter`, created if absent, from a rate
+/// option; a rate of 0 removes the bucket.
+fn set_rate(limiter: &mut Option<RateLimiterConfig>, bandwidth: bool, bucket: TokenBucketConfig) {
+    let mut l = limiter.unwrap_or_default();
+    if bandwidth {
+        l.bandwidth = Some(bucket);
+    } else {
+        l.ops = Some(bucket);
+    }
+    *limiter = l.normalized();
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC address.
@@ -87,17 +191,30 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
 impl std::str::FromStr for NetConfig {
     type Err = NetSpecError;
 
-    /// Parses `tap=NAME[,mac=MAC]`.
+    /// Parses `tap=NAME[,mac=MAC][,rx_bw=BYTES][,rx_pps=N][,tx_bw=BYTES][,tx_pps=N]`, the
+    /// rates per second.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
             id: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("tap", value)) => net.tap = value.to_owned(),
                 Some(("mac", value)) => net.mac = Some(parse_mac(value)?),
+                Some((key @ ("rx_bw" | "rx_pps" | "tx_bw" | "tx_pps"), value)) => {
+                    let bucket = rate(value)
+                        .ok_or_else(|| NetSpecError::BadRate(key.to_owned(), value.to_owned()))?;
+                    let limiter = if key.starts_with("rx") {
+                        &mut net.rx_rate_limiter
+                    } else {
+                        &mut net.tx_rate_limiter
+                    };
+                    set_rate(limiter, key.ends_with("bw"), bucket);
+                }
                 _ => {
                     let key = part.split_once('=').map_or(part, |(k, _)| k);
                     return Err(NetSpecError::UnknownKey(key.to_owned()));
@@ -124,6 +241,8 @@ pub struct DiskConfig {
     pub root: bool,
     /// With `root`: the root partition's UUID, giving `root=PARTUUID=...` instead.
     pub partuuid: Option<String>,
+    /// Limits on the guest's requests.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Errors in a `--disk` description.
@@ -132,9 +251,12 @@ pub enum DiskSpecError {
     /// No `path=`.
     #[error("missing path=IMAGE")]
     MissingPath,
-    /// A key that is not path, readonly, id or root.
-    #[error("unknown key '{0}' (expected path, readonly, id, root)")]
+    /// A key that is not path, readonly, id, root, bw or iops.
+    #[error("unknown key '{0}' (expected path, readonly, id, root, bw, iops)")]
     UnknownKey(String),
+    /// A rate that is not a whole number.
+    #[error("{0} must be a whole number, not '{1}'")]
+    BadRate(String, String),
     /// An on/off value that is neither.
     #[error("{0} must be on or off, not '{1}'")]
     BadSwitch(&'static str, String),
@@ -154,7 +276,8 @@ fn switch(key: &'static str, value: &str) -> Result<bool, DiskSpecError> {
 impl std::str::FromStr for DiskConfig {
     type Err = DiskSpecError;
 
-    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on]`.
+    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]`, the rates
+    /// per second.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut disk = DiskConfig {
             path: PathBuf::new(),
@@ -162,6 +285,7 @@ impl std::str::FromStr for DiskConfig {
             id: None,
             root: false,
             partuuid: None,
+            rate_limiter: None,
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or((part, "on"));
@@ -169,6 +293,11 @@ impl std::str::FromStr for DiskConfig {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" => disk.read_only = switch("readonly", value)?,
                 "root" => disk.root = switch("root", value)?,
+                "bw" | "iops" => {
+                    let bucket = rate(value)
+                        .ok_or_else(|| DiskSpecError::BadRate(key.to_owned(), value.to_owned()))?;
+                    set_rate(&mut disk.rate_limiter, key == "bw", bucket);
+                }
                 "id" => {
                     if value.is_empty()
                         || value.len() > 20
@@ -224,7 +353,26 @@ mod tests {
                 id: Some("data0".into()),
                 root: true,
                 partuuid: None,
+                rate_limiter: None,
             }
+        );
+        let limited: DiskConfig = "path=/img,bw=4194304,iops=100".parse().unwrap();
+        assert_eq!(
+            limited.rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig {
+                    size: 4 << 20,
+                    one_time_burst: None,
+                    refill_time: 1000
+                }),
+                ops: Some(TokenBucketConfig::per_second(100)),
+            })
+        );
+        let unlimited: DiskConfig = "path=/img,bw=5,bw=0".parse().unwrap();
+        assert_eq!(unlimited.rate_limiter, None, "0 removes the limit");
+        assert_eq!(
+            "path=/a,iops=lots".parse::<DiskConfig>(),
+            Err(DiskSpecError::BadRate("iops".into(), "lots".into()))
         );
         assert_eq!(
             "readonly=on".parse::<DiskConfig>(),
@@ -249,6 +397,26 @@ mod tests {
         let n: NetConfig = "tap=tap0,mac=06:00:AC:10:00:02".parse().unwrap();
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!((n.rx_rate_limiter, n.tx_rate_limiter), (None, None));
+        let n: NetConfig = "tap=t,tx_pps=1000,rx_bw=125000".parse().unwrap();
+        let per_second = |n| Some(TokenBucketConfig::per_second(n));
+        assert_eq!(
+            (n.rx_rate_limiter, n.tx_rate_limiter),
+            (
+                Some(RateLimiterConfig {
+                    bandwidth: per_second(125_000),
+                    ops: None
+                }),
+                Some(RateLimiterConfig {
+                    bandwidth: None,
+                    ops: per_second(1000)
+                })
+            )
+        );
+        assert!(matches!(
+            "tap=t,rx_pps=-1".parse::<NetConfig>(),
+            Err(NetSpecError::BadRate(..))
+        ));
         assert_eq!(
             "mac=06:00:00:00:00:01".parse::<NetConfig>(),
             Err(NetSpecError::MissingTap)
@@ -273,5 +441,62 @@ mod tests {
                 "{mac}"
             );
         }
+    }
+
+    #[test]
+    fn rate_limiter_patches_follow_firecracker() {
+        let bucket = |size, refill_time| TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time,
+        };
+        let both = RateLimiterConfig {
+            bandwidth: Some(bucket(1000, 100)),
+            ops: Some(bucket(10, 1000)),
+        };
+        // A bucket not given stays; one given replaces; a zero one removes.
+        let faster_ops = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(20, 1000)),
+        };
+        assert_eq!(
+            RateLimiterConfig::patch(Some(both), &faster_ops),
+            Some(RateLimiterConfig {
+                bandwidth: both.bandwidth,
+                ops: faster_ops.ops
+            })
+        );
+        let no_ops = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(0, 0)),
+        };
+        assert_eq!(
+            RateLimiterConfig::patch(Some(both), &no_ops).unwrap().ops,
+            None
+        );
+        let nothing = RateLimiterConfig {
+            bandwidth: Some(bucket(5, 0)),
+            ops: Some(bucket(0, 5)),
+        };
+        assert_eq!(RateLimiterConfig::patch(Some(both), &nothing), None);
+        assert_eq!(
+            RateLimiterConfig::patch(None, &faster_ops),
+            Some(faster_ops)
+        );
+        assert_eq!(
+            RateLimiterConfig::patch(None, &RateLimiterConfig::default()),
+            None
+        );
+        let zero_burst = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                one_time_burst: Some(0),
+                ..bucket(1, 1)
+            }),
+            ops: None,
+        };
+        assert_eq!(
+            zero_burst.normalized().unwrap().bandwidth,
+            Some(bucket(1, 1))
+        );
     }
 }

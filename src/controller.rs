@@ -15,10 +15,11 @@ use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::model::{
-    ActionType, BadRequest, FullVmConfig, Logger, MachineConfig, Metrics, VmStateName,
+    ActionType, BadRequest, FullVmConfig, Logger, MachineConfig, Metrics, PartialDrive,
+    PartialNetworkInterface, VmStateName,
 };
 use crate::api::{ApiRequest, ApiResponse};
-use crate::config::VmConfig;
+use crate::config::{RateLimiterConfig, VmConfig};
 use crate::logger::{parse_level, LoggerSettings};
 use crate::metrics::ApiMetrics;
 use crate::seccomp::ThreadKind;
@@ -211,49 +212,8 @@ impl Controller {
             ApiRequest::PatchMachineConfig(m) => done(m.apply(&mut self.config, false)),
             ApiRequest::PutDrive(d) => done(d.apply(&mut self.config)),
             ApiRequest::PutNetworkInterface(n) => done(n.apply(&mut self.config)),
-            ApiRequest::PatchDrive(d) => {
-                if !started {
-                    return ApiResponse::fault(400, BEFORE_START);
-                }
-                if !self
-                    .config
-                    .disks
-                    .iter()
-                    .any(|x| x.id.as_deref() == Some(&d.drive_id))
-                {
-                    return ApiResponse::fault(400, format!("drive {} does not exist", d.drive_id));
-                }
-                if d.path_on_host.is_some()
-                    || d.rate_limiter.is_some_and(|r| r != Default::default())
-                {
-                    return ApiResponse::fault(
-                        400,
-                        "changing a drive after boot is not supported by Skiff yet",
-                    );
-                }
-                ApiResponse::no_content()
-            }
-            ApiRequest::PatchNetworkInterface(n) => {
-                if !started {
-                    return ApiResponse::fault(400, BEFORE_START);
-                }
-                if !self
-                    .config
-                    .nets
-                    .iter()
-                    .any(|x| x.id.as_deref() == Some(&n.iface_id))
-                {
-                    return ApiResponse::fault(
-                        400,
-                        format!("network interface {} does not exist", n.iface_id),
-                    );
-                }
-                let empty = |r: &Option<_>| r.as_ref().is_none_or(|r| *r == Default::default());
-                if !empty(&n.rx_rate_limiter) || !empty(&n.tx_rate_limiter) {
-                    return ApiResponse::fault(400, "rate limiting is not supported by Skiff yet");
-                }
-                ApiResponse::no_content()
-            }
+            ApiRequest::PatchDrive(d) => self.patch_drive(&d),
+            ApiRequest::PatchNetworkInterface(n) => self.patch_network_interface(&n),
             ApiRequest::PutLogger(l) => done(self.set_logger(&l)),
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
@@ -271,6 +231,58 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// `PATCH /drives/{id}` after boot: a new rate limiter, applied to the running device and
+    /// kept in the configuration `GET /vm/config` shows.
+    fn patch_drive(&mut self, d: &PartialDrive) -> ApiResponse {
+        let Some(vm) = &self.vm else {
+            return ApiResponse::fault(400, BEFORE_START);
+        };
+        let Some(disk) =
+            (self.config.disks.iter_mut()).find(|x| x.id.as_ref() == Some(&d.drive_id))
+        else {
+            return ApiResponse::fault(400, format!("drive {} does not exist", d.drive_id));
+        };
+        if d.path_on_host.is_some() {
+            return ApiResponse::fault(
+                400,
+                "changing a drive's image after boot is not supported by Skiff yet",
+            );
+        }
+        if let Some(update) = &d.rate_limiter {
+            if let Err(e) = vm.update_block_rate_limiter(&d.drive_id, update) {
+                return ApiResponse::fault(400, crate::error_chain(&e));
+            }
+            disk.rate_limiter = RateLimiterConfig::patch(disk.rate_limiter, update);
+        }
+        ApiResponse::no_content()
+    }
+
+    /// `PATCH /network-interfaces/{id}` after boot: new rate limiters, applied to the running
+    /// device and kept in the configuration `GET /vm/config` shows.
+    fn patch_network_interface(&mut self, n: &PartialNetworkInterface) -> ApiResponse {
+        let Some(vm) = &self.vm else {
+            return ApiResponse::fault(400, BEFORE_START);
+        };
+        let Some(net) = (self.config.nets.iter_mut()).find(|x| x.id.as_ref() == Some(&n.iface_id))
+        else {
+            return ApiResponse::fault(
+                400,
+                format!("network interface {} does not exist", n.iface_id),
+            );
+        };
+        let (rx, tx) = (n.rx_rate_limiter.as_ref(), n.tx_rate_limiter.as_ref());
+        if let Err(e) = vm.update_net_rate_limiters(&n.iface_id, rx, tx) {
+            return ApiResponse::fault(400, crate::error_chain(&e));
+        }
+        if let Some(rx) = rx {
+            net.rx_rate_limiter = RateLimiterConfig::patch(net.rx_rate_limiter, rx);
+        }
+        if let Some(tx) = tx {
+            net.tx_rate_limiter = RateLimiterConfig::patch(net.tx_rate_limiter, tx);
+        }
+        ApiResponse::no_content()
     }
 
     fn action(&mut self, action: ActionType) -> ApiResponse {

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod jailer;
 pub mod logger;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;
 pub mod vmm;

@@ -154,13 +154,16 @@ struct RunArgs {
     /// Guest memory in MiB; above 3072 the rest is mapped above 4 GiB.
     #[arg(long, default_value_t = 128, value_name = "MIB")]
     memory: u64,
-    /// A virtio block device on a raw image: path=IMG[,readonly=on][,id=NAME][,root=on].
-    /// Repeatable; the first (or the one with root=on) is /dev/vda, and root=on also adds
-    /// root=/dev/vda to the kernel command line.
+    /// A virtio block device on a raw image:
+    /// path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]. Repeatable; the first
+    /// (or the one with root=on) is /dev/vda, and root=on also adds root=/dev/vda to the kernel
+    /// command line. bw and iops limit the guest to that many bytes and requests a second.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<skiff::config::DiskConfig>,
-    /// A virtio network device on a TAP interface: tap=NAME[,mac=MAC]. Repeatable (eth0 first).
-    /// The TAP is created, and brought up, if it does not exist (needs CAP_NET_ADMIN).
+    /// A virtio network device on a TAP interface:
+    /// tap=NAME[,mac=MAC][,rx_bw=BYTES][,rx_pps=N][,tx_bw=BYTES][,tx_pps=N]. Repeatable (eth0
+    /// first). The TAP is created, and brought up, if it does not exist (needs CAP_NET_ADMIN).
+    /// The rates limit the bytes and frames the guest receives (rx) and sends (tx) a second.
     #[arg(long, value_name = "SPEC")]
     net: Vec<skiff::config::NetConfig>,
     /// KVM device node.

@@ -83,6 +83,8 @@ counters!(
         host_write_errors,
         /// Flushes of the image that failed on the host.
         host_flush_errors,
+        /// Requests put back on the queue by the rate limiter, to run when it allows.
+        rate_limiter_throttled_events,
     }
 );
 
@@ -101,6 +103,10 @@ counters!(
         tx_bytes,
         /// Guest frames dropped.
         tx_dropped,
+        /// Times the RX rate limiter held a frame back.
+        rx_rate_limiter_throttled,
+        /// Guest frames put back on the TX queue by the rate limiter.
+        tx_rate_limiter_throttled,
     }
 );
 

@@ -23,6 +23,7 @@
 //! # Ok::<(), skiff::VmmError>(())
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -35,7 +36,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, cpuid, mptable};
-use crate::config::VmConfig;
+use crate::config::{RateLimiterConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
@@ -106,6 +107,9 @@ pub enum VmmError {
     /// The seccomp filters cannot be loaded or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// No device has this id.
+    #[error("{0} {1} does not exist")]
+    NoDevice(&'static str, String),
 }
 
 /// Stops a [`Vm`] from another thread: cheap to clone, `Send` and `Sync`.
@@ -199,12 +203,20 @@ struct MetricsSources {
     nets: Vec<(String, Arc<NetMetrics>)>,
 }
 
+/// The devices the API changes while the VM runs, by their id: what a `PATCH` reaches.
+#[derive(Debug, Default)]
+struct DeviceRegistry {
+    blocks: BTreeMap<String, Arc<Mutex<Block>>>,
+    nets: BTreeMap<String, Arc<Mutex<Net>>>,
+}
+
 /// A microVM.
 #[derive(Debug)]
 pub struct Vm {
     _vm_fd: VmFd,
     _mem: GuestMemoryMmap,
     devices: DeviceManager,
+    registry: DeviceRegistry,
     exit: Arc<ExitSignal>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
@@ -260,6 +272,7 @@ impl Vm {
             .unwrap_or_else(PoisonError::into_inner)
             .set_boot_timer(config.boot_timer);
         let mut metrics = MetricsSources::default();
+        let mut registry = DeviceRegistry::default();
         let mut params = Vec::new();
         let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
         // The root disk goes first, so it is /dev/vda.
@@ -273,23 +286,24 @@ impl Vm {
         }
         for (i, disk) in disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-            let block = Block::new(&disk.path, disk.read_only, &id)?;
-            metrics.blocks.push((id, block.metrics()));
-            params.push(devices.register_virtio_device(
-                &vm_fd,
-                &mem,
-                Arc::new(Mutex::new(block)),
-            )?);
+            let mut block = Block::new(&disk.path, disk.read_only, &id)?;
+            if let Some(limiter) = &disk.rate_limiter {
+                block.update_rate_limiter(limiter)?;
+            }
+            metrics.blocks.push((id.clone(), block.metrics()));
+            let block = Arc::new(Mutex::new(block));
+            params.push(devices.register_virtio_device(&vm_fd, &mem, block.clone())?);
+            registry.blocks.insert(id, block);
         }
         for (i, net) in config.nets.iter().enumerate() {
-            let device = Net::new(&net.tap, net.mac)?;
+            let mut device = Net::new(&net.tap, net.mac)?;
+            device
+                .update_rate_limiters(net.rx_rate_limiter.as_ref(), net.tx_rate_limiter.as_ref())?;
             let id = net.id.clone().unwrap_or_else(|| format!("net{i}"));
-            metrics.nets.push((id, device.metrics()));
-            params.push(devices.register_virtio_device(
-                &vm_fd,
-                &mem,
-                Arc::new(Mutex::new(device)),
-            )?);
+            metrics.nets.push((id.clone(), device.metrics()));
+            let device = Arc::new(Mutex::new(device));
+            params.push(devices.register_virtio_device(&vm_fd, &mem, device.clone())?);
+            registry.nets.insert(id, device);
         }
         boot::append_kernel_params(&mut cmdline, &params)?;
 
@@ -336,6 +350,7 @@ impl Vm {
             _vm_fd: vm_fd,
             _mem: mem,
             devices,
+            registry,
             exit,
             vcpus,
             handles: Vec::new(),
@@ -470,6 +485,34 @@ impl Vm {
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
         })
+    }
+
+    /// Changes the rate limiter of drive `id` while the VM runs, as `PATCH /drives` does: the
+    /// buckets given replace the current ones (see [`RateLimiterConfig::patch`]). A queue the
+    /// old limits held back is looked at again at once.
+    pub fn update_block_rate_limiter(
+        &self,
+        id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), VmmError> {
+        let block = (self.registry.blocks.get(id))
+            .ok_or_else(|| VmmError::NoDevice("drive", id.to_owned()))?;
+        let mut block = block.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(block.update_rate_limiter(update)?)
+    }
+
+    /// Changes the RX and TX rate limiters of network interface `id` while the VM runs, as
+    /// `PATCH /network-interfaces` does: a limiter not given stays as it is.
+    pub fn update_net_rate_limiters(
+        &self,
+        id: &str,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), VmmError> {
+        let net = (self.registry.nets.get(id))
+            .ok_or_else(|| VmmError::NoDevice("network interface", id.to_owned()))?;
+        let mut net = net.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(net.update_rate_limiters(rx, tx)?)
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

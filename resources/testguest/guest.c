@@ -1082,15 +1082,16 @@ static struct blk_req bench_hdr[BLK_SLOTS];
 static volatile uint8_t bench_status[BLK_SLOTS];
 
 /* Runs `total` requests of `len` bytes with up to `depth` in flight: reads or writes,
- * sequential from sector 0 or random (aligned) within `span` bytes. Returns microseconds,
- * or 0 when a request failed or the device stalled. */
-static uint64_t blk_run(unsigned depth, uint64_t total, uint32_t type, uint32_t len, int random, uint64_t span)
+ * sequential from sector 0 or random (aligned) within `span` bytes. Every `phase` completions
+ * (0: never) prints the time since the previous mark, without draining the queue. Returns
+ * microseconds, or 0 when a request failed or the device stalled. */
+static uint64_t blk_run(unsigned depth, uint64_t total, uint32_t type, uint32_t len, int random, uint64_t span, uint64_t phase)
 {
 	uint16_t free_slots[BLK_SLOTS];
 	unsigned nfree = 0;
 	for (unsigned i = 0; i < depth && i < BLK_SLOTS; i++)
 		free_slots[nfree++] = (uint16_t)i;
-	uint64_t issued = 0, done = 0, blocks = span / len, t0 = now_us();
+	uint64_t issued = 0, done = 0, blocks = span / len, t0 = now_us(), mark = t0;
 	struct vq *q = &blk.q[0];
 	while (done < total) {
 		int queued = 0;
@@ -1122,6 +1123,12 @@ static uint64_t blk_run(unsigned depth, uint64_t total, uint32_t type, uint32_t 
 				return 0;
 			free_slots[nfree++] = (uint16_t)s;
 			done++;
+			if (phase && done % phase == 0) {
+				uint64_t t = now_us();
+				printf("BENCH blk phase-%lu-%s-%uk-qd%u ops=%lu bytes=%lu us=%lu\n", done / phase - 1,
+				       type == 0 ? "read" : "write", len / 1024, depth, phase, phase * len, t - mark);
+				mark = t;
+			}
 		} while (vq_used(&blk, 0, &id, &ulen));
 	}
 	return now_us() - t0 + 1;
@@ -1144,20 +1151,39 @@ static void check_blkbench(void)
 	uint64_t span = ((uint64_t)vr(&blk, 0x100) | ((uint64_t)vr(&blk, 0x104) << 32)) * 512;
 	if (span < mib << 20) { report("blkbench", 0, "disk smaller than bench_mib"); return; }
 	uint64_t us, seq_ops = (mib << 20) / 65536;
-	if (!(us = blk_run(8, seq_ops, 0, 65536, 0, mib << 20))) goto fail;
+	if (!(us = blk_run(8, seq_ops, 0, 65536, 0, mib << 20, 0))) goto fail;
 	bench_line("blk seq-read-64k-qd8", seq_ops, mib << 20, us);
 	uint64_t t0 = now_us();
-	if (!blk_run(8, seq_ops, 1, 65536, 0, mib << 20)) goto fail;
+	if (!blk_run(8, seq_ops, 1, 65536, 0, mib << 20, 0)) goto fail;
 	if (blk_request(4, 0, 0, 0, 0) != 0) goto fail;
 	bench_line("blk seq-write-64k-qd8+flush", seq_ops, mib << 20, now_us() - t0);
-	if (!(us = blk_run(1, ios, 0, 4096, 1, mib << 20))) goto fail;
+	if (!(us = blk_run(1, ios, 0, 4096, 1, mib << 20, 0))) goto fail;
 	bench_line("blk rand-read-4k-qd1", ios, ios * 4096, us);
-	if (!(us = blk_run(32, ios * 4, 0, 4096, 1, mib << 20))) goto fail;
+	if (!(us = blk_run(32, ios * 4, 0, 4096, 1, mib << 20, 0))) goto fail;
 	bench_line("blk rand-read-4k-qd32", ios * 4, ios * 16384, us);
 	report("blkbench", 1, 0);
 	return;
 fail:
 	report("blkbench", 0, "a request failed or the device stalled");
+}
+
+/* Throughput phase by phase, for rate limits: sequential 64 KiB reads, rate_qd (default 32)
+ * in flight, timed every rate_mib (default 4) MiB for rate_phases (default 4) phases. The queue
+ * never drains between phases, so a moment the guest does not run costs no throughput, and
+ * the host sees the rate change when it changes the limit. */
+static void check_blkrate(void)
+{
+	const char *why;
+	uint64_t mib = param_uint("rate_mib", 4), phases = param_uint("rate_phases", 4);
+	unsigned depth = (unsigned)param_uint("rate_qd", 32);
+	if (!find_virtio(2, &blk)) { report("blkrate", 0, "no virtio-blk device"); return; }
+	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("blkrate", 0, why); return; }
+	blk.q[0].avail.flags = 1;	/* polled: no interrupts */
+	uint64_t span = ((uint64_t)vr(&blk, 0x100) | ((uint64_t)vr(&blk, 0x104) << 32)) * 512;
+	if (span < mib << 20) { report("blkrate", 0, "disk smaller than rate_mib"); return; }
+	uint64_t per_phase = (mib << 20) / 65536;
+	report("blkrate", blk_run(depth, per_phase * phases, 0, 65536, 0, mib << 20, per_phase) != 0,
+	       "a request failed or the device stalled");
 }
 
 /* Receive path of the benchmark: counts the host's datagrams by their payload prefix (no
@@ -1371,10 +1397,11 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
+		if (wants("blkrate")) check_blkrate();
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
 		if (wants("ticks")) check_ticks();

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_mac, DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{
+    parse_mac, DiskConfig, NetConfig, RateLimiterConfig, VmConfig, DEFAULT_CMDLINE,
+};
 
 /// Largest vCPU count the API accepts, as Firecracker.
 pub const MAX_API_VCPUS: u32 = 32;
@@ -58,10 +60,6 @@ pub struct MachineConfig {
     pub huge_pages: Option<String>,
 }
 
-/// A rate limiter: accepted only when empty (rate limiting is not implemented).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct RateLimiter(serde_json::Map<String, serde_json::Value>);
-
 /// `PUT /drives/{drive_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,9 +83,9 @@ pub struct Drive {
     /// "Sync" or "Async": requests run synchronously on the event thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
-    /// Not supported.
+    /// Limits on the guest's requests: bytes and operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<RateLimiter>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     /// vhost-user socket: not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
@@ -102,9 +100,9 @@ pub struct PartialDrive {
     /// New image file.
     #[serde(default)]
     pub path_on_host: Option<String>,
-    /// New rate limiter.
+    /// Changes to the rate limiter: the buckets given replace the current ones.
     #[serde(default)]
-    pub rate_limiter: Option<RateLimiter>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
@@ -121,12 +119,12 @@ pub struct NetworkInterface {
     /// MTU (not supported: the TAP's MTU applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
-    /// Not supported.
+    /// Limits on what the guest receives: bytes and frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<RateLimiter>,
-    /// Not supported.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends: bytes and frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<RateLimiter>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PATCH /network-interfaces/{iface_id}`.
@@ -135,12 +133,12 @@ pub struct NetworkInterface {
 pub struct PartialNetworkInterface {
     /// The interface's id.
     pub iface_id: String,
-    /// New RX rate limiter.
+    /// Changes to the RX rate limiter: the buckets given replace the current ones.
     #[serde(default)]
-    pub rx_rate_limiter: Option<RateLimiter>,
-    /// New TX rate limiter.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Changes to the TX rate limiter: the buckets given replace the current ones.
     #[serde(default)]
-    pub tx_rate_limiter: Option<RateLimiter>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /logger`.
@@ -254,15 +252,6 @@ const NOT_YET: &[&str] = &[
     "serial",
 ];
 
-fn empty_limiter(limiter: Option<&RateLimiter>, what: &str) -> Result<(), BadRequest> {
-    match limiter {
-        Some(l) if !l.0.is_empty() => bad(format!(
-            "{what}: rate limiting is not supported by Skiff yet"
-        )),
-        _ => Ok(()),
-    }
-}
-
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
         || id.len() > 64
@@ -355,7 +344,6 @@ impl Drive {
         if self.socket.is_some() {
             return bad("vhost-user drives (socket) are not supported by Skiff");
         }
-        empty_limiter(self.rate_limiter.as_ref(), "rate_limiter")?;
         let Some(path) = self.path_on_host.as_deref().filter(|p| !p.is_empty()) else {
             return bad(format!("drive {}: path_on_host is required", self.drive_id));
         };
@@ -406,6 +394,7 @@ impl Drive {
             id: Some(self.drive_id.clone()),
             root: self.is_root_device,
             partuuid: self.partuuid.clone(),
+            rate_limiter: self.rate_limiter.and_then(RateLimiterConfig::normalized),
         };
         match config
             .disks
@@ -428,7 +417,7 @@ impl Drive {
             is_read_only: Some(disk.read_only),
             cache_type: Some("Unsafe".to_owned()),
             io_engine: Some("Sync".to_owned()),
-            rate_limiter: None,
+            rate_limiter: disk.rate_limiter,
             socket: None,
         }
     }
@@ -438,8 +427,6 @@ impl NetworkInterface {
     /// Adds or replaces the interface in `config`.
     pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
         check_id("network interface", &self.iface_id)?;
-        empty_limiter(self.rx_rate_limiter.as_ref(), "rx_rate_limiter")?;
-        empty_limiter(self.tx_rate_limiter.as_ref(), "tx_rate_limiter")?;
         if self.mtu.is_some() {
             return bad("mtu is not supported by Skiff yet: set the MTU on the TAP");
         }
@@ -463,6 +450,8 @@ impl NetworkInterface {
             tap: self.host_dev_name.clone(),
             mac,
             id: Some(self.iface_id.clone()),
+            rx_rate_limiter: self.rx_rate_limiter.and_then(RateLimiterConfig::normalized),
+            tx_rate_limiter: self.tx_rate_limiter.and_then(RateLimiterConfig::normalized),
         };
         match config
             .nets
@@ -487,8 +476,8 @@ impl NetworkInterface {
                     .join(":")
             }),
             mtu: None,
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
+            rx_rate_limiter: net.rx_rate_limiter,
+            tx_rate_limiter: net.tx_rate_limiter,
         }
     }
 }
@@ -608,7 +597,6 @@ mod tests {
             r#"{"drive_id":"bad id","path_on_host":"/i","is_root_device":false}"#,
             r#"{"drive_id":"x","path_on_host":"/i","is_root_device":true,"partuuid":"1 init=/bin/sh"}"#,
             r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"socket":"/s"}"#,
-            r#"{"drive_id":"x","path_on_host":"/i","is_root_device":false,"rate_limiter":{"bandwidth":{"size":1,"refill_time":1}}}"#,
         ] {
             let d: Drive = parse(body).unwrap();
             assert!(d.apply(&mut c).is_err(), "{body}");
@@ -626,17 +614,60 @@ mod tests {
         assert!(bad_mac.apply(&mut c).is_err());
     }
 
+    /// Firecracker's rate limiter bodies: kept as given (less what limits nothing) and shown
+    /// back; anything else in them is refused.
+    #[test]
+    fn rate_limiters_are_taken_and_shown() {
+        let mut c = VmConfig::new("k");
+        let d: Drive = parse(
+            r#"{"drive_id":"a","path_on_host":"/i","is_root_device":false,
+                "rate_limiter":{"bandwidth":{"size":1048576,"one_time_burst":0,"refill_time":250},
+                                "ops":{"size":0,"refill_time":1000}}}"#,
+        )
+        .unwrap();
+        d.apply(&mut c).unwrap();
+        let shown = Drive::of(&c.disks[0]).rate_limiter.unwrap();
+        assert_eq!(
+            serde_json::to_string(&shown).unwrap(),
+            r#"{"bandwidth":{"size":1048576,"refill_time":250}}"#
+        );
+        let n: NetworkInterface = parse(
+            r#"{"iface_id":"e","host_dev_name":"t","rx_rate_limiter":{},
+                "tx_rate_limiter":{"ops":{"size":100,"one_time_burst":50,"refill_time":1000}}}"#,
+        )
+        .unwrap();
+        n.apply(&mut c).unwrap();
+        let shown = NetworkInterface::of(&c.nets[0]);
+        assert_eq!(shown.rx_rate_limiter, None);
+        assert_eq!(
+            shown.tx_rate_limiter.unwrap().ops.unwrap().one_time_burst,
+            Some(50)
+        );
+        for body in [
+            r#"{"drive_id":"a","is_root_device":false,"rate_limiter":{"bytes":{}}}"#,
+            r#"{"drive_id":"a","is_root_device":false,"rate_limiter":{"ops":{"size":1}}}"#,
+            r#"{"drive_id":"a","is_root_device":false,"rate_limiter":{"ops":{"size":1,"refill_time":1,"x":1}}}"#,
+            r#"{"drive_id":"a","is_root_device":false,"rate_limiter":{"ops":{"size":-1,"refill_time":1}}}"#,
+        ] {
+            assert!(parse::<Drive>(body).is_err(), "{body}");
+        }
+    }
+
     #[test]
     fn config_file_round_trip_and_later_sections() {
         let doc = r#"{
             "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
             "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
-            "drives": [{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true}],
-            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true,
+                        "rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}],
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                    "tx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}]
         }"#;
         let full: FullVmConfig = parse(doc).unwrap();
         let config = full.to_vm_config().unwrap();
         assert_eq!(config.vcpus, 2);
+        assert_eq!(config.disks[0].rate_limiter.unwrap().ops.unwrap().size, 100);
+        assert!(config.nets[0].tx_rate_limiter.is_some());
         let back = FullVmConfig::of(&config, None, None);
         assert_eq!(back.to_vm_config().unwrap(), config);
         let vsock: FullVmConfig =

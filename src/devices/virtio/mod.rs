@@ -351,18 +351,29 @@ pub(crate) fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool 
     u16::from_le(flags) & 1 == 0
 }
 
+/// What a device did with a chain it took from a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// Done: the chain goes to the used ring with this many bytes written to the guest.
+    Used(u32),
+    /// Not now (its rate limiter is throttled): the chain goes back to the available ring,
+    /// to be taken again when the limiter's timer fires.
+    Deferred,
+}
+
 /// Drains `queue` the way every device should (virtio 1.2, 2.7.10): notifications off while
 /// draining, on again and re-checked so nothing slips between. The budget, a queue's worth,
 /// counts every turn of the loop, not only the chains used, so whatever the driver writes the
 /// call ends; when more may wait, `requeue` is written and the event loop comes back after other
-/// work. `handle` processes one chain and returns the bytes it wrote to the guest. Raises the
-/// interrupt, if the driver wants one, when anything was used.
+/// work. `handle` processes one chain; a chain it defers is put back and ends the drain, with
+/// notifications left off (the device's rate limiter brings it back). Raises the interrupt,
+/// if the driver wants one, when anything was used.
 pub(crate) fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     requeue: &EventFd,
     irq: &IrqTrigger,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Handled,
 ) -> Result<(), BrokenQueue> {
     let mut budget = queue.size();
     let mut used = false;
@@ -393,7 +404,10 @@ pub(crate) fn drain_queue(
             Err(broken) => break Err(broken),
         };
         let head = chain.head_index();
-        let len = handle(chain);
+        let Handled::Used(len) = handle(chain) else {
+            queue.go_to_previous_position();
+            break Ok(());
+        };
         if queue.add_used(mem, head, len).is_err() {
             crate::guest_log!(Level::Debug, "virtio: cannot add a used element");
         }
@@ -458,12 +472,45 @@ mod tests {
         let mut seen = 0;
         let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
             seen += 1;
-            0
+            Handled::Used(0)
         });
         assert_eq!(result, Ok(()));
         assert_eq!(seen, 3);
         assert_eq!(u16::from_le(vq.used().idx().load()), 3);
         assert_eq!(r.irq.status(), INT_VRING);
+    }
+
+    /// A deferred chain goes back to the available ring and ends the drain; the next drain
+    /// takes it again, and the guest hears of the chains used before it.
+    #[test]
+    fn a_deferred_chain_is_taken_again_next_time() {
+        let r = rig();
+        let vq = MockSplitQueue::new(&r.mem, 16);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        publish(&vq, 4);
+        let mut heads = Vec::new();
+        let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |chain| {
+            heads.push(chain.head_index());
+            if heads.len() == 3 {
+                Handled::Deferred
+            } else {
+                Handled::Used(0)
+            }
+        });
+        assert_eq!(result, Ok(()));
+        assert_eq!(u16::from_le(vq.used().idx().load()), 2);
+        assert_eq!(r.irq.status(), INT_VRING);
+        assert!(
+            r.requeue.read().is_err(),
+            "no requeue: the limiter wakes the device"
+        );
+        drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |chain| {
+            heads.push(chain.head_index());
+            Handled::Used(0)
+        })
+        .unwrap();
+        assert_eq!(heads, [0, 1, 2, 2, 3]);
+        assert_eq!(u16::from_le(vq.used().idx().load()), 4);
     }
 
     /// An available index more than a queue's worth ahead (or a ring zeroed under a live
@@ -480,14 +527,14 @@ mod tests {
             if published > 0 {
                 drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
                     seen += 1;
-                    0
+                    Handled::Used(0)
                 })
                 .unwrap();
             }
             vq.avail().idx().store(idx.to_le());
             let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
                 seen += 1;
-                0
+                Handled::Used(0)
             });
             assert_eq!(result, Err(BrokenQueue), "index {idx} after {published}");
             assert_eq!(seen, published, "no chain taken from a broken ring");

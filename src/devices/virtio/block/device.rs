@@ -12,11 +12,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
+use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
     drain_queue, ActivateError, ChainBufs, ConfigSpace, VirtioBase, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterError};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Feature bit: the device is read-only (virtio 1.2, 5.2.3).
@@ -36,6 +38,9 @@ pub enum BlockError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The rate limiter could not be set up.
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// Opens a disk image, refusing anything but a regular file or a block device.
@@ -93,6 +98,8 @@ pub struct Block {
     buf: Vec<u8>,
     chain: ChainBufs,
     metrics: Arc<BlockMetrics>,
+    /// Limits the guest's requests; unlimited until configured.
+    pub(super) rate_limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for Block {
@@ -100,6 +107,7 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("nsectors", &self.nsectors)
             .field("read_only", &self.read_only)
+            .field("rate_limiter", &self.rate_limiter.config())
             .finish()
     }
 }
@@ -150,7 +158,20 @@ impl Block {
             buf: Vec::new(),
             chain: ChainBufs::default(),
             metrics: Arc::new(BlockMetrics::default()),
+            rate_limiter: RateLimiter::unlimited()?,
         })
+    }
+
+    /// Changes the rate limiter as a `PATCH /drives` body does (the buckets given replace
+    /// the current ones; see [`RateLimiterConfig::patch`]); at build time, sets it. A queue
+    /// the old limits held back is looked at again at once, on the event thread.
+    pub fn update_rate_limiter(&mut self, update: &RateLimiterConfig) -> Result<(), BlockError> {
+        Ok(self.rate_limiter.patch(update)?)
+    }
+
+    /// The rate limiter's current shape.
+    pub fn rate_limiter(&self) -> Option<RateLimiterConfig> {
+        self.rate_limiter.config()
     }
 
     /// The device's counters, shared with the metrics dump.
@@ -163,12 +184,16 @@ impl Block {
         &self.base.queue_events[0]
     }
 
-    /// Drains the request queue (see [`drain_queue`]). A queue the driver broke is dropped
-    /// until the driver resets the device, which is told it needs one.
+    /// Drains the request queue (see [`drain_queue`]) as far as the rate limiter allows; a
+    /// request it holds back stays on the queue until the limiter's timer fires. A queue the
+    /// driver broke is dropped until the driver resets the device, which is told it needs one.
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        if self.rate_limiter.is_blocked() {
+            return;
+        }
         let mem = &active.mem;
         let queue = &mut active.queue;
         let mut disk = Disk {
@@ -186,7 +211,7 @@ impl Block {
             mem,
             &self.base.queue_events[0],
             &self.base.irq,
-            |chain| execute(chain, mem, &mut disk),
+            |chain| execute(chain, mem, &mut disk, &mut self.rate_limiter),
         );
         if drained.is_err() {
             self.active = None;

@@ -1,5 +1,5 @@
-//! The block device on the event thread: activation registers the queue event, queue events
-//! drain the queue.
+//! The block device on the event thread: activation registers the queue event and the rate
+//! limiter's timer; queue events drain the queue, and so does the end of a throttle.
 
 use std::os::fd::AsRawFd;
 
@@ -22,10 +22,14 @@ impl MutEventSubscriber for Block {
             let _ = self.base.activate_evt.read();
             // Registering again after a reset and re-activation fails harmlessly.
             let _ = ops.add(Events::new(self.queue_event(), EventSet::IN));
+            // Watched even without limits: a PATCH may add them.
+            let _ = ops.add(Events::new(&self.rate_limiter, EventSet::IN));
             // Requests queued before activation was seen.
             self.process_queue();
         } else if fd == self.queue_event().as_raw_fd() {
             let _ = self.queue_event().read();
+            self.process_queue();
+        } else if fd == self.rate_limiter.as_raw_fd() && self.rate_limiter.event_handler() {
             self.process_queue();
         }
     }

@@ -11,8 +11,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::{ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{split_chain, ChainBufs, GuestBuf as Buf};
+use crate::devices::virtio::{split_chain, ChainBufs, GuestBuf as Buf, Handled};
 use crate::metrics::{add, inc, BlockMetrics};
+use crate::rate_limiter::RateLimiter;
 use crate::vstate::memory::GuestMemoryMmap;
 
 const VIRTIO_BLK_T_IN: u32 = 0;
@@ -63,45 +64,53 @@ pub struct Disk<'a> {
 }
 
 /// Runs the request in `chain` and returns the bytes written to the guest (status included).
-/// A chain too broken to hold a status byte returns 0 and writes nothing.
+/// A chain too broken to hold a status byte returns 0 and writes nothing. A request the rate
+/// limiter holds back is [`Handled::Deferred`] and has not been touched.
 pub fn execute(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     disk: &mut Disk<'_>,
-) -> u32 {
+    limiter: &mut RateLimiter,
+) -> Handled {
     // Borrowed out of `disk` for the request (moving a Vec does not allocate), then returned.
     let mut bufs = std::mem::take(&mut *disk.chain);
-    let len = execute_split(chain, mem, disk, &mut bufs);
+    let handled = execute_split(chain, mem, disk, limiter, &mut bufs);
     *disk.chain = bufs;
-    len
+    handled
 }
 
 fn execute_split(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     disk: &mut Disk<'_>,
+    limiter: &mut RateLimiter,
     bufs: &mut ChainBufs,
-) -> u32 {
+) -> Handled {
     if !split_chain(chain, bufs) {
         inc(&disk.metrics.invalid_requests);
-        return 0;
+        return Handled::Used(0);
     }
     // The last writable byte is the status.
     let ChainBufs { readable, writable } = bufs;
     let Some(status_buf) = writable.last_mut().filter(|b| b.len > 0) else {
         inc(&disk.metrics.invalid_requests);
-        return 0;
+        return Handled::Used(0);
     };
     // A status byte at the very top of the address space, past which the buffer would wrap.
     let Some(status_addr) = status_buf.addr.checked_add(u64::from(status_buf.len - 1)) else {
         inc(&disk.metrics.invalid_requests);
-        return 0;
+        return Handled::Used(0);
     };
     status_buf.len -= 1;
     let mut header = RequestHeader::default();
     let status = if read_exact(mem, readable, 0, header.as_mut_slice()).is_err() {
         Err(VIRTIO_BLK_S_IOERR)
     } else {
+        // One op, and the bytes of a read or write (as Firecracker counts them).
+        if !limiter.consume_op(data_len(&header, readable, writable, disk.nsectors)) {
+            inc(&disk.metrics.rate_limiter_throttled_events);
+            return Handled::Deferred;
+        }
         run(mem, &header, readable, writable, disk)
     };
     let (data_written, status) = match status {
@@ -116,11 +125,29 @@ fn execute_split(
         }
     };
     if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
-        return 0;
+        return Handled::Used(0);
     }
-    u32::try_from(data_written)
-        .unwrap_or(u32::MAX)
-        .saturating_add(1)
+    Handled::Used(
+        u32::try_from(data_written)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1),
+    )
+}
+
+/// The bytes a request moves, for its rate limiter: the data of a read or write that fits on
+/// the disk; 0 for other requests, and for one that fails its range check without I/O.
+fn data_len(header: &RequestHeader, readable: &[Buf], writable: &[Buf], nsectors: u64) -> u64 {
+    let header_len = std::mem::size_of::<RequestHeader>() as u64;
+    let len = match header.request_type {
+        VIRTIO_BLK_T_IN => total(writable),
+        VIRTIO_BLK_T_OUT => total(readable).saturating_sub(header_len),
+        _ => return 0,
+    };
+    if check_range(header.sector, len, nsectors).is_ok() {
+        len
+    } else {
+        0
+    }
 }
 
 /// Executes a parsed request; Ok(bytes written to the guest) or the failure status.
@@ -385,6 +412,22 @@ mod tests {
         read_only: bool,
         metrics: &BlockMetrics,
     ) -> (u32, u8) {
+        let mut limiter = RateLimiter::unlimited().unwrap();
+        match run_limited(m, descs, file, read_only, metrics, &mut limiter) {
+            (Handled::Used(len), status) => (len, status),
+            (Handled::Deferred, _) => panic!("an unlimited request was deferred"),
+        }
+    }
+
+    /// [`run_chain_on`] under `limiter`.
+    fn run_limited(
+        m: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        file: &File,
+        read_only: bool,
+        metrics: &BlockMetrics,
+        limiter: &mut RateLimiter,
+    ) -> (Handled, u8) {
         m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
         let vq = MockSplitQueue::new(m, 16);
         let chain = vq.build_desc_chain(descs).unwrap();
@@ -400,8 +443,54 @@ mod tests {
             metrics,
             chain: &mut ChainBufs::default(),
         };
-        let len = execute(chain, m, &mut disk);
-        (len, m.read_obj(GuestAddress(STATUS)).unwrap())
+        let handled = execute(chain, m, &mut disk, limiter);
+        (handled, m.read_obj(GuestAddress(STATUS)).unwrap())
+    }
+
+    /// A read costs one op and its bytes, a flush one op; a request the limiter holds back is
+    /// left untouched (no status, no data) and counted; one that fails its range check
+    /// costs no bytes.
+    #[test]
+    fn requests_pay_their_ops_and_bytes_or_wait() {
+        use crate::config::{RateLimiterConfig, TokenBucketConfig};
+        let m = mem();
+        let file = image();
+        let metrics = BlockMetrics::default();
+        let slow = |size| TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time: 3_600_000,
+        };
+        let mut limiter = RateLimiter::new(&RateLimiterConfig {
+            bandwidth: Some(slow(1536)),
+            ops: Some(slow(4)),
+        })
+        .unwrap();
+        header(&m, VIRTIO_BLK_T_IN, 7);
+        let read = request(DATA, 1024, true); // past the end: IOERR, no bytes
+        let (handled, status) = run_limited(&m, &read, &file, false, &metrics, &mut limiter);
+        assert_eq!((handled, status), (Handled::Used(1), VIRTIO_BLK_S_IOERR));
+        assert_eq!(limiter.bandwidth().unwrap().budget(), 1536);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (handled, _) = run_limited(&m, &read, &file, false, &metrics, &mut limiter);
+        assert_eq!(handled, Handled::Used(1025));
+        assert_eq!(limiter.bandwidth().unwrap().budget(), 512);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [desc(HDR, 16, 0, 0), desc(STATUS, 1, F_WRITE, 0)];
+        let (handled, _) = run_limited(&m, &flush, &file, false, &metrics, &mut limiter);
+        assert_eq!(handled, Handled::Used(1));
+        assert_eq!(limiter.ops().unwrap().budget(), 1);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        m.write_slice(&[0xaa; 1024], GuestAddress(DATA)).unwrap();
+        let (handled, status) = run_limited(&m, &read, &file, false, &metrics, &mut limiter);
+        assert_eq!((handled, status), (Handled::Deferred, 0xee));
+        let mut data = [0u8; 1024];
+        m.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [0xaa; 1024], "nothing read");
+        assert!(limiter.is_blocked());
+        assert_eq!(limiter.ops().unwrap().budget(), 1, "the op is not spent");
+        assert_eq!(metrics.to_json()["rate_limiter_throttled_events"], 1);
+        assert_eq!(metrics.to_json()["read_count"], 1);
     }
 
     /// The image shrank under the device (truncated on the host) and the host disk is full:
@@ -573,6 +662,10 @@ mod tests {
             chain: &mut ChainBufs::default(),
         };
         // A readable descriptor after a writable one: refused, and it returns.
-        assert_eq!(execute(chain, &m, &mut disk), 0);
+        let mut limiter = RateLimiter::unlimited().unwrap();
+        assert_eq!(
+            execute(chain, &m, &mut disk, &mut limiter),
+            Handled::Used(0)
+        );
     }
 }

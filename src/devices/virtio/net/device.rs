@@ -10,13 +10,15 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::{Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
+use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, pop_chain, split_chain, ActivateError, BrokenQueue, ChainBufs,
-    ConfigSpace, GuestBuf, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+    ConfigSpace, GuestBuf, Handled, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, NetMetrics};
+use crate::rate_limiter::{RateLimiter, RateLimiterError};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Index of the receive queue.
@@ -42,6 +44,9 @@ pub enum NetError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
+    /// A rate limiter could not be set up.
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// A snapshot of what the device counted; a guest's mistakes show here rather than in the log.
@@ -81,6 +86,10 @@ pub struct Net {
     /// Whether the TAP is registered with the event loop.
     pub(super) tap_watched: bool,
     metrics: Arc<NetMetrics>,
+    /// Limits frames to the guest; unlimited until configured.
+    pub(super) rx_rate_limiter: RateLimiter,
+    /// Limits frames from the guest; unlimited until configured.
+    pub(super) tx_rate_limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for Net {
@@ -88,6 +97,7 @@ impl std::fmt::Debug for Net {
         f.debug_struct("Net")
             .field("tap", &self.tap.name())
             .field("counters", &self.counters())
+            .field("rate_limiters", &self.rate_limiters())
             .finish_non_exhaustive()
     }
 }
@@ -134,7 +144,32 @@ impl Net {
             chain: ChainBufs::default(),
             tap_watched: false,
             metrics: Arc::new(NetMetrics::default()),
+            rx_rate_limiter: RateLimiter::unlimited()?,
+            tx_rate_limiter: RateLimiter::unlimited()?,
         })
+    }
+
+    /// Changes the rate limiters as a `PATCH /network-interfaces` body does (a limiter not
+    /// given stays; in one given, the buckets given replace the current ones); at build time,
+    /// sets them. Frames the old limits held back are looked at again at once, on the event
+    /// thread.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        if let Some(rx) = rx {
+            self.rx_rate_limiter.patch(rx)?;
+        }
+        if let Some(tx) = tx {
+            self.tx_rate_limiter.patch(tx)?;
+        }
+        Ok(())
+    }
+
+    /// The current shape of the RX and TX rate limiters.
+    pub fn rate_limiters(&self) -> (Option<RateLimiterConfig>, Option<RateLimiterConfig>) {
+        (self.rx_rate_limiter.config(), self.tx_rate_limiter.config())
     }
 
     /// The TAP the device sends to and receives from.
@@ -188,14 +223,19 @@ impl Net {
         self.base.irq.signal_needs_reset();
     }
 
-    /// Sends the guest's frames to the TAP (see [`drain_queue`]). A broken chain or a frame the
-    /// TAP refuses is dropped and counted; the buffer goes back to the guest either way.
+    /// Sends the guest's frames to the TAP (see [`drain_queue`]) as far as the TX rate limiter
+    /// allows; a frame it holds back stays on the queue until the limiter's timer fires. A
+    /// broken chain or a frame the TAP refuses is dropped and counted; the buffer goes back to
+    /// the guest either way.
     pub fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        if self.tx_rate_limiter.is_blocked() {
+            return;
+        }
         let mem = &active.mem;
-        let (tap, metrics) = (&self.tap, &self.metrics);
+        let (tap, metrics, limiter) = (&self.tap, &self.metrics, &mut self.tx_rate_limiter);
         let (bufs, frame) = (&mut self.chain, &mut self.tx_frame);
         let drained = drain_queue(
             &mut active.tx,
@@ -204,6 +244,13 @@ impl Net {
             &self.base.irq,
             |chain| {
                 let ok = split_chain(chain, bufs) && bufs.writable.is_empty();
+                // One op and the frame's bytes, header included (as Firecracker counts
+                // them); a frame too broken to send costs nothing.
+                let len: u64 = bufs.readable.iter().map(|b| u64::from(b.len)).sum();
+                if ok && len <= MAX_FRAME_LEN as u64 && !limiter.consume_op(len) {
+                    inc(&metrics.tx_rate_limiter_throttled);
+                    return Handled::Deferred;
+                }
                 let sent = match ok.then(|| gather(mem, &bufs.readable, frame)) {
                     Some(Gather::Frame(len)) => match tap.write_frame(&frame[..len]) {
                         Ok(_) => {
@@ -224,7 +271,7 @@ impl Net {
                 if !sent {
                     inc(&metrics.tx_dropped);
                 }
-                0
+                Handled::Used(0)
             },
         );
         if drained.is_err() {
@@ -234,12 +281,16 @@ impl Net {
 
     /// Moves frames from the TAP into the guest's receive buffers, at most a queue's worth of
     /// frames per call. Returns whether the TAP should stay watched: false when the device is
-    /// not active or the guest has no buffer for the frame in hand (which is kept until the
-    /// guest adds one and notifies the receive queue).
+    /// not active, when the guest has no buffer for the frame in hand (which is kept until the
+    /// guest adds one and notifies the receive queue), or when the RX rate limiter holds the
+    /// frame back (kept until the limiter's timer fires).
     pub fn process_rx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
+        if self.rx_rate_limiter.is_blocked() {
+            return false;
+        }
         let mem = &active.mem;
         let queue = &mut active.rx;
         // Buffers added while frames flow need no notification; it is asked for only when
@@ -284,6 +335,12 @@ impl Net {
                     break false;
                 }
             };
+            // One op and the frame's bytes, header included (as Firecracker counts them).
+            if !self.rx_rate_limiter.consume_op(self.rx_len as u64) {
+                queue.go_to_previous_position();
+                inc(&self.metrics.rx_rate_limiter_throttled);
+                break false;
+            }
             let head = chain.head_index();
             let frame = &mut self.rx_frame[..self.rx_len];
             // num_buffers (virtio 1.2, 5.1.6.4): one buffer per frame without MRG_RXBUF. The
@@ -444,7 +501,7 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -684,6 +741,157 @@ mod tests {
         let dev = net.lock().unwrap();
         assert_eq!(dev.counters().rx_frames, 1);
         assert!(dev.tap_watched);
+    }
+
+    /// `size` ops per `refill_ms`, no bandwidth limit.
+    fn ops_limit(size: u64, refill_ms: u64) -> RateLimiterConfig {
+        RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::config::TokenBucketConfig {
+                size,
+                one_time_burst: None,
+                refill_time: refill_ms,
+            }),
+        }
+    }
+
+    /// Frames beyond the TX ops budget (2, then one per 100 ms) stay on the queue, unread,
+    /// until the limiter's timer fires on the event loop; then they go, in order, no sooner
+    /// than the budget allows.
+    #[test]
+    fn transmit_beyond_the_ops_budget_waits_for_the_timer() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let start = Instant::now();
+        rig.net
+            .update_rate_limiters(None, Some(&ops_limit(2, 200)))
+            .unwrap();
+        for i in 0..4u16 {
+            let at = BUF + u64::from(i) * 2048;
+            m.write_slice(&frame(100, u8::try_from(i).unwrap()), GuestAddress(at))
+                .unwrap();
+            rig.send(&[desc(at, 112, 0, 0)], i);
+        }
+        let host = rig.host.try_clone().unwrap();
+        host.set_nonblocking(true).unwrap();
+        let used = |mem: &GuestMemoryMmap| -> u16 {
+            mem.read_obj(GuestAddress(rig.tx.used_addr().0 + 2))
+                .unwrap()
+        };
+        let net = Arc::new(Mutex::new(rig.net));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(net.clone());
+        // Activation: the first two frames go, the third is put back.
+        em.run_with_timeout(100).unwrap();
+        let mut got = [0u8; 256];
+        for seed in 0..2 {
+            let n = host.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &frame(100, seed)[..]);
+        }
+        assert!(host.recv(&mut got).is_err(), "the third frame waits");
+        assert_eq!(used(&m), 2);
+        assert!(net.lock().unwrap().tx_rate_limiter.is_blocked());
+        assert_eq!(
+            net.lock().unwrap().metrics().to_json()["tx_rate_limiter_throttled"],
+            1
+        );
+        // The timer brings the rest, one per refill.
+        while net.lock().unwrap().counters().tx_frames < 4 {
+            assert!(start.elapsed() < Duration::from_secs(5), "TX stalled");
+            em.run_with_timeout(100).unwrap();
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            start.elapsed()
+        );
+        for seed in 2..4 {
+            let n = host.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &frame(100, seed)[..]);
+        }
+        assert_eq!(used(&m), 4);
+    }
+
+    /// A frame held back for an hour goes as soon as a PATCH lifts the limit: the update
+    /// wakes the device's event handling through the limiter's timer.
+    #[test]
+    fn an_update_wakes_a_throttled_queue() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        rig.net
+            .update_rate_limiters(None, Some(&ops_limit(1, 3_600_000)))
+            .unwrap();
+        for i in 0..2u16 {
+            let at = BUF + u64::from(i) * 2048;
+            m.write_slice(&frame(100, u8::try_from(i).unwrap()), GuestAddress(at))
+                .unwrap();
+            rig.send(&[desc(at, 112, 0, 0)], i);
+        }
+        let net = Arc::new(Mutex::new(rig.net));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(net.clone());
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(net.lock().unwrap().counters().tx_frames, 1);
+        assert_eq!(
+            em.run_with_timeout(50).unwrap(),
+            0,
+            "nothing to do for an hour"
+        );
+        net.lock()
+            .unwrap()
+            .update_rate_limiters(None, Some(&ops_limit(0, 0)))
+            .unwrap();
+        assert_eq!(net.lock().unwrap().rate_limiters(), (None, None));
+        em.run_with_timeout(1000).unwrap();
+        assert_eq!(net.lock().unwrap().counters().tx_frames, 2);
+    }
+
+    /// Frames beyond the RX ops budget stay in the TAP (which is not watched meanwhile, so
+    /// the loop does not spin) until the limiter's timer fires.
+    #[test]
+    fn receive_beyond_the_ops_budget_waits_for_the_timer() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        let start = Instant::now();
+        rig.net
+            .update_rate_limiters(Some(&ops_limit(1, 100)), None)
+            .unwrap();
+        for seed in 0..3 {
+            rig.host.send(&frame(200, seed)).unwrap();
+        }
+        for i in 0..3u16 {
+            let at = BUF + u64::from(i) * 4096;
+            rig.rx
+                .add_desc_chains(&[desc(at, 2048, F_WRITE, 0)], i)
+                .unwrap();
+        }
+        let net = Arc::new(Mutex::new(rig.net));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(net.clone());
+        em.run_with_timeout(100).unwrap();
+        {
+            let dev = net.lock().unwrap();
+            assert_eq!(dev.counters().rx_frames, 1);
+            assert!(!dev.tap_watched, "a throttled receive leaves the TAP alone");
+        }
+        while net.lock().unwrap().counters().rx_frames < 3 {
+            assert!(start.elapsed() < Duration::from_secs(5), "RX stalled");
+            em.run_with_timeout(100).unwrap();
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            start.elapsed()
+        );
+        for (i, seed) in (0..3u8).enumerate() {
+            let mut got = vec![0u8; 212];
+            m.read_slice(&mut got, GuestAddress(BUF + 4096 * i as u64))
+                .unwrap();
+            assert_eq!(&got[12..], &frame(200, seed)[12..], "frame {i} in order");
+        }
+        let dev = net.lock().unwrap();
+        assert_eq!(dev.counters().rx_dropped, 0);
+        assert!(dev.tap_watched, "watched again once the frames flow");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The network device on the event thread: activation registers the queue events and the TAP;
-//! TAP readiness drives receive, the TX queue event drives transmit, and the RX queue event
-//! resumes receive after the guest ran out of buffers.
+//! The network device on the event thread: activation registers the queue events, the TAP and
+//! the rate limiters' timers; TAP readiness drives receive, the TX queue event drives transmit,
+//! the RX queue event resumes receive after the guest ran out of buffers, and the end of a
+//! throttle resumes whichever direction it held back.
 
 use std::os::fd::AsRawFd;
 
@@ -46,6 +47,9 @@ impl MutEventSubscriber for Net {
             // Registering again after a reset and re-activation fails harmlessly.
             let _ = ops.add(Events::new(&self.base.queue_events[RX_QUEUE], EventSet::IN));
             let _ = ops.add(Events::new(&self.base.queue_events[TX_QUEUE], EventSet::IN));
+            // Watched even without limits: a PATCH may add them.
+            let _ = ops.add(Events::new(&self.rx_rate_limiter, EventSet::IN));
+            let _ = ops.add(Events::new(&self.tx_rate_limiter, EventSet::IN));
             self.process_tx();
             self.receive_and_watch(ops);
         } else if fd == self.base.queue_events[TX_QUEUE].as_raw_fd() {
@@ -55,6 +59,12 @@ impl MutEventSubscriber for Net {
             let _ = self.base.queue_events[RX_QUEUE].read();
             self.receive_and_watch(ops);
         } else if fd == self.tap().as_raw_fd() {
+            self.receive_and_watch(ops);
+        } else if fd == self.tx_rate_limiter.as_raw_fd() {
+            if self.tx_rate_limiter.event_handler() {
+                self.process_tx();
+            }
+        } else if fd == self.rx_rate_limiter.as_raw_fd() && self.rx_rate_limiter.event_handler() {
             self.receive_and_watch(ops);
         }
     }
