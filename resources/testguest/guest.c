@@ -757,7 +757,12 @@ static int net_send(const uint8_t *frame, size_t len)
 	memcpy(net_tx_buf[d], frame, len);
 	net.q[NET_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)net_tx_buf[d], (uint32_t)len, 0, 0 };
 	net_tx_inflight++;
-	vq_publish(&net, NET_TXQ, d, !(*(volatile uint16_t *)&net.q[NET_TXQ].used.flags & 1));
+	/* The device's "no notify" flag is read only after the new index is visible (vq_publish
+	 * ends with a fence): read before, it may be a drain's that ends without seeing the index,
+	 * and the frame would wait for ever (virtio 1.2, 2.7.10). */
+	vq_publish(&net, NET_TXQ, d, 0);
+	if (!(*(volatile uint16_t *)&net.q[NET_TXQ].used.flags & 1))
+		vw(&net, 0x50, NET_TXQ);
 	return 1;
 }
 
@@ -933,8 +938,10 @@ static const char *net_start(void)
 		net.q[NET_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)net_rx_buf[i], NET_BUF, VRING_DESC_F_WRITE, 0 };
 		vq_publish(&net, NET_RXQ, i, i == QSZ - 1);
 	}
+	/* Asked again often: right after Skiff attaches to a TAP the host may still drop what it
+	 * sends (its link watch has not activated the TAP's queue yet), replies included. */
 	for (unsigned i = 0; !have_peer && i < 200000000; i++) {
-		if (i % 20000000 == 0 && !send_arp(1, 0, peer_ip))
+		if (i % 2000000 == 0 && !send_arp(1, 0, peer_ip))
 			break;
 		net_poll();
 		__asm__ volatile("pause");
@@ -974,6 +981,9 @@ static void check_net(void)
 		if (!net_poll())
 			__asm__ volatile("pause");
 	}
+	/* Polling may see every frame before the first interrupt arrives: wait for one (as blk). */
+	for (unsigned i = 0; i < 10000000 && device_irqs == irqs_before; i++)
+		__asm__ volatile("pause");
 	__asm__ volatile("cli");
 	unsigned distinct = 0;
 	for (unsigned i = 0; i < sizeof(rx.seen) * 8; i++)
