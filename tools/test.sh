@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Skiff check on a fresh machine: installs what the tests need (Debian packages as
-# root), builds the Linux guest (cached under ~/.cache/skiff), then format, lints, all tests and
-# a time-bounded fuzz run of the API.
+# root), builds the Linux guest (cached under ~/.cache/skiff), then format, lints, all tests,
+# a time-bounded fuzz run of the API and one of the fuzz/ targets.
 #
 #   tools/test.sh            everything
 #   tools/test.sh --quick    skip the Linux guest tests (no kernel build)
@@ -33,3 +33,5 @@ cargo test --locked --all-targets
 cargo test --locked --doc
 say "API fuzzing (schemathesis, 60 s)"
 tools/fuzz-api.sh 60
+say "coverage-guided fuzzing (cargo-fuzz, 90 s; first build about 3-6 minutes)"
+tools/fuzz.sh 90

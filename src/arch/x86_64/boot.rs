@@ -290,7 +290,11 @@ pub fn load_initrd(
         None => u64::MAX,
     };
     let limit = lowmem_end.min(addr_max.saturating_add(1));
-    let floor = kernel.kernel_end.next_multiple_of(4096);
+    // An ELF segment may claim memory up to the top of the address space: no room then.
+    let floor = kernel
+        .kernel_end
+        .checked_next_multiple_of(4096)
+        .unwrap_or(u64::MAX);
     let room = limit.saturating_sub(floor);
     let too_large = BootError::InitrdTooLarge {
         path: path.to_owned(),
@@ -498,6 +502,61 @@ mod tests {
         ));
         std::fs::remove_file(p).unwrap();
         std::fs::remove_file(big).unwrap();
+    }
+
+    /// An x86_64 ELF with one PT_LOAD of 16 bytes at 1 MiB whose memory size is `memsz`.
+    fn elf_with_memsz(memsz: u64) -> Vec<u8> {
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(16, 0);
+        // e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
+        // e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx.
+        for (v, n) in [
+            (2, 2),
+            (62, 2),
+            (1, 4),
+            (HIMEM_START, 8),
+            (64, 8),
+            (0, 8),
+            (0, 4),
+            (64, 2),
+            (56, 2),
+            (1, 2),
+            (0, 6),
+        ] {
+            elf.extend_from_slice(&u64::to_le_bytes(v)[..n]);
+        }
+        // p_type PT_LOAD, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align.
+        for (v, n) in [
+            (1, 4),
+            (5, 4),
+            (120, 8),
+            (HIMEM_START, 8),
+            (HIMEM_START, 8),
+            (16, 8),
+            (memsz, 8),
+            (0x1000, 8),
+        ] {
+            elf.extend_from_slice(&u64::to_le_bytes(v)[..n]);
+        }
+        elf.extend_from_slice(&[0xf4; 16]);
+        elf
+    }
+
+    /// Found by fuzz/fuzz_targets/kernel_loader.rs: a segment whose memory size reaches the top
+    /// of the address space made the initrd placement overflow (a panic with overflow checks,
+    /// an initrd over the kernel without). There is no room left for an initrd.
+    #[test]
+    fn kernel_reaching_the_top_of_memory_leaves_no_room_for_an_initrd() {
+        let m = mem(4);
+        let p = temp_file("elf-huge-memsz", &elf_with_memsz(u64::MAX - HIMEM_START));
+        let k = load_kernel(&m, &p).unwrap();
+        let initrd = temp_file("initrd-after-huge", &[1u8; 100]);
+        assert!(matches!(
+            load_initrd(&m, &k, &initrd),
+            Err(BootError::InitrdTooLarge { room: 0, .. })
+        ));
+        std::fs::remove_file(p).unwrap();
+        std::fs::remove_file(initrd).unwrap();
     }
 
     #[test]
