@@ -33,7 +33,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-# cargo fuzz has no --locked: check the lock file first, so a stale one fails here.
+# cargo fuzz has no --locked: check the lock file first, so a stale one fails here. A new
+# dependency of Skiff itself needs fuzz/Cargo.lock updated too: `cargo update -p skiff` in fuzz/.
 cargo fetch --locked --manifest-path fuzz/Cargo.toml
 say "building the fuzz targets"
 cargo fuzz build
