@@ -172,8 +172,11 @@ struct RunArgs {
 }
 
 /// Puts a terminal on stdin into raw mode, and back into canonical mode when dropped (also on
-/// panic, through the hook installed in `main`).
+/// a panic of the main thread, through the hook installed in `main`).
 struct RawTerminal;
+
+/// Whether the terminal is in raw mode, for the panic hook.
+static TERMINAL_RAW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl RawTerminal {
     fn enter() -> Option<Self> {
@@ -181,7 +184,10 @@ impl RawTerminal {
             return None;
         }
         match std::io::stdin().lock().set_raw_mode() {
-            Ok(()) => Some(Self),
+            Ok(()) => {
+                TERMINAL_RAW.store(true, std::sync::atomic::Ordering::SeqCst);
+                Some(Self)
+            }
             Err(e) => {
                 log::warn!("cannot put the terminal in raw mode: {e}");
                 None
@@ -191,7 +197,7 @@ impl RawTerminal {
 }
 
 fn restore_terminal() {
-    if std::io::stdin().is_terminal() {
+    if TERMINAL_RAW.swap(false, std::sync::atomic::Ordering::SeqCst) {
         let _ = std::io::stdin().lock().set_canon_mode();
     }
 }
@@ -335,7 +341,12 @@ fn main() -> ExitCode {
     }
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        restore_terminal();
+        // Only the main thread may touch the terminal: the other threads' seccomp filters
+        // allow no terminal ioctl (their panics are caught, and the VM then ends through the
+        // main thread, whose RawTerminal restores it).
+        if std::thread::current().name() == Some("main") {
+            restore_terminal();
+        }
         default_hook(info);
     }));
     if let (Some(_), Some(flag)) = (&cli.command, cli.firecracker_flag()) {

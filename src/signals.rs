@@ -4,9 +4,10 @@
 //!
 //! The handler writes to one descriptor number that this module owns and never closes: it is
 //! pointed at the current listener's eventfd with dup3(2), which swaps what the number refers
-//! to atomically. A listener that goes away (a `Vm` dropped after a failed start) hands the
-//! number back to the previous listener, or to a sink, so a late signal can never write into
-//! a file that reused a closed descriptor number.
+//! to atomically. Each listener is kept as a duplicate this module owns, so the eventfd stays
+//! alive whatever its caller closes, and a listener that goes away (a `Vm` dropped after a
+//! failed start) hands the number back to the previous one, or to a sink: a late signal can
+//! never write into a file that reused a closed descriptor number.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -20,8 +21,9 @@ use crate::vmm::VmmError;
 static HANDLER_FD: AtomicI32 = AtomicI32::new(-1);
 /// The last termination signal received (0: none).
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
-/// Listeners' eventfds by raw number, newest last; the newest gets the signals.
-static LISTENERS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+/// Listeners, newest last (the newest gets the signals): the caller's descriptor number, which
+/// names the listener while the caller keeps it open, and this module's own duplicate.
+static LISTENERS: Mutex<Vec<(RawFd, EventFd)>> = Mutex::new(Vec::new());
 /// Where signals go while nobody listens.
 static SINK: OnceLock<EventFd> = OnceLock::new();
 
@@ -36,7 +38,7 @@ extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *
     }
 }
 
-/// Points the handler's descriptor at the eventfd `target`.
+/// Points the handler's descriptor at the eventfd `target`, which the caller keeps open.
 fn point_handler_at(target: RawFd) -> std::io::Result<()> {
     let fd = HANDLER_FD.load(Ordering::SeqCst);
     if fd < 0 {
@@ -67,10 +69,11 @@ pub fn forward_termination_signals(evt: &EventFd) -> Result<(), VmmError> {
         let sink = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io)?;
         let _ = SINK.set(sink);
     }
+    let own = evt.try_clone().map_err(io)?;
     let mut listeners = LISTENERS.lock().unwrap_or_else(PoisonError::into_inner);
-    point_handler_at(evt.as_raw_fd()).map_err(io)?;
-    listeners.retain(|&fd| fd != evt.as_raw_fd());
-    listeners.push(evt.as_raw_fd());
+    point_handler_at(own.as_raw_fd()).map_err(io)?;
+    listeners.retain(|(fd, _)| *fd != evt.as_raw_fd());
+    listeners.push((evt.as_raw_fd(), own));
     drop(listeners);
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
         vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
@@ -82,11 +85,15 @@ pub fn forward_termination_signals(evt: &EventFd) -> Result<(), VmmError> {
 /// `evt` is about to close: signals go back to the previous listener, or to the sink.
 pub(crate) fn stop_forwarding_to(evt: &EventFd) {
     let mut listeners = LISTENERS.lock().unwrap_or_else(PoisonError::into_inner);
-    if listeners.last() == Some(&evt.as_raw_fd()) {
-        listeners.pop();
+    if listeners
+        .last()
+        .is_some_and(|(fd, _)| *fd == evt.as_raw_fd())
+    {
+        // Dropped (closed) only after the handler points elsewhere.
+        let _gone = listeners.pop();
         let next = listeners
             .last()
-            .copied()
+            .map(|(_, own)| own.as_raw_fd())
             .or_else(|| SINK.get().map(AsRawFd::as_raw_fd));
         if let Some(next) = next {
             if let Err(e) = point_handler_at(next) {
@@ -94,7 +101,7 @@ pub(crate) fn stop_forwarding_to(evt: &EventFd) {
             }
         }
     } else {
-        listeners.retain(|&fd| fd != evt.as_raw_fd());
+        listeners.retain(|(fd, _)| *fd != evt.as_raw_fd());
     }
 }
 
@@ -114,9 +121,15 @@ mod tests {
     #[test]
     fn a_closed_listener_never_receives_a_signal() {
         let first = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let first_seen = first.try_clone().unwrap();
         forward_termination_signals(&first).unwrap();
         let second = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         forward_termination_signals(&second).unwrap();
+        // The first listener's owner closes its descriptor without saying so (main's wake
+        // eventfd is dropped before the VM), and the number may be reused before the second
+        // listener goes away.
+        let first_fd = first.as_raw_fd();
+        drop(first);
         stop_forwarding_to(&second);
         drop(second);
         let path = std::env::temp_dir().join(format!("skiff-signals-{}", std::process::id()));
@@ -133,9 +146,13 @@ mod tests {
         file.read_to_end(&mut written).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(written.is_empty(), "a signal wrote into a file");
-        assert_eq!(first.read().unwrap(), 1, "the previous listener got it");
+        assert_eq!(
+            first_seen.read().unwrap(),
+            1,
+            "the previous listener got it"
+        );
         assert_eq!(termination_signal(), Some(libc::SIGHUP));
-        stop_forwarding_to(&first);
+        LISTENERS.lock().unwrap().retain(|(fd, _)| *fd != first_fd);
         RECEIVED.store(0, Ordering::SeqCst);
     }
 }

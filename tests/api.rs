@@ -777,6 +777,22 @@ fn a_second_client_is_served_while_the_vm_runs() {
         204
     );
     vm.wait_for("tick 1", LIMIT);
+    // Logger and metrics are set before boot, as in Firecracker (the running VM's main thread
+    // may open no file under its seccomp filter).
+    for (path, body) in [
+        ("/logger", r#"{"log_path": "/tmp/skiff-after-boot.log"}"#),
+        (
+            "/metrics",
+            r#"{"metrics_path": "/tmp/skiff-after-boot.metrics"}"#,
+        ),
+    ] {
+        let (status, answer) = vm.call("PUT", path, Some(body));
+        assert_eq!(status, 400, "PUT {path} after boot: {answer}");
+        assert!(
+            fault(&answer).contains("not supported after starting"),
+            "{answer}"
+        );
+    }
     for _ in 0..20 {
         let t = Instant::now();
         assert_eq!(call(&vm.sock, "GET", "/machine-config", None).0, 200);

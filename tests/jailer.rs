@@ -854,3 +854,27 @@ fn a_dynamically_linked_skiff_without_its_loader_in_the_jail_is_refused() {
         "{line}"
     );
 }
+
+/// A link planted in the jail's path (in a base directory others could write to) is refused:
+/// followed, it would make the jail another tree, the host's root included, and the jailer
+/// would hand that tree to the jailed user.
+#[test]
+fn a_link_in_the_jail_path_is_refused() {
+    need_root();
+    let base = Base::new("link");
+    let elsewhere = base.0.join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::create_dir_all(base.0.join("skiff")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, base.0.join("skiff").join("planted")).unwrap();
+    let out = jailer(&base, "planted", &[], &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("a symbolic link or other non-directory is in the jail's path"),
+        "{stderr}"
+    );
+    assert!(
+        fs::read_dir(&elsewhere).unwrap().next().is_none(),
+        "the jailer wrote through the link"
+    );
+}

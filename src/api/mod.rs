@@ -61,6 +61,8 @@ impl ApiRequest {
                 | Self::PatchMachineConfig(_)
                 | Self::PutDrive(_)
                 | Self::PutNetworkInterface(_)
+                | Self::PutLogger(_)
+                | Self::PutMetrics(_)
         )
     }
 }

@@ -232,7 +232,30 @@ impl Plan {
 
     /// Makes the jail root and puts a fresh copy of the exec file in it.
     fn make_root(&self) -> Result<(), JailerError> {
-        fs::create_dir_all(&self.root).map_err(|e| JailerError::MakeRoot(self.root.clone(), e))?;
+        // The three levels below the base (<exec>/<id>/root) are made one at a time and must be
+        // real directories: a link planted there (in a base directory others can write to)
+        // would make the jail some other tree, the host's root included, which the jailer then
+        // hands to the jailed user.
+        let mut levels: Vec<&Path> = self.root.ancestors().take(3).collect();
+        levels.reverse();
+        if let Some(parent) = levels.first().and_then(|l| l.parent()) {
+            fs::create_dir_all(parent).map_err(|e| JailerError::MakeRoot(parent.to_owned(), e))?;
+        }
+        for level in levels {
+            let fail = |e| JailerError::MakeRoot(level.to_owned(), e);
+            match fs::symlink_metadata(level) {
+                Ok(meta) if meta.file_type().is_dir() => {}
+                Ok(_) => {
+                    return Err(fail(io::Error::other(
+                        "a symbolic link or other non-directory is in the jail's path",
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(level).map_err(fail)?;
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
         let to = self.root.join(&self.exec_name);
         let copy_err = |source| JailerError::CopyExec {
             from: self.exec_file.clone(),
@@ -264,7 +287,12 @@ impl Plan {
 /// In the process that execs, this returns only on failure. With `daemonize` or `new_pid_ns`
 /// the process splits: then the process that called it gets Ok once the VMM has been exec'd
 /// (or the error of the process that failed to exec it), and processes in between exit.
-pub fn run(config: &JailConfig) -> Result<(), JailerError> {
+///
+/// # Safety
+///
+/// The process must be single-threaded (it forks) and must not use any descriptor above 2
+/// afterwards: every one is closed, whoever owns it. `skiff-jailer` calls it first thing.
+pub unsafe fn run(config: &JailConfig) -> Result<(), JailerError> {
     let start_us = process::monotonic_us();
     process::close_inherited_fds()?;
     let plan = Plan::check(config)?;

@@ -642,19 +642,21 @@ impl VcpuHandle {
     }
 }
 
-/// Sends `event` to every vCPU, then waits up to `timeout` for each to answer `expect`.
+/// Sends `event` to every vCPU, then waits up to `timeout` in all for each to answer `expect`.
 fn broadcast(
     handles: &[VcpuHandle],
     event: VcpuEvent,
     expect: VcpuResponse,
     timeout: Duration,
 ) -> Result<(), VcpuError> {
+    let deadline = std::time::Instant::now() + timeout;
     let mut sent = Vec::with_capacity(handles.len());
     for h in handles {
         sent.push(h.send(event)?);
     }
     for (h, seq) in handles.iter().zip(sent) {
-        if h.response_to(seq, timeout)? != expect {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if h.response_to(seq, left)? != expect {
             return Err(VcpuError::Gone(h.id));
         }
     }

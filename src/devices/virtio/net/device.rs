@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::Arc;
 
-use log::{warn, Level};
+use log::Level;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -318,12 +318,15 @@ impl Net {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
                     Err(e) => {
+                        // A TAP that fails for good (deleted on the host) would stay readable
+                        // with an error for ever: stop watching it rather than spin.
                         guest_log!(
                             Level::Warn,
-                            "virtio-net: cannot read from TAP {}: {e}",
+                            "virtio-net: cannot read from TAP {}: {e}; it is read again when the guest next notifies",
                             self.tap.name()
                         );
-                        break true;
+                        inc(&self.metrics.rx_dropped);
+                        break false;
                     }
                 }
             }
@@ -478,7 +481,11 @@ impl VirtioDevice for Net {
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
         if let Err(e) = self.tap.set_offload(self.tap_offloads()) {
-            warn!("virtio-net: {e}; the guest gets fully checksummed frames");
+            // A guest can re-activate the device as often as it likes.
+            guest_log!(
+                Level::Warn,
+                "virtio-net: {e}; the guest gets fully checksummed frames"
+            );
         }
         self.active = Some(Active { mem, rx, tx });
         self.base
