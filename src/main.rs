@@ -48,6 +48,19 @@ struct Cli {
     /// Write metrics (JSON lines) to this file or named pipe, as PUT /metrics does.
     #[arg(long, value_name = "PATH")]
     metrics_path: Option<PathBuf>,
+    /// Show each log line's level (as Skiff does by default; Firecracker's flag).
+    #[arg(long)]
+    show_level: bool,
+    /// Show each log line's source file and line.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Only log lines from this module path (such as skiff::devices).
+    #[arg(long, value_name = "MODULE")]
+    module: Option<String>,
+    /// Accepted as Firecracker takes it; Skiff has no PCI yet and keeps virtio devices on
+    /// MMIO (said at warn level).
+    #[arg(long)]
+    enable_pci: bool,
     /// Log "Guest-boot-time" (info level) when the guest writes 123 to port 0x80.
     #[arg(long)]
     boot_timer: bool,
@@ -90,6 +103,10 @@ impl Cli {
             (self.log_path.is_some(), "--log-path"),
             (self.metrics_path.is_some(), "--metrics-path"),
             (self.boot_timer, "--boot-timer"),
+            (self.show_level, "--show-level"),
+            (self.show_log_origin, "--show-log-origin"),
+            (self.module.is_some(), "--module"),
+            (self.enable_pci, "--enable-pci"),
         ]
         .into_iter()
         .find_map(|(given, name)| given.then_some(name))
@@ -221,9 +238,14 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
     skiff::logger::configure(&skiff::logger::LoggerSettings {
         path: cli.log_path.clone(),
         level: cli.level,
-        ..Default::default()
+        show_level: cli.show_level.then_some(true),
+        show_origin: cli.show_log_origin.then_some(true),
+        module: cli.module.clone(),
     })
     .map_err(StartError::Logger)?;
+    if cli.enable_pci {
+        log::warn!("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO");
+    }
     let mut config = VmConfig::new("");
     let mut doc = None;
     if let Some(path) = &cli.config_file {

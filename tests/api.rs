@@ -838,3 +838,41 @@ fn every_documented_route_is_served_as_documented() {
         }
     }
 }
+
+/// Firecracker's logging and PCI start flags, which clients pass on every start, are taken:
+/// --enable-pci with a warning that virtio stays on MMIO, --show-log-origin with each line's
+/// source, --module keeping only that module's lines. Each made Skiff exit 2 before.
+#[test]
+fn firecracker_start_flags_are_taken() {
+    let file = tmp("api-fc-flags.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}}}"#,
+            boot_source("checks=progress")
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(common::skiff_bin());
+        cmd.arg("--config-file")
+            .arg(&file)
+            .args(["--no-api", "--level", "Info"])
+            .args(extra);
+        let mut vm = Running::spawn(cmd, PathBuf::new());
+        assert_eq!(vm.wait(LIMIT), Some(0), "{extra:?}: {}", vm.stderr());
+        vm.stderr()
+    };
+    let log = run(&["--enable-pci", "--show-level", "--show-log-origin"]);
+    assert!(
+        log.contains("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" INFO ") && l.contains("src/devices/legacy/progress.rs:")),
+        "no line with its origin: {log}"
+    );
+    let only_vmm = run(&["--module", "skiff::vmm"]);
+    assert!(!only_vmm.contains("boot progress"), "{only_vmm}");
+}
