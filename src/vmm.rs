@@ -244,6 +244,7 @@ impl Vm {
             })?;
         // Check the cheap things before mapping memory and reading the kernel.
         let filters = Filters::load(&config.seccomp)?;
+        boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
         let mut cmdline = boot::build_cmdline(&config.cmdline)?;
         if kvm.is_pvm() {
             boot::add_pvm_workarounds(&mut cmdline)?;

@@ -332,3 +332,38 @@ fn firecracker_flags_do_not_mix_with_run() {
         out.stderr
     );
 }
+
+/// A kernel or initrd that is a FIFO used to block Skiff in open() until a writer came (and,
+/// through the API, InstanceStart and every request after it); both are refused at once, and
+/// before guest memory is set up, so a huge memory size does not delay the error either.
+#[test]
+fn kernel_or_initrd_that_is_not_a_regular_file() {
+    let pipe = fifo("kernel.fifo");
+    let pipe = pipe.to_string_lossy().into_owned();
+    let guest = guest();
+    for (args, want) in [
+        (
+            vec!["run", "--kernel", pipe.as_str()],
+            format!("cannot read kernel {pipe}: not a regular file"),
+        ),
+        (
+            vec!["run", "--kernel", guest.as_str(), "--initrd", pipe.as_str()],
+            format!("cannot read initrd {pipe}: not a regular file"),
+        ),
+        (
+            vec!["run", "--kernel", "/nonexistent", "--memory", "4000000"],
+            "cannot read kernel /nonexistent".to_owned(),
+        ),
+    ] {
+        let out = run_skiff(&args, Duration::from_secs(30), None);
+        assert_eq!(out.code, Some(1), "{args:?}: {}", out.stderr);
+        assert!(
+            out.elapsed < Duration::from_secs(5),
+            "{args:?} took {:?}",
+            out.elapsed
+        );
+        let errors = out.error_lines();
+        assert_eq!(errors.len(), 1, "{}", out.stderr);
+        assert!(errors[0].contains(&want), "{}", errors[0]);
+    }
+}

@@ -222,15 +222,34 @@ pub fn add_pvm_workarounds(cmdline: &mut Cmdline) -> Result<(), BootError> {
 }
 
 fn open(path: &Path) -> Result<File, BootError> {
-    let file = File::open(path).map_err(|e| BootError::KernelFile(path.to_owned(), e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| BootError::KernelFile(path.to_owned(), e))?;
-    if !meta.is_file() {
-        let err = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
-        return Err(BootError::KernelFile(path.to_owned(), err));
+    open_regular(path).map_err(|e| BootError::KernelFile(path.to_owned(), e))
+}
+
+/// Opens `path` for reading if it is a regular file. O_NONBLOCK, which regular files ignore,
+/// keeps a FIFO from blocking the open until a writer comes (and the API with it).
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     Ok(file)
+}
+
+/// Checks that the kernel and initrd can be opened as regular files, before anything costly
+/// (guest memory, KVM) is set up for a boot that would fail on them.
+pub fn check_boot_files(kernel: &Path, initrd: Option<&Path>) -> Result<(), BootError> {
+    open(kernel)?;
+    if let Some(path) = initrd {
+        open_regular(path).map_err(|e| BootError::InitrdFile(path.to_owned(), e))?;
+    }
+    Ok(())
 }
 
 /// Loads an ELF vmlinux (PVH entry when it has the note, else the 64-bit boot protocol) or
@@ -277,7 +296,7 @@ pub fn load_initrd(
     path: &Path,
 ) -> Result<(u64, u64), BootError> {
     let file_err = |e| BootError::InitrdFile(path.to_owned(), e);
-    let mut file = File::open(path).map_err(file_err)?;
+    let mut file = open_regular(path).map_err(file_err)?;
     let size = file.metadata().map_err(file_err)?.len();
     let lowmem_end = mem
         .last_addr()
