@@ -377,22 +377,34 @@ fn a_drive_that_is_a_fifo_is_refused_and_the_api_stays_up() {
     assert!(body.contains(r#""state":"Not started""#), "{body}");
 }
 
-#[test]
-fn config_file_boots_without_an_api() {
-    let file = tmp("api-config.json");
+/// Skiff booting the test guest with `boot_args` from a config file named after `name`, with
+/// no API, logging at info level, and `flags` added.
+fn boot_from_config_file(name: &str, boot_args: &str, vcpus: u32, flags: &[&str]) -> Running {
+    let file = tmp(&format!("{name}.json"));
     std::fs::write(
         &file,
         format!(
-            r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}}}}"#,
-            boot_source("checks=progress,smp cpus=2 boot_done=3")
+            r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": 128}}}}"#,
+            boot_source(boot_args)
         ),
     )
     .unwrap();
     let mut cmd = std::process::Command::new(common::skiff_bin());
     cmd.arg("--config-file")
         .arg(&file)
-        .args(["--no-api", "--boot-timer", "--level", "Info"]);
-    let mut vm = Running::spawn(cmd, PathBuf::new());
+        .args(["--no-api", "--level", "Info"])
+        .args(flags);
+    Running::spawn(cmd, PathBuf::new())
+}
+
+#[test]
+fn config_file_boots_without_an_api() {
+    let mut vm = boot_from_config_file(
+        "api-config",
+        "checks=progress,smp cpus=2 boot_done=3",
+        2,
+        &["--boot-timer"],
+    );
     assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
     // The guest writes the boot-complete code three times: the boot completed once.
     assert_eq!(
@@ -844,22 +856,8 @@ fn every_documented_route_is_served_as_documented() {
 /// source, --module keeping only that module's lines. Each made Skiff exit 2 before.
 #[test]
 fn firecracker_start_flags_are_taken() {
-    let file = tmp("api-fc-flags.json");
-    std::fs::write(
-        &file,
-        format!(
-            r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}}}"#,
-            boot_source("checks=progress")
-        ),
-    )
-    .unwrap();
     let run = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(common::skiff_bin());
-        cmd.arg("--config-file")
-            .arg(&file)
-            .args(["--no-api", "--level", "Info"])
-            .args(extra);
-        let mut vm = Running::spawn(cmd, PathBuf::new());
+        let mut vm = boot_from_config_file("api-fc-flags", "checks=progress", 1, extra);
         assert_eq!(vm.wait(LIMIT), Some(0), "{extra:?}: {}", vm.stderr());
         vm.stderr()
     };
