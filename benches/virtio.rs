@@ -74,7 +74,7 @@ impl<'a> Ring<'a> {
 }
 
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    skiff::vstate::memory::anonymous(&[(GuestAddress(0), 0x40_0000)]).unwrap()
 }
 
 fn block_read(c: &mut Criterion) {

@@ -1,6 +1,8 @@
 //! Device wiring: which device sits at which port or MMIO range, which interrupt line each
-//! raises (an eventfd registered as a KVM irqfd), and which need the event thread.
+//! raises (an eventfd registered as a KVM irqfd), and which need the event thread; the typed
+//! registry of virtio devices by id, and the devices' saved state.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -8,19 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::MutEventSubscriber;
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
-
-use kvm_ioctls::IoEventAddress;
 
 use crate::arch::x86_64::layout::{
     I8042_KBD_IRQ, I8042_PORT_BASE, IOAPIC_NUM_PINS, IRQ_DEVICES_START, MMIO_DEVICES_START,
     MMIO_DEVICE_SLOT_SIZE, PROGRESS_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
 };
-use crate::devices::legacy::serial::Unbuffered;
+use crate::devices::legacy::i8042::I8042State;
+use crate::devices::legacy::serial::{SerialState, Unbuffered};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
-use crate::devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::block::{Block, BlockError, BlockState};
+use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
+use crate::devices::virtio::net::{Net, NetError, NetState};
+use crate::devices::virtio::{RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -56,6 +60,81 @@ pub enum DeviceError {
     /// The console's input could not be duplicated.
     #[error("cannot use standard input as the console")]
     ConsoleInput(#[source] std::io::Error),
+    /// The serial port could not be set up (from a snapshot: its saved state is invalid).
+    #[error("cannot set up the serial port")]
+    Serial(#[source] std::io::Error),
+    /// Two virtio devices have the same id.
+    #[error("two devices have the id {0}")]
+    DuplicateId(String),
+    /// A saved device does not fit the slot it was saved in.
+    #[error("the snapshot's devices do not fill MMIO slots 0, 1, 2... in order")]
+    SlotOrder,
+    /// A saved disk cannot be restored.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// A saved network interface cannot be restored.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A saved transport cannot be restored.
+    #[error("virtio device {0}: cannot restore its transport")]
+    Transport(String, #[source] RestoreError),
+}
+
+/// A virtio device, its transport and where they sit, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSlotState<S> {
+    /// The device's id in the API.
+    pub id: String,
+    /// Its MMIO slot (and with it, its address and IRQ).
+    pub slot: u32,
+    /// The transport's registers.
+    pub transport: MmioTransportState,
+    /// The device's own state.
+    pub device: S,
+}
+
+/// Every device's state, as a snapshot holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialState,
+    /// The i8042.
+    pub i8042: I8042State,
+    /// Disks.
+    pub blocks: Vec<VirtioSlotState<BlockState>>,
+    /// Network interfaces.
+    pub nets: Vec<VirtioSlotState<NetState>>,
+}
+
+/// A virtio device on its transport, found by id in the [`DeviceRegistry`].
+#[derive(Debug)]
+pub struct VirtioSlot<D> {
+    /// The device.
+    pub device: Arc<Mutex<D>>,
+    /// Its transport, on the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its MMIO slot.
+    pub slot: u32,
+}
+
+/// The virtio devices by kind and id: what the API, snapshots and rate limiters reach, without
+/// looking through the event thread's subscribers.
+#[derive(Debug, Default)]
+pub struct DeviceRegistry {
+    /// Disks by drive id.
+    pub blocks: BTreeMap<String, VirtioSlot<Block>>,
+    /// Network interfaces by interface id.
+    pub nets: BTreeMap<String, VirtioSlot<Net>>,
+}
+
+impl DeviceRegistry {
+    fn has(&self, id: &str) -> bool {
+        self.blocks.contains_key(id) || self.nets.contains_key(id)
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Where the guest console goes.
@@ -76,6 +155,7 @@ pub struct DeviceManager {
     i8042: Arc<Mutex<I8042>>,
     progress: Arc<Mutex<BootProgress>>,
     virtio_subscribers: Vec<Subscriber>,
+    registry: DeviceRegistry,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -95,16 +175,27 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<EventFd, DeviceError> {
     Ok(evt)
 }
 
+impl DeviceError {
+    /// Names the device a transport error is about.
+    fn for_device(self, id: &str) -> Self {
+        match self {
+            Self::Transport(_, e) => Self::Transport(id.to_owned(), e),
+            other => other,
+        }
+    }
+}
+
 impl DeviceManager {
     /// Creates the legacy devices: COM1 on 0x3f8/IRQ 4 (writing to `output`, or standard
     /// output), the i8042 on 0x60/0x64/IRQ 1 (calling `on_reset` for a CPU reset) and the
-    /// boot-progress port timing against `start`.
+    /// boot-progress port timing against `start`; from `saved` state when restoring.
     pub fn new(
         vm: &VmFd,
         console: ConsoleInput,
         output: Option<File>,
         on_reset: Box<dyn Fn() + Send>,
         start: Instant,
+        saved: Option<&DevicesState>,
     ) -> Result<Self, DeviceError> {
         let input = match console {
             ConsoleInput::Stdin => {
@@ -120,13 +211,20 @@ impl DeviceManager {
             Some(file) => Box::new(file),
             None => Box::new(Unbuffered(std::io::stdout())),
         };
-        let serial = SerialDevice::new(irq_line(vm, SERIAL_IRQ)?, out, input)
-            .map_err(DeviceError::EventFd)?;
-        let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            irq_line(vm, I8042_KBD_IRQ)?,
-            on_reset,
-        )));
+        let serial_irq = irq_line(vm, SERIAL_IRQ)?;
+        let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
+        let (serial, i8042) = match saved {
+            Some(state) => (
+                SerialDevice::from_state(&state.serial, serial_irq, out, input),
+                I8042::from_state(&state.i8042, kbd_irq, on_reset),
+            ),
+            None => (
+                SerialDevice::new(serial_irq, out, input),
+                I8042::new(kbd_irq, on_reset),
+            ),
+        };
+        let serial = Arc::new(Mutex::new(serial.map_err(DeviceError::Serial)?));
+        let i8042 = Arc::new(Mutex::new(i8042));
         let progress = Arc::new(Mutex::new(BootProgress::new(start)));
 
         let mut pio_bus = Bus::new();
@@ -145,18 +243,156 @@ impl DeviceManager {
             i8042,
             progress,
             virtio_subscribers: Vec::new(),
+            registry: DeviceRegistry::default(),
         })
+    }
+
+    /// Adds disk `id` in the next MMIO slot; returns its kernel parameter.
+    pub fn add_block(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        block: Block,
+    ) -> Result<String, DeviceError> {
+        if self.registry.has(id) {
+            return Err(DeviceError::DuplicateId(id.to_owned()));
+        }
+        let device = Arc::new(Mutex::new(block));
+        let (slot, transport, param) =
+            self.register_virtio_device(vm, mem, device.clone(), None)?;
+        let entry = VirtioSlot {
+            device,
+            transport,
+            slot,
+        };
+        self.registry.blocks.insert(id.to_owned(), entry);
+        Ok(param)
+    }
+
+    /// Adds network interface `id` in the next MMIO slot; returns its kernel parameter.
+    pub fn add_net(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        net: Net,
+    ) -> Result<String, DeviceError> {
+        if self.registry.has(id) {
+            return Err(DeviceError::DuplicateId(id.to_owned()));
+        }
+        let device = Arc::new(Mutex::new(net));
+        let (slot, transport, param) =
+            self.register_virtio_device(vm, mem, device.clone(), None)?;
+        let entry = VirtioSlot {
+            device,
+            transport,
+            slot,
+        };
+        self.registry.nets.insert(id.to_owned(), entry);
+        Ok(param)
+    }
+
+    /// Every device's state; the vCPUs and the event thread must stand still.
+    pub fn save(&self) -> DevicesState {
+        fn slot_state<D, S>(
+            id: &str,
+            slot: &VirtioSlot<D>,
+            save: impl Fn(&D) -> S,
+        ) -> VirtioSlotState<S> {
+            VirtioSlotState {
+                id: id.to_owned(),
+                slot: slot.slot,
+                transport: lock(&slot.transport).save(),
+                device: save(&lock(&slot.device)),
+            }
+        }
+        let r = &self.registry;
+        DevicesState {
+            serial: lock(&self.serial).save(),
+            i8042: lock(&self.i8042).save(),
+            blocks: (r.blocks.iter())
+                .map(|(id, s)| slot_state(id, s, Block::save))
+                .collect(),
+            nets: (r.nets.iter())
+                .map(|(id, s)| slot_state(id, s, Net::save))
+                .collect(),
+        }
+    }
+
+    /// Puts back the virtio devices `state` saved, each in its slot, with its transport and,
+    /// where the driver had it running, its queues. A network interface's TAP is the one
+    /// `tap_override` gives for its id, or the saved one.
+    pub fn restore_virtio(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        state: &DevicesState,
+        tap_override: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), DeviceError> {
+        let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
+            .chain(state.nets.iter().map(|n| n.slot))
+            .collect();
+        slots.sort_unstable();
+        if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
+            return Err(DeviceError::SlotOrder);
+        }
+        for slot in slots {
+            if let Some(b) = state.blocks.iter().find(|b| b.slot == slot) {
+                if self.registry.has(&b.id) {
+                    return Err(DeviceError::DuplicateId(b.id.clone()));
+                }
+                let device = Arc::new(Mutex::new(Block::from_state(&b.id, &b.device)?));
+                let saved = (&b.transport, b.device.virtio.queues.as_slice());
+                let (slot, transport, _) = self
+                    .register_virtio_device(vm, mem, device.clone(), Some(saved))
+                    .map_err(|e| e.for_device(&b.id))?;
+                let entry = VirtioSlot {
+                    device,
+                    transport,
+                    slot,
+                };
+                self.registry.blocks.insert(b.id.clone(), entry);
+            } else if let Some(n) = state.nets.iter().find(|n| n.slot == slot) {
+                if self.registry.has(&n.id) {
+                    return Err(DeviceError::DuplicateId(n.id.clone()));
+                }
+                let tap = tap_override(&n.id);
+                let device = Arc::new(Mutex::new(Net::from_state(tap.as_deref(), &n.device)?));
+                let saved = (&n.transport, n.device.virtio.queues.as_slice());
+                let (slot, transport, _) = self
+                    .register_virtio_device(vm, mem, device.clone(), Some(saved))
+                    .map_err(|e| e.for_device(&n.id))?;
+                let entry = VirtioSlot {
+                    device,
+                    transport,
+                    slot,
+                };
+                self.registry.nets.insert(n.id.clone(), entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// The virtio devices by id.
+    pub fn registry(&self) -> &DeviceRegistry {
+        &self.registry
     }
 
     /// Places a virtio device in the next MMIO slot with the next IRQ: its queue notify
     /// register becomes one KVM ioeventfd per queue, its interrupt a KVM irqfd, and the event
-    /// thread drives it. Returns the `virtio_mmio.device=` kernel parameter describing it.
-    pub fn register_virtio_device<D>(
+    /// thread drives it; a restored device's transport gets its `saved` registers and queues.
+    /// Returns the slot, the transport and the `virtio_mmio.device=` kernel parameter.
+    fn register_virtio_device<D>(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         device: Arc<Mutex<D>>,
-    ) -> Result<String, DeviceError>
+        saved: Option<(
+            &MmioTransportState,
+            &[crate::devices::virtio::QueueSnapshot],
+        )>,
+    ) -> Result<(u32, Arc<Mutex<MmioTransport>>, String), DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -183,13 +419,25 @@ impl DeviceManager {
             vm.register_irqfd(dev.interrupt().eventfd(), irq)
                 .map_err(|e| DeviceError::Irqfd(irq, e))?;
         }
-        let transport =
-            MmioTransport::new(mem.clone(), device.clone()).map_err(DeviceError::EventFd)?;
+        let transport = match saved {
+            None => {
+                MmioTransport::new(mem.clone(), device.clone()).map_err(DeviceError::EventFd)?
+            }
+            Some((state, queues)) => {
+                MmioTransport::restore(mem.clone(), device.clone(), state, queues)
+                    .map_err(|e| DeviceError::Transport(String::new(), e))?
+            }
+        };
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
+            .insert(transport.clone(), base, MMIO_SIZE)
             .map_err(DeviceError::Bus)?;
         self.virtio_subscribers.push(device);
-        Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+        Ok((
+            index,
+            transport,
+            format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
+        ))
     }
 
     /// The devices the event thread must drive.

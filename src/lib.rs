@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod builder;
 pub mod config;
 pub mod controller;
 pub mod device_manager;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
 

@@ -23,7 +23,6 @@
 //! # Ok::<(), skiff::VmmError>(())
 //! ```
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -31,25 +30,26 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
-use log::{debug, info};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{boot, cpuid, mptable};
+use crate::arch::x86_64::{boot, mptable};
+use crate::builder::RestoreConfig;
 use crate::config::{RateLimiterConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
-use crate::devices::virtio::block::{Block, BlockError};
-use crate::devices::virtio::net::{Net, NetError};
+use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::net::NetError;
 use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
-use crate::vstate::kvm::{KvmContext, KvmError};
-use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType};
+use crate::vstate::kvm::KvmError;
+use crate::vstate::memory::{memory_layout, take_dirty_pages, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
-    pause_all, resume_all, ExitSignal, GuestExit, Vcpu, VcpuError, VcpuHandle,
+    pause_all, resume_all, save_all, ExitSignal, GuestExit, Vcpu, VcpuError, VcpuHandle,
 };
-use crate::vstate::vm::{create_vm, VmError};
+use crate::vstate::vm::{save_vm_state, VmError, VmStateError};
 
 /// How long a vCPU may take to acknowledge a pause or resume.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,6 +110,15 @@ pub enum VmmError {
     /// No device has this id.
     #[error("{0} {1} does not exist")]
     NoDevice(&'static str, String),
+    /// A snapshot cannot be written or read.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The VM's interrupt controllers, timer or clock cannot be saved or restored.
+    #[error("cannot save or restore the VM's interrupt controllers and clock")]
+    VmState(#[from] VmStateError),
+    /// A diff snapshot of a VM that does not track dirty pages.
+    #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
+    DiffNeedsTracking,
 }
 
 /// Stops a [`Vm`] from another thread: cheap to clone, `Send` and `Sync`.
@@ -203,20 +212,23 @@ struct MetricsSources {
     nets: Vec<(String, Arc<NetMetrics>)>,
 }
 
-/// The devices the API changes while the VM runs, by their id: what a `PATCH` reaches.
-#[derive(Debug, Default)]
-struct DeviceRegistry {
-    blocks: BTreeMap<String, Arc<Mutex<Block>>>,
-    nets: BTreeMap<String, Arc<Mutex<Net>>>,
+/// What the builder makes a [`Vm`] of.
+pub(crate) struct VmParts {
+    pub vm_fd: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub devices: DeviceManager,
+    pub exit: Arc<ExitSignal>,
+    pub vcpus: Vec<Vcpu>,
+    pub filters: Filters,
+    pub track_dirty_pages: bool,
 }
 
 /// A microVM.
 #[derive(Debug)]
 pub struct Vm {
-    _vm_fd: VmFd,
-    _mem: GuestMemoryMmap,
+    vm_fd: VmFd,
+    mem: GuestMemoryMmap,
     devices: DeviceManager,
-    registry: DeviceRegistry,
     exit: Arc<ExitSignal>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
@@ -225,6 +237,7 @@ pub struct Vm {
     pause_evt: EventFd,
     metrics: MetricsSources,
     filters: Filters,
+    track_dirty_pages: bool,
     state: VmState,
 }
 
@@ -232,137 +245,93 @@ impl Vm {
     /// Builds a VM from `config`: KVM, memory, devices, kernel, boot tables and vCPUs. Nothing
     /// runs until [`Vm::start`].
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
-        let start = crate::process_start();
-        let kvm = KvmContext::new(&config.kvm_device)?;
-        let max = kvm.max_vcpus().min(usize::from(mptable::MAX_CPUS));
-        let count = u8::try_from(config.vcpus)
-            .ok()
-            .filter(|&n| n >= 1 && usize::from(n) <= max)
-            .ok_or(VmmError::VcpuCount {
-                requested: config.vcpus,
-                max: u32::try_from(max).unwrap_or(u32::MAX),
-            })?;
-        // Check the cheap things before mapping memory and reading the kernel.
-        let filters = Filters::load(&config.seccomp)?;
-        boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
-        let mut cmdline = boot::build_cmdline(&config.cmdline)?;
-        if kvm.is_pvm() {
-            boot::add_pvm_workarounds(&mut cmdline)?;
-        }
-        let mem = create_guest_memory(config.memory_mib, kvm.phys_bits())?;
-        let vm_fd = create_vm(&kvm, &mem)?;
+        crate::builder::build_for_boot(config)
+    }
 
-        let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
-        let on_reset = {
-            let exit = exit.clone();
-            Box::new(move || exit.request(Ok(GuestExit::I8042Reset)))
+    /// Builds a VM from a snapshot (see [`crate::snapshot`]), as it was when the snapshot was
+    /// taken; nothing runs until [`Vm::start`] (or [`Vm::start_paused`]). Returns the saved
+    /// state too, which says what the VM is made of.
+    pub fn restore(config: &RestoreConfig) -> Result<(Self, MicrovmState), VmmError> {
+        crate::builder::build_from_snapshot(config)
+    }
+
+    /// Puts the built pieces together.
+    pub(crate) fn assemble(parts: VmParts) -> Result<Self, VmmError> {
+        let mut metrics = MetricsSources {
+            vcpus: parts.vcpus.iter().map(Vcpu::metrics).collect(),
+            ..Default::default()
         };
-        let output = match &config.console_output {
-            Some(path) => Some(
-                std::fs::File::create(path)
-                    .map_err(|e| VmmError::ConsoleOutput(path.clone(), e))?,
-            ),
-            None => None,
-        };
-        let mut devices =
-            DeviceManager::new(&vm_fd, config.console_input, output, on_reset, start)?;
-
-        devices
-            .progress()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .set_boot_timer(config.boot_timer);
-        let mut metrics = MetricsSources::default();
-        let mut registry = DeviceRegistry::default();
-        let mut params = Vec::new();
-        let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
-        // The root disk goes first, so it is /dev/vda.
-        disks.sort_by_key(|d| !d.root);
-        if let Some(root) = disks.first().filter(|d| d.root) {
-            params.push(match &root.partuuid {
-                Some(uuid) => format!("root=PARTUUID={uuid}"),
-                None => "root=/dev/vda".to_owned(),
-            });
-            params.push(if root.read_only { "ro" } else { "rw" }.to_owned());
+        let registry = parts.devices.registry();
+        for (id, slot) in &registry.blocks {
+            let m = slot
+                .device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics();
+            metrics.blocks.push((id.clone(), m));
         }
-        for (i, disk) in disks.iter().enumerate() {
-            let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-            let mut block = Block::new(&disk.path, disk.read_only, &id)?;
-            if let Some(limiter) = &disk.rate_limiter {
-                block.update_rate_limiter(limiter)?;
-            }
-            metrics.blocks.push((id.clone(), block.metrics()));
-            let block = Arc::new(Mutex::new(block));
-            params.push(devices.register_virtio_device(&vm_fd, &mem, block.clone())?);
-            registry.blocks.insert(id, block);
+        for (id, slot) in &registry.nets {
+            let m = slot
+                .device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics();
+            metrics.nets.push((id.clone(), m));
         }
-        for (i, net) in config.nets.iter().enumerate() {
-            let mut device = Net::new(&net.tap, net.mac)?;
-            device
-                .update_rate_limiters(net.rx_rate_limiter.as_ref(), net.tx_rate_limiter.as_ref())?;
-            let id = net.id.clone().unwrap_or_else(|| format!("net{i}"));
-            metrics.nets.push((id.clone(), device.metrics()));
-            let device = Arc::new(Mutex::new(device));
-            params.push(devices.register_virtio_device(&vm_fd, &mem, device.clone())?);
-            registry.nets.insert(id, device);
-        }
-        boot::append_kernel_params(&mut cmdline, &params)?;
-
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, &kernel, path)?),
-            None => None,
-        };
-        boot::write_boot_info(&mem, &kernel, &cmdline, initrd)?;
-        mptable::setup_mptable(&mem, count)?;
-
-        let mut base_cpuid = kvm.supported_cpuid().clone();
-        cpuid::fill_brand_string(&mut base_cpuid);
-        if kvm.is_pvm() {
-            let hidden = cpuid::hide_pvm_unsupported(&mut base_cpuid);
-            info!(
-                "PVM host: hiding CPU features it cannot emulate: {}",
-                hidden.join(" ")
-            );
-        }
-        let (pio, mmio) = devices.take_buses();
-        let vcpus = (0..count)
-            .map(|id| {
-                let mut vcpu = Vcpu::new(
-                    &vm_fd,
-                    id,
-                    mem.clone(),
-                    pio.clone(),
-                    mmio.clone(),
-                    exit.clone(),
-                )?;
-                vcpu.configure(&kvm, &base_cpuid, count, kernel.entry)?;
-                metrics.vcpus.push(vcpu.metrics());
-                Ok(vcpu)
-            })
-            .collect::<Result<Vec<_>, VcpuError>>()?;
-        debug!(
-            "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",
-            start.elapsed(),
-            config.memory_mib,
-            kernel.entry
-        );
         Ok(Self {
-            _vm_fd: vm_fd,
-            _mem: mem,
-            devices,
-            registry,
-            exit,
-            vcpus,
+            vm_fd: parts.vm_fd,
+            mem: parts.mem,
+            devices: parts.devices,
+            exit: parts.exit,
+            vcpus: parts.vcpus,
             handles: Vec::new(),
             event_thread: None,
             device_pause: Arc::default(),
             pause_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(VmmError::EventThread)?,
             metrics,
-            filters,
+            filters: parts.filters,
+            track_dirty_pages: parts.track_dirty_pages,
             state: VmState::Created,
         })
+    }
+
+    /// Writes a snapshot of the paused VM: its state to `snapshot_path`, guest memory to
+    /// `mem_path` (see [`crate::snapshot`] for what full and diff write). A diff needs dirty
+    /// pages tracked since the VM was built. Either kind restarts the count of dirty pages, so
+    /// the next diff holds what changed after this snapshot.
+    pub fn snapshot(
+        &mut self,
+        kind: SnapshotType,
+        snapshot_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<(), VmmError> {
+        if self.state != VmState::Paused {
+            return Err(VmmError::State(
+                "not paused: pause it before taking a snapshot",
+            ));
+        }
+        if kind == SnapshotType::Diff && !self.track_dirty_pages {
+            return Err(VmmError::DiffNeedsTracking);
+        }
+        let vcpus = save_all(&self.handles, VCPU_ACK_TIMEOUT)?;
+        let state = MicrovmState {
+            skiff_version: env!("CARGO_PKG_VERSION").to_owned(),
+            cpu: HostCpu::current(),
+            memory: memory_layout(&self.mem),
+            vm: save_vm_state(&self.vm_fd)?,
+            vcpus,
+            devices: self.devices.save(),
+        };
+        let dirty = if self.track_dirty_pages {
+            Some(take_dirty_pages(&self.vm_fd, &self.mem)?)
+        } else {
+            None
+        };
+        let dirty = dirty.filter(|_| kind == SnapshotType::Diff);
+        crate::snapshot::write_memory(&self.mem, &state.memory, mem_path, dirty.as_deref())?;
+        crate::snapshot::write_state(snapshot_path, &state)?;
+        Ok(())
     }
 
     /// The VM's state.
@@ -379,17 +348,27 @@ impl Vm {
     /// Starts the event thread and every vCPU thread. A VM whose start failed is stopped: it
     /// cannot be started again.
     pub fn start(&mut self) -> Result<(), VmmError> {
+        self.start_as(false)
+    }
+
+    /// Starts the threads with the vCPUs and devices paused: the VM is [`VmState::Paused`]
+    /// until [`Vm::resume`] (a restored VM that should not run yet).
+    pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        self.start_as(true)
+    }
+
+    fn start_as(&mut self, paused: bool) -> Result<(), VmmError> {
         if self.state != VmState::Created {
             return Err(VmmError::State("already started"));
         }
-        let started = self.start_threads();
+        let started = self.start_threads(paused);
         if started.is_err() {
             self.shutdown();
         }
         started
     }
 
-    fn start_threads(&mut self) -> Result<(), VmmError> {
+    fn start_threads(&mut self, paused: bool) -> Result<(), VmmError> {
         let pauser = DevicePauser {
             evt: self.pause_evt.try_clone().map_err(VmmError::EventThread)?,
             state: self.device_pause.clone(),
@@ -401,10 +380,17 @@ impl Vm {
             self.exit.clone(),
             self.filters.clone(),
         )?);
-        for vcpu in self.vcpus.drain(..) {
-            self.handles.push(vcpu.start(self.filters.clone())?);
+        if paused {
+            self.hold_devices()?;
         }
-        self.state = VmState::Running;
+        for vcpu in self.vcpus.drain(..) {
+            self.handles.push(vcpu.start(self.filters.clone(), paused)?);
+        }
+        self.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         Ok(())
     }
 
@@ -496,9 +482,9 @@ impl Vm {
         id: &str,
         update: &RateLimiterConfig,
     ) -> Result<(), VmmError> {
-        let block = (self.registry.blocks.get(id))
+        let block = (self.devices.registry().blocks.get(id))
             .ok_or_else(|| VmmError::NoDevice("drive", id.to_owned()))?;
-        let mut block = block.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut block = block.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(block.update_rate_limiter(update)?)
     }
 
@@ -510,9 +496,9 @@ impl Vm {
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> Result<(), VmmError> {
-        let net = (self.registry.nets.get(id))
+        let net = (self.devices.registry().nets.get(id))
             .ok_or_else(|| VmmError::NoDevice("network interface", id.to_owned()))?;
-        let mut net = net.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut net = net.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(net.update_rate_limiters(rx, tx)?)
     }
 

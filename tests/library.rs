@@ -85,3 +85,48 @@ fn embedder_stops_a_running_vm() {
     assert_eq!(vm.wait().unwrap(), GuestExit::Stopped(None));
     assert!(vm.start().is_err(), "a stopped VM does not start again");
 }
+
+/// Snapshot and restore in-process: a ticking guest is paused, saved, dropped, and built
+/// again from its files; it goes on ticking from where it stopped (the ticks are printed from
+/// a counter in guest memory, so a restart would begin at 0 again) and still answers
+/// Ctrl-Alt-Del.
+#[test]
+fn a_restored_vm_goes_on_from_where_it_was_saved() {
+    let console = console_file("library-snap.console");
+    let snap = console_file("library-snap.state");
+    let mem = console_file("library-snap.mem");
+    let mut vm = Vm::new(&ticking_guest(&console)).unwrap();
+    vm.start().unwrap();
+    wait_for_console(&console, "tick 3");
+    vm.pause().unwrap();
+    let before = std::fs::read_to_string(&console).unwrap();
+    let last: u64 = before
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .last()
+        .unwrap();
+    vm.snapshot(skiff::snapshot::SnapshotType::Full, &snap, &mem)
+        .unwrap();
+    drop(vm);
+
+    let console2 = console_file("library-snap-restored.console");
+    let mut restore = skiff::builder::RestoreConfig::new(&snap, &mem);
+    restore.console_input = ConsoleInput::None;
+    restore.console_output = Some(console2.clone());
+    let (mut vm, state) = Vm::restore(&restore).unwrap();
+    assert_eq!(state.vcpus.len(), 1);
+    vm.start().unwrap();
+    let next = format!("tick {}", last + 1);
+    wait_for_console(&console2, &next);
+    let after = std::fs::read_to_string(&console2).unwrap();
+    assert!(
+        !after.contains("skiff-testguest:") && !after.contains("tick 0\n"),
+        "the guest started again instead of going on:\n{after}"
+    );
+    vm.send_ctrl_alt_del().unwrap();
+    let exit = vm.wait().unwrap();
+    assert_eq!(exit, GuestExit::I8042Reset);
+    assert!(std::fs::read_to_string(&console2)
+        .unwrap()
+        .contains("PASS ctrlaltdel"));
+}

@@ -81,7 +81,7 @@ pub fn guest_memory(image: &[u8]) -> GuestMemoryMmap {
         .iter()
         .map(|&(a, l)| (GuestAddress(a), l))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).expect("guest memory");
+    let mem = skiff::vstate::memory::anonymous(&ranges).expect("guest memory");
     let n = image.len().min(0x1_0000);
     mem.write_slice(&image[..n], GuestAddress(0))
         .expect("image fits the first regions");

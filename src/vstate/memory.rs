@@ -1,14 +1,26 @@
-//! Guest RAM: the regions around the 32-bit MMIO hole, mapped with vm-memory and registered
-//! with KVM as memory slots.
+//! Guest RAM: the regions around the 32-bit MMIO hole, mapped with vm-memory (anonymous, or
+//! privately from a snapshot's memory file) and registered with KVM as memory slots; and the
+//! pages written since the last snapshot, from KVM's dirty log and vm-memory's bitmap.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use std::fs::File;
+use std::num::NonZeroUsize;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
-/// Guest memory with dirty-page bitmap support left out (no migration yet).
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory; each region has a bitmap of the pages Skiff itself wrote when dirty pages are
+/// tracked (for diff snapshots), and none otherwise.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<Option<AtomicBitmap>>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<Option<AtomicBitmap>>;
+
+/// The page size dirty pages are counted in.
+pub const PAGE_SIZE: usize = 4096;
 
 /// Errors while creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +47,23 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    /// A memory file cannot be mapped.
+    #[error("cannot map {len} bytes at offset {offset} of the memory file")]
+    MmapFile {
+        /// Bytes asked for.
+        len: u64,
+        /// Offset in the file.
+        offset: u64,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The regions given do not make a valid guest memory.
+    #[error("the guest memory regions overlap or are empty")]
+    Regions,
+    /// KVM_GET_DIRTY_LOG failed.
+    #[error("KVM_GET_DIRTY_LOG failed for memory slot {0}")]
+    DirtyLog(u32, #[source] kvm_ioctls::Error),
     /// KVM refused a memory slot (for instance one larger than KVM's per-slot limit).
     #[error("KVM refused guest memory slot {slot} ({mib} MiB at {gpa:#x})")]
     SetUserMemoryRegion {
@@ -63,8 +92,13 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Maps `mib` MiB of anonymous guest RAM, refusing sizes beyond `phys_bits` of address space.
-pub fn create_guest_memory(mib: u64, phys_bits: u8) -> Result<GuestMemoryMmap, MemoryError> {
+/// Maps `mib` MiB of anonymous guest RAM, refusing sizes beyond `phys_bits` of address space;
+/// with `track_dirty`, each region gets a bitmap of the pages Skiff writes.
+pub fn create_guest_memory(
+    mib: u64,
+    phys_bits: u8,
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     if mib == 0 {
         return Err(MemoryError::Empty);
     }
@@ -83,18 +117,151 @@ pub fn create_guest_memory(mib: u64, phys_bits: u8) -> Result<GuestMemoryMmap, M
         .map(|(a, l)| usize::try_from(l).map(|l| (a, l)))
         .collect::<Result<_, _>>()
         .map_err(|_| MemoryError::TooLarge { mib, phys_bits })?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Mmap { mib, source })
+    let regions = ranges
+        .iter()
+        .map(|&(addr, len)| {
+            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| MemoryError::Mmap {
+                    mib,
+                    source: vm_memory::mmap::FromRangesError::MmapRegion(e),
+                })?;
+            GuestRegionMmap::new(region, addr).ok_or(MemoryError::Regions)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
 }
 
-/// Registers every region of `mem` with KVM, one slot each.
-pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+fn bitmap(len: usize, track_dirty: bool) -> Option<AtomicBitmap> {
+    // A page size of 4096 is never zero.
+    track_dirty.then(|| {
+        AtomicBitmap::new(
+            len,
+            NonZeroUsize::new(PAGE_SIZE).unwrap_or(NonZeroUsize::MIN),
+        )
+    })
+}
+
+/// Anonymous guest memory over `ranges`, without dirty tracking (tests, fuzzing, benches).
+pub fn anonymous(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let regions = ranges
+        .iter()
+        .map(|&(addr, len)| {
+            let region = MmapRegionBuilder::new_with_bitmap(len, None)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| MemoryError::MmapFile {
+                    len: len as u64,
+                    offset: 0,
+                    source,
+                })?;
+            GuestRegionMmap::new(region, addr).ok_or(MemoryError::Regions)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
+}
+
+/// One region of guest memory in a snapshot's memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryRegionState {
+    /// Guest physical address of its first byte.
+    pub base: u64,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Where it starts in the memory file.
+    pub offset: u64,
+}
+
+/// Where each region of `mem` goes in a memory file: one after the other, in order.
+pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let state = MemoryRegionState {
+                base: r.start_addr().raw_value(),
+                size: r.len(),
+                offset,
+            };
+            offset += r.len();
+            state
+        })
+        .collect()
+}
+
+/// Maps `regions` of `file` privately: pages are read from the file on first touch, a page the
+/// guest writes becomes this process's own copy, and processes mapping the same file share
+/// the page cache until they write (KVM sees ordinary memory either way).
+pub fn memory_from_file(
+    file: &File,
+    regions: &[MemoryRegionState],
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let regions = regions
+        .iter()
+        .map(|r| {
+            let len = usize::try_from(r.size).map_err(|_| MemoryError::Regions)?;
+            let fail = |source| MemoryError::MmapFile {
+                len: r.size,
+                offset: r.offset,
+                source,
+            };
+            let file = file
+                .try_clone()
+                .map_err(|e| fail(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
+                .with_file_offset(FileOffset::new(file, r.offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(fail)?;
+            GuestRegionMmap::new(region, GuestAddress(r.base)).ok_or(MemoryError::Regions)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
+}
+
+/// The pages of each region written since the last call (one bit per page, 64 to a word): the
+/// guest's writes from KVM's dirty log, Skiff's own (device DMA) from the region's bitmap.
+/// Both are cleared. Needs memory registered with dirty logging and tracked bitmaps.
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MemoryError> {
+    (0u32..)
+        .zip(mem.iter())
+        .map(|(slot, region)| {
+            let len = usize::try_from(region.len()).map_err(|_| MemoryError::Regions)?;
+            let mut pages = vm
+                .get_dirty_log(slot, len)
+                .map_err(|e| MemoryError::DirtyLog(slot, e))?;
+            if let Some(bitmap) = region.get_mmap().bitmap() {
+                for (word, own) in pages.iter_mut().zip(bitmap.get_and_reset()) {
+                    *word |= own;
+                }
+            }
+            Ok(pages)
+        })
+        .collect()
+}
+
+/// Registers every region of `mem` with KVM, one slot each; with `log_dirty`, KVM records the
+/// pages the guest writes (KVM API, KVM_MEM_LOG_DIRTY_PAGES).
+pub fn register_guest_memory(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(mem.iter()) {
         let host_addr = mem
             .get_host_address(region.start_addr())
             .map_err(|_| MemoryError::Empty)?;
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host_addr as u64,
@@ -135,22 +302,22 @@ mod tests {
     #[test]
     fn zero_and_huge_are_refused() {
         assert!(matches!(
-            create_guest_memory(0, 46),
+            create_guest_memory(0, 46, false),
             Err(MemoryError::Empty)
         ));
         assert!(matches!(
-            create_guest_memory(1 << 40, 46),
+            create_guest_memory(1 << 40, 46, false),
             Err(MemoryError::TooLarge { .. })
         ));
         assert!(matches!(
-            create_guest_memory(u64::MAX, 46),
+            create_guest_memory(u64::MAX, 46, false),
             Err(MemoryError::TooLarge { .. })
         ));
     }
 
     #[test]
     fn maps_a_small_guest() {
-        let mem = create_guest_memory(2, 46).unwrap();
+        let mem = create_guest_memory(2, 46, false).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress((2 << 20) - 1));
     }

@@ -16,10 +16,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_run, CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -73,6 +76,20 @@ pub enum VcpuError {
         /// The first MSR not set.
         index: u32,
     },
+    /// KVM_SET_MSRS set fewer of a snapshot's MSRs than asked.
+    #[error("vCPU {id}: KVM refused the saved value of MSR {index:#x}")]
+    RestoreMsr {
+        /// The vCPU.
+        id: u8,
+        /// The first MSR not set.
+        index: u32,
+    },
+    /// A saved state's CPUID has more entries than KVM takes.
+    #[error("vCPU {0}: the saved CPUID has too many entries")]
+    CpuidTooLarge(u8),
+    /// The state was asked of a vCPU that is running.
+    #[error("vCPU {0} is running: pause the VM first")]
+    NotPaused(u8),
     /// Writing boot-time register state failed.
     #[error("vCPU {0}: cannot write boot register state")]
     Regs(u8, #[source] regs::RegsError),
@@ -181,19 +198,69 @@ pub enum VcpuEvent {
     Pause,
     /// Continue after a pause.
     Resume,
+    /// Answer with the vCPU's state; refused unless paused.
+    SaveState,
     /// Leave the run loop for good.
     Exit,
 }
 
 /// Acknowledgements from a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     /// The vCPU is paused.
     Paused,
     /// The vCPU is running again.
     Resumed,
+    /// The vCPU's state, or why it could not be read.
+    SavedState(Box<Result<VcpuState, VcpuError>>),
     /// The thread has left its loop.
     Exited,
+}
+
+impl VcpuResponse {
+    /// Whether this is the answer `event` expects.
+    fn answers(&self, event: VcpuEvent) -> bool {
+        matches!(
+            (self, event),
+            (Self::Paused, VcpuEvent::Pause)
+                | (Self::Resumed, VcpuEvent::Resume)
+                | (Self::SavedState(_), VcpuEvent::SaveState)
+        )
+    }
+}
+
+/// MSR_IA32_TSC_DEADLINE: restored after MSR_IA32_TSC, so that the deadline it holds counts
+/// against the restored TSC rather than the host's current one.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Everything KVM holds of one vCPU (KVM API: the GET/SET pairs of section 4): saved while the
+/// vCPU is paused, written back before a restored vCPU first runs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The vCPU's APIC id.
+    pub id: u8,
+    /// CPUID as the guest sees it.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every MSR KVM lists as saved and restored that this vCPU could read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state (the 4 KiB legacy XSAVE area).
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// The local APIC's registers.
+    pub lapic: kvm_lapic_state,
+    /// Running, halted or waiting for INIT/SIPI.
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs and SMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// TSC frequency, where KVM reports it.
+    pub tsc_khz: Option<u32>,
 }
 
 /// A request and its sequence number; the acknowledgement carries the same number, so one that
@@ -203,7 +270,7 @@ type Request = (u64, VcpuEvent);
 type Response = (u64, VcpuResponse);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum VcpuState {
+enum RunState {
     Running,
     Paused,
     Exited,
@@ -272,6 +339,8 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     metrics: Arc<VcpuMetrics>,
+    /// The MSRs a saved state holds: KVM's list of saved MSRs.
+    msr_list: Arc<[u32]>,
 }
 
 impl Vcpu {
@@ -295,7 +364,13 @@ impl Vcpu {
             mmio,
             exit,
             metrics: Arc::new(VcpuMetrics::default()),
+            msr_list: Arc::from(Vec::new()),
         })
+    }
+
+    /// This vCPU's id.
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
     /// This vCPU's exit counters, shared with the metrics dump.
@@ -318,6 +393,7 @@ impl Vcpu {
         count: u8,
         entry: regs::BootEntry,
     ) -> Result<(), VcpuError> {
+        self.msr_list = Arc::from(kvm.msr_index_list());
         let mut cpuid = base.clone();
         cpuid::normalize(&mut cpuid, self.id, count);
         self.fd
@@ -369,8 +445,9 @@ impl Vcpu {
     }
 
     /// Starts the vCPU thread, named `skiff-vcpu-<id>`, which installs the vCPU seccomp
-    /// filter from `filters` before it first enters the guest.
-    pub fn start(self, filters: Filters) -> Result<VcpuHandle, VcpuError> {
+    /// filter from `filters` before it first enters the guest; with `paused` it waits for a
+    /// [`VcpuEvent::Resume`] before it does.
+    pub fn start(self, filters: Filters, paused: bool) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
         let (event_tx, event_rx) = channel();
@@ -385,7 +462,7 @@ impl Vcpu {
                     return;
                 }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.run(&event_rx, &resp_tx);
+                    self.run(&event_rx, &resp_tx, paused);
                 }));
                 if result.is_err() {
                     exit.request(Err(VcpuError::Panicked(id)));
@@ -402,14 +479,18 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, events: &Receiver<Request>, responses: &Sender<Response>) {
+    fn run(mut self, events: &Receiver<Request>, responses: &Sender<Response>, paused: bool) {
         let kick_target = KickTarget::set(self.fd.get_kvm_run());
-        let mut state = VcpuState::Running;
-        while state != VcpuState::Exited {
+        let mut state = if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        while state != RunState::Exited {
             state = match state {
-                VcpuState::Running => self.running(events, responses),
-                VcpuState::Paused => Self::paused(events, responses),
-                VcpuState::Exited => VcpuState::Exited,
+                RunState::Running => self.running(events, responses),
+                RunState::Paused => self.paused(events, responses),
+                RunState::Exited => RunState::Exited,
             };
         }
         drop(kick_target);
@@ -418,29 +499,35 @@ impl Vcpu {
 
     /// Handles queued requests without blocking; returns the state to move to, if any.
     fn handle_events(
+        &self,
         events: &Receiver<Request>,
         responses: &Sender<Response>,
-    ) -> Option<VcpuState> {
+    ) -> Option<RunState> {
         loop {
             match events.try_recv() {
                 Ok((seq, VcpuEvent::Pause)) => {
+                    self.tell_kvmclock_paused();
                     let _ = responses.send((seq, VcpuResponse::Paused));
-                    return Some(VcpuState::Paused);
+                    return Some(RunState::Paused);
                 }
                 Ok((seq, VcpuEvent::Resume)) => {
                     let _ = responses.send((seq, VcpuResponse::Resumed));
                 }
+                Ok((seq, VcpuEvent::SaveState)) => {
+                    let refused = Err(VcpuError::NotPaused(self.id));
+                    let _ = responses.send((seq, VcpuResponse::SavedState(Box::new(refused))));
+                }
                 Ok((_, VcpuEvent::Exit)) | Err(TryRecvError::Disconnected) => {
-                    return Some(VcpuState::Exited)
+                    return Some(RunState::Exited)
                 }
                 Err(TryRecvError::Empty) => return None,
             }
         }
     }
 
-    fn running(&mut self, events: &Receiver<Request>, responses: &Sender<Response>) -> VcpuState {
+    fn running(&mut self, events: &Receiver<Request>, responses: &Sender<Response>) -> RunState {
         // Requests sent before the kick handler could see this thread's kvm_run.
-        if let Some(next) = Self::handle_events(events, responses) {
+        if let Some(next) = self.handle_events(events, responses) {
             return next;
         }
         loop {
@@ -448,34 +535,195 @@ impl Vcpu {
                 Ok(Step::Continue) => {}
                 Ok(Step::Interrupted) => {
                     self.fd.set_kvm_immediate_exit(0);
-                    if let Some(next) = Self::handle_events(events, responses) {
+                    if let Some(next) = self.handle_events(events, responses) {
                         return next;
                     }
                 }
                 Ok(Step::Stop(reason)) => {
                     self.exit.request(Ok(reason));
-                    return VcpuState::Exited;
+                    return RunState::Exited;
                 }
                 Err(e) => {
                     self.exit.request(Err(e));
-                    return VcpuState::Exited;
+                    return RunState::Exited;
                 }
             }
         }
     }
 
-    fn paused(events: &Receiver<Request>, responses: &Sender<Response>) -> VcpuState {
+    fn paused(&self, events: &Receiver<Request>, responses: &Sender<Response>) -> RunState {
         match events.recv() {
             Ok((seq, VcpuEvent::Resume)) => {
                 let _ = responses.send((seq, VcpuResponse::Resumed));
-                VcpuState::Running
+                RunState::Running
             }
             Ok((seq, VcpuEvent::Pause)) => {
                 let _ = responses.send((seq, VcpuResponse::Paused));
-                VcpuState::Paused
+                RunState::Paused
             }
-            Ok((_, VcpuEvent::Exit)) | Err(_) => VcpuState::Exited,
+            Ok((seq, VcpuEvent::SaveState)) => {
+                let state = Box::new(self.save_state());
+                let _ = responses.send((seq, VcpuResponse::SavedState(state)));
+                RunState::Paused
+            }
+            Ok((_, VcpuEvent::Exit)) | Err(_) => RunState::Exited,
         }
+    }
+
+    /// Tells the guest's kvmclock that the vCPU stops for a while, so its soft-lockup watchdog
+    /// does not take the pause for a hang (KVM API, KVM_KVMCLOCK_CTRL). A guest without
+    /// kvmclock makes KVM answer EINVAL, which changes nothing.
+    fn tell_kvmclock_paused(&self) {
+        let _ = self.fd.kvmclock_ctrl();
+    }
+
+    /// Reads the vCPU's whole state; the vCPU must not be running. The order follows what KVM
+    /// needs: MP state first (it may flush pending APIC events into the registers), events
+    /// last.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(self.setup_err("KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(self.setup_err("KVM_GET_REGS"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.setup_err("KVM_GET_SREGS"))?;
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(self.setup_err("KVM_GET_XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(self.setup_err("KVM_GET_XCRS"))?;
+        let debug_regs = self
+            .fd
+            .get_debug_regs()
+            .map_err(self.setup_err("KVM_GET_DEBUGREGS"))?;
+        let lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.setup_err("KVM_GET_LAPIC"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.setup_err("KVM_GET_CPUID2"))?;
+        let msrs = self.read_msrs()?;
+        let vcpu_events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.setup_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            id: self.id,
+            cpuid: cpuid.as_slice().to_vec(),
+            msrs,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            mp_state,
+            vcpu_events,
+            tsc_khz: self.fd.get_tsc_khz().ok(),
+        })
+    }
+
+    /// Reads every MSR of KVM's saved list that this vCPU has. KVM_GET_MSRS stops at the first
+    /// MSR it cannot read (one the guest's CPUID does not offer): that one is skipped and the
+    /// rest read on.
+    fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let list = &self.msr_list;
+        let mut saved = Vec::with_capacity(list.len());
+        let mut start = 0;
+        while start < list.len() {
+            let chunk = &list[start..list.len().min(start + KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Setup {
+                id: self.id,
+                what: "MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(self.setup_err("KVM_GET_MSRS"))?
+                .min(chunk.len());
+            saved.extend_from_slice(&msrs.as_slice()[..read]);
+            start += read;
+            if read < chunk.len() {
+                start += 1; // the one KVM could not read
+            }
+        }
+        Ok(saved)
+    }
+
+    /// Writes a saved state back (the inverse of [`Vcpu::save_state`]), before the vCPU first
+    /// runs. The TSC frequency is set first when the host's differs from the saved one.
+    pub fn restore_state(&mut self, kvm: &KvmContext, state: &VcpuState) -> Result<(), VcpuError> {
+        self.msr_list = Arc::from(kvm.msr_index_list());
+        if let Some(khz) = state.tsc_khz {
+            if self.fd.get_tsc_khz().ok() != Some(khz) {
+                self.fd
+                    .set_tsc_khz(khz)
+                    .map_err(self.setup_err("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        let cpuid =
+            CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::CpuidTooLarge(self.id))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.setup_err("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.setup_err("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.setup_err("KVM_SET_SREGS"))?;
+        // SAFETY: `state.xsave` is the 4 KiB legacy kvm_xsave, as large as KVM reads: Skiff
+        // never asks for the larger XSAVE2 layouts (no AMX permission is requested).
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.setup_err("KVM_SET_XSAVE"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.setup_err("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&state.debug_regs)
+            .map_err(self.setup_err("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.setup_err("KVM_SET_LAPIC"))?;
+        let mut msrs = state.msrs.clone();
+        // Stable: the TSC deadline goes after the TSC, the rest keep their order.
+        msrs.sort_by_key(|m| m.index == MSR_IA32_TSC_DEADLINE);
+        for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+            let list = Msrs::from_entries(chunk).map_err(|_| VcpuError::Setup {
+                id: self.id,
+                what: "MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let set = self
+                .fd
+                .set_msrs(&list)
+                .map_err(self.setup_err("KVM_SET_MSRS"))?;
+            if let Some(refused) = chunk.get(set) {
+                return Err(VcpuError::RestoreMsr {
+                    id: self.id,
+                    index: refused.index,
+                });
+            }
+        }
+        self.fd
+            .set_vcpu_events(&state.vcpu_events)
+            .map_err(self.setup_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 
     /// Runs the guest until its next exit and handles it.
@@ -642,41 +890,64 @@ impl VcpuHandle {
     }
 }
 
-/// Sends `event` to every vCPU, then waits up to `timeout` in all for each to answer `expect`.
+/// Sends `event` to every vCPU, then waits up to `timeout` in all for each to answer it.
 fn broadcast(
     handles: &[VcpuHandle],
     event: VcpuEvent,
-    expect: VcpuResponse,
     timeout: Duration,
-) -> Result<(), VcpuError> {
+) -> Result<Vec<VcpuResponse>, VcpuError> {
     let deadline = std::time::Instant::now() + timeout;
     let mut sent = Vec::with_capacity(handles.len());
     for h in handles {
         sent.push(h.send(event)?);
     }
+    let mut answers = Vec::with_capacity(handles.len());
     for (h, seq) in handles.iter().zip(sent) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if h.response_to(seq, left)? != expect {
+        let answer = h.response_to(seq, left)?;
+        if !answer.answers(event) {
             return Err(VcpuError::Gone(h.id));
         }
+        answers.push(answer);
     }
-    Ok(())
+    Ok(answers)
 }
 
 /// Pauses every vCPU, or none: when one does not acknowledge within `timeout`, all are told to
 /// resume (a vCPU handles its requests in order, so a late one pauses and then resumes).
 pub fn pause_all(handles: &[VcpuHandle], timeout: Duration) -> Result<(), VcpuError> {
-    broadcast(handles, VcpuEvent::Pause, VcpuResponse::Paused, timeout).inspect_err(|_| {
-        let _ = broadcast(handles, VcpuEvent::Resume, VcpuResponse::Resumed, timeout);
-    })
+    match broadcast(handles, VcpuEvent::Pause, timeout) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = broadcast(handles, VcpuEvent::Resume, timeout);
+            Err(e)
+        }
+    }
 }
 
 /// Resumes every vCPU, or none: when one does not acknowledge within `timeout`, all are told
 /// to pause again.
 pub fn resume_all(handles: &[VcpuHandle], timeout: Duration) -> Result<(), VcpuError> {
-    broadcast(handles, VcpuEvent::Resume, VcpuResponse::Resumed, timeout).inspect_err(|_| {
-        let _ = broadcast(handles, VcpuEvent::Pause, VcpuResponse::Paused, timeout);
-    })
+    match broadcast(handles, VcpuEvent::Resume, timeout) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = broadcast(handles, VcpuEvent::Pause, timeout);
+            Err(e)
+        }
+    }
+}
+
+/// The state of every vCPU, in order; each must be paused.
+pub fn save_all(handles: &[VcpuHandle], timeout: Duration) -> Result<Vec<VcpuState>, VcpuError> {
+    let answers = broadcast(handles, VcpuEvent::SaveState, timeout)?;
+    handles
+        .iter()
+        .zip(answers)
+        .map(|(h, answer)| match answer {
+            VcpuResponse::SavedState(state) => *state,
+            _ => Err(VcpuError::Gone(h.id)),
+        })
+        .collect()
 }
 
 impl Drop for VcpuHandle {
@@ -702,9 +973,12 @@ mod tests {
                 let answer = match event {
                     VcpuEvent::Pause => VcpuResponse::Paused,
                     VcpuEvent::Resume => VcpuResponse::Resumed,
+                    VcpuEvent::SaveState => {
+                        VcpuResponse::SavedState(Box::new(Err(VcpuError::NotPaused(id))))
+                    }
                     VcpuEvent::Exit => return,
                 };
-                state.store(answer == VcpuResponse::Paused, Ordering::SeqCst);
+                state.store(matches!(answer, VcpuResponse::Paused), Ordering::SeqCst);
                 if resp_tx.send((seq, answer)).is_err() {
                     return;
                 }
@@ -727,10 +1001,10 @@ mod tests {
         assert!(h.response_to(pause, Duration::from_millis(50)).is_err());
         let resume = h.send(VcpuEvent::Resume).unwrap();
         // The late Paused for the first request must not pass for the answer to the second.
-        assert_eq!(
+        assert!(matches!(
             h.response_to(resume, Duration::from_secs(5)).unwrap(),
             VcpuResponse::Resumed
-        );
+        ));
     }
 
     /// A pause that one vCPU does not acknowledge in time is undone on all of them: the quick

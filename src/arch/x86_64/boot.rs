@@ -442,7 +442,7 @@ mod tests {
     use std::io::Write;
 
     fn mem(mib: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
+        crate::vstate::memory::anonymous(&[(GuestAddress(0), mib << 20)]).unwrap()
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {

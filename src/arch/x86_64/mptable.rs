@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn table_checksums_and_cpu_entries() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
         setup_mptable(&mem, 4).unwrap();
         let mut fp = [0u8; 16];
         mem.read_slice(&mut fp, GuestAddress(EBDA_START)).unwrap();
@@ -158,7 +158,7 @@ mod tests {
 
     #[test]
     fn too_many_cpus() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
         assert!(matches!(
             setup_mptable(&mem, 255),
             Err(MptableError::TooManyCpus(255))

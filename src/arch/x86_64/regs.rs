@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn long_mode_sregs_and_page_tables() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let s = boot_sregs(&mem, BootEntry::Linux64(0x100_0000), kvm_sregs::default()).unwrap();
         assert_eq!(s.cr3, PML4_START);
         assert_eq!(s.efer, EFER_LME | EFER_LMA);
@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn pvh_starts_in_protected_mode() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let s = boot_sregs(&mem, BootEntry::Pvh(0x10_0000), kvm_sregs::default()).unwrap();
         assert_eq!(s.cr0 & X86_CR0_PG, 0);
         assert_eq!(s.cs.selector, SELECTOR_CODE32);

@@ -60,6 +60,21 @@ pub enum I8042Error {
     Irq(#[source] std::io::Error),
 }
 
+/// The controller's registers and pending output bytes, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub outp: u8,
+    /// A command waiting for its data byte.
+    pub pending_cmd: Option<u8>,
+    /// Bytes waiting for the guest, oldest first.
+    pub pending: Vec<u8>,
+}
+
 /// The i8042 controller.
 pub struct I8042 {
     status: u8,
@@ -97,6 +112,37 @@ impl I8042 {
             kbd_irq,
             on_reset,
         }
+    }
+
+    /// The controller's state, for a snapshot.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            pending_cmd: self.pending_cmd,
+            pending: (0..self.len)
+                .map(|i| self.buf[(self.head + i) % BUF_SIZE])
+                .collect(),
+        }
+    }
+
+    /// A controller as [`I8042::new`] makes it, with the registers and pending bytes `state`
+    /// saved (those beyond its buffer dropped).
+    pub fn from_state(
+        state: &I8042State,
+        kbd_irq: EventFd,
+        on_reset: Box<dyn Fn() + Send>,
+    ) -> Self {
+        let mut dev = Self::new(kbd_irq, on_reset);
+        for &b in &state.pending {
+            dev.push(b);
+        }
+        dev.status = state.status;
+        dev.control = state.control;
+        dev.outp = state.outp;
+        dev.pending_cmd = state.pending_cmd;
+        dev
     }
 
     /// Queues the Ctrl-Alt-Del key sequence for the guest and raises IRQ 1.

@@ -9,7 +9,8 @@ use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, warn};
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState as UartState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -57,6 +58,31 @@ impl<W: Write> Write for Unbuffered<W> {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The guest's serial console.
 pub struct SerialDevice {
     serial: Serial<IrqLine, InputReady, Box<dyn Write + Send>>,
@@ -76,14 +102,66 @@ impl std::fmt::Debug for SerialDevice {
 impl SerialDevice {
     /// A UART raising `irq`, writing to `out` and reading host input from `input`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>, input: Option<File>) -> io::Result<Self> {
+        Self::build(&UartState::default(), irq, out, input)
+    }
+
+    fn build(
+        uart: &UartState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        input: Option<File>,
+    ) -> io::Result<Self> {
         let input_ready = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let events = InputReady(input_ready.try_clone()?);
+        let serial = Serial::from_state(uart, IrqLine(irq), events, out)
+            .map_err(|e| io::Error::other(format!("the saved serial port is invalid: {e:?}")))?;
         Ok(Self {
-            serial: Serial::with_events(IrqLine(irq), events, out),
+            serial,
             input,
             input_paused: false,
             input_ready,
         })
+    }
+
+    /// The UART's state, for a snapshot.
+    pub fn save(&self) -> SerialState {
+        let s = self.serial.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART as [`SerialDevice::new`] makes it, with the registers and FIFO `state` saved;
+    /// an interrupt the state shows pending is raised again. A FIFO longer than the UART's is
+    /// refused.
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        input: Option<File>,
+    ) -> io::Result<Self> {
+        let uart = UartState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        Self::build(&uart, irq, out, input)
     }
 
     /// Moves as much pending host input into the FIFO as it has room for.

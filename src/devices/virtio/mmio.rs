@@ -11,10 +11,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use log::Level;
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{feature_word, status, ConfigSpace, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    feature_word, status, ConfigSpace, IrqTrigger, QueueSnapshot, RestoreError, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use crate::devices::BusDevice;
 use crate::guest_log;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -101,7 +105,97 @@ fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
         .collect()
 }
 
+/// The transport's registers as a snapshot holds them; the device's features, interrupt status
+/// and queues of a running device are in the device's own state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// The device status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// What the driver wrote to DriverFeatures.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// The queues as the driver was setting them up (none once the device runs).
+    pub queues: Vec<QueueSnapshot>,
+    /// The driver wrote a queue size the device cannot take.
+    pub bad_queue_size: bool,
+}
+
 impl MmioTransport {
+    /// The transport's registers, for a snapshot.
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(QueueSnapshot::from).collect(),
+            bad_queue_size: self.bad_queue_size,
+        }
+    }
+
+    /// Puts `device` (its own state already restored) behind a transport with the registers
+    /// `state` saved; a device that was running gets `active_queues` back and starts again,
+    /// as at DRIVER_OK. Queues that are not valid in `mem` are refused.
+    pub fn restore(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &MmioTransportState,
+        active_queues: &[QueueSnapshot],
+    ) -> Result<Self, RestoreError> {
+        let mut transport = Self::new(mem, device)
+            .map_err(|e| RestoreError::Activate(super::ActivateError::Signal(e)))?;
+        let to_queue =
+            |(i, q): (usize, &QueueSnapshot)| q.to_queue().map_err(|_| RestoreError::Queue(i));
+        if !state.queues.is_empty() {
+            let queues: Vec<Queue> = state
+                .queues
+                .iter()
+                .enumerate()
+                .map(to_queue)
+                .collect::<Result<_, _>>()?;
+            let sizes_match = queues.len() == transport.queue_max_sizes.len()
+                && queues
+                    .iter()
+                    .zip(&transport.queue_max_sizes)
+                    .all(|(q, &max)| q.max_size() == max);
+            if !sizes_match {
+                return Err(RestoreError::Queue(queues.len()));
+            }
+            transport.queues = queues;
+        } else if state.status & DRIVER_OK != 0 {
+            // Handed to the device at DRIVER_OK.
+            transport.queues = Vec::new();
+        }
+        transport.status = state.status;
+        transport.device_features_sel = state.device_features_sel;
+        transport.driver_features_sel = state.driver_features_sel;
+        transport.driver_features = state.driver_features;
+        transport.queue_sel = state.queue_sel;
+        transport.bad_queue_size = state.bad_queue_size;
+        if state.status & DRIVER_OK != 0 && !active_queues.is_empty() {
+            let queues: Vec<Queue> = active_queues
+                .iter()
+                .enumerate()
+                .map(to_queue)
+                .collect::<Result<_, _>>()?;
+            if let Some(bad) = queues.iter().position(|q| !q.is_valid(&transport.mem)) {
+                return Err(RestoreError::Queue(bad));
+            }
+            let mem = transport.mem.clone();
+            transport
+                .device()
+                .activate(mem, queues)
+                .map_err(RestoreError::Activate)?;
+        }
+        Ok(transport)
+    }
+
     /// Puts `device` behind a transport that gives it `mem` at activation.
     pub fn new(
         mem: GuestMemoryMmap,
@@ -385,7 +479,7 @@ mod tests {
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let block = Block::new(&path, false, "t").unwrap();
         std::fs::remove_file(&path).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         MmioTransport::new(mem, Arc::new(Mutex::new(block))).unwrap()
     }
 

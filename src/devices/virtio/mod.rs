@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use log::Level;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -95,6 +96,13 @@ impl IrqTrigger {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// Sets the status bits and reset flag a snapshot recorded, without raising the IRQ (the
+    /// interrupt controllers' own state says whether it is pending).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     /// Clears every bit (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -166,6 +174,149 @@ impl ConfigSpace {
     pub fn generation(&self) -> u32 {
         self.generation.load(Ordering::SeqCst)
     }
+
+    /// The whole space, for a snapshot.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes().clone()
+    }
+
+    /// Puts back what [`ConfigSpace::snapshot`] saved, where it has this space's size.
+    pub fn restore(&self, saved: &[u8], generation: u32) {
+        let mut bytes = self.bytes();
+        if saved.len() == bytes.len() {
+            bytes.copy_from_slice(saved);
+        }
+        self.generation.store(generation, Ordering::SeqCst);
+    }
+}
+
+/// A virtqueue's position and layout (virtio-queue's `QueueState`), as a snapshot holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// The next available-ring entry the device takes.
+    pub next_avail: u16,
+    /// The next used-ring entry the device fills.
+    pub next_used: u16,
+    /// Whether EVENT_IDX was negotiated.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// Whether the driver made the queue ready.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available (driver) ring address.
+    pub avail_ring: u64,
+    /// Used (device) ring address.
+    pub used_ring: u64,
+}
+
+impl From<&Queue> for QueueSnapshot {
+    fn from(q: &Queue) -> Self {
+        let s = q.state();
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    /// The queue again, refused when its numbers break virtio-queue's rules (a size that is
+    /// not a power of two or above the maximum, misaligned rings).
+    pub fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
+}
+
+/// What every virtio device's snapshot holds beside its own state: features, the interrupt
+/// status and configuration space (shared with the transport), and the queues it was working
+/// on (none unless the driver had it running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// Features offered.
+    pub avail_features: u64,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// The interrupt status register.
+    pub interrupt_status: u32,
+    /// Whether DEVICE_NEEDS_RESET was set.
+    pub needs_reset: bool,
+    /// The configuration space.
+    pub config: Vec<u8>,
+    /// Its generation.
+    pub config_generation: u32,
+    /// The queues of an active device, in order.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl VirtioBase {
+    /// The common part of a device's snapshot; `queues` are those of an active device.
+    pub fn save(&self, queues: &[&Queue]) -> VirtioState {
+        VirtioState {
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+            interrupt_status: self.irq.status(),
+            needs_reset: self.irq.needs_reset(),
+            config: self.config.snapshot(),
+            config_generation: self.config.generation(),
+            queues: queues.iter().map(|&q| QueueSnapshot::from(q)).collect(),
+        }
+    }
+
+    /// Puts back the features, interrupt status and configuration a snapshot saved. The
+    /// offered features must be the ones this device offers now: a device built differently
+    /// (another Skiff, or a disk made read-only since) is refused.
+    pub fn restore(&mut self, state: &VirtioState) -> Result<(), RestoreError> {
+        if state.avail_features != self.avail_features {
+            return Err(RestoreError::Features {
+                saved: state.avail_features,
+                now: self.avail_features,
+            });
+        }
+        self.acked_features = state.acked_features & self.avail_features;
+        self.irq.restore(state.interrupt_status, state.needs_reset);
+        self.config.restore(&state.config, state.config_generation);
+        Ok(())
+    }
+}
+
+/// Why a device's saved state cannot be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The device offers other features than the saved one did.
+    #[error("the device offers features {now:#x}, the snapshot's offered {saved:#x}")]
+    Features {
+        /// Saved.
+        saved: u64,
+        /// Now.
+        now: u64,
+    },
+    /// A saved queue is not a valid virtqueue in this guest's memory.
+    #[error("saved queue {0} is not a valid virtqueue")]
+    Queue(usize),
+    /// The device refused its saved queues.
+    #[error("cannot activate the device with its saved queues")]
+    Activate(#[source] ActivateError),
 }
 
 /// What every virtio device keeps the same way: offered and accepted features, one
@@ -240,6 +391,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
     /// Drops the queues and returns to the state before activation.
     fn reset(&mut self);
+    /// The queues of an active device, in order (none when not active), for a snapshot.
+    fn active_queues(&self) -> Vec<&Queue>;
 
     /// Features the device offers.
     fn avail_features(&self) -> u64 {
@@ -437,7 +590,7 @@ mod tests {
 
     fn rig() -> Rig {
         Rig {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+            mem: crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
             requeue: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             irq: IrqTrigger::new().unwrap(),
         }

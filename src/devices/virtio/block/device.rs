@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::warn;
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -14,8 +15,8 @@ use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
-    drain_queue, ActivateError, ChainBufs, ConfigSpace, VirtioBase, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, ActivateError, ChainBufs, ConfigSpace, RestoreError, VirtioBase, VirtioDevice,
+    VirtioState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
 use crate::rate_limiter::{RateLimiter, RateLimiterError};
@@ -41,6 +42,35 @@ pub enum BlockError {
     /// The rate limiter could not be set up.
     #[error(transparent)]
     RateLimiter(#[from] RateLimiterError),
+    /// The image's size is not the one the snapshot saw.
+    #[error("disk image {} has {now} sectors, the snapshot's had {saved}", .path.display())]
+    SizeChanged {
+        /// The image.
+        path: PathBuf,
+        /// Sectors in the snapshot.
+        saved: u64,
+        /// Sectors now.
+        now: u64,
+    },
+    /// The saved virtio state cannot be put back.
+    #[error("disk {0}: cannot restore its saved state")]
+    Restore(String, #[source] RestoreError),
+}
+
+/// A block device as a snapshot holds it: the image is opened again by path (its contents are
+/// the host's, not the snapshot's), the rest is put back as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The image.
+    pub path: PathBuf,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Its size in sectors, checked again at restore.
+    pub nsectors: u64,
+    /// The rate limiter's shape (its buckets start full).
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// Features, interrupt, configuration and queues.
+    pub virtio: VirtioState,
 }
 
 /// Opens a disk image, refusing anything but a regular file or a block device.
@@ -88,6 +118,7 @@ struct Active {
 /// A virtio block device backed by a raw image.
 pub struct Block {
     file: File,
+    path: PathBuf,
     /// The image's path, as log lines name it.
     name: String,
     nsectors: u64,
@@ -143,6 +174,7 @@ impl Block {
         }
         Ok(Self {
             file,
+            path: path.to_owned(),
             name: path.display().to_string(),
             nsectors,
             read_only,
@@ -160,6 +192,38 @@ impl Block {
             metrics: Arc::new(BlockMetrics::default()),
             rate_limiter: RateLimiter::unlimited()?,
         })
+    }
+
+    /// The device's state, for a snapshot.
+    pub fn save(&self) -> BlockState {
+        BlockState {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            nsectors: self.nsectors,
+            rate_limiter: self.rate_limiter.config(),
+            virtio: self.base.save(&self.active_queues()),
+        }
+    }
+
+    /// A device as `state` saved it, answering GET_ID with `id`: the image is opened again
+    /// and must have kept its size. Its queues come back when the transport is restored.
+    pub fn from_state(id: &str, state: &BlockState) -> Result<Self, BlockError> {
+        let mut block = Self::new(&state.path, state.read_only, id)?;
+        if block.nsectors != state.nsectors {
+            return Err(BlockError::SizeChanged {
+                path: state.path.clone(),
+                saved: state.nsectors,
+                now: block.nsectors,
+            });
+        }
+        if let Some(limiter) = &state.rate_limiter {
+            block.update_rate_limiter(limiter)?;
+        }
+        block
+            .base
+            .restore(&state.virtio)
+            .map_err(|e| BlockError::Restore(id.to_owned(), e))?;
+        Ok(block)
     }
 
     /// Changes the rate limiter as a `PATCH /drives` body does (the buckets given replace
@@ -253,5 +317,9 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
         self.base.acked_features = 0;
+    }
+
+    fn active_queues(&self) -> Vec<&Queue> {
+        self.active.iter().map(|a| &a.queue).collect()
     }
 }

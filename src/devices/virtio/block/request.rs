@@ -348,7 +348,7 @@ mod tests {
     const STATUS: u64 = 0x3000;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+        crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     /// An 8-sector image whose byte i is i % 251.

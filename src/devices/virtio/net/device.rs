@@ -5,6 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use log::Level;
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -13,8 +14,8 @@ use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, pop_chain, split_chain, ActivateError, BrokenQueue, ChainBufs,
-    ConfigSpace, GuestBuf, Handled, VirtioBase, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ConfigSpace, GuestBuf, Handled, RestoreError, VirtioBase, VirtioDevice, VirtioState, INT_VRING,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, NetMetrics};
@@ -47,6 +48,26 @@ pub enum NetError {
     /// A rate limiter could not be set up.
     #[error(transparent)]
     RateLimiter(#[from] RateLimiterError),
+    /// The saved virtio state cannot be put back.
+    #[error("network interface on TAP {0}: cannot restore its saved state")]
+    Restore(String, #[source] RestoreError),
+}
+
+/// A network device as a snapshot holds it. The TAP is opened again by name (or the name a
+/// restore's network override gives); a frame read from the TAP and not yet delivered when the
+/// snapshot was taken is not kept (the network may drop frames at any time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The TAP's name.
+    pub tap: String,
+    /// The MAC offered to the guest, if any.
+    pub mac: Option<[u8; 6]>,
+    /// The receive rate limiter's shape.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// The transmit rate limiter's shape.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// Features, interrupt, configuration and queues.
+    pub virtio: VirtioState,
 }
 
 /// A snapshot of what the device counted; a guest's mistakes show here rather than in the log.
@@ -76,6 +97,7 @@ struct Active {
 /// A virtio network device on a TAP.
 pub struct Net {
     tap: Tap,
+    mac: Option<[u8; 6]>,
     pub(super) base: VirtioBase,
     active: Option<Active>,
     /// The frame read from the TAP and not yet delivered: `rx_frame[..rx_len]`.
@@ -130,6 +152,7 @@ impl Net {
         }
         Ok(Self {
             tap,
+            mac,
             // The MAC (virtio 1.2, 5.1.4), read-only for a VERSION_1 driver.
             base: VirtioBase::new(
                 avail_features,
@@ -147,6 +170,32 @@ impl Net {
             rx_rate_limiter: RateLimiter::unlimited()?,
             tx_rate_limiter: RateLimiter::unlimited()?,
         })
+    }
+
+    /// The device's state, for a snapshot.
+    pub fn save(&self) -> NetState {
+        NetState {
+            tap: self.tap.name().to_owned(),
+            mac: self.mac,
+            rx_rate_limiter: self.rx_rate_limiter.config(),
+            tx_rate_limiter: self.tx_rate_limiter.config(),
+            virtio: self.base.save(&self.active_queues()),
+        }
+    }
+
+    /// A device as `state` saved it, on the TAP `tap` (the saved one unless overridden). Its
+    /// queues come back when the transport is restored.
+    pub fn from_state(tap: Option<&str>, state: &NetState) -> Result<Self, NetError> {
+        let tap = tap.unwrap_or(&state.tap);
+        let mut net = Self::new(tap, state.mac)?;
+        net.update_rate_limiters(
+            state.rx_rate_limiter.as_ref(),
+            state.tx_rate_limiter.as_ref(),
+        )?;
+        net.base
+            .restore(&state.virtio)
+            .map_err(|e| NetError::Restore(tap.to_owned(), e))?;
+        Ok(net)
     }
 
     /// Changes the rate limiters as a `PATCH /network-interfaces` body does (a limiter not
@@ -499,6 +548,10 @@ impl VirtioDevice for Net {
         self.base.acked_features = 0;
         self.rx_len = 0;
     }
+
+    fn active_queues(&self) -> Vec<&Queue> {
+        self.active.iter().flat_map(|a| [&a.rx, &a.tx]).collect()
+    }
 }
 
 #[cfg(test)]
@@ -523,7 +576,7 @@ mod tests {
     const SIZE: u16 = 16;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+        crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x20_0000)]).unwrap()
     }
 
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {

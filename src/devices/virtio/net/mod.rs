@@ -5,7 +5,7 @@ mod device;
 mod event_handler;
 pub mod tap;
 
-pub use device::{Net, NetCounters, NetError};
+pub use device::{Net, NetCounters, NetError, NetState};
 pub use tap::{Tap, TapError};
 
 /// Virtio device ID of a network device.

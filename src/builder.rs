@@ -1,0 +1,300 @@
+//! Building a [`Vm`]: one short list of named steps for a boot from a [`VmConfig`] and for a
+//! restore from a snapshot, which differ only where a step says so (guest memory from nothing
+//! or from the memory file, devices from the configuration or from their saved state, vCPUs
+//! set up for the kernel's entry or given their saved registers). vCPUs are created here and
+//! started by [`Vm::start`], running or paused.
+
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+
+use kvm_ioctls::VmFd;
+use log::{debug, info};
+
+use crate::arch::x86_64::{boot, cpuid, mptable};
+use crate::config::{ConsoleInput, SeccompConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
+use crate::seccomp::Filters;
+use crate::snapshot::{self, MemBackend, MicrovmState};
+use crate::vmm::{Vm, VmParts, VmmError};
+use crate::vstate::kvm::KvmContext;
+use crate::vstate::memory::{create_guest_memory, memory_from_file, GuestMemoryMmap};
+use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
+use crate::vstate::vm::{create_vm, restore_vm_state};
+
+/// How to restore a VM from a snapshot (Firecracker's `PUT /snapshot/load`, and the library's
+/// [`Vm::restore`]).
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// Where guest memory comes from.
+    pub mem_backend: MemBackend,
+    /// Track dirty pages from the start, for diff snapshots of the restored VM.
+    pub track_dirty_pages: bool,
+    /// Network interfaces to put on another TAP than the saved one: (interface id, TAP).
+    pub network_overrides: Vec<(String, String)>,
+    /// Move the guest's kvmclock on by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// Where the serial console's input comes from.
+    pub console_input: ConsoleInput,
+    /// A file the console's output goes to instead of standard output.
+    pub console_output: Option<PathBuf>,
+    /// The seccomp filters the VM's threads install.
+    pub seccomp: SeccompConfig,
+}
+
+impl RestoreConfig {
+    /// Restores from `snapshot_path` with memory from `mem_file`, every other choice the
+    /// default one.
+    pub fn new(snapshot_path: impl Into<PathBuf>, mem_file: impl Into<PathBuf>) -> Self {
+        Self {
+            snapshot_path: snapshot_path.into(),
+            mem_backend: MemBackend::File(mem_file.into()),
+            track_dirty_pages: false,
+            network_overrides: Vec::new(),
+            clock_realtime: false,
+            kvm_device: crate::config::DEFAULT_KVM_DEVICE.into(),
+            console_input: ConsoleInput::default(),
+            console_output: None,
+            seccomp: SeccompConfig::default(),
+        }
+    }
+}
+
+/// Step: opens KVM and checks the vCPU count against it.
+fn open_kvm(device: &std::path::Path, vcpus: u32) -> Result<(KvmContext, u8), VmmError> {
+    let kvm = KvmContext::new(device)?;
+    let max = kvm.max_vcpus().min(usize::from(mptable::MAX_CPUS));
+    let count = u8::try_from(vcpus)
+        .ok()
+        .filter(|&n| n >= 1 && usize::from(n) <= max)
+        .ok_or(VmmError::VcpuCount {
+            requested: vcpus,
+            max: u32::try_from(max).unwrap_or(u32::MAX),
+        })?;
+    Ok((kvm, count))
+}
+
+/// Step: the legacy devices (from their saved state when restoring), writing the console to
+/// `output` and ending the VM on an i8042 reset.
+fn legacy_devices(
+    vm_fd: &VmFd,
+    exit: &Arc<ExitSignal>,
+    console_input: ConsoleInput,
+    console_output: Option<&PathBuf>,
+    saved: Option<&DevicesState>,
+) -> Result<DeviceManager, VmmError> {
+    let on_reset = {
+        let exit = exit.clone();
+        Box::new(move || exit.request(Ok(GuestExit::I8042Reset)))
+    };
+    let output = match console_output {
+        Some(path) => Some(
+            std::fs::File::create(path).map_err(|e| VmmError::ConsoleOutput(path.clone(), e))?,
+        ),
+        None => None,
+    };
+    let start = crate::process_start();
+    Ok(DeviceManager::new(
+        vm_fd,
+        console_input,
+        output,
+        on_reset,
+        start,
+        saved,
+    )?)
+}
+
+/// Step (boot): the configuration's disks (the root one first, so it is /dev/vda) and network
+/// interfaces; returns the kernel parameters that describe them.
+fn attach_config_devices(
+    devices: &mut DeviceManager,
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<Vec<String>, VmmError> {
+    let mut params = Vec::new();
+    let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
+    disks.sort_by_key(|d| !d.root);
+    if let Some(root) = disks.first().filter(|d| d.root) {
+        params.push(match &root.partuuid {
+            Some(uuid) => format!("root=PARTUUID={uuid}"),
+            None => "root=/dev/vda".to_owned(),
+        });
+        params.push(if root.read_only { "ro" } else { "rw" }.to_owned());
+    }
+    for (i, disk) in disks.iter().enumerate() {
+        let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        let mut block = Block::new(&disk.path, disk.read_only, &id)?;
+        if let Some(limiter) = &disk.rate_limiter {
+            block.update_rate_limiter(limiter)?;
+        }
+        params.push(devices.add_block(vm_fd, mem, &id, block)?);
+    }
+    for (i, net) in config.nets.iter().enumerate() {
+        let mut device = Net::new(&net.tap, net.mac)?;
+        device.update_rate_limiters(net.rx_rate_limiter.as_ref(), net.tx_rate_limiter.as_ref())?;
+        let id = net.id.clone().unwrap_or_else(|| format!("net{i}"));
+        params.push(devices.add_net(vm_fd, mem, &id, device)?);
+    }
+    Ok(params)
+}
+
+/// Step: creates the vCPUs on the device buses, each set up by `setup`.
+fn create_vcpus(
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: &mut DeviceManager,
+    exit: &Arc<ExitSignal>,
+    count: u8,
+    mut setup: impl FnMut(&mut Vcpu) -> Result<(), VcpuError>,
+) -> Result<Vec<Vcpu>, VmmError> {
+    let (pio, mmio) = devices.take_buses();
+    Ok((0..count)
+        .map(|id| {
+            let mut vcpu = Vcpu::new(
+                vm_fd,
+                id,
+                mem.clone(),
+                pio.clone(),
+                mmio.clone(),
+                exit.clone(),
+            )?;
+            setup(&mut vcpu)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?)
+}
+
+/// Builds a VM from `config`: KVM, memory, devices, kernel, boot tables and vCPUs.
+pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
+    let start = crate::process_start();
+    let (kvm, count) = open_kvm(&config.kvm_device, config.vcpus)?;
+    // Check the cheap things before mapping memory and reading the kernel.
+    let filters = Filters::load(&config.seccomp)?;
+    boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
+    let mut cmdline = boot::build_cmdline(&config.cmdline)?;
+    if kvm.is_pvm() {
+        boot::add_pvm_workarounds(&mut cmdline)?;
+    }
+    let track = config.track_dirty_pages;
+    let mem = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
+    let vm_fd = create_vm(&kvm, &mem, track)?;
+    let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
+    let mut devices = legacy_devices(
+        &vm_fd,
+        &exit,
+        config.console_input,
+        config.console_output.as_ref(),
+        None,
+    )?;
+    devices
+        .progress()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .set_boot_timer(config.boot_timer);
+    let params = attach_config_devices(&mut devices, &vm_fd, &mem, config)?;
+
+    boot::append_kernel_params(&mut cmdline, &params)?;
+    let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&mem, &kernel, path)?),
+        None => None,
+    };
+    boot::write_boot_info(&mem, &kernel, &cmdline, initrd)?;
+    mptable::setup_mptable(&mem, count)?;
+
+    let mut base_cpuid = kvm.supported_cpuid().clone();
+    cpuid::fill_brand_string(&mut base_cpuid);
+    if kvm.is_pvm() {
+        let hidden = cpuid::hide_pvm_unsupported(&mut base_cpuid);
+        info!(
+            "PVM host: hiding CPU features it cannot emulate: {}",
+            hidden.join(" ")
+        );
+    }
+    let vcpus = create_vcpus(&vm_fd, &mem, &mut devices, &exit, count, |vcpu| {
+        vcpu.configure(&kvm, &base_cpuid, count, kernel.entry)
+    })?;
+    debug!(
+        "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",
+        start.elapsed(),
+        config.memory_mib,
+        kernel.entry
+    );
+    Vm::assemble(VmParts {
+        vm_fd,
+        mem,
+        devices,
+        exit,
+        vcpus,
+        filters,
+        track_dirty_pages: track,
+    })
+}
+
+/// Builds a VM from a snapshot: the same steps, with memory from the memory file, devices and
+/// vCPUs from their saved state, and the VM's interrupt controllers and clock put back last.
+pub(crate) fn build_from_snapshot(restore: &RestoreConfig) -> Result<(Vm, MicrovmState), VmmError> {
+    let start = crate::process_start();
+    let state = snapshot::read_state(&restore.snapshot_path)?;
+    state.check()?;
+    let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+    let (kvm, count) = open_kvm(&restore.kvm_device, vcpu_count)?;
+    let filters = Filters::load(&restore.seccomp)?;
+    let track = restore.track_dirty_pages;
+    let mem = match &restore.mem_backend {
+        MemBackend::File(path) => {
+            let file = snapshot::open_memory_file(path, &state.memory)?;
+            memory_from_file(&file, &state.memory, track)?
+        }
+    };
+    let vm_fd = create_vm(&kvm, &mem, track)?;
+    let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
+    let mut devices = legacy_devices(
+        &vm_fd,
+        &exit,
+        restore.console_input,
+        restore.console_output.as_ref(),
+        Some(&state.devices),
+    )?;
+    let overrides = &restore.network_overrides;
+    devices.restore_virtio(&vm_fd, &mem, &state.devices, |id| {
+        overrides
+            .iter()
+            .find(|(iface, _)| iface == id)
+            .map(|(_, tap)| tap.clone())
+    })?;
+    let mut saved = state.vcpus.iter();
+    let vcpus = create_vcpus(
+        &vm_fd,
+        &mem,
+        &mut devices,
+        &exit,
+        count,
+        |vcpu| match saved.next() {
+            Some(s) => vcpu.restore_state(&kvm, s),
+            None => Err(VcpuError::Gone(vcpu.id())),
+        },
+    )?;
+    restore_vm_state(&vm_fd, &state.vm, restore.clock_realtime)?;
+    debug!(
+        "VM restored in {:?}: {count} vCPUs, {} MiB",
+        start.elapsed(),
+        state.memory_mib()
+    );
+    let vm = Vm::assemble(VmParts {
+        vm_fd,
+        mem,
+        devices,
+        exit,
+        vcpus,
+        filters,
+        track_dirty_pages: track,
+    })?;
+    Ok((vm, state))
+}

@@ -1,0 +1,202 @@
+//! Snapshots: what a paused microVM is made of (every vCPU, the VM's interrupt controllers and
+//! clock, every device, guest memory) written to two files, and read back to build the same VM
+//! again.
+//!
+//! The state file is `SKIFFSNP`, the format version (u32, little-endian), the payload length
+//! (u64), the payload (the [`MicrovmState`], bincode-encoded) and a CRC-32 of everything before
+//! it. A file of another version, another CPU, or one truncated or corrupted is refused with
+//! one line saying which, before anything is built.
+//!
+//! The memory file holds guest RAM region after region. A full snapshot writes every page that
+//! is not zero (zero pages are left as holes, which read back as zeros); a diff snapshot writes
+//! only the pages written since the previous snapshot, over whatever the file held: given a copy
+//! of the previous snapshot's memory file, it brings that copy up to date.
+
+mod format;
+mod memory;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device_manager::DevicesState;
+use crate::vstate::memory::MemoryRegionState;
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::KvmVmState;
+
+pub use format::{describe_snapshot, read_state, write_state, SNAPSHOT_VERSION};
+pub use memory::{open_memory_file, write_memory};
+
+/// Full or diff, as Firecracker's `snapshot_type` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// Every page of guest memory.
+    #[default]
+    Full,
+    /// The pages written since the last snapshot (needs dirty-page tracking).
+    Diff,
+}
+
+/// Where guest memory comes from at restore, as Firecracker's `mem_backend` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemBackend {
+    /// The snapshot's memory file, mapped privately.
+    File(PathBuf),
+}
+
+/// The CPU a snapshot was taken on: a restore on another vendor or model is refused, since the
+/// guest was told about this one's features and may use them at any instruction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCpu {
+    /// CPUID vendor string ("GenuineIntel", "AuthenticAMD").
+    pub vendor: String,
+    /// Family, as CPUID leaf 1 reports it with its extension.
+    pub family: u32,
+    /// Model, with its extension.
+    pub model: u32,
+}
+
+impl HostCpu {
+    /// This host's CPU.
+    pub fn current() -> Self {
+        // Leaves 0 and 1 exist on every x86-64 CPU.
+        let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+        let vendor: Vec<u8> = [l0.ebx, l0.edx, l0.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        let base_family = (l1.eax >> 8) & 0xf;
+        let family = if base_family == 0xf {
+            base_family + ((l1.eax >> 20) & 0xff)
+        } else {
+            base_family
+        };
+        let mut model = (l1.eax >> 4) & 0xf;
+        if base_family == 0x6 || base_family == 0xf {
+            model |= ((l1.eax >> 16) & 0xf) << 4;
+        }
+        Self {
+            vendor: String::from_utf8_lossy(&vendor).into_owned(),
+            family,
+            model,
+        }
+    }
+}
+
+impl std::fmt::Display for HostCpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} family {:#x} model {:#x}",
+            self.vendor, self.family, self.model
+        )
+    }
+}
+
+/// Everything a snapshot holds besides guest memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// The Skiff version that wrote it (informational).
+    pub skiff_version: String,
+    /// The CPU it was taken on.
+    pub cpu: HostCpu,
+    /// Guest RAM regions and where each is in the memory file.
+    pub memory: Vec<MemoryRegionState>,
+    /// The VM's interrupt controllers, timer and clock.
+    pub vm: KvmVmState,
+    /// Every vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// Every device.
+    pub devices: DevicesState,
+}
+
+/// Errors while writing or reading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The state file cannot be read.
+    #[error("cannot read snapshot file {}", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    /// A file cannot be written.
+    #[error("cannot write {}", .0.display())]
+    Write(PathBuf, #[source] std::io::Error),
+    /// The file is not a snapshot.
+    #[error("{} is not a Skiff snapshot file (it does not start with SKIFFSNP)", .0.display())]
+    NotASnapshot(PathBuf),
+    /// The file is another version's.
+    #[error("{} is a snapshot of format version {found}; this Skiff reads version {SNAPSHOT_VERSION}", .path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// The file ends early.
+    #[error("snapshot file {} is truncated ({len} bytes, its header announces {expected})", .path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The length its header announces.
+        expected: u64,
+    },
+    /// The checksum does not match.
+    #[error("snapshot file {} is corrupted: its checksum does not match", .0.display())]
+    Checksum(PathBuf),
+    /// The payload cannot be decoded.
+    #[error("snapshot file {}: its state cannot be decoded", .0.display())]
+    Decode(PathBuf, #[source] bincode::error::DecodeError),
+    /// The state cannot be encoded.
+    #[error("cannot encode the VM's state")]
+    Encode(#[source] bincode::error::EncodeError),
+    /// Taken on another CPU.
+    #[error("the snapshot was taken on a {saved} CPU; this host has a {host} CPU")]
+    Cpu {
+        /// The snapshot's.
+        saved: HostCpu,
+        /// This host's.
+        host: HostCpu,
+    },
+    /// The saved state is not one Skiff makes.
+    #[error("the snapshot's state is invalid: {0}")]
+    Invalid(&'static str),
+    /// The memory file cannot be opened.
+    #[error("cannot open memory file {}", .0.display())]
+    MemFile(PathBuf, #[source] std::io::Error),
+    /// The memory file is shorter than the guest's memory.
+    #[error("memory file {} has {len} bytes; the snapshot's guest memory needs {needed}", .path.display())]
+    MemFileShort {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// What the regions need.
+        needed: u64,
+    },
+    /// The memory file is not a regular file.
+    #[error("memory file {} is not a regular file", .0.display())]
+    MemFileKind(PathBuf),
+}
+
+impl MicrovmState {
+    /// Checks what must hold before anything is built from this state: the same CPU, vCPUs
+    /// and regions that make sense.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let host = HostCpu::current();
+        if self.cpu != host {
+            return Err(SnapshotError::Cpu {
+                saved: self.cpu.clone(),
+                host,
+            });
+        }
+        if self.vcpus.is_empty() {
+            return Err(SnapshotError::Invalid("it has no vCPU"));
+        }
+        memory::check_regions(&self.memory)
+    }
+
+    /// Guest memory in MiB.
+    pub fn memory_mib(&self) -> u64 {
+        self.memory.iter().map(|r| r.size).sum::<u64>() >> 20
+    }
+}
