@@ -102,8 +102,8 @@ fn a_restored_vm_goes_on_from_where_it_was_saved() {
     let before = std::fs::read_to_string(&console).unwrap();
     let last: u64 = before
         .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick ")?.parse().ok())
         .unwrap();
     vm.snapshot(skiff::snapshot::SnapshotType::Full, &snap, &mem)
         .unwrap();
