@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::model::{
     ActionType, BadRequest, FullVmConfig, Logger, MachineConfig, Metrics, PartialDrive,
-    PartialNetworkInterface, VmStateName,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateName,
 };
 use crate::api::{ApiRequest, ApiResponse};
+use crate::builder::RestoreConfig;
 use crate::config::{RateLimiterConfig, VmConfig};
 use crate::logger::{parse_level, LoggerSettings};
 use crate::metrics::ApiMetrics;
@@ -47,6 +49,8 @@ pub struct Controller {
     metrics: Option<(Metrics, File)>,
     api_metrics: Arc<ApiMetrics>,
     last_flush: Instant,
+    /// A boot resource was configured: a snapshot can no longer be loaded.
+    configured: bool,
 }
 
 fn bad(e: BadRequest) -> ApiResponse {
@@ -64,6 +68,7 @@ impl Controller {
             metrics: None,
             api_metrics: Arc::default(),
             last_flush: Instant::now(),
+            configured: false,
         }
     }
 
@@ -182,11 +187,19 @@ impl Controller {
         if started && request.is_pre_boot_only() {
             return ApiResponse::fault(400, AFTER_START);
         }
+        let configures = matches!(
+            request,
+            ApiRequest::PutBootSource(_)
+                | ApiRequest::PutMachineConfig(_)
+                | ApiRequest::PatchMachineConfig(_)
+                | ApiRequest::PutDrive(_)
+                | ApiRequest::PutNetworkInterface(_)
+        );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
             Err(e) => bad(e),
         };
-        match request {
+        let response = match request {
             ApiRequest::DescribeInstance => ApiResponse::ok(json!({
                 "id": self.id,
                 "state": self.state_name(),
@@ -217,6 +230,8 @@ impl Controller {
             ApiRequest::PutLogger(l) => done(self.set_logger(&l)),
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
+            ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
+            ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {
                 let Some(vm) = self.vm.as_mut() else {
                     return ApiResponse::fault(400, BEFORE_START);
@@ -229,6 +244,93 @@ impl Controller {
                     Ok(()) => ApiResponse::no_content(),
                     Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
                 }
+            }
+        };
+        if configures && response.status == 204 {
+            self.configured = true;
+        }
+        response
+    }
+
+    /// `PUT /snapshot/create`: a snapshot of the paused VM.
+    fn create_snapshot(&mut self, p: &SnapshotCreateParams) -> ApiResponse {
+        let Some(vm) = self.vm.as_mut() else {
+            return ApiResponse::fault(400, BEFORE_START);
+        };
+        let started = Instant::now();
+        match vm.snapshot(
+            p.snapshot_type,
+            Path::new(&p.snapshot_path),
+            Path::new(&p.mem_file_path),
+        ) {
+            Ok(()) => {
+                info!(
+                    "{:?} snapshot written to {} and {} in {:?}",
+                    p.snapshot_type,
+                    p.snapshot_path,
+                    p.mem_file_path,
+                    started.elapsed()
+                );
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+        }
+    }
+
+    /// `PUT /snapshot/load`: builds the VM from a snapshot, paused or (with `resume_vm`)
+    /// running. Only before anything but the logger and metrics was configured.
+    fn load_snapshot(&mut self, p: &SnapshotLoadParams) -> ApiResponse {
+        if self.configured {
+            return ApiResponse::fault(
+                400,
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        if p.vsock_override.is_some() {
+            return ApiResponse::fault(400, "vsock is not supported by Skiff yet");
+        }
+        let mem_file = match p.mem_file() {
+            Ok(path) => path,
+            Err(e) => return bad(e),
+        };
+        let mut restore = RestoreConfig::new(&p.snapshot_path, mem_file);
+        restore.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+        restore.network_overrides = (p.network_overrides.iter())
+            .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+            .collect();
+        restore.clock_realtime = p.clock_realtime;
+        restore.kvm_device = self.config.kvm_device.clone();
+        restore.console_input = self.config.console_input;
+        restore.console_output = self.config.console_output.clone();
+        restore.seccomp = self.config.seccomp.clone();
+        let started = Instant::now();
+        let result = Vm::restore(&restore).and_then(|(vm, state)| {
+            vm.stop_on_signals()?;
+            let vm = self.vm.insert(vm);
+            if p.resume_vm {
+                vm.start()?;
+            } else {
+                vm.start_paused()?;
+            }
+            vm.seccomp_filters().apply(ThreadKind::Main)?;
+            Ok(state)
+        });
+        match result {
+            Ok(state) => {
+                state.describe_in(&mut self.config, &restore.network_overrides);
+                self.config.track_dirty_pages = restore.track_dirty_pages;
+                info!(
+                    "instance {} restored from {} in {:?}",
+                    self.id,
+                    p.snapshot_path,
+                    started.elapsed()
+                );
+                ApiResponse::no_content()
+            }
+            Err(e) => {
+                // Nothing is left of a failed restore; another may be tried.
+                self.vm = None;
+                ApiResponse::fault(400, crate::error_chain(&e))
             }
         }
     }

@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use model::{
     ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, VmStateName, VmStateRequest,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
+    SnapshotLoadParams, VmStateName, VmStateRequest,
 };
 
 /// Largest request body the server reads, as Firecracker's default.
@@ -49,6 +50,10 @@ pub enum ApiRequest {
     PutLogger(Logger),
     /// `PUT /metrics`
     PutMetrics(Metrics),
+    /// `PUT /snapshot/create`
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`
+    LoadSnapshot(Box<SnapshotLoadParams>),
 }
 
 impl ApiRequest {
@@ -63,6 +68,7 @@ impl ApiRequest {
                 | Self::PutNetworkInterface(_)
                 | Self::PutLogger(_)
                 | Self::PutMetrics(_)
+                | Self::LoadSnapshot(_)
         )
     }
 }
@@ -105,8 +111,6 @@ impl ApiResponse {
 /// Endpoints of later work: answered with 400 and a clear message until they exist.
 const NOT_YET: &[(&str, &str)] = &[
     ("/vsock", "vsock"),
-    ("/snapshot/create", "snapshots"),
-    ("/snapshot/load", "snapshots"),
     ("/balloon", "the balloon device"),
     ("/entropy", "the entropy device"),
     ("/mmds", "MMDS"),
@@ -214,6 +218,8 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("GET", "vm", Some("config")) => ApiRequest::GetVmConfig,
         ("PUT", "logger", None) => ApiRequest::PutLogger(body(bytes)?),
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
+        ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
+        ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),
     };
     Ok(request)

@@ -206,6 +206,101 @@ pub enum VmStateName {
     Resumed,
 }
 
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: crate::snapshot::SnapshotType,
+    /// Where the state goes.
+    pub snapshot_path: String,
+    /// Where guest memory goes.
+    pub mem_file_path: String,
+}
+
+/// The memory backends of `PUT /snapshot/load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    /// The memory file, mapped privately.
+    File,
+    /// An external page-fault handler on a Unix socket.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File or Uffd.
+    pub backend_type: MemBackendType,
+    /// The memory file, or the handler's socket.
+    pub backend_path: String,
+}
+
+/// One entry of `network_overrides`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its new TAP.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The new socket path.
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated form of `mem_backend` File).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// Where guest memory comes from.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Track dirty pages from the start.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// The older name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Resume the VM once loaded.
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Interfaces to put on other TAPs.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// A vsock's new socket (refused: Skiff has no vsock yet).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance kvmclock by the wall-clock time since the snapshot.
+    #[serde(default)]
+    pub clock_realtime: bool,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file, from whichever of the two fields gives it (exactly one must).
+    pub fn mem_file(&self) -> Result<&str, BadRequest> {
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(_), Some(_)) => bad("Only one of mem_file_path and mem_backend may be given."),
+            (None, None) => bad("Either mem_file_path or mem_backend must be given."),
+            (Some(path), None) => Ok(path),
+            (None, Some(b)) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
+            (None, Some(_)) => bad("the Uffd memory backend is not supported by Skiff yet"),
+        }
+    }
+}
+
 /// The whole configuration: `GET /vm/config`, and the `--config-file` document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct FullVmConfig {

@@ -195,6 +195,39 @@ impl MicrovmState {
         memory::check_regions(&self.memory)
     }
 
+    /// Describes the restored VM in `config`: vCPUs, memory, disks and network interfaces
+    /// (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
+    pub fn describe_in(
+        &self,
+        config: &mut crate::VmConfig,
+        network_overrides: &[(String, String)],
+    ) {
+        use crate::config::{DiskConfig, NetConfig};
+        config.vcpus = u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX);
+        config.memory_mib = self.memory_mib();
+        config.disks = (self.devices.blocks.iter())
+            .map(|b| DiskConfig {
+                path: b.device.path.clone(),
+                read_only: b.device.read_only,
+                id: Some(b.id.clone()),
+                root: false,
+                partuuid: None,
+                rate_limiter: b.device.rate_limiter,
+            })
+            .collect();
+        config.nets = (self.devices.nets.iter())
+            .map(|n| NetConfig {
+                tap: (network_overrides.iter())
+                    .find(|(id, _)| *id == n.id)
+                    .map_or_else(|| n.device.tap.clone(), |(_, tap)| tap.clone()),
+                mac: n.device.mac,
+                id: Some(n.id.clone()),
+                rx_rate_limiter: n.device.rx_rate_limiter,
+                tx_rate_limiter: n.device.tx_rate_limiter,
+            })
+            .collect();
+    }
+
     /// Guest memory in MiB.
     pub fn memory_mib(&self) -> u64 {
         self.memory.iter().map(|r| r.size).sum::<u64>() >> 20
