@@ -293,7 +293,21 @@ mod tests {
         );
         assert_eq!(
             fault(route("PUT", "/snapshot/create", b"{}")).1,
-            "snapshots are not supported by Skiff yet"
+            "missing field `snapshot_path`"
         );
+        assert!(matches!(
+            route(
+                "PUT",
+                "/snapshot/load",
+                br#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"},"resume_vm":true}"#
+            ),
+            Ok(ApiRequest::LoadSnapshot(p)) if p.resume_vm && p.mem_file().is_ok()
+        ));
+        let (_, why) = fault(route(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path":"s","colour":1}"#,
+        ));
+        assert!(why.contains("unknown field `colour`"), "{why}");
     }
 }
