@@ -80,6 +80,12 @@ struct Cli {
     /// Set by a jailer: CPU time of the jailer's processes that ended before the exec, in µs.
     #[arg(long, hide = true, value_name = "US")]
     parent_cpu_time_us: Option<u64>,
+    /// Print the format version of this snapshot file and exit.
+    #[arg(long, value_name = "FILE")]
+    describe_snapshot: Option<PathBuf>,
+    /// Print the snapshot format version this Skiff writes and exit.
+    #[arg(long)]
+    snapshot_version: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -107,6 +113,8 @@ impl Cli {
             (self.show_log_origin, "--show-log-origin"),
             (self.module.is_some(), "--module"),
             (self.enable_pci, "--enable-pci"),
+            (self.describe_snapshot.is_some(), "--describe-snapshot"),
+            (self.snapshot_version, "--snapshot-version"),
         ]
         .into_iter()
         .find_map(|(given, name)| given.then_some(name))
@@ -151,6 +159,38 @@ enum Command {
     /// Boot a microVM with its serial console on this terminal. Exits when the guest powers
     /// off or reboots: status 0 for a clean guest shutdown, non-zero with a reason otherwise.
     Run(RunArgs),
+    /// Restore a microVM from a snapshot (as PUT /snapshot/load does) and run it with its
+    /// serial console on this terminal; exits as `run` does.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The snapshot's state file.
+    #[arg(long, value_name = "PATH")]
+    snapshot: PathBuf,
+    /// The snapshot's memory file, mapped privately (many restores may share it).
+    #[arg(long, value_name = "PATH")]
+    mem_file: PathBuf,
+    /// Put network interface ID on TAP NAME instead of the saved one: ID=NAME. Repeatable.
+    #[arg(long, value_name = "ID=NAME", value_parser = net_override)]
+    net_override: Vec<(String, String)>,
+    /// Track dirty pages, for diff snapshots of the restored VM.
+    #[arg(long)]
+    track_dirty_pages: bool,
+    /// Move the guest's clock on by the wall-clock time since the snapshot.
+    #[arg(long)]
+    clock_realtime: bool,
+    /// KVM device node.
+    #[arg(long, default_value = DEFAULT_KVM_DEVICE, value_name = "PATH")]
+    kvm_device: PathBuf,
+}
+
+fn net_override(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((id, tap)) if !id.is_empty() && !tap.is_empty() => Ok((id.to_owned(), tap.to_owned())),
+        _ => Err(format!("'{text}' is not ID=TAP")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -345,6 +385,21 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
     vm.wait()
 }
 
+fn restore(args: RestoreArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmError> {
+    let mut config = skiff::builder::RestoreConfig::new(args.snapshot, args.mem_file);
+    config.network_overrides = args.net_override;
+    config.track_dirty_pages = args.track_dirty_pages;
+    config.clock_realtime = args.clock_realtime;
+    config.kvm_device = args.kvm_device;
+    config.seccomp = seccomp;
+    let (mut vm, _) = Vm::restore(&config)?;
+    vm.stop_on_signals()?;
+    let _raw = RawTerminal::enter();
+    vm.start()?;
+    vm.seccomp_filters().apply(ThreadKind::Main)?;
+    vm.wait()
+}
+
 /// Prints an error and its causes on one line.
 fn report(err: &dyn std::error::Error) {
     eprintln!("skiff: error: {}", skiff::error_chain(err));
@@ -377,10 +432,29 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if cli.snapshot_version {
+        println!("v{}", skiff::snapshot::SNAPSHOT_VERSION);
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.describe_snapshot {
+        return match skiff::snapshot::describe_snapshot(path) {
+            Ok(version) => {
+                println!("v{version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let seccomp = cli.seccomp();
     let outcome = match cli.command {
         Some(Command::Run(args)) => {
             run(args, seccomp).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+        }
+        Some(Command::Restore(args)) => {
+            restore(args, seccomp).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
         }
         None => firecracker_style(&cli).map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
     };
