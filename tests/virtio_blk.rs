@@ -390,3 +390,90 @@ fn patching_the_ops_limit_changes_the_rate_while_the_guest_runs() {
     let (ops, _, us) = total(&phases[5..]);
     assert_near_limit("phases 5-9, after", ops, us, 0..=16, 128.0, &console);
 }
+
+/// The guest side of the snapshot tests (tests/snapshot.rs) on a plain boot: the `snapshot`
+/// check writes its marker to sector `snap_sector`, then ticks, reading it back every tick,
+/// and passes. The marker must be in the image afterwards, exactly as the host builds it.
+#[test]
+fn the_snapshot_check_ticks_and_keeps_its_disk_marker() {
+    let img = image("blk-snapshot.img");
+    let args = run_args(
+        test_guest(),
+        None,
+        "checks=snapshot ticks_max=20 snap_seed=7 snap_sector=24",
+        1,
+        64,
+    );
+    let mut args = as_strs(&args);
+    let disk = format!("path={}", img.display());
+    args.extend(["--disk", &disk]);
+    let out = run_skiff(&args, LIMIT, None);
+    let lines = out.lines();
+    assert!(
+        lines.contains(&"snapshot: disk marker written at sector 24"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let ticks: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("snap-tick ")?.parse().ok())
+        .collect();
+    assert_eq!(ticks, (0..20).collect::<Vec<_>>(), "{}", out.stdout);
+    for want in [
+        "snapshot: 20 ticks done",
+        "snapshot: 20 marker reads, 0 datagrams sent",
+        "PASS snapshot",
+        "DONE passed=1 failed=0",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "no {want:?}\n{}",
+            out.stdout
+        );
+    }
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(
+        bytes[24 * 512..25 * 512],
+        common::snapshot_marker(7)[..],
+        "the marker is not at sector 24 of the image"
+    );
+}
+
+/// The snapshot check's read-back is not vacuous: the host overwrites the marker while the
+/// guest ticks, and the guest reports it once and fails the check once.
+#[test]
+fn the_snapshot_check_sees_its_marker_change() {
+    let img = image("blk-snapshot-changed.img");
+    let args = run_args(test_guest(), None, "checks=snapshot ticks_max=60", 1, 64);
+    let disk = format!("path={}", img.display());
+    let vm = std::thread::spawn(move || {
+        let mut args = as_strs(&args);
+        args.extend(["--disk", &disk]);
+        run_skiff(&args, LIMIT, None)
+    });
+    let marker = common::snapshot_marker(1);
+    let start = std::time::Instant::now();
+    while std::fs::read(&img).unwrap()[8 * 512..9 * 512] != marker[..] {
+        assert!(start.elapsed() < LIMIT, "the guest never wrote its marker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // In place: rewriting the whole file would truncate it under the guest's reads.
+    let changed = [marker[100] ^ 0xff];
+    let file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_at(&file, &changed, 8 * 512 + 100).unwrap();
+    let out = vm.join().unwrap();
+    let lines = out.lines();
+    let reported = lines
+        .iter()
+        .filter(|l| l.starts_with("FAIL snapshot: disk marker differs at tick "))
+        .count();
+    assert_eq!(reported, 1, "{}", out.stdout);
+    assert!(
+        lines.contains(&"FAIL snapshot: disk marker differs")
+            && lines.contains(&"DONE passed=0 failed=1"),
+        "{}",
+        out.stdout
+    );
+}

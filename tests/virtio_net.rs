@@ -210,3 +210,51 @@ fn transmit_rate_limit_holds_the_guest_to_its_rate() {
         out.stdout
     );
 }
+
+/// The guest side of the snapshot tests with a network device, on a plain boot: the
+/// `snapshot` check sends the datagram "snap-tick N" at every tick, in order, and passes.
+#[test]
+fn the_snapshot_check_sends_a_datagram_every_tick() {
+    let ns = NetNs::with_tap("netsnap", "tap0", "172.30.0.1/24");
+    let sock = ns.udp_socket(HOST.parse().unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let args = run_args(test_guest(), None, "checks=snapshot ticks_max=20", 1, 64);
+    let mut args = as_strs(&args);
+    args.extend(["--net", "tap=tap0,mac=06:00:ac:1e:00:02"]);
+    let cmd = ns.command(skiff_bin(), &args);
+    let vm = std::thread::spawn(move || run_command(cmd, LIMIT, None, None));
+    let mut buf = [0u8; 2048];
+    let mut ticks = Vec::new();
+    while ticks.len() < 20 {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            break;
+        };
+        assert_eq!(from, GUEST.parse().unwrap());
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        let tick: u32 = text
+            .strip_prefix("snap-tick ")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected datagram {text:?}"));
+        ticks.push(tick);
+    }
+    let out = vm.join().unwrap();
+    assert_eq!(
+        ticks,
+        (0..20).collect::<Vec<_>>(),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let lines = out.lines();
+    assert!(
+        lines.contains(&"snapshot: ticking (disk no, network yes)")
+            && lines
+                .iter()
+                .any(|l| l.starts_with("snapshot: 0 marker reads, 20 datagrams sent"))
+            && lines.contains(&"PASS snapshot"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}

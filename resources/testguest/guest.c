@@ -3,7 +3,7 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net mem=<MiB> cpus=<N>, and the
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,snapshot mem=<MiB> cpus=<N>, and the
  * parameters each check describes
  */
 #include <stdint.h>
@@ -1333,6 +1333,173 @@ static void check_ticks(void)
 	report("ticks", 1, 0);
 }
 
+/* ---- snapshots: a guest whose state must survive being saved and restored ---- */
+#define SNAP_TEXT "SKIFF-SNAPSHOT-MARKER"
+#define SNAP_CLONE_ID "SKIFF-CLONE-ID "
+#define SNAP_TICK_US 50000
+static volatile uint64_t snap_ticks;	/* the tick counter, in guest memory: a restore carries it on */
+static uint8_t snap_marker[512] __attribute__((aligned(512)));
+static uint8_t snap_sector_buf[512] __attribute__((aligned(512)));
+
+/* The disk marker: SNAP_TEXT, the seed in decimal and a newline, then the byte
+ * (uint8_t)(i * 7 + seed) at every offset i after that (the host test builds the same). */
+static void snap_build_marker(uint64_t seed)
+{
+	size_t n = fmt_seq((char *)snap_marker, SNAP_TEXT, seed);
+	snap_marker[n++] = '\n';
+	for (size_t i = n; i < sizeof(snap_marker); i++)
+		snap_marker[i] = (uint8_t)(i * 7 + seed);
+}
+
+/* For clones restored from one snapshot, each on its own copy of the disk: reads the identity
+ * the host wrote into this copy ("SKIFF-CLONE-ID <k>" at snap_sector + 1) and writes
+ * "SKIFF-CLONE-SEEN <k> tick <n>" at snap_sector + 2, flushed. Only a clone whose disk is its own
+ * copy can report its own k, and only its own copy then holds that record. Returns the problem,
+ * or 0; *id is the identity read, 0 when the sector holds none. */
+static const char *snap_clone_tick(uint64_t sector, uint64_t tick, uint64_t *id)
+{
+	*id = 0;
+	if (blk_request(0, sector + 1, snap_sector_buf, 512, 1) != 0)
+		return "reading the clone identity failed";
+	if (!starts_with((const char *)snap_sector_buf, SNAP_CLONE_ID))
+		return 0;
+	*id = param_uint_at((const char *)snap_sector_buf + 15);
+	memset(snap_sector_buf, 0, sizeof(snap_sector_buf));
+	size_t n = fmt_seq((char *)snap_sector_buf, "SKIFF-CLONE-SEEN ", *id);
+	n += fmt_seq((char *)snap_sector_buf + n, " tick ", tick);
+	snap_sector_buf[n] = '\n';
+	if (blk_request(1, sector + 2, snap_sector_buf, 512, 0) != 0 || blk_request(4, 0, 0, 0, 0) != 0)
+		return "writing the clone record failed";
+	return 0;
+}
+
+/* Work whose every piece of state must come through a snapshot: "snap-tick N" every 50 ms from a
+ * counter in guest memory, ticks_max (default 1200, one minute) times or until the i8042 has a
+ * key (the host's SendCtrlAltDel). With a virtio-blk device it first writes the marker (see
+ * snap_build_marker; param snap_seed, default 1) to sector snap_sector (default 8) and flushes,
+ * then reads it back at every tick; with a virtio-net device (set up as check_net does: this
+ * guest 172.30.0.2 port 5556 to the host 172.30.0.1 port 5555, or net_ip=/net_peer=) it sends
+ * the datagram "snap-tick N" at every tick. At every tick the clock must not have gone back nor
+ * jumped more than snap_max_gap_ms (default 10000) since the last one: a restored VM continues
+ * its clock (kvmclock, or the TSC), it does not restart or leap. With snap_clone=1, every tick
+ * also does snap_clone_tick. Between ticks the vCPU waits in HLT for a periodic LAPIC timer
+ * (about 1 ms; KVM's APIC bus runs at 1 GHz), so many restored clones can share a few host
+ * CPUs; the timer only wakes the loop, the clock paces it. Each problem is printed once as
+ * it happens ("FAIL snapshot: ... at tick N"); the check then fails once, with the first. */
+static void check_snapshot(void)
+{
+	uint64_t max = param_uint("ticks_max", 1200), seed = param_uint("snap_seed", 1);
+	uint64_t sector = param_uint("snap_sector", 8), max_gap = param_uint("snap_max_gap_ms", 10000) * 1000;
+	int clone = (int)param_uint("snap_clone", 0), have_blk = 0, have_net = 0;
+	const char *why, *problem = 0;
+	uint64_t irqs_before = device_irqs, reads = 0, sent = 0, clone_id = 0;
+
+	if (find_virtio(2, &blk)) {
+		/* Fresh rings, in case an earlier check used the device. */
+		memset(&blk.q[0], 0, sizeof(blk.q[0]));
+		if ((why = virtio_init(&blk, (1u << 9) | (1u << 5), 1))) { report("snapshot", 0, why); return; }
+		snap_build_marker(seed);
+		if (blk_request(1, sector, snap_marker, sizeof(snap_marker), 0) != 0 || blk_request(4, 0, 0, 0, 0) != 0) {
+			report("snapshot", 0, "writing the disk marker failed");
+			return;
+		}
+		printf("snapshot: disk marker written at sector %lu\n", sector);
+		ioapic_route(blk.irq, DEVICE_VECTOR);
+		have_blk = 1;
+	}
+	if (find_virtio(1, &net)) {
+		memset(net.q, 0, sizeof(net.q));
+		net_tx_inflight = 0;
+		net_tx_head = 0;
+		__asm__ volatile("sti");
+		why = net_start();
+		__asm__ volatile("cli");
+		if (why) { report("snapshot", 0, why); return; }
+		have_net = 1;
+	}
+
+	lapic_write(0xf0, 0x1ff);
+	lapic_write(0x3e0, 0xb);			/* divide by 1 */
+	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
+	lapic_write(0x380, 1000000);
+	printf("snapshot: ticking (disk %s, network %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no");
+	uint64_t now = now_us(), next = now, last = now, last_tick = now;
+	int key = -1, clock_back = 0, clock_jump = 0, marker_bad = 0, io_bad = 0, tx_bad = 0;
+	char payload[32];
+	__asm__ volatile("sti");
+	while (snap_ticks < max) {
+		if (inb(0x64) & 1) {
+			key = inb(0x60);
+			break;
+		}
+		now = now_us();
+		if (now < last && !clock_back++) {
+			printf("FAIL snapshot: the clock went back %lu us at tick %lu\n", last - now, snap_ticks);
+			problem = problem ? problem : "the clock went back";
+		}
+		if (now < last)
+			next = now;	/* carry on rather than wait for the old time to come again */
+		last = now;
+		if (now < next) {
+			__asm__ volatile("hlt");
+			continue;
+		}
+		uint64_t tick = snap_ticks;
+		if (tick && now - last_tick > max_gap && !clock_jump++) {
+			printf("FAIL snapshot: the clock jumped %lu ms at tick %lu\n", (now - last_tick) / 1000, tick);
+			problem = problem ? problem : "the clock jumped between two ticks";
+		}
+		last_tick = now;
+		printf("snap-tick %lu\n", tick);
+		if (have_blk) {
+			memset(snap_sector_buf, 0, sizeof(snap_sector_buf));
+			if (blk_request(0, sector, snap_sector_buf, 512, 1) != 0) {
+				if (!io_bad++)
+					printf("FAIL snapshot: reading the disk marker failed at tick %lu\n", tick);
+				problem = problem ? problem : "reading the disk marker failed";
+			} else {
+				reads++;
+				for (size_t i = 0; i < sizeof(snap_marker); i++)
+					if (snap_sector_buf[i] != snap_marker[i]) {
+						if (!marker_bad++)
+							printf("FAIL snapshot: disk marker differs at tick %lu\n", tick);
+						problem = problem ? problem : "disk marker differs";
+						break;
+					}
+			}
+			uint64_t id;
+			if (clone && (why = snap_clone_tick(sector, tick, &id))) {
+				if (!io_bad++)
+					printf("FAIL snapshot: %s at tick %lu\n", why, tick);
+				problem = problem ? problem : why;
+			} else if (clone && id != clone_id) {
+				printf("snap-clone: id %lu at tick %lu\n", id, tick);
+				clone_id = id;
+			}
+		}
+		if (have_net) {
+			net_poll();	/* give receive buffers back, answer the host's ARP */
+			if (send_udp(payload, fmt_seq(payload, "snap-tick ", tick), 0)) {
+				sent++;
+			} else {
+				if (!tx_bad++)
+					printf("FAIL snapshot: the TX queue stalled at tick %lu\n", tick);
+				problem = problem ? problem : "the TX queue stalled";
+			}
+		}
+		snap_ticks = tick + 1;
+		next = now + SNAP_TICK_US;
+	}
+	__asm__ volatile("cli");
+	lapic_write(0x320, 1u << 16);	/* timer masked */
+	if (key >= 0)
+		printf("snapshot: key %2x from the host after %lu ticks\n", (unsigned)key, snap_ticks);
+	else
+		printf("snapshot: %lu ticks done\n", snap_ticks);
+	printf("snapshot: %lu marker reads, %lu datagrams sent, %lu device interrupts\n", reads, sent, device_irqs - irqs_before);
+	report("snapshot", !problem, problem);
+}
+
 /* The cost of an exit: `exits` (default 20000) writes to port 0x2f0, which no device uses in
  * Skiff, QEMU's microvm or Firecracker, timed with the TSC. */
 static void check_exits(void)
@@ -1407,7 +1574,7 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
@@ -1415,6 +1582,7 @@ static void run_checks(const char *protocol)
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
 		if (wants("ticks")) check_ticks();
+		if (wants("snapshot")) check_snapshot();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();
 	}
 	if (wants("serial")) check_serial();

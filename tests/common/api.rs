@@ -90,17 +90,41 @@ pub struct Running {
 impl Running {
     /// Starts `skiff --api-sock <fresh path> extra...` and waits for the socket.
     pub fn start(name: &str, extra: &[&str]) -> Self {
-        let sock = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&sock);
+        Self::start_in(name, None, extra)
+    }
+
+    /// Like [`Running::start`], in the working directory `cwd` when given (relative paths
+    /// in API requests are then taken from there).
+    pub fn start_in(name: &str, cwd: Option<&Path>, extra: &[&str]) -> Self {
+        let sock = Self::fresh_sock(name);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
         cmd.arg("--api-sock").arg(&sock).args(extra);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         let me = Self::spawn(cmd, sock);
+        me.wait_for_socket();
+        me
+    }
+
+    /// The API socket path for `name`, with any leftover of an earlier run removed.
+    pub fn fresh_sock(name: &str) -> PathBuf {
+        let sock = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        sock
+    }
+
+    /// Waits up to 10 s for the API socket to appear.
+    pub fn wait_for_socket(&self) {
         let start = Instant::now();
-        while !me.sock.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "no API socket");
+        while !self.sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no API socket\nstderr:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
-        me
     }
 
     /// Runs `cmd` with its output captured; `sock` is where its API is, if anywhere.
@@ -151,17 +175,25 @@ impl Running {
 
     /// Waits for a console line containing `text`; returns it.
     pub fn wait_for(&self, text: &str, limit: Duration) -> String {
+        self.try_wait_for(text, limit).unwrap_or_else(|| {
+            panic!(
+                "no console line with {text:?} within {limit:?}\nconsole:\n{}\nstderr:\n{}",
+                self.console(),
+                self.stderr()
+            )
+        })
+    }
+
+    /// Waits for a console line containing `text`; returns it, or None when none came
+    /// within `limit` (or the process ended first).
+    pub fn try_wait_for(&self, text: &str, limit: Duration) -> Option<String> {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
+                Ok(line) if line.contains(text) => return Some(line),
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
-                    "no console line with {text:?} within {limit:?}\nconsole:\n{}\nstderr:\n{}",
-                    self.console(),
-                    self.stderr()
-                ),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
             }
         }
     }

@@ -202,6 +202,18 @@ pub fn run_command(
     }
 }
 
+/// The 512 bytes the test guest's `snapshot` check writes to its disk for `seed` (its
+/// `snap_build_marker`): the text, the seed in decimal and a newline, then the byte
+/// `i * 7 + seed` (mod 256) at every later offset `i`.
+pub fn snapshot_marker(seed: u64) -> Vec<u8> {
+    let mut marker = format!("SKIFF-SNAPSHOT-MARKER{seed}\n").into_bytes();
+    let text = marker.len();
+    marker.extend(
+        (text..512).map(|i| (i as u64).wrapping_mul(7).wrapping_add(seed).to_le_bytes()[0]),
+    );
+    marker
+}
+
 /// Prints a figure into the test log, past libtest's output capture.
 pub fn log_figure(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "[figure] {line}");
