@@ -15,7 +15,7 @@
 # Cargo target folder stay beside it, so a rebuild of the same REF is quick.
 # Time on 2 cores: about 5 minutes (a glibc release build with LTO; no jailer).
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n '8p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: $0 FIRECRACKER_GIT_DIR MICRO_HTTP_GIT_DIR [REF]" >&2; exit 2; }
 fc_git=$(realpath "$1") http_git=$(realpath "$2") ref=${3:-v1.16.1}
 cd "$(dirname "$0")/.."
 say() { echo "[build-firecracker] $*" >&2; }
