@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use log::{debug, info};
 
 use crate::arch::x86_64::{boot, cpuid, mptable};
@@ -19,9 +19,12 @@ use crate::seccomp::Filters;
 use crate::snapshot::{self, MemBackend, MicrovmState};
 use crate::vmm::{Vm, VmParts, VmmError};
 use crate::vstate::kvm::KvmContext;
-use crate::vstate::memory::{create_guest_memory, memory_from_file, GuestMemoryMmap};
+use crate::vstate::memory::{
+    create_guest_memory, map_file_over, memory_from_file, memory_layout, register_guest_memory,
+    GuestMemoryMmap,
+};
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
-use crate::vstate::vm::{create_vm, restore_vm_state};
+use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
 
 /// How to restore a VM from a snapshot (Firecracker's `PUT /snapshot/load`, and the library's
 /// [`Vm::restore`]).
@@ -62,6 +65,63 @@ impl RestoreConfig {
             console_output: None,
             seccomp: SeccompConfig::default(),
         }
+    }
+}
+
+/// A VM made ahead of a restore, for pools of processes waiting to become a clone: the KVM VM
+/// with its interrupt controllers and timer, guest memory mapped and registered with KVM (the
+/// slowest step of a restore: each new memory slot waits for a KVM synchronisation), and the
+/// vCPUs, all shaped as the snapshot it was prepared for. A restore of a snapshot of that shape
+/// then maps the memory file over the prepared memory and puts the state back; one of another
+/// shape is built from nothing as usual.
+#[derive(Debug)]
+pub struct WarmVm {
+    kvm: KvmContext,
+    kvm_device: PathBuf,
+    vm_fd: VmFd,
+    mem: GuestMemoryMmap,
+    vcpu_fds: Vec<VcpuFd>,
+}
+
+impl WarmVm {
+    /// Prepares a VM shaped as the snapshot at `snapshot_path` (its vCPU count and memory
+    /// layout; the file is checked as a restore checks it), on the KVM device `kvm_device`.
+    pub fn prepare(
+        snapshot_path: &std::path::Path,
+        kvm_device: &std::path::Path,
+    ) -> Result<Self, VmmError> {
+        let state = snapshot::read_state(snapshot_path)?;
+        state.check()?;
+        let vcpus = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+        let (kvm, count) = open_kvm(kvm_device, vcpus)?;
+        let vm_fd = create_vm_fd(&kvm)?;
+        // With a bitmap whether or not the restore asks for dirty pages: a bitmap cannot be
+        // added later, and costs one atomic operation per device write.
+        let mem = create_guest_memory(state.memory_mib(), kvm.phys_bits(), true)?;
+        register_guest_memory(&vm_fd, &mem, false).map_err(VmError::Memory)?;
+        let vcpu_fds = (0..count)
+            .map(|id| {
+                vm_fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(|e| VcpuError::Create(id, e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            kvm,
+            kvm_device: kvm_device.to_owned(),
+            vm_fd,
+            mem,
+            vcpu_fds,
+        })
+    }
+
+    /// Whether a restore of `state` on `kvm_device` can use this VM.
+    fn fits(&self, state: &MicrovmState, kvm_device: &std::path::Path) -> bool {
+        let layout = memory_layout(&self.mem);
+        self.kvm_device == kvm_device
+            && self.vcpu_fds.len() == state.vcpus.len()
+            && layout.len() == state.memory.len()
+            && (layout.iter().zip(&state.memory)).all(|(a, b)| a.base == b.base && a.size == b.size)
     }
 }
 
@@ -144,26 +204,26 @@ fn attach_config_devices(
     Ok(params)
 }
 
-/// Step: creates the vCPUs on the device buses, each set up by `setup`.
+/// Step: creates the vCPUs on the device buses (on KVM vCPUs made beforehand, when given),
+/// each set up by `setup`.
 fn create_vcpus(
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
     devices: &mut DeviceManager,
     exit: &Arc<ExitSignal>,
     count: u8,
+    made: Vec<VcpuFd>,
     mut setup: impl FnMut(&mut Vcpu) -> Result<(), VcpuError>,
 ) -> Result<Vec<Vcpu>, VmmError> {
     let (pio, mmio) = devices.take_buses();
+    let mut made = made.into_iter();
     Ok((0..count)
         .map(|id| {
-            let mut vcpu = Vcpu::new(
-                vm_fd,
-                id,
-                mem.clone(),
-                pio.clone(),
-                mmio.clone(),
-                exit.clone(),
-            )?;
+            let (mem, pio, mmio, exit) = (mem.clone(), pio.clone(), mmio.clone(), exit.clone());
+            let mut vcpu = match made.next() {
+                Some(fd) => Vcpu::with_fd(fd, id, mem, pio, mmio, exit),
+                None => Vcpu::new(vm_fd, id, mem, pio, mmio, exit)?,
+            };
             setup(&mut vcpu)?;
             Ok(vcpu)
         })
@@ -217,9 +277,15 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
             hidden.join(" ")
         );
     }
-    let vcpus = create_vcpus(&vm_fd, &mem, &mut devices, &exit, count, |vcpu| {
-        vcpu.configure(&kvm, &base_cpuid, count, kernel.entry)
-    })?;
+    let vcpus = create_vcpus(
+        &vm_fd,
+        &mem,
+        &mut devices,
+        &exit,
+        count,
+        Vec::new(),
+        |vcpu| vcpu.configure(&kvm, &base_cpuid, count, kernel.entry),
+    )?;
     debug!(
         "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",
         start.elapsed(),
@@ -237,23 +303,50 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     })
 }
 
-/// Builds a VM from a snapshot: the same steps, with memory from the memory file, devices and
-/// vCPUs from their saved state, and the VM's interrupt controllers and clock put back last.
-pub(crate) fn build_from_snapshot(restore: &RestoreConfig) -> Result<(Vm, MicrovmState), VmmError> {
+/// Step (restore): the KVM VM with guest memory from the snapshot's memory file: the prepared
+/// one when it fits, else a new one.
+fn restore_memory(
+    restore: &RestoreConfig,
+    state: &MicrovmState,
+    warm: Option<WarmVm>,
+) -> Result<(KvmContext, VmFd, GuestMemoryMmap, Vec<VcpuFd>), VmmError> {
+    let track = restore.track_dirty_pages;
+    let MemBackend::File(path) = &restore.mem_backend;
+    let file = snapshot::open_memory_file(path, &state.memory)?;
+    if let Some(w) = warm.filter(|w| w.fits(state, &restore.kvm_device)) {
+        map_file_over(&w.mem, &file, &state.memory)?;
+        if track {
+            register_guest_memory(&w.vm_fd, &w.mem, true).map_err(VmError::Memory)?;
+        }
+        return Ok((w.kvm, w.vm_fd, w.mem, w.vcpu_fds));
+    }
+    let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+    let (kvm, _) = open_kvm(&restore.kvm_device, vcpu_count)?;
+    let mem = memory_from_file(&file, &state.memory, track)?;
+    let vm_fd = create_vm(&kvm, &mem, track)?;
+    Ok((kvm, vm_fd, mem, Vec::new()))
+}
+
+/// Builds a VM from a snapshot: the same steps, with memory from the memory file (over the
+/// prepared VM's when `warm` fits the snapshot), devices and vCPUs from their saved state, and
+/// the VM's interrupt controllers and clock put back last.
+pub(crate) fn build_from_snapshot(
+    restore: &RestoreConfig,
+    warm: Option<WarmVm>,
+) -> Result<(Vm, MicrovmState), VmmError> {
     let start = crate::process_start();
     let state = snapshot::read_state(&restore.snapshot_path)?;
     state.check()?;
-    let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
-    let (kvm, count) = open_kvm(&restore.kvm_device, vcpu_count)?;
+    let count = u8::try_from(state.vcpus.len())
+        .ok()
+        .filter(|&n| usize::from(n) <= usize::from(mptable::MAX_CPUS))
+        .ok_or(VmmError::VcpuCount {
+            requested: u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX),
+            max: u32::from(mptable::MAX_CPUS),
+        })?;
     let filters = Filters::load(&restore.seccomp)?;
     let track = restore.track_dirty_pages;
-    let mem = match &restore.mem_backend {
-        MemBackend::File(path) => {
-            let file = snapshot::open_memory_file(path, &state.memory)?;
-            memory_from_file(&file, &state.memory, track)?
-        }
-    };
-    let vm_fd = create_vm(&kvm, &mem, track)?;
+    let (kvm, vm_fd, mem, made_vcpus) = restore_memory(restore, &state, warm)?;
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
     let mut devices = legacy_devices(
         &vm_fd,
@@ -276,6 +369,7 @@ pub(crate) fn build_from_snapshot(restore: &RestoreConfig) -> Result<(Vm, Microv
         &mut devices,
         &exit,
         count,
+        made_vcpus,
         |vcpu| match saved.next() {
             Some(s) => vcpu.restore_state(&kvm, s),
             None => Err(VcpuError::Gone(vcpu.id())),

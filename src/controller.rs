@@ -20,7 +20,7 @@ use crate::api::model::{
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateName,
 };
 use crate::api::{ApiRequest, ApiResponse};
-use crate::builder::RestoreConfig;
+use crate::builder::{RestoreConfig, WarmVm};
 use crate::config::{RateLimiterConfig, VmConfig};
 use crate::logger::{parse_level, LoggerSettings};
 use crate::metrics::ApiMetrics;
@@ -51,6 +51,8 @@ pub struct Controller {
     last_flush: Instant,
     /// A boot resource was configured: a snapshot can no longer be loaded.
     configured: bool,
+    /// A VM made ahead for the snapshot a pool expects to load.
+    warm: Option<WarmVm>,
 }
 
 fn bad(e: BadRequest) -> ApiResponse {
@@ -69,7 +71,15 @@ impl Controller {
             api_metrics: Arc::default(),
             last_flush: Instant::now(),
             configured: false,
+            warm: None,
         }
+    }
+
+    /// Makes the KVM VM, guest memory and vCPUs for the snapshot at `path` now, so that a
+    /// later `PUT /snapshot/load` of it only maps memory and puts the state back.
+    pub fn prepare_restore(&mut self, path: &Path) -> Result<(), VmmError> {
+        self.warm = Some(WarmVm::prepare(path, &self.config.kvm_device)?);
+        Ok(())
     }
 
     /// The API server's counters, shared with the server.
@@ -304,7 +314,11 @@ impl Controller {
         restore.console_output = self.config.console_output.clone();
         restore.seccomp = self.config.seccomp.clone();
         let started = Instant::now();
-        let result = Vm::restore(&restore).and_then(|(vm, state)| {
+        let restored = match self.warm.take() {
+            Some(warm) => Vm::restore_warm(&restore, warm),
+            None => Vm::restore(&restore),
+        };
+        let result = restored.and_then(|(vm, state)| {
             vm.stop_on_signals()?;
             let vm = self.vm.insert(vm);
             if p.resume_vm {

@@ -80,6 +80,11 @@ struct Cli {
     /// Set by a jailer: CPU time of the jailer's processes that ended before the exec, in µs.
     #[arg(long, hide = true, value_name = "US")]
     parent_cpu_time_us: Option<u64>,
+    /// Make the KVM VM, guest memory and vCPUs for this snapshot at start, so that a later
+    /// PUT /snapshot/load of it (or of another of the same shape) is all that remains: for
+    /// pools of processes waiting to become clones.
+    #[arg(long, value_name = "SNAPSHOT")]
+    warm_restore: Option<PathBuf>,
     /// Print the format version of this snapshot file and exit.
     #[arg(long, value_name = "FILE")]
     describe_snapshot: Option<PathBuf>,
@@ -113,6 +118,7 @@ impl Cli {
             (self.show_log_origin, "--show-log-origin"),
             (self.module.is_some(), "--module"),
             (self.enable_pci, "--enable-pci"),
+            (self.warm_restore.is_some(), "--warm-restore"),
             (self.describe_snapshot.is_some(), "--describe-snapshot"),
             (self.snapshot_version, "--snapshot-version"),
         ]
@@ -316,6 +322,9 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         controller
             .configure_from(&doc)
             .map_err(|e| StartError::Config(path.clone(), e))?;
+    }
+    if let Some(path) = &cli.warm_restore {
+        controller.prepare_restore(path)?;
     }
     let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(StartError::EventFd)?;

@@ -34,7 +34,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, mptable};
-use crate::builder::RestoreConfig;
+use crate::builder::{RestoreConfig, WarmVm};
 use crate::config::{RateLimiterConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
@@ -252,7 +252,17 @@ impl Vm {
     /// taken; nothing runs until [`Vm::start`] (or [`Vm::start_paused`]). Returns the saved
     /// state too, which says what the VM is made of.
     pub fn restore(config: &RestoreConfig) -> Result<(Self, MicrovmState), VmmError> {
-        crate::builder::build_from_snapshot(config)
+        crate::builder::build_from_snapshot(config, None)
+    }
+
+    /// [`Vm::restore`] on a VM prepared beforehand ([`WarmVm::prepare`]), which leaves the
+    /// restore little more than mapping the memory file and putting the state back; a `warm`
+    /// VM of another shape than the snapshot is dropped and a new one built.
+    pub fn restore_warm(
+        config: &RestoreConfig,
+        warm: WarmVm,
+    ) -> Result<(Self, MicrovmState), VmmError> {
+        crate::builder::build_from_snapshot(config, Some(warm))
     }
 
     /// Puts the built pieces together.

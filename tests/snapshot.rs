@@ -446,6 +446,53 @@ fn full_snapshot_loaded_in_a_new_process_continues_the_guest() {
 
 /// The same with resume_vm false: the loaded VM is Paused and prints nothing until
 /// PATCH /vm Resumed, then continues from the tick after the snapshot's.
+/// The warm path for pools: a process started with `--warm-restore` has made its VM, memory
+/// and vCPUs for the snapshot before the load arrives; the load then maps the memory file over
+/// the prepared memory. The guest goes on as from a cold load, with dirty pages tracked when
+/// the load asks (the prepared memory slots are registered again with dirty logging): a diff
+/// taken afterwards holds the pages the guest wrote, not the whole memory.
+#[test]
+fn a_process_prepared_with_warm_restore_loads_the_snapshot_and_goes_on() {
+    let dir = work_dir("warm");
+    let snap = Snap::in_dir(&dir, "warm");
+    let before = boot_and_snapshot("snap-warm", &dir, &snap);
+    let warm = snap.state.to_str().unwrap().to_owned();
+    let mut vm = Running::start("snap-warm-restored", &["--warm-restore", &warm]);
+    expect_204(
+        &vm,
+        "PUT",
+        "/snapshot/load",
+        &snap.load_body(true, true),
+        "load into a process prepared for it",
+    );
+    let tick = next_tick_after(&vm, before, "after the warm load");
+    vm.wait_for(&format!("snap-tick {}", tick + 3), LIMIT);
+    assert_no_second_boot(&vm);
+    pause(&vm);
+    let diff = Snap::in_dir(&dir, "warm-diff");
+    create(&vm, "Diff", &diff);
+    let written =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&diff.mem).unwrap()) * 512;
+    assert!(
+        written > 0 && written < (MEM_MIB << 20) / 4,
+        "a diff after a warm load wrote {written} bytes of a {MEM_MIB} MiB guest"
+    );
+    set_state(&vm, "Resumed");
+    end_with_ctrl_alt_del(&mut vm);
+
+    // A snapshot that is not there is refused at start, in one line.
+    let mut cmd = std::process::Command::new(common::skiff_bin());
+    cmd.args(["--api-sock", dir.join("never.sock").to_str().unwrap()])
+        .args(["--warm-restore", dir.join("missing.snap").to_str().unwrap()]);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without the snapshot");
+    assert!(
+        err.contains("missing.snap") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
 #[test]
 fn full_snapshot_loaded_paused_runs_only_after_patch_resumed() {
     let dir = work_dir("full-paused");

@@ -223,6 +223,60 @@ pub fn memory_from_file(
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
 }
 
+/// Maps `regions` of `file` privately over `mem`'s own mappings, which they must match region
+/// for region: guest memory made (and registered with KVM) ahead of a restore gets the
+/// snapshot's pages without KVM being told anything new (KVM follows the host mapping through
+/// its MMU notifier). Nothing may have used `mem` yet.
+pub fn map_file_over(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    regions: &[MemoryRegionState],
+) -> Result<(), MemoryError> {
+    let layout = memory_layout(mem);
+    let same = layout.len() == regions.len()
+        && layout
+            .iter()
+            .zip(regions)
+            .all(|(a, b)| a.base == b.base && a.size == b.size);
+    if !same {
+        return Err(MemoryError::Regions);
+    }
+    for (region, r) in mem.iter().zip(regions) {
+        let fail = |source| MemoryError::MmapFile {
+            len: r.size,
+            offset: r.offset,
+            source,
+        };
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::Regions)?;
+        let (Ok(len), Ok(offset)) = (usize::try_from(r.size), libc::off_t::try_from(r.offset))
+        else {
+            return Err(MemoryError::Regions);
+        };
+        // SAFETY: [host, host + len) is exactly this region's live mapping, owned by `mem`
+        // (which unmaps it when dropped, whatever is mapped there then); nothing has read or
+        // written it yet (no vCPU ran, no device is active), and MAP_FIXED replaces it in one
+        // step with a private mapping of the file, of the same size and protection.
+        let got = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                offset,
+            )
+        };
+        if got != host.cast() {
+            return Err(fail(vm_memory::mmap::MmapRegionError::Mmap(
+                std::io::Error::last_os_error(),
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The pages of each region written since the last call (one bit per page, 64 to a word): the
 /// guest's writes from KVM's dirty log, Skiff's own (device DMA) from the region's bitmap.
 /// Both are cleared. Needs memory registered with dirty logging and tracked bitmaps.

@@ -356,7 +356,19 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| VcpuError::Create(id, e))?;
-        Ok(Self {
+        Ok(Self::with_fd(fd, id, mem, pio, mmio, exit))
+    }
+
+    /// A vCPU on a KVM vCPU `fd` made beforehand (a VM prepared for a restore).
+    pub fn with_fd(
+        fd: VcpuFd,
+        id: u8,
+        mem: GuestMemoryMmap,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
             id,
             fd,
             mem,
@@ -365,7 +377,7 @@ impl Vcpu {
             exit,
             metrics: Arc::new(VcpuMetrics::default()),
             msr_list: Arc::from(Vec::new()),
-        })
+        }
     }
 
     /// This vCPU's id.

@@ -42,6 +42,13 @@ pub fn create_vm(
     mem: &GuestMemoryMmap,
     log_dirty: bool,
 ) -> Result<VmFd, VmError> {
+    let vm = create_vm_fd(kvm)?;
+    register_guest_memory(&vm, mem, log_dirty).map_err(VmError::Memory)?;
+    Ok(vm)
+}
+
+/// Creates the VM with its interrupt controllers and timer, without memory.
+pub fn create_vm_fd(kvm: &KvmContext) -> Result<VmFd, VmError> {
     let vm = kvm.kvm().create_vm().map_err(VmError::Create)?;
     let tss = usize::try_from(KVM_TSS_ADDRESS)
         .map_err(|_| VmError::TssAddress(kvm_ioctls::Error::new(libc::EINVAL)))?;
@@ -55,7 +62,6 @@ pub fn create_vm(
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(VmError::Pit)?;
-    register_guest_memory(&vm, mem, log_dirty).map_err(VmError::Memory)?;
     Ok(vm)
 }
 
