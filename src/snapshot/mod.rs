@@ -24,7 +24,7 @@ use crate::vstate::memory::MemoryRegionState;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::KvmVmState;
 
-pub use format::{describe_snapshot, read_state, write_state, SNAPSHOT_VERSION};
+pub use format::{describe_snapshot, parse_state, read_state, write_state, SNAPSHOT_VERSION};
 pub use memory::{open_memory_file, write_memory};
 
 /// Full or diff, as Firecracker's `snapshot_type` says.
