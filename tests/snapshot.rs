@@ -978,3 +978,75 @@ fn a_restored_vm_carries_on_sending_on_its_tap() {
          {before})"
     );
 }
+
+/// `network_overrides`: the snapshot's TAP is gone when the clone starts (deleted, and another
+/// made in its place with the host's address), and the load puts the interface on the new one.
+/// The guest's datagrams arrive through it, from the tick after the snapshot on.
+#[test]
+fn a_network_override_puts_a_restored_nic_on_another_tap() {
+    let ns = NetNs::with_tap("snapover", "tap0", "172.30.0.1/24");
+    let sock = ns.udp_socket(HOST.parse().unwrap());
+    let dir = work_dir("net-override");
+    let snap = Snap::in_dir(&dir, "net");
+    let mut vm = start_in_netns(&ns, "snap-over");
+    let nic = (
+        "/network-interfaces/eth0".to_owned(),
+        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:1e:00:02"}"#
+            .to_owned(),
+    );
+    boot(&vm, "", &[nic], false);
+    let got = datagrams(&sock, Duration::from_secs(30), Some(3));
+    assert_eq!(
+        got.last(),
+        Some(&3),
+        "no snap-tick 3 datagram\n{}",
+        vm.console()
+    );
+    let before = pause(&vm);
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+    datagrams(&sock, Duration::from_millis(300), None);
+    let ip = |args: &[&str]| {
+        let out = ns.command("ip", args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The guest remembers the host's MAC (its ARP cache is in the snapshot): the new TAP
+    // gets the old one's, as a clone's namespace would be set up alike.
+    let link = ns.link("tap0").unwrap();
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    ip(&["link", "del", "tap0"]);
+    ip(&["tuntap", "add", "dev", "tap1", "mode", "tap"]);
+    ip(&["link", "set", "tap1", "address", &mac]);
+    ip(&["addr", "add", "172.30.0.1/24", "dev", "tap1"]);
+    ip(&["link", "set", "tap1", "up"]);
+
+    let mut vm = start_in_netns(&ns, "snap-over-restored");
+    let body = format!(
+        r#"{{"snapshot_path": {}, "mem_backend": {{"backend_type": "File", "backend_path": {}}}, "resume_vm": true, "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "tap1"}}]}}"#,
+        json_path(&snap.state),
+        json_path(&snap.mem)
+    );
+    expect_204(&vm, "PUT", "/snapshot/load", &body, "load onto another TAP");
+    let (_, config) = vm.call("GET", "/vm/config", None);
+    assert!(config.contains(r#""host_dev_name":"tap1""#), "{config}");
+    let tick = next_tick_after(&vm, before, "after the load");
+    let after = datagrams(&sock, Duration::from_secs(10), Some(tick + 3));
+    end_with_ctrl_alt_del(&mut vm);
+    assert!(
+        after.contains(&(tick + 3)) && after.iter().all(|&t| t > before),
+        "datagrams through tap1 after the restore: {after:?} (last before: {before})"
+    );
+    assert!(
+        ns.link("tap0").is_none(),
+        "the saved TAP was made again instead"
+    );
+}
