@@ -87,6 +87,27 @@ fn json_path(path: &Path) -> String {
     serde_json::to_string(path.to_str().unwrap()).unwrap()
 }
 
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// CRC-32 (IEEE, as zlib), the state file's checksum over everything before its last 4 bytes.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
 /// A snapshot's two files.
 struct Snap {
     state: PathBuf,
@@ -698,6 +719,19 @@ fn bad_snapshot_requests_are_refused_with_one_line_and_skiff_stays_usable() {
         *b ^= 0xff;
     }
     let version = bad_state("version.snap", &version);
+    // Taken on another CPU: the vendor string in the state changed and the checksum made
+    // right again, so only the CPU check can refuse it.
+    let mut other_cpu = state.clone();
+    let (ours, theirs): (&[u8], &[u8]) = match find(&state, b"GenuineIntel") {
+        Some(_) => (b"GenuineIntel", b"AuthenticAMD"),
+        None => (b"AuthenticAMD", b"GenuineIntel"),
+    };
+    let at = find(&state, ours).expect("the host's CPU vendor in the state file");
+    other_cpu[at..at + 12].copy_from_slice(theirs);
+    let n = other_cpu.len() - 4;
+    let crc = crc32(&other_cpu[..n]);
+    other_cpu[n..].copy_from_slice(&crc.to_le_bytes());
+    let other_cpu = bad_state("other-cpu.snap", &other_cpu);
     let short_mem = dir.join("short.mem");
     fs::copy(&good.mem, &short_mem).unwrap();
     let file = fs::OpenOptions::new().write(true).open(&short_mem).unwrap();
@@ -731,6 +765,12 @@ fn bad_snapshot_requests_are_refused_with_one_line_and_skiff_stays_usable() {
             &version,
             &good.mem,
             &["version"],
+        ),
+        (
+            "a snapshot taken on another CPU vendor",
+            &other_cpu,
+            &good.mem,
+            &["cpu"],
         ),
         ("a missing memory file", &good.state, &absent_mem, MISSING),
         (
