@@ -24,7 +24,7 @@ use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
-use crate::devices::virtio::{RestoreError, VirtioDevice};
+use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -79,6 +79,9 @@ pub enum DeviceError {
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
 }
+
+/// A restored transport's saved registers and its device's running queues.
+type SavedTransport<'a> = (&'a MmioTransportState, &'a [QueueSnapshot]);
 
 /// A virtio device, its transport and where they sit, as a snapshot holds them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,19 +258,7 @@ impl DeviceManager {
         id: &str,
         block: Block,
     ) -> Result<String, DeviceError> {
-        if self.registry.has(id) {
-            return Err(DeviceError::DuplicateId(id.to_owned()));
-        }
-        let device = Arc::new(Mutex::new(block));
-        let (slot, transport, param) =
-            self.register_virtio_device(vm, mem, device.clone(), None)?;
-        let entry = VirtioSlot {
-            device,
-            transport,
-            slot,
-        };
-        self.registry.blocks.insert(id.to_owned(), entry);
-        Ok(param)
+        self.attach(vm, mem, id, block, None, |r| &mut r.blocks)
     }
 
     /// Adds network interface `id` in the next MMIO slot; returns its kernel parameter.
@@ -278,18 +269,36 @@ impl DeviceManager {
         id: &str,
         net: Net,
     ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, id, net, None, |r| &mut r.nets)
+    }
+
+    /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
+    /// `id` in the registry's `table`.
+    fn attach<D>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        device: D,
+        saved: Option<SavedTransport<'_>>,
+        table: fn(&mut DeviceRegistry) -> &mut BTreeMap<String, VirtioSlot<D>>,
+    ) -> Result<String, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
         if self.registry.has(id) {
             return Err(DeviceError::DuplicateId(id.to_owned()));
         }
-        let device = Arc::new(Mutex::new(net));
-        let (slot, transport, param) =
-            self.register_virtio_device(vm, mem, device.clone(), None)?;
+        let device = Arc::new(Mutex::new(device));
+        let (slot, transport, param) = self
+            .register_virtio_device(vm, mem, device.clone(), saved)
+            .map_err(|e| e.for_device(id))?;
         let entry = VirtioSlot {
             device,
             transport,
             slot,
         };
-        self.registry.nets.insert(id.to_owned(), entry);
+        table(&mut self.registry).insert(id.to_owned(), entry);
         Ok(param)
     }
 
@@ -339,36 +348,13 @@ impl DeviceManager {
         }
         for slot in slots {
             if let Some(b) = state.blocks.iter().find(|b| b.slot == slot) {
-                if self.registry.has(&b.id) {
-                    return Err(DeviceError::DuplicateId(b.id.clone()));
-                }
-                let device = Arc::new(Mutex::new(Block::from_state(&b.id, &b.device)?));
+                let block = Block::from_state(&b.id, &b.device)?;
                 let saved = (&b.transport, b.device.virtio.queues.as_slice());
-                let (slot, transport, _) = self
-                    .register_virtio_device(vm, mem, device.clone(), Some(saved))
-                    .map_err(|e| e.for_device(&b.id))?;
-                let entry = VirtioSlot {
-                    device,
-                    transport,
-                    slot,
-                };
-                self.registry.blocks.insert(b.id.clone(), entry);
+                self.attach(vm, mem, &b.id, block, Some(saved), |r| &mut r.blocks)?;
             } else if let Some(n) = state.nets.iter().find(|n| n.slot == slot) {
-                if self.registry.has(&n.id) {
-                    return Err(DeviceError::DuplicateId(n.id.clone()));
-                }
-                let tap = tap_override(&n.id);
-                let device = Arc::new(Mutex::new(Net::from_state(tap.as_deref(), &n.device)?));
+                let net = Net::from_state(tap_override(&n.id).as_deref(), &n.device)?;
                 let saved = (&n.transport, n.device.virtio.queues.as_slice());
-                let (slot, transport, _) = self
-                    .register_virtio_device(vm, mem, device.clone(), Some(saved))
-                    .map_err(|e| e.for_device(&n.id))?;
-                let entry = VirtioSlot {
-                    device,
-                    transport,
-                    slot,
-                };
-                self.registry.nets.insert(n.id.clone(), entry);
+                self.attach(vm, mem, &n.id, net, Some(saved), |r| &mut r.nets)?;
             }
         }
         Ok(())
