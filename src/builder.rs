@@ -15,6 +15,7 @@ use crate::config::{ConsoleInput, SeccompConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::rng::Rng;
 use crate::seccomp::Filters;
 use crate::snapshot::{self, MemBackend, MicrovmState};
 use crate::vmm::{Vm, VmParts, VmmError};
@@ -200,6 +201,10 @@ fn attach_config_devices(
         device.update_rate_limiters(net.rx_rate_limiter.as_ref(), net.tx_rate_limiter.as_ref())?;
         let id = net.id.clone().unwrap_or_else(|| format!("net{i}"));
         params.push(devices.add_net(vm_fd, mem, &id, device)?);
+    }
+    if let Some(entropy) = &config.entropy {
+        let rng = Rng::new(entropy.rate_limiter.as_ref()).map_err(DeviceError::Rng)?;
+        params.push(devices.add_rng(vm_fd, mem, rng)?);
     }
     Ok(params)
 }

@@ -37,6 +37,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Network devices, in the order the guest sees them (eth0 first).
     pub nets: Vec<NetConfig>,
+    /// The entropy device (virtio-rng), if any.
+    pub entropy: Option<EntropyConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -44,6 +46,15 @@ pub struct VmConfig {
     pub boot_timer: bool,
     /// The seccomp filters the VM's threads install.
     pub seccomp: SeccompConfig,
+}
+
+/// The entropy device, as Firecracker's `PUT /entropy` describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    /// Limits on the bytes and requests the guest gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// A virtio network device on a TAP.
@@ -273,6 +284,24 @@ fn switch(key: &'static str, value: &str) -> Result<bool, DiskSpecError> {
     }
 }
 
+impl std::str::FromStr for EntropyConfig {
+    type Err = String;
+
+    /// Parses `[bw=BYTES][,ops=N]`, the rates per second; empty: no limit.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut entropy = Self::default();
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let bucket = rate(value).ok_or_else(|| format!("bad rate '{value}' for {key}"));
+            match key {
+                "bw" | "ops" => set_rate(&mut entropy.rate_limiter, key == "bw", bucket?),
+                other => return Err(format!("unknown key '{other}' (expected bw, ops)")),
+            }
+        }
+        Ok(entropy)
+    }
+}
+
 impl std::str::FromStr for DiskConfig {
     type Err = DiskSpecError;
 
@@ -331,6 +360,7 @@ impl VmConfig {
             console_output: None,
             disks: Vec::new(),
             nets: Vec::new(),
+            entropy: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

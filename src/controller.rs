@@ -204,6 +204,7 @@ impl Controller {
                 | ApiRequest::PatchMachineConfig(_)
                 | ApiRequest::PutDrive(_)
                 | ApiRequest::PutNetworkInterface(_)
+                | ApiRequest::PutEntropy(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -240,6 +241,7 @@ impl Controller {
             ApiRequest::PutLogger(l) => done(self.set_logger(&l)),
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
+            ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {

@@ -24,6 +24,7 @@ use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
+use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -75,6 +76,9 @@ pub enum DeviceError {
     /// A saved network interface cannot be restored.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The entropy device cannot be set up or restored.
+    #[error(transparent)]
+    Rng(#[from] RngError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -107,6 +111,8 @@ pub struct DevicesState {
     pub blocks: Vec<VirtioSlotState<BlockState>>,
     /// Network interfaces.
     pub nets: Vec<VirtioSlotState<NetState>>,
+    /// The entropy device.
+    pub entropy: Vec<VirtioSlotState<RngState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -128,11 +134,16 @@ pub struct DeviceRegistry {
     pub blocks: BTreeMap<String, VirtioSlot<Block>>,
     /// Network interfaces by interface id.
     pub nets: BTreeMap<String, VirtioSlot<Net>>,
+    /// The entropy device, under [`ENTROPY_ID`].
+    pub entropy: BTreeMap<String, VirtioSlot<Rng>>,
 }
+
+/// The registry's id of the entropy device (there is at most one, as in Firecracker).
+pub const ENTROPY_ID: &str = "entropy";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
-        self.blocks.contains_key(id) || self.nets.contains_key(id)
+        self.blocks.contains_key(id) || self.nets.contains_key(id) || self.entropy.contains_key(id)
     }
 }
 
@@ -272,6 +283,16 @@ impl DeviceManager {
         self.attach(vm, mem, id, net, None, |r| &mut r.nets)
     }
 
+    /// Adds the entropy device in the next MMIO slot; returns its kernel parameter.
+    pub fn add_rng(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        rng: Rng,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, ENTROPY_ID, rng, None, |r| &mut r.entropy)
+    }
+
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
     fn attach<D>(
@@ -326,6 +347,9 @@ impl DeviceManager {
             nets: (r.nets.iter())
                 .map(|(id, s)| slot_state(id, s, Net::save))
                 .collect(),
+            entropy: (r.entropy.iter())
+                .map(|(id, s)| slot_state(id, s, Rng::save))
+                .collect(),
         }
     }
 
@@ -341,6 +365,7 @@ impl DeviceManager {
     ) -> Result<(), DeviceError> {
         let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
             .chain(state.nets.iter().map(|n| n.slot))
+            .chain(state.entropy.iter().map(|e| e.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -355,6 +380,10 @@ impl DeviceManager {
                 let net = Net::from_state(tap_override(&n.id).as_deref(), &n.device)?;
                 let saved = (&n.transport, n.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &n.id, net, Some(saved), |r| &mut r.nets)?;
+            } else if let Some(e) = state.entropy.iter().find(|e| e.slot == slot) {
+                let rng = Rng::from_state(&e.device)?;
+                let saved = (&e.transport, e.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &e.id, rng, Some(saved), |r| &mut r.entropy)?;
             }
         }
         Ok(())

@@ -232,6 +232,10 @@ struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = DEFAULT_KVM_DEVICE, value_name = "PATH")]
     kvm_device: PathBuf,
+    /// An entropy device (virtio-rng) filled from the host's getrandom: on its own, or with a
+    /// limit of bw=BYTES and/or ops=N a second.
+    #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "")]
+    entropy: Option<skiff::config::EntropyConfig>,
 }
 
 /// Puts a terminal on stdin into raw mode, and back into canonical mode when dropped (also on
@@ -381,6 +385,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         console_output: None,
         disks: args.disk,
         nets: args.net,
+        entropy: args.entropy,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

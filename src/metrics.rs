@@ -59,6 +59,22 @@ counters!(
 );
 
 counters!(
+    /// The entropy device, under Firecracker's names.
+    EntropyMetrics {
+        /// Queue drains.
+        entropy_event_count,
+        /// Random bytes given to the guest.
+        entropy_bytes,
+        /// Requests the host's getrandom could not fill.
+        host_rng_fails,
+        /// Requests held back by the rate limiter.
+        entropy_rate_limiter_throttled,
+        /// Requests too broken to fill (a readable buffer, memory outside the guest's).
+        invalid_requests,
+    }
+);
+
+counters!(
     /// One block device.
     BlockMetrics {
         /// Read requests.

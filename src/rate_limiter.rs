@@ -613,3 +613,49 @@ mod tests {
         unsafe { libc::poll(&mut fd, 1, ms) == 1 }
     }
 }
+
+/// Serde for a limiter's shape in a snapshot's state (`#[serde(with = ...)]` on an
+/// `Option<RateLimiterConfig>`): every field written, always. The API's JSON form leaves out
+/// what is not set, which bincode (the state file's encoding, not self-describing) cannot read
+/// back.
+pub mod saved_shape {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::config::{RateLimiterConfig, TokenBucketConfig};
+
+    /// A bucket: size, one-time burst, refill time.
+    type Bucket = Option<(u64, Option<u64>, u64)>;
+
+    fn plain(b: Option<TokenBucketConfig>) -> Bucket {
+        b.map(|b| (b.size, b.one_time_burst, b.refill_time))
+    }
+
+    fn bucket(b: Bucket) -> Option<TokenBucketConfig> {
+        b.map(|(size, one_time_burst, refill_time)| TokenBucketConfig {
+            size,
+            one_time_burst,
+            refill_time,
+        })
+    }
+
+    /// Writes `limiter` as (bandwidth, ops), each bucket a plain triple.
+    pub fn serialize<S: Serializer>(
+        limiter: &Option<RateLimiterConfig>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        limiter
+            .map(|l| (plain(l.bandwidth), plain(l.ops)))
+            .serialize(s)
+    }
+
+    /// Reads what [`serialize`] wrote.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<RateLimiterConfig>, D::Error> {
+        let shape: Option<(Bucket, Bucket)> = Deserialize::deserialize(d)?;
+        Ok(shape.map(|(bandwidth, ops)| RateLimiterConfig {
+            bandwidth: bucket(bandwidth),
+            ops: bucket(ops),
+        }))
+    }
+}

@@ -41,7 +41,7 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, NetMetrics, VcpuMetrics};
+use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType};
 use crate::vstate::kvm::KvmError;
@@ -210,6 +210,7 @@ struct MetricsSources {
     vcpus: Vec<Arc<VcpuMetrics>>,
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
+    entropy: Option<Arc<EntropyMetrics>>,
 }
 
 /// What the builder makes a [`Vm`] of.
@@ -280,6 +281,12 @@ impl Vm {
                 .metrics();
             metrics.blocks.push((id.clone(), m));
         }
+        metrics.entropy = (registry.entropy.values().next()).map(|slot| {
+            slot.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics()
+        });
         for (id, slot) in &registry.nets {
             let m = slot
                 .device
@@ -481,6 +488,7 @@ impl Vm {
             "vcpu": self.metrics.vcpus.iter().map(|m| m.to_json()).collect::<Vec<_>>(),
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
+            "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
         })
     }
 

@@ -1090,3 +1090,34 @@ fn a_network_override_puts_a_restored_nic_on_another_tap() {
         "the saved TAP was made again instead"
     );
 }
+
+/// The entropy device across a restore: the guest asks it for bytes at every tick, before the
+/// snapshot and after the load (its `snapshot` check fails if it stops answering), and the
+/// restored VM's `GET /vm/config` shows it with its rate limiter.
+#[test]
+fn a_restored_entropy_device_goes_on_answering() {
+    let dir = work_dir("entropy");
+    let snap = Snap::in_dir(&dir, "entropy");
+    let mut vm = Running::start("snap-rng", &[]);
+    let entropy = (
+        "/entropy".to_owned(),
+        r#"{"rate_limiter": {"ops": {"size": 1000, "refill_time": 100}}}"#.to_owned(),
+    );
+    boot(&vm, "", &[entropy], false);
+    vm.wait_for("snap-tick 3", LIMIT);
+    assert!(vm.console().contains("entropy yes"), "{}", vm.console());
+    let before = pause(&vm);
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+
+    let mut vm = restore("snap-rng-restored", &snap, false, true);
+    let tick = next_tick_after(&vm, before, "after the load");
+    vm.wait_for(&format!("snap-tick {}", tick + 3), LIMIT);
+    let (_, config) = vm.call("GET", "/vm/config", None);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["entropy"]["rate_limiter"]["ops"]["size"], 1000,
+        "{config}"
+    );
+    end_with_ctrl_alt_del(&mut vm);
+}

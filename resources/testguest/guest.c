@@ -3,7 +3,7 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net,snapshot mem=<MiB> cpus=<N>, and the
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,snapshot mem=<MiB> cpus=<N>, and the
  * parameters each check describes
  */
 #include <stdint.h>
@@ -512,6 +512,45 @@ static int virtq_submit(struct vdev *d, uint32_t *len)
 		__asm__ volatile("pause");
 	}
 	return 0;
+}
+
+/* ---- virtio-rng (virtio 1.2, 5.4) ---- */
+static uint64_t now_us(void);
+static struct vdev rngdev;
+static uint8_t rng_buf[2][4096];
+
+/* Two 4 KiB requests (the second as two descriptors of 3 KiB and 1 KiB) must come back full,
+ * with bytes that differ between them and are not all zero; a request with a device-readable
+ * buffer comes back empty. Parameter rng_ios= repeats the first request (for rate limits). */
+static void check_rng(void)
+{
+	const char *why;
+	uint32_t len;
+	if (!find_virtio(4, &rngdev)) { report("rng", 0, "no virtio-rng device on the command line"); return; }
+	if ((why = virtio_init(&rngdev, 0, 1))) { report("rng", 0, why); return; }
+	rngdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)rng_buf[0], 4096, VRING_DESC_F_WRITE, 0 };
+	if (!virtq_submit(&rngdev, &len) || len != 4096) { report("rng", 0, "the first request was not filled"); return; }
+	rngdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)rng_buf[1], 3072, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1 };
+	rngdev.q[0].desc[1] = (struct virtq_desc){ (uint64_t)rng_buf[1] + 3072, 1024, VRING_DESC_F_WRITE, 0 };
+	if (!virtq_submit(&rngdev, &len) || len != 4096) { report("rng", 0, "the two-buffer request was not filled"); return; }
+	unsigned same = 0, zero = 0;
+	for (unsigned i = 0; i < 4096; i++) {
+		same += rng_buf[0][i] == rng_buf[1][i];
+		zero += rng_buf[1][i] == 0;
+	}
+	if (same > 64 || zero > 64) { report("rng", 0, "the bytes do not look random"); return; }
+	rngdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)rng_buf[0], 16, 0, 0 };
+	if (!virtq_submit(&rngdev, &len) || len != 0) { report("rng", 0, "a device-readable buffer was filled"); return; }
+	uint64_t n = param_uint("rng_ios", 0);
+	if (n) {
+		uint64_t t0 = now_us();
+		for (uint64_t i = 0; i < n; i++) {
+			rngdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)rng_buf[0], 4096, VRING_DESC_F_WRITE, 0 };
+			if (!virtq_submit(&rngdev, &len) || len != 4096) { report("rng", 0, "a repeated request failed"); return; }
+		}
+		printf("rng: %lu requests of 4096 bytes in %lu us\n", n, now_us() - t0);
+	}
+	report("rng", 1, 0);
 }
 
 /* ---- virtio-blk (virtio 1.2, 5.2) ---- */
@@ -1418,11 +1457,15 @@ static void check_snapshot(void)
 		have_net = 1;
 	}
 
+	/* An entropy device, polled: each tick asks it for 16 bytes. */
+	int have_rng = find_virtio(4, &rngdev) && !virtio_init(&rngdev, 0, 1), rng_bad = 0;
+	uint64_t rng_bytes = 0;
+
 	lapic_write(0xf0, 0x1ff);
 	lapic_write(0x3e0, 0xb);			/* divide by 1 */
 	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
 	lapic_write(0x380, 1000000);
-	printf("snapshot: ticking (disk %s, network %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no");
+	printf("snapshot: ticking (disk %s, network %s, entropy %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no");
 	uint64_t now = now_us(), next = now, last = now, last_tick = now;
 	int key = -1, clock_back = 0, clock_jump = 0, marker_bad = 0, io_bad = 0, tx_bad = 0;
 	char payload[32];
@@ -1487,6 +1530,17 @@ static void check_snapshot(void)
 				problem = problem ? problem : "the TX queue stalled";
 			}
 		}
+		if (have_rng) {
+			uint32_t len = 0;
+			rngdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)rng_buf[0], 16, VRING_DESC_F_WRITE, 0 };
+			if (virtq_submit(&rngdev, &len) && len == 16) {
+				rng_bytes += len;
+			} else {
+				if (!rng_bad++)
+					printf("FAIL snapshot: the entropy device did not answer at tick %lu\n", tick);
+				problem = problem ? problem : "the entropy device stopped answering";
+			}
+		}
 		snap_ticks = tick + 1;
 		next = now + SNAP_TICK_US;
 	}
@@ -1496,7 +1550,7 @@ static void check_snapshot(void)
 		printf("snapshot: key %2x from the host after %lu ticks\n", (unsigned)key, snap_ticks);
 	else
 		printf("snapshot: %lu ticks done\n", snap_ticks);
-	printf("snapshot: %lu marker reads, %lu datagrams sent, %lu device interrupts\n", reads, sent, device_irqs - irqs_before);
+	printf("snapshot: %lu marker reads, %lu datagrams sent, %lu random bytes, %lu device interrupts\n", reads, sent, rng_bytes, device_irqs - irqs_before);
 	report("snapshot", !problem, problem);
 }
 
@@ -1574,13 +1628,14 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
 		if (wants("blkrate")) check_blkrate();
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
+		if (wants("rng")) check_rng();
 		if (wants("ticks")) check_ticks();
 		if (wants("snapshot")) check_snapshot();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();

@@ -50,6 +50,8 @@ pub enum ApiRequest {
     PutLogger(Logger),
     /// `PUT /metrics`
     PutMetrics(Metrics),
+    /// `PUT /entropy`
+    PutEntropy(crate::config::EntropyConfig),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -69,6 +71,7 @@ impl ApiRequest {
                 | Self::PutLogger(_)
                 | Self::PutMetrics(_)
                 | Self::LoadSnapshot(_)
+                | Self::PutEntropy(_)
         )
     }
 }
@@ -112,7 +115,6 @@ impl ApiResponse {
 const NOT_YET: &[(&str, &str)] = &[
     ("/vsock", "vsock"),
     ("/balloon", "the balloon device"),
-    ("/entropy", "the entropy device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "custom CPU templates"),
     ("/serial", "serial output redirection"),
@@ -218,6 +220,7 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("GET", "vm", Some("config")) => ApiRequest::GetVmConfig,
         ("PUT", "logger", None) => ApiRequest::PutLogger(body(bytes)?),
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
+        ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),

@@ -206,6 +206,20 @@ pub enum VmStateName {
     Resumed,
 }
 
+impl crate::config::EntropyConfig {
+    /// The device as `PUT /entropy` gives it, its rate limiter normalised; refused when the
+    /// limiter is unusable.
+    pub fn checked(&self) -> Result<Self, BadRequest> {
+        if let Some(limiter) = &self.rate_limiter {
+            crate::rate_limiter::RateLimiter::new(limiter)
+                .map_err(|e| BadRequest(crate::error_chain(&e)))?;
+        }
+        Ok(Self {
+            rate_limiter: self.rate_limiter.and_then(RateLimiterConfig::normalized),
+        })
+    }
+}
+
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -330,6 +344,9 @@ pub struct FullVmConfig {
     /// Metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// The entropy device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<crate::config::EntropyConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
@@ -339,7 +356,6 @@ pub struct FullVmConfig {
 const NOT_YET: &[&str] = &[
     "vsock",
     "balloon",
-    "entropy",
     "mmds-config",
     "cpu-config",
     "pmem",
@@ -601,6 +617,9 @@ impl FullVmConfig {
         for n in &self.network_interfaces {
             n.apply(&mut config)?;
         }
+        if let Some(e) = &self.entropy {
+            config.entropy = Some(e.checked()?);
+        }
         Ok(config)
     }
 
@@ -621,6 +640,7 @@ impl FullVmConfig {
             network_interfaces: config.nets.iter().map(NetworkInterface::of).collect(),
             logger,
             metrics,
+            entropy: config.entropy,
             unsupported: std::collections::BTreeMap::new(),
         }
     }

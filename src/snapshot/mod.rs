@@ -215,6 +215,9 @@ impl MicrovmState {
                 rate_limiter: b.device.rate_limiter,
             })
             .collect();
+        config.entropy = (self.devices.entropy.first()).map(|e| crate::config::EntropyConfig {
+            rate_limiter: e.device.rate_limiter,
+        });
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
                 tap: (network_overrides.iter())

@@ -4,6 +4,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -414,6 +415,52 @@ pub trait VirtioDevice: Send {
     /// The device's configuration space.
     fn config_space(&self) -> &Arc<ConfigSpace> {
         &self.base().config
+    }
+}
+
+/// A device with one queue and one rate limiter (block, entropy): its events on the event
+/// thread are the same, and handled once by [`process_single_queue_event`].
+pub(crate) trait SingleQueueDevice {
+    /// Its base.
+    fn virtio_base(&self) -> &VirtioBase;
+    /// Its rate limiter.
+    fn limiter(&mut self) -> &mut crate::rate_limiter::RateLimiter;
+    /// Drains its queue as far as the limiter allows.
+    fn process_queue(&mut self);
+}
+
+/// The event thread's part of a [`SingleQueueDevice`]: at activation the queue event and the
+/// limiter's timer are registered (the timer even without limits: a PATCH may add them) and
+/// requests queued before are taken; a queue event, or the end of a throttle, drains the queue.
+pub(crate) fn process_single_queue_event(
+    dev: &mut impl SingleQueueDevice,
+    events: event_manager::Events,
+    ops: &mut event_manager::EventOps,
+) {
+    use event_manager::Events;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::EventSet;
+    let fd = events.fd();
+    let base = dev.virtio_base();
+    if fd == base.activate_evt.as_raw_fd() {
+        let _ = base.activate_evt.read();
+        // Registering again after a reset and re-activation fails harmlessly.
+        let _ = ops.add(Events::new(&base.queue_events[0], EventSet::IN));
+        let _ = ops.add(Events::new(dev.limiter(), EventSet::IN));
+        dev.process_queue();
+    } else if fd == base.queue_events[0].as_raw_fd() {
+        let _ = base.queue_events[0].read();
+        dev.process_queue();
+    } else if fd == dev.limiter().as_raw_fd() && dev.limiter().event_handler() {
+        dev.process_queue();
+    }
+}
+
+/// Watches a device's activation eventfd, as every device's `init` does.
+pub(crate) fn watch_activation(base: &VirtioBase, ops: &mut event_manager::EventOps, name: &str) {
+    let events = event_manager::Events::new(&base.activate_evt, vmm_sys_util::epoll::EventSet::IN);
+    if let Err(e) = ops.add(events) {
+        log::warn!("{name}: cannot watch the activation event: {e}");
     }
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use log::warn;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
@@ -68,6 +67,7 @@ pub struct BlockState {
     /// Its size in sectors, checked again at restore.
     pub nsectors: u64,
     /// The rate limiter's shape (its buckets start full).
+    #[serde(with = "crate::rate_limiter::saved_shape")]
     pub rate_limiter: Option<RateLimiterConfig>,
     /// Features, interrupt, configuration and queues.
     pub virtio: VirtioState,
@@ -241,11 +241,6 @@ impl Block {
     /// The device's counters, shared with the metrics dump.
     pub fn metrics(&self) -> Arc<BlockMetrics> {
         self.metrics.clone()
-    }
-
-    /// The queue's notification eventfd.
-    pub(super) fn queue_event(&self) -> &EventFd {
-        &self.base.queue_events[0]
     }
 
     /// Drains the request queue (see [`drain_queue`]) as far as the rate limiter allows; a

@@ -1,36 +1,33 @@
-//! The block device on the event thread: activation registers the queue event and the rate
-//! limiter's timer; queue events drain the queue, and so does the end of a throttle.
-
-use std::os::fd::AsRawFd;
+//! The block device on the event thread: see [`process_single_queue_event`].
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::warn;
-use vmm_sys_util::epoll::EventSet;
 
 use super::device::Block;
+use crate::devices::virtio::{
+    process_single_queue_event, watch_activation, SingleQueueDevice, VirtioBase,
+};
+use crate::rate_limiter::RateLimiter;
+
+impl SingleQueueDevice for Block {
+    fn virtio_base(&self) -> &VirtioBase {
+        &self.base
+    }
+
+    fn limiter(&mut self) -> &mut RateLimiter {
+        &mut self.rate_limiter
+    }
+
+    fn process_queue(&mut self) {
+        Block::process_queue(self);
+    }
+}
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.base.activate_evt, EventSet::IN)) {
-            warn!("virtio-blk: cannot watch the activation event: {e}");
-        }
+        watch_activation(&self.base, ops, "virtio-blk");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.base.activate_evt.as_raw_fd() {
-            let _ = self.base.activate_evt.read();
-            // Registering again after a reset and re-activation fails harmlessly.
-            let _ = ops.add(Events::new(self.queue_event(), EventSet::IN));
-            // Watched even without limits: a PATCH may add them.
-            let _ = ops.add(Events::new(&self.rate_limiter, EventSet::IN));
-            // Requests queued before activation was seen.
-            self.process_queue();
-        } else if fd == self.queue_event().as_raw_fd() {
-            let _ = self.queue_event().read();
-            self.process_queue();
-        } else if fd == self.rate_limiter.as_raw_fd() && self.rate_limiter.event_handler() {
-            self.process_queue();
-        }
+        process_single_queue_event(self, events, ops);
     }
 }

@@ -63,8 +63,10 @@ pub struct NetState {
     /// The MAC offered to the guest, if any.
     pub mac: Option<[u8; 6]>,
     /// The receive rate limiter's shape.
+    #[serde(with = "crate::rate_limiter::saved_shape")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     /// The transmit rate limiter's shape.
+    #[serde(with = "crate::rate_limiter::saved_shape")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
     /// Features, interrupt, configuration and queues.
     pub virtio: VirtioState,
