@@ -17,12 +17,12 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::seccomp::Filters;
-use crate::snapshot::{self, MemBackend, MicrovmState};
+use crate::snapshot::{self, MemBackend, MicrovmState, UffdBackend};
 use crate::vmm::{Vm, VmParts, VmmError};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::{
-    create_guest_memory, map_file_over, memory_from_file, memory_layout, register_guest_memory,
-    GuestMemoryMmap,
+    create_guest_memory, map_file_over, memory_anonymous, memory_from_file, memory_layout,
+    register_guest_memory, GuestMemoryMmap,
 };
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
 use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
@@ -55,9 +55,15 @@ impl RestoreConfig {
     /// Restores from `snapshot_path` with memory from `mem_file`, every other choice the
     /// default one.
     pub fn new(snapshot_path: impl Into<PathBuf>, mem_file: impl Into<PathBuf>) -> Self {
+        Self::with_mem_backend(snapshot_path, MemBackend::File(mem_file.into()))
+    }
+
+    /// Restores from `snapshot_path` with memory from `mem_backend`, every other choice the
+    /// default one.
+    pub fn with_mem_backend(snapshot_path: impl Into<PathBuf>, mem_backend: MemBackend) -> Self {
         Self {
             snapshot_path: snapshot_path.into(),
-            mem_backend: MemBackend::File(mem_file.into()),
+            mem_backend,
             track_dirty_pages: false,
             network_overrides: Vec::new(),
             clock_realtime: false,
@@ -73,8 +79,9 @@ impl RestoreConfig {
 /// with its interrupt controllers and timer, guest memory mapped and registered with KVM (the
 /// slowest step of a restore: each new memory slot waits for a KVM synchronisation), and the
 /// vCPUs, all shaped as the snapshot it was prepared for. A restore of a snapshot of that shape
-/// then maps the memory file over the prepared memory and puts the state back; one of another
-/// shape is built from nothing as usual.
+/// then maps the memory file over the prepared memory (or hands it, untouched, to the Uffd
+/// backend's handler) and puts the state back; one of another shape is built from nothing as
+/// usual.
 #[derive(Debug)]
 pub struct WarmVm {
     kvm: KvmContext,
@@ -305,35 +312,75 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         vcpus,
         filters,
         track_dirty_pages: track,
+        uffd: None,
     })
 }
 
-/// Step (restore): the KVM VM with guest memory from the snapshot's memory file: the prepared
-/// one when it fits, else a new one.
+/// What the memory step of a restore makes.
+struct RestoredMemory {
+    kvm: KvmContext,
+    vm_fd: VmFd,
+    mem: GuestMemoryMmap,
+    /// The prepared VM's KVM vCPUs; none for a new VM.
+    vcpu_fds: Vec<VcpuFd>,
+    /// With the Uffd backend: what keeps the page-fault handler serving.
+    uffd: Option<UffdBackend>,
+}
+
+/// Step (restore): the KVM VM with guest memory (the prepared one when it fits, else a new
+/// one) from the snapshot's memory file, or empty and handed to the page-fault handler.
 fn restore_memory(
     restore: &RestoreConfig,
     state: &MicrovmState,
     warm: Option<WarmVm>,
-) -> Result<(KvmContext, VmFd, GuestMemoryMmap, Vec<VcpuFd>), VmmError> {
+) -> Result<RestoredMemory, VmmError> {
     let track = restore.track_dirty_pages;
-    let MemBackend::File(path) = &restore.mem_backend;
-    let file = snapshot::open_memory_file(path, &state.memory)?;
-    if let Some(w) = warm.filter(|w| w.fits(state, &restore.kvm_device)) {
-        map_file_over(&w.mem, &file, &state.memory)?;
-        if track {
-            register_guest_memory(&w.vm_fd, &w.mem, true).map_err(VmError::Memory)?;
+    let file = match &restore.mem_backend {
+        MemBackend::File(path) => Some(snapshot::open_memory_file(path, &state.memory)?),
+        MemBackend::Uffd(_) => None,
+    };
+    let (kvm, vm_fd, mem, vcpu_fds) = match warm.filter(|w| w.fits(state, &restore.kvm_device)) {
+        Some(w) => {
+            // Uffd: the prepared memory is anonymous and untouched, as the handler needs it.
+            if let Some(file) = &file {
+                map_file_over(&w.mem, file, &state.memory)?;
+            }
+            if track {
+                register_guest_memory(&w.vm_fd, &w.mem, true).map_err(VmError::Memory)?;
+            }
+            (w.kvm, w.vm_fd, w.mem, w.vcpu_fds)
         }
-        return Ok((w.kvm, w.vm_fd, w.mem, w.vcpu_fds));
-    }
-    let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
-    let (kvm, _) = open_kvm(&restore.kvm_device, vcpu_count)?;
-    let mem = memory_from_file(&file, &state.memory, track)?;
-    let vm_fd = create_vm(&kvm, &mem, track)?;
-    Ok((kvm, vm_fd, mem, Vec::new()))
+        None => {
+            let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+            let (kvm, _) = open_kvm(&restore.kvm_device, vcpu_count)?;
+            let mem = match &file {
+                Some(file) => memory_from_file(file, &state.memory, track)?,
+                None => memory_anonymous(&state.memory, track)?,
+            };
+            let vm_fd = create_vm(&kvm, &mem, track)?;
+            (kvm, vm_fd, mem, Vec::new())
+        }
+    };
+    // The handler gets the userfaultfd before anything touches guest memory (registering it
+    // with KVM touched nothing).
+    let uffd = match &restore.mem_backend {
+        MemBackend::File(_) => None,
+        MemBackend::Uffd(socket) => Some(
+            snapshot::connect_uffd_handler(socket, &mem, &state.memory)
+                .map_err(snapshot::SnapshotError::from)?,
+        ),
+    };
+    Ok(RestoredMemory {
+        kvm,
+        vm_fd,
+        mem,
+        vcpu_fds,
+        uffd,
+    })
 }
 
-/// Builds a VM from a snapshot: the same steps, with memory from the memory file (over the
-/// prepared VM's when `warm` fits the snapshot), devices and vCPUs from their saved state, and
+/// Builds a VM from a snapshot: the same steps, with memory from the memory file or the
+/// page-fault handler (the prepared VM's memory when `warm` fits the snapshot), devices and vCPUs from their saved state, and
 /// the VM's interrupt controllers and clock put back last.
 pub(crate) fn build_from_snapshot(
     restore: &RestoreConfig,
@@ -351,7 +398,13 @@ pub(crate) fn build_from_snapshot(
         })?;
     let filters = Filters::load(&restore.seccomp)?;
     let track = restore.track_dirty_pages;
-    let (kvm, vm_fd, mem, made_vcpus) = restore_memory(restore, &state, warm)?;
+    let RestoredMemory {
+        kvm,
+        vm_fd,
+        mem,
+        vcpu_fds: made_vcpus,
+        uffd,
+    } = restore_memory(restore, &state, warm)?;
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
     let mut devices = legacy_devices(
         &vm_fd,
@@ -394,6 +447,7 @@ pub(crate) fn build_from_snapshot(
         vcpus,
         filters,
         track_dirty_pages: track,
+        uffd,
     })?;
     Ok((vm, state))
 }

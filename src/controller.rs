@@ -301,11 +301,11 @@ impl Controller {
         if p.vsock_override.is_some() {
             return ApiResponse::fault(400, "vsock is not supported by Skiff yet");
         }
-        let mem_file = match p.mem_file() {
-            Ok(path) => path,
+        let mem_backend = match p.mem_backend() {
+            Ok(backend) => backend,
             Err(e) => return bad(e),
         };
-        let mut restore = RestoreConfig::new(&p.snapshot_path, mem_file);
+        let mut restore = RestoreConfig::with_mem_backend(&p.snapshot_path, mem_backend);
         restore.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
         restore.network_overrides = (p.network_overrides.iter())
             .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))

@@ -43,7 +43,7 @@ use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
 use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
-use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType};
+use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
 use crate::vstate::memory::{memory_layout, take_dirty_pages, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
@@ -222,6 +222,7 @@ pub(crate) struct VmParts {
     pub vcpus: Vec<Vcpu>,
     pub filters: Filters,
     pub track_dirty_pages: bool,
+    pub uffd: Option<UffdBackend>,
 }
 
 /// A microVM.
@@ -240,6 +241,9 @@ pub struct Vm {
     filters: Filters,
     track_dirty_pages: bool,
     state: VmState,
+    /// With the Uffd memory backend: the userfaultfd and the handler's connection, held open
+    /// while the VM lives, never used.
+    _uffd: Option<UffdBackend>,
 }
 
 impl Vm {
@@ -310,6 +314,7 @@ impl Vm {
             filters: parts.filters,
             track_dirty_pages: parts.track_dirty_pages,
             state: VmState::Created,
+            _uffd: parts.uffd,
         })
     }
 

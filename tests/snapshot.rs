@@ -22,6 +22,11 @@
 //!   "backend_path"}, "track_dirty_pages", "resume_vm"}` answers 204 on a process where nothing
 //!   was configured (400 after `PUT /machine-config`). With `resume_vm` false the VM is
 //!   `Paused` (as `GET /` says) until `PATCH /vm` resumes it.
+//! - `"mem_backend": {"backend_type": "Uffd", "backend_path": SOCKET}` is Firecracker's
+//!   handshake: guest memory mapped anonymous, registered with a userfaultfd, which is sent to
+//!   the handler listening on SOCKET with a JSON array of the regions' mappings
+//!   (`base_host_virt_addr`, `size`, `offset`, `page_size`, `page_size_kib`); the handler in
+//!   `tests/common/uffd.rs` is written to that alone. Nothing listening there is a 400.
 //! - A restored VM prints to the new process's standard output, and opens the drive and TAP
 //!   paths saved in the snapshot as they were given at boot: a relative path stays relative
 //!   and is opened from the new process's working directory (how the clones get a disk each).
@@ -43,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use common::api::{call, fault, Running};
 use common::netns::NetNs;
+use common::uffd::FaultHandler;
 use common::{skiff_bin, snapshot_marker, test_guest};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -135,6 +141,17 @@ impl Snap {
             r#"{{"snapshot_path": {}, "mem_backend": {{"backend_type": "File", "backend_path": {}}}, "track_dirty_pages": {track_dirty_pages}, "resume_vm": {resume_vm}}}"#,
             json_path(&self.state),
             json_path(&self.mem)
+        )
+    }
+}
+
+impl Snap {
+    /// A load whose memory comes from the page-fault handler on `socket`.
+    fn uffd_load_body(&self, socket: &Path, track_dirty_pages: bool, resume_vm: bool) -> String {
+        format!(
+            r#"{{"snapshot_path": {}, "mem_backend": {{"backend_type": "Uffd", "backend_path": {}}}, "track_dirty_pages": {track_dirty_pages}, "resume_vm": {resume_vm}}}"#,
+            json_path(&self.state),
+            json_path(socket)
         )
     }
 }
@@ -531,6 +548,153 @@ fn full_snapshot_loaded_paused_runs_only_after_patch_resumed() {
     let tick = next_tick_after(&vm, before, "after the load and PATCH Resumed");
     vm.wait_for(&format!("snap-tick {}", tick + 3), LIMIT);
     assert_no_second_boot(&vm);
+    end_with_ctrl_alt_del(&mut vm);
+}
+
+/// The Uffd backend, with a handler of our own written to Firecracker's handshake: a Full
+/// snapshot loaded with resume_vm continues from the tick after the snapshot's, its disk
+/// marker read back every tick, and ends on Ctrl-Alt-Del with its check passed, its memory
+/// filled by the handler (which was told of the guest's one region, at offset 0 of the memory
+/// file, 4 KiB pages). Loaded with track_dirty_pages, it then takes a Diff of the few pages
+/// dirtied since, as a VM restored from the file would.
+#[test]
+fn full_snapshot_loaded_through_a_uffd_handler_continues_the_guest() {
+    let dir = work_dir("uffd");
+    let snap = Snap::in_dir(&dir, "full");
+    let before = boot_and_snapshot("snap-uffd", &dir, &snap);
+    let socket = dir.join("uffd.sock");
+    let handler = FaultHandler::listen(&socket, &snap.mem);
+    let mut vm = Running::start("snap-uffd-restored", &[]);
+    let body = snap.uffd_load_body(&socket, true, true);
+    expect_204(
+        &vm,
+        "PUT",
+        "/snapshot/load",
+        &body,
+        "load with the Uffd backend",
+    );
+    assert_eq!(
+        vm_state(&vm),
+        "Running",
+        "after a Uffd load with resume_vm true"
+    );
+    let tick = next_tick_after(&vm, before, "after the Uffd load");
+    vm.wait_for(&format!("snap-tick {}", tick + 3), LIMIT);
+    assert_no_second_boot(&vm);
+    assert!(
+        handler.filled() > 0,
+        "the guest runs but the handler filled no page: is guest memory registered with the \
+         userfaultfd?"
+    );
+    pause(&vm);
+    let diff = Snap::in_dir(&dir, "diff");
+    create(&vm, "Diff", &diff);
+    let allocated = fs::metadata(&diff.mem).unwrap().blocks() * 512;
+    assert!(
+        allocated > 0 && allocated < (MEM_MIB << 20) / 2,
+        "a Diff of a Uffd-backed VM should hold only the pages dirtied since the load, not \
+         {allocated} bytes of {MEM_MIB} MiB"
+    );
+    set_state(&vm, "Resumed");
+    end_with_ctrl_alt_del(&mut vm);
+    let served = handler.finish();
+    let expected = common::uffd::Mapping {
+        base_host_virt_addr: served.mappings[0].base_host_virt_addr,
+        size: MEM_MIB << 20,
+        offset: 0,
+        page_size: PAGE as u64,
+        page_size_kib: PAGE as u64,
+    };
+    assert_eq!(served.mappings, vec![expected], "the handshake's regions");
+    assert!(
+        served.copied > 0,
+        "no page came from the memory file: {served:?}"
+    );
+    assert_eq!(
+        sector(&dir.join("disk.img"), MARKER_SECTOR),
+        snapshot_marker(1)
+    );
+}
+
+/// The Uffd backend on a process prepared with `--warm-restore`: the prepared memory goes to
+/// the handler untouched, which fills it, and the guest continues from the next tick.
+#[test]
+fn a_warm_process_loads_through_a_uffd_handler() {
+    let dir = work_dir("uffd-warm");
+    let snap = Snap::in_dir(&dir, "full");
+    let before = boot_and_snapshot("snap-uffd-warm", &dir, &snap);
+    let socket = dir.join("uffd.sock");
+    let handler = FaultHandler::listen(&socket, &snap.mem);
+    let warm = snap.state.to_str().unwrap().to_owned();
+    let mut vm = Running::start("snap-uffd-warm-restored", &["--warm-restore", &warm]);
+    let body = snap.uffd_load_body(&socket, false, true);
+    expect_204(
+        &vm,
+        "PUT",
+        "/snapshot/load",
+        &body,
+        "a warm load with the Uffd backend",
+    );
+    let tick = next_tick_after(&vm, before, "after the warm Uffd load");
+    vm.wait_for(&format!("snap-tick {}", tick + 2), LIMIT);
+    assert_no_second_boot(&vm);
+    end_with_ctrl_alt_del(&mut vm);
+    let served = handler.finish();
+    assert!(
+        served.copied > 0,
+        "no page came from the memory file: {served:?}"
+    );
+}
+
+/// A Uffd load with nothing at backend_path, or a socket nobody listens on any more: each a
+/// 400 with one line saying it cannot connect, the process still fresh, and the same
+/// snapshot then loads from its memory file and continues.
+#[test]
+fn a_uffd_load_without_a_handler_is_refused_and_a_file_load_then_works() {
+    let dir = work_dir("uffd-bad");
+    let snap = Snap::in_dir(&dir, "full");
+    let before = boot_and_snapshot("snap-uffd-bad", &dir, &snap);
+    let gone = dir.join("gone.sock");
+    drop(std::os::unix::net::UnixListener::bind(&gone).unwrap());
+    let mut vm = Running::start("snap-uffd-bad-loader", &[]);
+    let cases = [
+        (
+            dir.join("absent.sock"),
+            "a backend_path that does not exist",
+            "no such file",
+        ),
+        (
+            gone,
+            "a socket whose listener is gone",
+            "connection refused",
+        ),
+    ];
+    for (socket, case, why) in cases {
+        let body = snap.uffd_load_body(&socket, false, true);
+        let message = expect_refused(&vm, "PUT", "/snapshot/load", &body, case, &[why]);
+        assert!(
+            message.contains("page-fault handler") && message.contains(socket.to_str().unwrap()),
+            "{case}: the fault should name the handler's socket: {message}"
+        );
+        assert_eq!(
+            vm_state(&vm),
+            "Not started",
+            "after the refused load with {case}, the process should still be fresh"
+        );
+    }
+    let body = snap.load_body(false, true);
+    expect_204(
+        &vm,
+        "PUT",
+        "/snapshot/load",
+        &body,
+        "a File load after refused Uffd loads",
+    );
+    next_tick_after(
+        &vm,
+        before,
+        "after the File load that followed refused Uffd loads",
+    );
     end_with_ctrl_alt_del(&mut vm);
 }
 

@@ -304,7 +304,16 @@ mod tests {
                 "/snapshot/load",
                 br#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"},"resume_vm":true}"#
             ),
-            Ok(ApiRequest::LoadSnapshot(p)) if p.resume_vm && p.mem_file().is_ok()
+            Ok(ApiRequest::LoadSnapshot(p)) if p.resume_vm && p.mem_backend().is_ok()
+        ));
+        assert!(matches!(
+            route(
+                "PUT",
+                "/snapshot/load",
+                br#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"h.sock"}}"#
+            ),
+            Ok(ApiRequest::LoadSnapshot(p))
+                if p.mem_backend().ok() == Some(crate::snapshot::MemBackend::Uffd("h.sock".into()))
         ));
         let (_, why) = fault(route(
             "PUT",

@@ -303,14 +303,21 @@ pub struct SnapshotLoadParams {
 }
 
 impl SnapshotLoadParams {
-    /// The memory file, from whichever of the two fields gives it (exactly one must).
-    pub fn mem_file(&self) -> Result<&str, BadRequest> {
+    /// Where guest memory comes from, from whichever of the two fields gives it (exactly one
+    /// must; `mem_file_path` is a memory file).
+    pub fn mem_backend(&self) -> Result<crate::snapshot::MemBackend, BadRequest> {
+        use crate::snapshot::MemBackend as Backend;
         match (&self.mem_file_path, &self.mem_backend) {
             (Some(_), Some(_)) => bad("Only one of mem_file_path and mem_backend may be given."),
             (None, None) => bad("Either mem_file_path or mem_backend must be given."),
-            (Some(path), None) => Ok(path),
-            (None, Some(b)) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
-            (None, Some(_)) => bad("the Uffd memory backend is not supported by Skiff yet"),
+            (Some(path), None) => Ok(Backend::File(path.into())),
+            (None, Some(b)) => {
+                let path = b.backend_path.clone().into();
+                Ok(match b.backend_type {
+                    MemBackendType::File => Backend::File(path),
+                    MemBackendType::Uffd => Backend::Uffd(path),
+                })
+            }
         }
     }
 }

@@ -11,9 +11,14 @@
 //! is not zero (zero pages are left as holes, which read back as zeros); a diff snapshot writes
 //! only the pages written since the previous snapshot, over whatever the file held: given a copy
 //! of the previous snapshot's memory file, it brings that copy up to date.
+//!
+//! A restore maps the memory file privately ([`MemBackend::File`]), or leaves guest memory to
+//! an external page-fault handler ([`MemBackend::Uffd`], Firecracker's handshake: see
+//! [`connect_uffd_handler`] and `uffd.rs`).
 
 mod format;
 mod memory;
+mod uffd;
 
 use std::path::PathBuf;
 
@@ -26,6 +31,7 @@ use crate::vstate::vm::KvmVmState;
 
 pub use format::{describe_snapshot, parse_state, read_state, write_state, SNAPSHOT_VERSION};
 pub use memory::{open_memory_file, write_memory};
+pub use uffd::{connect_uffd_handler, UffdBackend, UffdError};
 
 /// Full or diff, as Firecracker's `snapshot_type` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -42,6 +48,9 @@ pub enum SnapshotType {
 pub enum MemBackend {
     /// The snapshot's memory file, mapped privately.
     File(PathBuf),
+    /// Anonymous memory whose pages an external handler fills through a userfaultfd, which
+    /// Skiff sends it on the Unix socket at this path with the regions' layout.
+    Uffd(PathBuf),
 }
 
 /// The CPU a snapshot was taken on: a restore on another vendor or model is refused, since the
@@ -176,6 +185,9 @@ pub enum SnapshotError {
     /// The memory file is not a regular file.
     #[error("memory file {} is not a regular file", .0.display())]
     MemFileKind(PathBuf),
+    /// Guest memory cannot be handed to the page-fault handler.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
 }
 
 impl MicrovmState {

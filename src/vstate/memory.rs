@@ -191,6 +191,30 @@ pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
         .collect()
 }
 
+/// Maps `regions` anonymous and empty, for a restore whose pages an external handler fills
+/// (the Uffd backend): the same layout and dirty bitmaps as [`memory_from_file`].
+pub fn memory_anonymous(
+    regions: &[MemoryRegionState],
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let regions = regions
+        .iter()
+        .map(|r| {
+            let len = usize::try_from(r.size).map_err(|_| MemoryError::Regions)?;
+            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| MemoryError::Mmap {
+                    mib: r.size >> 20,
+                    source: vm_memory::mmap::FromRangesError::MmapRegion(e),
+                })?;
+            GuestRegionMmap::new(region, GuestAddress(r.base)).ok_or(MemoryError::Regions)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
+}
+
 /// Maps `regions` of `file` privately: pages are read from the file on first touch, a page the
 /// guest writes becomes this process's own copy, and processes mapping the same file share
 /// the page cache until they write (KVM sees ordinary memory either way).

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod netns;
+pub mod uffd;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
