@@ -461,12 +461,18 @@ fn boots_jailed_as_an_unprivileged_user_in_its_cgroup_and_network_namespace() {
     assert_eq!(limit("Max open files"), ["1000", "1000"]);
     assert_eq!(limit("Max file size"), ["100000000", "100000000"]);
 
-    // The jail's device nodes and directories belong to the jailed user alone.
-    for (node, major, minor) in [
+    // The jail's device nodes and directories belong to the jailed user alone; the host's
+    // /dev/userfaultfd (a misc device with a dynamic minor) is mirrored where it has one.
+    let mut nodes = vec![
         ("dev/kvm", 10, 232),
         ("dev/net/tun", 10, 200),
         ("dev/urandom", 1, 9),
-    ] {
+    ];
+    if let Ok(meta) = fs::metadata("/dev/userfaultfd") {
+        let rdev = meta.rdev();
+        nodes.push(("dev/userfaultfd", libc::major(rdev), libc::minor(rdev)));
+    }
+    for (node, major, minor) in nodes {
         let meta = fs::metadata(root.join(node)).unwrap();
         assert!(meta.file_type().is_char_device(), "{node}");
         assert_eq!(meta.rdev(), libc::makedev(major, minor), "{node}");

@@ -158,8 +158,16 @@ pub fn enter(root: &Path) -> Result<(), ChrootError> {
 }
 
 /// In the jail (after [`enter`]): makes the directories and device nodes the VMM needs,
-/// owned by `uid`:`gid`. `pvm_host` says whether the host's KVM is the PVM flavour.
-pub fn populate(uid: u32, gid: u32, pvm_host: bool) -> Result<(), ChrootError> {
+/// owned by `uid`:`gid`. `pvm_host` says whether the host's KVM is the PVM flavour;
+/// `userfaultfd_minor` is the host's /dev/userfaultfd, made in the jail too (as Firecracker's
+/// jailer does) for snapshot loads with the Uffd backend where the userfaultfd system call is
+/// restricted to privileged processes.
+pub fn populate(
+    uid: u32,
+    gid: u32,
+    pvm_host: bool,
+    userfaultfd_minor: Option<u32>,
+) -> Result<(), ChrootError> {
     let setup = |path: &str, what| {
         let path = path.to_owned();
         move |source| ChrootError::Setup { path, what, source }
@@ -185,10 +193,38 @@ pub fn populate(uid: u32, gid: u32, pvm_host: bool) -> Result<(), ChrootError> {
             Err(e) => return Err(e),
         }
     }
+    if let Some(minor) = userfaultfd_minor {
+        let node = Node {
+            path: "/dev/userfaultfd",
+            major: MISC_MAJOR,
+            minor,
+            required: false,
+        };
+        if let Err(e) = make_node(&node, uid, gid) {
+            log::warn!("{}", crate::error_chain(&e));
+        }
+    }
     if pvm_host {
         fs::create_dir_all(PVM_MARKER).map_err(setup(PVM_MARKER, "mkdir"))?;
     }
     Ok(())
+}
+
+/// The major number of misc devices (Documentation/admin-guide/devices.txt).
+const MISC_MAJOR: u32 = 10;
+
+/// The minor number of the host's /dev/userfaultfd (a misc device with a dynamic minor, from
+/// Linux 6.1), from /proc/misc; read before [`enter`], as the jail has no /proc.
+pub fn userfaultfd_minor() -> Option<u32> {
+    parse_misc_minor(&fs::read_to_string("/proc/misc").ok()?, "userfaultfd")
+}
+
+/// The minor of `name` in /proc/misc's text (`minor name` lines).
+fn parse_misc_minor(text: &str, name: &str) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let (minor, device) = line.trim().split_once(' ')?;
+        (device.trim() == name).then(|| minor.parse().ok())?
+    })
 }
 
 /// Makes a fresh node (replacing whatever a previous run of the same jail left at its path)
@@ -225,4 +261,18 @@ fn make_node(node: &Node, uid: u32, gid: u32) -> Result<(), ChrootError> {
 /// Whether the host's KVM is the PVM flavour (see [`PVM_MARKER`]); read before [`enter`].
 pub fn host_is_pvm() -> bool {
     Path::new(PVM_MARKER).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misc_minors_are_read_by_name() {
+        let text = "200 tun\n 57 vhost-net\n257 userfaultfd\n232 kvm\n";
+        assert_eq!(parse_misc_minor(text, "userfaultfd"), Some(257));
+        assert_eq!(parse_misc_minor(text, "kvm"), Some(232));
+        assert_eq!(parse_misc_minor(text, "fuse"), None);
+        assert_eq!(parse_misc_minor("x userfaultfd\n", "userfaultfd"), None);
+    }
 }

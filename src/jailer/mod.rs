@@ -182,6 +182,8 @@ struct Plan {
     cgroups: CgroupPlan,
     interpreter: Option<PathBuf>,
     pvm_host: bool,
+    /// The host's /dev/userfaultfd minor number, when it has the device.
+    userfaultfd_minor: Option<u32>,
 }
 
 impl Plan {
@@ -227,6 +229,7 @@ impl Plan {
             netns,
             cgroups,
             pvm_host: chroot::host_is_pvm(),
+            userfaultfd_minor: chroot::userfaultfd_minor(),
         })
     }
 
@@ -313,7 +316,12 @@ pub unsafe fn run(config: &JailConfig) -> Result<(), JailerError> {
         false => None,
     };
     chroot::enter(&plan.root)?;
-    chroot::populate(config.uid, config.gid, plan.pvm_host)?;
+    chroot::populate(
+        config.uid,
+        config.gid,
+        plan.pvm_host,
+        plan.userfaultfd_minor,
+    )?;
     if let Some(interp) = plan.interpreter.as_ref().filter(|i| !i.exists()) {
         return Err(ProcessError::NoInterpreter {
             exec: plan.exec_file.clone(),
