@@ -176,8 +176,12 @@ struct RestoreArgs {
     #[arg(long, value_name = "PATH")]
     snapshot: PathBuf,
     /// The snapshot's memory file, mapped privately (many restores may share it).
-    #[arg(long, value_name = "PATH")]
-    mem_file: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "uffd_socket")]
+    mem_file: Option<PathBuf>,
+    /// Instead of a memory file: the Unix socket of a page-fault handler that serves guest
+    /// memory through a userfaultfd (Firecracker's Uffd backend and handshake).
+    #[arg(long, value_name = "PATH", conflicts_with = "mem_file")]
+    uffd_socket: Option<PathBuf>,
     /// Put network interface ID on TAP NAME instead of the saved one: ID=NAME. Repeatable.
     #[arg(long, value_name = "ID=NAME", value_parser = net_override)]
     net_override: Vec<(String, String)>,
@@ -400,7 +404,12 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
 }
 
 fn restore(args: RestoreArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmError> {
-    let mut config = skiff::builder::RestoreConfig::new(args.snapshot, args.mem_file);
+    // clap requires one of the two.
+    let backend = match args.uffd_socket {
+        Some(socket) => skiff::snapshot::MemBackend::Uffd(socket),
+        None => skiff::snapshot::MemBackend::File(args.mem_file.unwrap_or_default()),
+    };
+    let mut config = skiff::builder::RestoreConfig::with_mem_backend(args.snapshot, backend);
     config.network_overrides = args.net_override;
     config.track_dirty_pages = args.track_dirty_pages;
     config.clock_realtime = args.clock_realtime;
