@@ -16,6 +16,7 @@ use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::seccomp::Filters;
 use crate::snapshot::{self, MemBackend, MicrovmState, UffdBackend};
 use crate::vmm::{Vm, VmParts, VmmError};
@@ -41,6 +42,8 @@ pub struct RestoreConfig {
     pub network_overrides: Vec<(String, String)>,
     /// Move the guest's kvmclock on by the wall-clock time since the snapshot.
     pub clock_realtime: bool,
+    /// A new path for the vsock device's socket (Firecracker's `vsock_override`).
+    pub vsock_override: Option<PathBuf>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
@@ -67,6 +70,7 @@ impl RestoreConfig {
             track_dirty_pages: false,
             network_overrides: Vec::new(),
             clock_realtime: false,
+            vsock_override: None,
             kvm_device: crate::config::DEFAULT_KVM_DEVICE.into(),
             console_input: ConsoleInput::default(),
             console_output: None,
@@ -212,6 +216,14 @@ fn attach_config_devices(
     if let Some(entropy) = &config.entropy {
         let rng = Rng::new(entropy.rate_limiter.as_ref()).map_err(DeviceError::Rng)?;
         params.push(devices.add_rng(vm_fd, mem, rng)?);
+    }
+    if let Some(v) = &config.vsock {
+        v.check()
+            .map_err(VsockError::Config)
+            .map_err(DeviceError::Vsock)?;
+        let path = std::path::Path::new(&v.uds_path);
+        let vsock = Vsock::new(u64::from(v.guest_cid), path).map_err(DeviceError::Vsock)?;
+        params.push(devices.add_vsock(vm_fd, mem, vsock)?);
     }
     Ok(params)
 }
@@ -414,12 +426,14 @@ pub(crate) fn build_from_snapshot(
         Some(&state.devices),
     )?;
     let overrides = &restore.network_overrides;
-    devices.restore_virtio(&vm_fd, &mem, &state.devices, |id| {
+    let tap_override = |id: &str| {
         overrides
             .iter()
             .find(|(iface, _)| iface == id)
             .map(|(_, tap)| tap.clone())
-    })?;
+    };
+    let vsock_override = restore.vsock_override.as_deref();
+    devices.restore_virtio(&vm_fd, &mem, &state.devices, tap_override, vsock_override)?;
     let mut saved = state.vcpus.iter();
     let vcpus = create_vcpus(
         &vm_fd,

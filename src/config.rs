@@ -39,6 +39,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The entropy device (virtio-rng), if any.
     pub entropy: Option<EntropyConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -55,6 +57,20 @@ pub struct EntropyConfig {
     /// Limits on the bytes and requests the guest gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// The vsock device, as Firecracker's `PUT /vsock` describes it: the guest's CID and the Unix
+/// socket host programs connect to (guest connections to host port P reach `<uds_path>_P`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// An id for the device (deprecated in Firecracker; kept and shown back as given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's context id: 3 or more (0 to 2 are reserved), not 2^32-1 (any).
+    pub guest_cid: u32,
+    /// The Unix socket Skiff listens on; it must not exist.
+    pub uds_path: String,
 }
 
 /// A virtio network device on a TAP.
@@ -302,6 +318,48 @@ impl std::str::FromStr for EntropyConfig {
     }
 }
 
+impl VsockConfig {
+    /// Refuses a reserved CID or an empty or unusable socket path.
+    pub fn check(&self) -> Result<(), String> {
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(format!(
+                "guest_cid {} is reserved: use 3 to 4294967294",
+                self.guest_cid
+            ));
+        }
+        // sun_path holds 108 bytes with the terminating NUL.
+        if self.uds_path.is_empty() || self.uds_path.len() > 107 || self.uds_path.contains('\0') {
+            return Err(format!(
+                "uds_path '{}' is not a usable Unix socket path (1 to 107 bytes)",
+                self.uds_path.escape_debug()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+
+    /// Parses `cid=N,uds=PATH`.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let (mut cid, mut uds) = (None, None);
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            match key {
+                "cid" => cid = Some(value.parse().map_err(|_| format!("bad cid '{value}'"))?),
+                "uds" => uds = Some(value.to_owned()),
+                other => return Err(format!("unknown key '{other}' (expected cid, uds)")),
+            }
+        }
+        Ok(Self {
+            vsock_id: None,
+            guest_cid: cid.ok_or("cid= is missing")?,
+            uds_path: uds.ok_or("uds= is missing")?,
+        })
+    }
+}
+
 impl std::str::FromStr for DiskConfig {
     type Err = DiskSpecError;
 
@@ -361,6 +419,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             entropy: None,
+            vsock: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

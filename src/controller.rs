@@ -205,6 +205,7 @@ impl Controller {
                 | ApiRequest::PutDrive(_)
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutEntropy(_)
+                | ApiRequest::PutVsock(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -242,6 +243,7 @@ impl Controller {
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
+            ApiRequest::PutVsock(v) => done(v.checked().map(|v| self.config.vsock = Some(v))),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {
@@ -298,9 +300,6 @@ impl Controller {
                 "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
             );
         }
-        if p.vsock_override.is_some() {
-            return ApiResponse::fault(400, "vsock is not supported by Skiff yet");
-        }
         let mem_backend = match p.mem_backend() {
             Ok(backend) => backend,
             Err(e) => return bad(e),
@@ -311,6 +310,7 @@ impl Controller {
             .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
             .collect();
         restore.clock_realtime = p.clock_realtime;
+        restore.vsock_override = p.vsock_override.as_ref().map(|v| v.uds_path.clone().into());
         restore.kvm_device = self.config.kvm_device.clone();
         restore.console_input = self.config.console_input;
         restore.console_output = self.config.console_output.clone();
@@ -334,6 +334,9 @@ impl Controller {
         match result {
             Ok(state) => {
                 state.describe_in(&mut self.config, &restore.network_overrides);
+                if let (Some(v), Some(path)) = (&mut self.config.vsock, &restore.vsock_override) {
+                    v.uds_path = path.to_string_lossy().into_owned();
+                }
                 self.config.track_dirty_pages = restore.track_dirty_pages;
                 info!(
                     "instance {} restored from {} in {:?}",

@@ -25,6 +25,7 @@ use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
 use crate::devices::virtio::rng::{Rng, RngError, RngState};
+use crate::devices::virtio::vsock::{Vsock, VsockError, VsockState};
 use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -79,6 +80,9 @@ pub enum DeviceError {
     /// The entropy device cannot be set up or restored.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// The vsock device cannot be set up or restored.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -113,6 +117,8 @@ pub struct DevicesState {
     pub nets: Vec<VirtioSlotState<NetState>>,
     /// The entropy device.
     pub entropy: Vec<VirtioSlotState<RngState>>,
+    /// The vsock device.
+    pub vsock: Vec<VirtioSlotState<VsockState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -136,14 +142,21 @@ pub struct DeviceRegistry {
     pub nets: BTreeMap<String, VirtioSlot<Net>>,
     /// The entropy device, under [`ENTROPY_ID`].
     pub entropy: BTreeMap<String, VirtioSlot<Rng>>,
+    /// The vsock device, under [`VSOCK_ID`].
+    pub vsock: BTreeMap<String, VirtioSlot<Vsock>>,
 }
 
 /// The registry's id of the entropy device (there is at most one, as in Firecracker).
 pub const ENTROPY_ID: &str = "entropy";
+/// The registry's id of the vsock device (there is at most one, as in Firecracker).
+pub const VSOCK_ID: &str = "vsock";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
-        self.blocks.contains_key(id) || self.nets.contains_key(id) || self.entropy.contains_key(id)
+        self.blocks.contains_key(id)
+            || self.nets.contains_key(id)
+            || self.entropy.contains_key(id)
+            || self.vsock.contains_key(id)
     }
 }
 
@@ -293,6 +306,16 @@ impl DeviceManager {
         self.attach(vm, mem, ENTROPY_ID, rng, None, |r| &mut r.entropy)
     }
 
+    /// Adds the vsock device in the next MMIO slot; returns its kernel parameter.
+    pub fn add_vsock(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        vsock: Vsock,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, VSOCK_ID, vsock, None, |r| &mut r.vsock)
+    }
+
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
     fn attach<D>(
@@ -350,22 +373,28 @@ impl DeviceManager {
             entropy: (r.entropy.iter())
                 .map(|(id, s)| slot_state(id, s, Rng::save))
                 .collect(),
+            vsock: (r.vsock.iter())
+                .map(|(id, s)| slot_state(id, s, Vsock::save))
+                .collect(),
         }
     }
 
     /// Puts back the virtio devices `state` saved, each in its slot, with its transport and,
     /// where the driver had it running, its queues. A network interface's TAP is the one
-    /// `tap_override` gives for its id, or the saved one.
+    /// `tap_override` gives for its id, or the saved one; the vsock device listens on
+    /// `vsock_override`, or its saved path.
     pub fn restore_virtio(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         state: &DevicesState,
         tap_override: impl Fn(&str) -> Option<String>,
+        vsock_override: Option<&std::path::Path>,
     ) -> Result<(), DeviceError> {
         let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
             .chain(state.nets.iter().map(|n| n.slot))
             .chain(state.entropy.iter().map(|e| e.slot))
+            .chain(state.vsock.iter().map(|v| v.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -384,6 +413,10 @@ impl DeviceManager {
                 let rng = Rng::from_state(&e.device)?;
                 let saved = (&e.transport, e.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &e.id, rng, Some(saved), |r| &mut r.entropy)?;
+            } else if let Some(v) = state.vsock.iter().find(|v| v.slot == slot) {
+                let vsock = Vsock::from_state(vsock_override, &v.device)?;
+                let saved = (&v.transport, v.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &v.id, vsock, Some(saved), |r| &mut r.vsock)?;
             }
         }
         Ok(())

@@ -240,6 +240,10 @@ struct RunArgs {
     /// limit of bw=BYTES and/or ops=N a second.
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "")]
     entropy: Option<skiff::config::EntropyConfig>,
+    /// A vsock device: the guest's CID (3 or more) and the Unix socket host programs connect
+    /// to (`CONNECT <port>`); guest connections to host port P reach the listener at PATH_P.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<skiff::config::VsockConfig>,
 }
 
 /// Puts a terminal on stdin into raw mode, and back into canonical mode when dropped (also on
@@ -390,6 +394,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,
+        vsock: args.vsock,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

@@ -140,6 +140,47 @@ counters!(
     }
 );
 
+counters!(
+    /// The vsock device, under Firecracker's names ("rx" is towards the guest, "tx" from it)
+    /// and a few of Skiff's own.
+    VsockMetrics {
+        /// Notifications of the receive queue (the guest gave buffers).
+        rx_queue_event_count,
+        /// Notifications of the transmit queue.
+        tx_queue_event_count,
+        /// Packets delivered to the guest.
+        rx_packets_count,
+        /// Data bytes delivered to the guest.
+        rx_bytes_count,
+        /// Packets taken from the guest.
+        tx_packets_count,
+        /// Data bytes taken from the guest for the host.
+        tx_bytes_count,
+        /// Connections made, either side's.
+        conns_added,
+        /// Connections torn down by an error, a timeout or a protocol breach.
+        conns_killed,
+        /// Connections gone, however they ended.
+        conns_removed,
+        /// Connections refused: over the limits, a bad CONNECT line, the device not running.
+        conns_refused,
+        /// Guest packets dropped: a broken chain, a bad length, a wrong CID or socket type.
+        tx_invalid_packets,
+        /// Resets for stray guest packets dropped because too many were waiting.
+        rx_rst_dropped,
+        /// Receive chains too broken to fill.
+        rx_invalid_chains,
+        /// Socket event handling that failed.
+        muxer_event_fails,
+        /// Connections whose stream could not be watched.
+        conn_event_fails,
+        /// Transport resets that found no buffer in the event queue (sent when one comes).
+        ev_queue_event_fails,
+        /// Transport resets sent to the guest.
+        transport_resets,
+    }
+);
+
 /// Milliseconds since the Unix epoch.
 pub fn utc_timestamp_ms() -> u64 {
     std::time::SystemTime::now()

@@ -41,7 +41,7 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics};
+use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics, VsockMetrics};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
@@ -211,6 +211,7 @@ struct MetricsSources {
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
+    vsock: Option<Arc<VsockMetrics>>,
 }
 
 /// What the builder makes a [`Vm`] of.
@@ -286,6 +287,12 @@ impl Vm {
             metrics.blocks.push((id.clone(), m));
         }
         metrics.entropy = (registry.entropy.values().next()).map(|slot| {
+            slot.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics()
+        });
+        metrics.vsock = (registry.vsock.values().next()).map(|slot| {
             slot.device
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -494,6 +501,7 @@ impl Vm {
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
+            "vsock": self.metrics.vsock.as_ref().map(|m| m.to_json()),
         })
     }
 

@@ -258,8 +258,8 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
         (
             "PUT",
             "/vsock",
-            Some("{}"),
-            "vsock is not supported by Skiff yet",
+            Some(r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#),
+            "guest_cid 2 is reserved",
         ),
         (
             "GET",
@@ -428,7 +428,7 @@ fn config_file_and_flag_errors_are_one_line() {
     let vsock = tmp("api-vsock.json");
     std::fs::write(
         &vsock,
-        r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 3, "uds_path": "/v"}}"#,
+        r#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 1, "uds_path": "/v"}}"#,
     )
     .unwrap();
     let busy = tmp("api-busy.sock");
@@ -445,7 +445,7 @@ fn config_file_and_flag_errors_are_one_line() {
         ),
         (
             vec!["--config-file", vsock.to_str().unwrap(), "--no-api"],
-            "vsock is not supported by Skiff yet".to_owned(),
+            "guest_cid 1 is reserved".to_owned(),
         ),
         (
             vec!["--api-sock", busy.to_str().unwrap()],

@@ -35,7 +35,8 @@ fn exercise(bytes: &[u8]) {
     state.describe_in(&mut config, &[("net0".into(), "tap-fuzz".into())]);
     let mem = skiff::vstate::memory::anonymous(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
     let queues = (state.devices.blocks.iter().map(|b| (&b.transport, &b.device.virtio)))
-        .chain(state.devices.nets.iter().map(|n| (&n.transport, &n.device.virtio)));
+        .chain(state.devices.nets.iter().map(|n| (&n.transport, &n.device.virtio)))
+        .chain(state.devices.vsock.iter().map(|v| (&v.transport, &v.device.virtio)));
     for (transport, virtio) in queues {
         for q in transport.queues.iter().chain(&virtio.queues) {
             if let Ok(queue) = q.to_queue() {

@@ -52,6 +52,8 @@ pub enum ApiRequest {
     PutMetrics(Metrics),
     /// `PUT /entropy`
     PutEntropy(crate::config::EntropyConfig),
+    /// `PUT /vsock`
+    PutVsock(crate::config::VsockConfig),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -72,6 +74,7 @@ impl ApiRequest {
                 | Self::PutMetrics(_)
                 | Self::LoadSnapshot(_)
                 | Self::PutEntropy(_)
+                | Self::PutVsock(_)
         )
     }
 }
@@ -113,7 +116,6 @@ impl ApiResponse {
 
 /// Endpoints of later work: answered with 400 and a clear message until they exist.
 const NOT_YET: &[(&str, &str)] = &[
-    ("/vsock", "vsock"),
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "custom CPU templates"),
@@ -221,6 +223,7 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "logger", None) => ApiRequest::PutLogger(body(bytes)?),
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
         ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
+        ("PUT", "vsock", None) => ApiRequest::PutVsock(body(bytes)?),
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),
@@ -291,9 +294,16 @@ mod tests {
         .1
         .contains("does not match"));
         assert_eq!(
-            fault(route("PUT", "/vsock", b"{}")),
-            (400, "vsock is not supported by Skiff yet".to_owned())
+            fault(route("PUT", "/mmds", b"{}")),
+            (400, "MMDS is not supported by Skiff yet".to_owned())
         );
+        assert!(matches!(
+            route("PUT", "/vsock", br#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
+            Ok(ApiRequest::PutVsock(v)) if v.guest_cid == 3 && v.vsock_id.is_none()
+        ));
+        assert!(fault(route("PUT", "/vsock", br#"{"guest_cid": 3}"#))
+            .1
+            .contains("missing field `uds_path`"));
         assert_eq!(
             fault(route("PUT", "/snapshot/create", b"{}")).1,
             "missing field `snapshot_path`"

@@ -220,6 +220,14 @@ impl crate::config::EntropyConfig {
     }
 }
 
+impl crate::config::VsockConfig {
+    /// The device as `PUT /vsock` gives it, refused when its CID or path is unusable.
+    pub fn checked(&self) -> Result<Self, BadRequest> {
+        self.check().map_err(BadRequest)?;
+        Ok(self.clone())
+    }
+}
+
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,7 +302,7 @@ pub struct SnapshotLoadParams {
     /// Interfaces to put on other TAPs.
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
-    /// A vsock's new socket (refused: Skiff has no vsock yet).
+    /// The vsock device's new socket path (the saved one may still be taken).
     #[serde(default)]
     pub vsock_override: Option<VsockOverride>,
     /// Advance kvmclock by the wall-clock time since the snapshot.
@@ -354,6 +362,9 @@ pub struct FullVmConfig {
     /// The entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<crate::config::EntropyConfig>,
+    /// The vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::config::VsockConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
@@ -361,7 +372,6 @@ pub struct FullVmConfig {
 
 /// Sections of Firecracker's document that Skiff does not have yet.
 const NOT_YET: &[&str] = &[
-    "vsock",
     "balloon",
     "mmds-config",
     "cpu-config",
@@ -627,6 +637,9 @@ impl FullVmConfig {
         if let Some(e) = &self.entropy {
             config.entropy = Some(e.checked()?);
         }
+        if let Some(v) = &self.vsock {
+            config.vsock = Some(v.checked()?);
+        }
         Ok(config)
     }
 
@@ -648,6 +661,7 @@ impl FullVmConfig {
             logger,
             metrics,
             entropy: config.entropy,
+            vsock: config.vsock.clone(),
             unsupported: std::collections::BTreeMap::new(),
         }
     }
@@ -792,12 +806,28 @@ mod tests {
         assert!(config.nets[0].tx_rate_limiter.is_some());
         let back = FullVmConfig::of(&config, None, None);
         assert_eq!(back.to_vm_config().unwrap(), config);
-        let vsock: FullVmConfig =
-            parse(r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{}}"#).unwrap();
+        let mmds: FullVmConfig =
+            parse(r#"{"boot-source":{"kernel_image_path":"/k"},"mmds-config":{}}"#).unwrap();
         assert_eq!(
-            vsock.to_vm_config().unwrap_err().0,
-            "vsock is not supported by Skiff yet"
+            mmds.to_vm_config().unwrap_err().0,
+            "mmds-config is not supported by Skiff yet"
         );
+        let vsock: FullVmConfig = parse(
+            r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{"guest_cid":3,"uds_path":"/v"}}"#,
+        )
+        .unwrap();
+        let config = vsock.to_vm_config().unwrap();
+        assert_eq!(config.vsock.as_ref().unwrap().guest_cid, 3);
+        assert_eq!(FullVmConfig::of(&config, None, None).vsock, vsock.vsock);
+        for bad in [
+            r#""guest_cid":2,"uds_path":"/v""#,
+            r#""guest_cid":3,"uds_path":"""#,
+        ] {
+            let doc =
+                format!(r#"{{"boot-source":{{"kernel_image_path":"/k"}},"vsock":{{{bad}}}}}"#);
+            let v: FullVmConfig = parse(&doc).unwrap();
+            assert!(v.to_vm_config().is_err(), "{bad}");
+        }
         let odd: FullVmConfig =
             parse(r#"{"boot-source":{"kernel_image_path":"/k"},"bogus":1}"#).unwrap();
         assert!(odd

@@ -185,6 +185,7 @@ mod tests {
         use crate::devices::virtio::mmio::MmioTransportState;
         use crate::devices::virtio::net::NetState;
         use crate::devices::virtio::rng::RngState;
+        use crate::devices::virtio::vsock::VsockState;
         use crate::devices::virtio::{QueueSnapshot, VirtioState};
 
         let bucket = TokenBucketConfig {
@@ -273,9 +274,19 @@ mod tests {
             entropy: vec![VirtioSlotState {
                 id: "entropy".into(),
                 slot: 2,
-                transport,
+                transport: transport.clone(),
                 device: RngState {
                     rate_limiter: limiter,
+                    virtio: virtio.clone(),
+                },
+            }],
+            vsock: vec![VirtioSlotState {
+                id: "vsock".into(),
+                slot: 3,
+                transport,
+                device: VsockState {
+                    guest_cid: 3,
+                    uds_path: "v.sock".into(),
                     virtio,
                 },
             }],

@@ -207,7 +207,8 @@ impl MicrovmState {
         memory::check_regions(&self.memory)
     }
 
-    /// Describes the restored VM in `config`: vCPUs, memory, disks and network interfaces
+    /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and
+    /// the other devices
     /// (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
     pub fn describe_in(
         &self,
@@ -229,6 +230,11 @@ impl MicrovmState {
             .collect();
         config.entropy = (self.devices.entropy.first()).map(|e| crate::config::EntropyConfig {
             rate_limiter: e.device.rate_limiter,
+        });
+        config.vsock = (self.devices.vsock.first()).map(|v| crate::config::VsockConfig {
+            vsock_id: None,
+            guest_cid: u32::try_from(v.device.guest_cid).unwrap_or(u32::MAX),
+            uds_path: v.device.uds_path.clone(),
         });
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
