@@ -3,7 +3,7 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,snapshot mem=<MiB> cpus=<N>, and the
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,vsock,snapshot mem=<MiB> cpus=<N>, and the
  * parameters each check describes
  */
 #include <stdint.h>
@@ -386,7 +386,7 @@ struct vq {
 struct vdev {
 	uintptr_t base;
 	unsigned irq;
-	struct vq q[2];
+	struct vq q[3];
 };
 static uint32_t vr(struct vdev *d, uint32_t off) { return mmio_read32(d->base + off); }
 static void vw(struct vdev *d, uint32_t off, uint32_t v) { mmio_write32(d->base + off, v); }
@@ -1372,6 +1372,504 @@ static void check_ticks(void)
 	report("ticks", 1, 0);
 }
 
+/* ---- virtio-vsock (virtio 1.2, 5.10): a polled driver with a few sockets ---- */
+#define VIRTIO_ID_VSOCK 19
+#define VS_RXQ 0
+#define VS_TXQ 1
+#define VS_EVQ 2
+#define VS_HDR 44
+#define VS_RX_BUF 4096		/* header and data of one received packet */
+#define VS_TX_DATA 4096		/* most data in one sent packet */
+#define VS_TX_SLOTS (QSZ / 2)	/* packets in flight: descriptors 2s (header) and 2s+1 (data) */
+#define VS_EV_BUFS 4
+#define VS_BUF_ALLOC 65536	/* receive space each socket offers the host */
+#define VS_MAX_CONN 16
+#define VS_HOST_CID 2
+#define VS_OP_REQUEST 1
+#define VS_OP_RESPONSE 2
+#define VS_OP_RST 3
+#define VS_OP_SHUTDOWN 4
+#define VS_OP_RW 5
+#define VS_OP_CREDIT_UPDATE 6
+#define VS_OP_CREDIT_REQUEST 7
+#define VS_SHUT_BOTH 3
+#define VS_HOSTILE_PORT 40000	/* source ports of the hostile mode's probes */
+
+struct vs_hdr {
+	uint64_t src_cid, dst_cid;
+	uint32_t src_port, dst_port, len;
+	uint16_t type, op;
+	uint32_t flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+enum { VS_FREE, VS_CONNECTING, VS_OPEN, VS_CLOSING };
+
+struct vs_conn {
+	int state, echo;
+	uint32_t local_port, peer_port;
+	uint32_t peer_buf_alloc, peer_fwd_cnt, tx_cnt;	/* the host's credit and what we sent */
+	uint32_t fwd_cnt, fwd_told;			/* what we consumed, and last told */
+	uint32_t ring_head, ring_len;			/* echo data waiting to go back */
+	uint32_t peer_shut;
+	int credit_asked;
+	uint64_t got, sent, to_send, sum_in, t0;
+	uint8_t ring[VS_BUF_ALLOC];
+};
+
+static struct vdev vs;
+static uint64_t vs_cid;
+static uint8_t vs_rxbuf[QSZ][VS_RX_BUF] __attribute__((aligned(64)));
+static uint8_t vs_txbuf[VS_TX_SLOTS][VS_HDR + VS_TX_DATA] __attribute__((aligned(64)));
+static uint32_t vs_evbuf[VS_EV_BUFS];
+static uint16_t vs_tx_free[VS_TX_SLOTS];
+static unsigned vs_tx_nfree, vs_split;
+static struct vs_conn vs_conns[VS_MAX_CONN];
+static uint32_t vs_next_port = 1024;
+static struct {
+	uint64_t resets, done, refused, overrun, bad, hostile_rst, tx_stalls;
+} vs_stat;
+static int vs_ready;
+
+/* One instruction per copy, where a byte loop costs the most under instruction emulation. */
+static void vs_copy(void *d, const void *s, size_t n)
+{
+	__asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(n) :: "memory");
+}
+
+/* What the guest sends the host: byte i is (i * 31) ^ (i >> 9), which repeats every 2^17. */
+#define VS_PATTERN (1u << 17)
+static uint8_t vs_pattern_table[VS_PATTERN];
+static void vs_fill_pattern(void)
+{
+	for (uint32_t i = 0; i < VS_PATTERN; i++)
+		vs_pattern_table[i] = (uint8_t)((i * 31) ^ (i >> 9));
+}
+static uint64_t fnv(uint64_t h, const uint8_t *p, size_t n)
+{
+	while (n--) {
+		h ^= *p++;
+		h *= 0x100000001b3ull;
+	}
+	return h;
+}
+#define FNV_INIT 0xcbf29ce484222325ull
+
+/* The host's credit for `c`: bytes it can take now. */
+static uint32_t vs_credit(struct vs_conn *c)
+{
+	uint32_t in_flight = c->tx_cnt - c->peer_fwd_cnt;
+	return in_flight > c->peer_buf_alloc ? 0 : c->peer_buf_alloc - in_flight;
+}
+
+static void vs_reclaim(void)
+{
+	uint32_t id, len;
+	while (vq_used(&vs, VS_TXQ, &id, &len))
+		if (id / 2 < VS_TX_SLOTS)
+			vs_tx_free[vs_tx_nfree++] = (uint16_t)(id / 2);
+}
+
+/* Queues one packet: `hdr` and `len` bytes of `data`, in one descriptor or (every other
+ * packet, and always with `split`) a header descriptor and a data descriptor. `wflag` makes
+ * the data descriptor device-writable (a hostile probe). Returns 0 when no slot frees up. */
+static int vs_queue(const struct vs_hdr *hdr, const void *data, uint32_t len, int split, uint16_t wflag)
+{
+	for (unsigned i = 0; !vs_tx_nfree; i++) {
+		if (i > 50000000) {
+			vs_stat.tx_stalls++;
+			return 0;
+		}
+		__asm__ volatile("pause");
+		vs_reclaim();
+	}
+	uint16_t s = vs_tx_free[--vs_tx_nfree], d = (uint16_t)(2 * s);
+	uint8_t *b = vs_txbuf[s];
+	vs_copy(b, hdr, VS_HDR);
+	if (len > VS_TX_DATA)
+		len = VS_TX_DATA;
+	if (data && len)
+		vs_copy(b + VS_HDR, data, len);
+	if (split || (vs_split++ & 1)) {
+		vs.q[VS_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)b, VS_HDR, len ? VRING_DESC_F_NEXT : 0, (uint16_t)(d + 1) };
+		vs.q[VS_TXQ].desc[d + 1] = (struct virtq_desc){ (uint64_t)b + VS_HDR, len, wflag, 0 };
+	} else {
+		vs.q[VS_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)b, VS_HDR + len, 0, 0 };
+	}
+	vq_publish(&vs, VS_TXQ, d, 0);
+	if (!(*(volatile uint16_t *)&vs.q[VS_TXQ].used.flags & 1))
+		vw(&vs, 0x50, VS_TXQ);
+	return 1;
+}
+
+/* Sends `op` on connection `c`, with its credit. */
+static int vs_send(struct vs_conn *c, uint16_t op, uint32_t flags, const void *data, uint32_t len)
+{
+	struct vs_hdr h = { vs_cid, VS_HOST_CID, c->local_port, c->peer_port, len, 1, op, flags, VS_BUF_ALLOC, c->fwd_cnt };
+	if (!vs_queue(&h, data, len, 0, 0))
+		return 0;
+	c->fwd_told = c->fwd_cnt;
+	c->tx_cnt += len;
+	return 1;
+}
+
+/* An RST answering a packet no socket takes. */
+static void vs_rst(const struct vs_hdr *to)
+{
+	struct vs_hdr h = { vs_cid, VS_HOST_CID, to->dst_port, to->src_port, 0, 1, VS_OP_RST, 0, 0, 0 };
+	vs_queue(&h, 0, 0, 0, 0);
+}
+
+static struct vs_conn *vs_find(uint32_t local, uint32_t peer)
+{
+	for (int i = 0; i < VS_MAX_CONN; i++)
+		if (vs_conns[i].state != VS_FREE && vs_conns[i].local_port == local && vs_conns[i].peer_port == peer)
+			return &vs_conns[i];
+	return 0;
+}
+
+static struct vs_conn *vs_new(uint32_t local, uint32_t peer, int echo)
+{
+	for (int i = 0; i < VS_MAX_CONN; i++) {
+		struct vs_conn *c = &vs_conns[i];
+		if (c->state == VS_FREE) {
+			memset(c, 0, sizeof(*c) - sizeof(c->ring));
+			c->local_port = local;
+			c->peer_port = peer;
+			c->echo = echo;
+			c->sum_in = FNV_INIT;
+			c->t0 = now_us();
+			return c;
+		}
+	}
+	return 0;
+}
+
+/* Connects to host port `port` to send it `bytes` of the pattern. */
+static struct vs_conn *vs_connect(uint32_t port, uint64_t bytes)
+{
+	struct vs_conn *c = vs_new(vs_next_port++, port, 0);
+	if (!c)
+		return 0;
+	c->to_send = bytes;
+	c->state = VS_CONNECTING;
+	vs_send(c, VS_OP_REQUEST, 0, 0, 0);
+	return c;
+}
+
+static void vs_close(struct vs_conn *c, const char *how)
+{
+	uint64_t us = now_us() - c->t0;
+	if (c->echo)
+		printf("vsock: echo port %u %s: %lu bytes in, %lu out, fnv %lx, %lu us\n", c->peer_port, how, c->got, c->sent, c->sum_in, us);
+	else
+		printf("vsock: to host port %u %s: %lu bytes sent, %lu us\n", c->peer_port, how, c->sent, us);
+	c->state = VS_FREE;
+}
+
+/* One packet from the device. */
+static void vs_packet(const struct vs_hdr *h, const uint8_t *data, uint32_t len)
+{
+	if (h->src_cid != VS_HOST_CID || h->dst_cid != vs_cid || h->type != 1 || h->len != len) {
+		vs_stat.bad++;
+		return;
+	}
+	if (h->dst_port >= VS_HOSTILE_PORT && h->dst_port < VS_HOSTILE_PORT + 2000) {
+		vs_stat.hostile_rst += h->op == VS_OP_RST;
+		return;
+	}
+	struct vs_conn *c = vs_find(h->dst_port, h->src_port);
+	if (!c) {
+		if (h->op == VS_OP_REQUEST && h->dst_port == 52 && (c = vs_new(52, h->src_port, 1))) {
+			c->state = VS_OPEN;
+			c->peer_buf_alloc = h->buf_alloc;
+			c->peer_fwd_cnt = h->fwd_cnt;
+			vs_send(c, VS_OP_RESPONSE, 0, 0, 0);
+		} else if (h->op != VS_OP_RST) {
+			vs_rst(h);
+		}
+		return;
+	}
+	c->peer_buf_alloc = h->buf_alloc;
+	c->peer_fwd_cnt = h->fwd_cnt;
+	c->credit_asked = 0;
+	switch (h->op) {
+	case VS_OP_RESPONSE:
+		if (c->state == VS_CONNECTING)
+			c->state = VS_OPEN;
+		break;
+	case VS_OP_RW:
+		c->got += len;
+		c->sum_in = fnv(c->sum_in, data, len);
+		if (!c->echo) {
+			c->fwd_cnt += len;
+			break;
+		}
+		if (len > VS_BUF_ALLOC - c->ring_len) {
+			vs_stat.overrun++;
+			break;
+		}
+		{
+			uint32_t at = (c->ring_head + c->ring_len) % VS_BUF_ALLOC;
+			uint32_t first = len < VS_BUF_ALLOC - at ? len : VS_BUF_ALLOC - at;
+			vs_copy(c->ring + at, data, first);
+			vs_copy(c->ring, data + first, len - first);
+		}
+		c->ring_len += len;
+		break;
+	case VS_OP_SHUTDOWN:
+		c->peer_shut |= h->flags & VS_SHUT_BOTH;
+		break;
+	case VS_OP_CREDIT_REQUEST:
+		vs_send(c, VS_OP_CREDIT_UPDATE, 0, 0, 0);
+		break;
+	case VS_OP_RST:
+		if (c->state == VS_CONNECTING) {
+			vs_stat.refused++;
+			vs_close(c, "refused");
+		} else {
+			vs_stat.done += c->state == VS_CLOSING;
+			vs_close(c, c->state == VS_CLOSING ? "closed" : "reset");
+		}
+		break;
+	default:
+		break;
+	}
+}
+
+/* Sends what connection `c` has to send, as far as the host's credit and free slots go. */
+static int vs_pump(struct vs_conn *c)
+{
+	int work = 0;
+	if (c->state != VS_OPEN)
+		return 0;
+	for (;;) {
+		uint32_t credit = vs_credit(c), n;
+		if (!vs_tx_nfree)
+			vs_reclaim();
+		if (!vs_tx_nfree)
+			break;
+		if (c->echo && c->ring_len) {
+			n = c->ring_len;
+			if (n > VS_BUF_ALLOC - c->ring_head)
+				n = VS_BUF_ALLOC - c->ring_head;
+		} else if (!c->echo && c->sent < c->to_send) {
+			n = c->to_send - c->sent > VS_TX_DATA ? VS_TX_DATA : (uint32_t)(c->to_send - c->sent);
+		} else {
+			break;
+		}
+		if (n > VS_TX_DATA)
+			n = VS_TX_DATA;
+		if (n > credit)
+			n = credit;
+		if (!n) {
+			if (!c->credit_asked) {
+				c->credit_asked = 1;
+				vs_send(c, VS_OP_CREDIT_REQUEST, 0, 0, 0);
+			}
+			break;
+		}
+		const uint8_t *src;
+		if (c->echo) {
+			src = c->ring + c->ring_head;
+		} else {
+			/* The pattern repeats every VS_PATTERN bytes: sent from the table. */
+			uint32_t at = (uint32_t)(c->sent % VS_PATTERN);
+			if (n > VS_PATTERN - at)
+				n = VS_PATTERN - at;
+			src = vs_pattern_table + at;
+		}
+		if (c->echo) {
+			/* Consumed once it is sent: the header carries the new fwd_cnt. */
+			c->fwd_cnt += n;
+		}
+		if (!vs_send(c, VS_OP_RW, 0, src, n)) {
+			if (c->echo)
+				c->fwd_cnt -= n;
+			break;
+		}
+		c->sent += n;
+		if (c->echo) {
+			c->ring_head = (c->ring_head + n) % VS_BUF_ALLOC;
+			c->ring_len -= n;
+		}
+		work = 1;
+	}
+	if (c->fwd_cnt - c->fwd_told >= VS_BUF_ALLOC / 2 && vs_send(c, VS_OP_CREDIT_UPDATE, 0, 0, 0))
+		work = 1;
+	int finished = c->echo ? (c->peer_shut & 2) && !c->ring_len : c->sent == c->to_send;
+	if (finished && vs_send(c, VS_OP_SHUTDOWN, VS_SHUT_BOTH, 0, 0)) {
+		c->state = VS_CLOSING;
+		work = 1;
+	}
+	return work;
+}
+
+static void vs_transport_reset(void)
+{
+	vs_stat.resets++;
+	for (int i = 0; i < VS_MAX_CONN; i++)
+		vs_conns[i].state = VS_FREE;
+	vs_cid = (uint64_t)vr(&vs, 0x100) | ((uint64_t)vr(&vs, 0x104) << 32);
+	printf("vsock: transport reset (cid %lu)\n", vs_cid);
+}
+
+/* Handles what the device used and sends what the sockets have; returns whether anything
+ * happened. */
+static int vs_poll(void)
+{
+	uint32_t id, len;
+	int work = 0, refill = 0;
+	vs_reclaim();
+	while (vq_used(&vs, VS_RXQ, &id, &len)) {
+		id %= QSZ;
+		if (len >= VS_HDR && len <= VS_RX_BUF)
+			vs_packet((const struct vs_hdr *)vs_rxbuf[id], vs_rxbuf[id] + VS_HDR, len - VS_HDR);
+		else
+			vs_stat.bad++;
+		vq_publish(&vs, VS_RXQ, (uint16_t)id, 0);
+		refill = work = 1;
+	}
+	if (refill && !(*(volatile uint16_t *)&vs.q[VS_RXQ].used.flags & 1))
+		vw(&vs, 0x50, VS_RXQ);
+	while (vq_used(&vs, VS_EVQ, &id, &len)) {
+		id %= VS_EV_BUFS;
+		if (len >= 4 && vs_evbuf[id] == 0)
+			vs_transport_reset();
+		vq_publish(&vs, VS_EVQ, (uint16_t)id, 1);
+		work = 1;
+	}
+	for (int i = 0; i < VS_MAX_CONN; i++)
+		work |= vs_pump(&vs_conns[i]);
+	return work;
+}
+
+/* Brings the device up: CID, receive and event buffers. Returns why it failed, or 0. */
+static const char *vs_start(void)
+{
+	const char *why;
+	if (!find_virtio(VIRTIO_ID_VSOCK, &vs))
+		return "no virtio-vsock device on the command line";
+	memset(vs.q, 0, sizeof(vs.q));
+	if ((why = virtio_init(&vs, 0, 3)))
+		return why;
+	vs_cid = (uint64_t)vr(&vs, 0x100) | ((uint64_t)vr(&vs, 0x104) << 32);
+	for (uint16_t i = 0; i < QSZ; i++) {
+		vs.q[VS_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)vs_rxbuf[i], VS_RX_BUF, VRING_DESC_F_WRITE, 0 };
+		vq_publish(&vs, VS_RXQ, i, i == QSZ - 1);
+	}
+	for (uint16_t i = 0; i < VS_EV_BUFS; i++) {
+		vs.q[VS_EVQ].desc[i] = (struct virtq_desc){ (uint64_t)&vs_evbuf[i], sizeof(vs_evbuf[i]), VRING_DESC_F_WRITE, 0 };
+		vq_publish(&vs, VS_EVQ, i, i == VS_EV_BUFS - 1);
+	}
+	vs_tx_nfree = 0;
+	for (uint16_t s = 0; s < VS_TX_SLOTS; s++)
+		vs_tx_free[vs_tx_nfree++] = s;
+	vs_ready = 1;
+	return 0;
+}
+
+/* Publishes one raw descriptor on the transmit queue: `len` bytes at `addr` (0: the slot's own
+ * buffer, which holds `hdr`), with `flags`. */
+static void vs_raw(const struct vs_hdr *hdr, uint64_t addr, uint32_t len, uint16_t flags)
+{
+	while (!vs_tx_nfree)
+		vs_reclaim();
+	uint16_t s = vs_tx_free[--vs_tx_nfree], d = (uint16_t)(2 * s);
+	vs_copy(vs_txbuf[s], hdr, VS_HDR);
+	vs.q[VS_TXQ].desc[d] = (struct virtq_desc){ addr ? addr : (uint64_t)vs_txbuf[s], len, flags, 0 };
+	vq_publish(&vs, VS_TXQ, d, 1);
+}
+
+/* Packets no well-behaved driver sends, each of which Skiff must drop or answer with an RST
+ * and go on serving: a chain too short for a header, lengths past the chain or past any
+ * packet, an unknown operation, another socket type, another source or destination CID, data
+ * and handshake replies for no connection, a device-writable buffer, memory outside the
+ * guest's, and a burst of vsock_burst (default 1000) requests to a port nobody listens on.
+ * Returns the RSTs expected. */
+static uint64_t vs_hostile(void)
+{
+	uint32_t p = VS_HOSTILE_PORT;
+	uint64_t expect = 0, burst = param_uint("vsock_burst", 1000);
+	static const uint8_t junk[64] = { 1, 2, 3 };
+	struct vs_hdr h;
+#define PROBE(op_, type_, src_, dst_, len_) (h = (struct vs_hdr){ src_, dst_, p++, 9999, len_, type_, op_, 0, VS_BUF_ALLOC, 0 })
+	PROBE(VS_OP_REQUEST, 1, vs_cid, VS_HOST_CID, 0); vs_raw(&h, 0, 20, 0);
+	PROBE(VS_OP_RW, 1, vs_cid, VS_HOST_CID, 0xffffffff); vs_queue(&h, junk, 0, 0, 0);
+	PROBE(VS_OP_RW, 1, vs_cid, VS_HOST_CID, 100); vs_queue(&h, junk, 10, 1, 0);
+	PROBE(99, 1, vs_cid, VS_HOST_CID, 0); vs_queue(&h, 0, 0, 0, 0); expect++;
+	PROBE(VS_OP_REQUEST, 2, vs_cid, VS_HOST_CID, 0); vs_queue(&h, 0, 0, 0, 0); expect++;
+	PROBE(VS_OP_REQUEST, 1, vs_cid + 1, VS_HOST_CID, 0); vs_queue(&h, 0, 0, 0, 0);
+	PROBE(VS_OP_REQUEST, 1, vs_cid, 7, 0); vs_queue(&h, 0, 0, 0, 0);
+	PROBE(VS_OP_RW, 1, vs_cid, VS_HOST_CID, 3); vs_queue(&h, junk, 3, 0, 0); expect++;
+	PROBE(VS_OP_RESPONSE, 1, vs_cid, VS_HOST_CID, 0); vs_queue(&h, 0, 0, 0, 0); expect++;
+	PROBE(VS_OP_SHUTDOWN, 1, vs_cid, VS_HOST_CID, 0); vs_queue(&h, 0, 0, 0, 0); expect++;
+	PROBE(VS_OP_CREDIT_REQUEST, 1, vs_cid, VS_HOST_CID, 0); vs_queue(&h, 0, 0, 0, 0); expect++;
+	PROBE(VS_OP_RW, 1, vs_cid, VS_HOST_CID, 8); vs_queue(&h, junk, 8, 1, VRING_DESC_F_WRITE);
+	PROBE(VS_OP_REQUEST, 1, vs_cid, VS_HOST_CID, 0); vs_raw(&h, 0xfff000000000ull, VS_HDR, 0);
+#undef PROBE
+	for (uint64_t i = 0; i < burst; i++) {
+		h = (struct vs_hdr){ vs_cid, VS_HOST_CID, VS_HOSTILE_PORT + 100 + (uint32_t)(i % 1800), 9, 0, 1, VS_OP_REQUEST, 0, VS_BUF_ALLOC, 0 };
+		while (!vs_tx_nfree)
+			vs_poll();
+		vs_queue(&h, 0, 0, 0, 0);
+		expect++;
+		vs_poll();
+	}
+	return expect;
+}
+
+/* The vsock check: a guest socket listening on port 52 echoes every connection the host
+ * makes (CONNECT 52); with vsock_out=N it connects to host port vsock_out_port (default 53)
+ * and sends N bytes of the pattern (vsock_out_conns connections, default 1). With
+ * vsock_hostile=1 it first sends the hostile packets of vs_hostile. Runs until vsock_done=N
+ * connections have closed in order (default: none), a key at the i8042, or vsock_secs
+ * (default 60). vsock_refused=1: the outgoing connections are expected to be refused. */
+static void check_vsock(void)
+{
+	const char *why;
+	uint64_t out = param_uint("vsock_out", 0), out_conns = param_uint("vsock_out_conns", 1);
+	uint64_t done_at = param_uint("vsock_done", 0), secs = param_uint("vsock_secs", 60);
+	uint32_t out_port = (uint32_t)param_uint("vsock_out_port", 53);
+	int hostile = (int)param_uint("vsock_hostile", 0), refused = (int)param_uint("vsock_refused", 0);
+	if ((why = vs_start())) { report("vsock", 0, why); return; }
+	printf("vsock: cid %lu ready, echoing on port 52\n", vs_cid);
+	uint64_t expect = 0;
+	if (hostile) {
+		expect = vs_hostile();
+		uint64_t until = now_us() + 10000000;
+		while (vs_stat.hostile_rst < expect && now_us() < until)
+			vs_poll();
+		printf("vsock: hostile: %lu resets back of %lu expected\n", vs_stat.hostile_rst, expect);
+	}
+	if (out)
+		vs_fill_pattern();
+	for (uint64_t i = 0; out && i < out_conns; i++)
+		vs_connect(out_port, out);
+	uint64_t until = now_us() + secs * 1000000;
+	while (now_us() < until && !(inb(0x64) & 1)) {
+		if (done_at && vs_stat.done + vs_stat.refused >= done_at)
+			break;
+		if (!vs_poll())
+			__asm__ volatile("pause");
+	}
+	printf("vsock: %lu closed, %lu refused, %lu overruns, %lu bad packets, %lu resets\n",
+	       vs_stat.done, vs_stat.refused, vs_stat.overrun, vs_stat.bad, vs_stat.resets);
+	if (vs_stat.overrun || vs_stat.bad)
+		report("vsock", 0, "the host broke the protocol");
+	else if (hostile && vs_stat.hostile_rst != expect)
+		report("vsock", 0, "hostile packets were not all answered");
+	else if (vs_stat.tx_stalls)
+		report("vsock", 0, "the transmit queue stalled");
+	else if (!refused && vs_stat.refused)
+		report("vsock", 0, "a connection to the host was refused");
+	else if (refused && vs_stat.refused < out_conns)
+		report("vsock", 0, "a connection to a host port without listener was not refused");
+	else if (done_at && vs_stat.done + vs_stat.refused < done_at)
+		report("vsock", 0, "connections did not all finish in time");
+	else
+		report("vsock", 1, 0);
+}
+
 /* ---- snapshots: a guest whose state must survive being saved and restored ---- */
 #define SNAP_TEXT "SKIFF-SNAPSHOT-MARKER"
 #define SNAP_CLONE_ID "SKIFF-CLONE-ID "
@@ -1460,12 +1958,17 @@ static void check_snapshot(void)
 	/* An entropy device, polled: each tick asks it for 16 bytes. */
 	int have_rng = find_virtio(4, &rngdev) && !virtio_init(&rngdev, 0, 1), rng_bad = 0;
 	uint64_t rng_bytes = 0;
+	/* A vsock device: its port 52 echoes the host's connections between ticks, and a
+	 * restored guest prints the transport reset it gets. */
+	int have_vsock = find_virtio(VIRTIO_ID_VSOCK, &vs) && !vs_start();
+	if (have_vsock)
+		ioapic_route(vs.irq, DEVICE_VECTOR);
 
 	lapic_write(0xf0, 0x1ff);
 	lapic_write(0x3e0, 0xb);			/* divide by 1 */
 	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
 	lapic_write(0x380, 1000000);
-	printf("snapshot: ticking (disk %s, network %s, entropy %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no");
+	printf("snapshot: ticking (disk %s, network %s, entropy %s, vsock %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", have_vsock ? "yes" : "no");
 	uint64_t now = now_us(), next = now, last = now, last_tick = now;
 	int key = -1, clock_back = 0, clock_jump = 0, marker_bad = 0, io_bad = 0, tx_bad = 0;
 	char payload[32];
@@ -1483,6 +1986,9 @@ static void check_snapshot(void)
 		if (now < last)
 			next = now;	/* carry on rather than wait for the old time to come again */
 		last = now;
+		if (have_vsock)
+			while (vs_poll())
+				;
 		if (now < next) {
 			__asm__ volatile("hlt");
 			continue;
@@ -1551,6 +2057,11 @@ static void check_snapshot(void)
 	else
 		printf("snapshot: %lu ticks done\n", snap_ticks);
 	printf("snapshot: %lu marker reads, %lu datagrams sent, %lu random bytes, %lu device interrupts\n", reads, sent, rng_bytes, device_irqs - irqs_before);
+	if (have_vsock) {
+		printf("snapshot: vsock: %lu connections closed, %lu transport resets\n", vs_stat.done, vs_stat.resets);
+		if (vs_stat.overrun || vs_stat.bad)
+			problem = problem ? problem : "the vsock host broke the protocol";
+	}
 	report("snapshot", !problem, problem);
 }
 
@@ -1628,7 +2139,7 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
@@ -1636,6 +2147,7 @@ static void run_checks(const char *protocol)
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
 		if (wants("rng")) check_rng();
+		if (wants("vsock")) check_vsock();
 		if (wants("ticks")) check_ticks();
 		if (wants("snapshot")) check_snapshot();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();
