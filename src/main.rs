@@ -185,6 +185,10 @@ struct RestoreArgs {
     /// Put network interface ID on TAP NAME instead of the saved one: ID=NAME. Repeatable.
     #[arg(long, value_name = "ID=NAME", value_parser = net_override)]
     net_override: Vec<(String, String)>,
+    /// Listen for the vsock device's host programs on PATH instead of the saved socket
+    /// path (Firecracker's vsock_override).
+    #[arg(long, value_name = "PATH")]
+    vsock_override: Option<PathBuf>,
     /// Track dirty pages, for diff snapshots of the restored VM.
     #[arg(long)]
     track_dirty_pages: bool,
@@ -416,6 +420,7 @@ fn restore(args: RestoreArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff
     };
     let mut config = skiff::builder::RestoreConfig::with_mem_backend(args.snapshot, backend);
     config.network_overrides = args.net_override;
+    config.vsock_override = args.vsock_override;
     config.track_dirty_pages = args.track_dirty_pages;
     config.clock_realtime = args.clock_realtime;
     config.kvm_device = args.kvm_device;

@@ -1471,8 +1471,10 @@ static void vs_reclaim(void)
 
 /* Queues one packet: `hdr` and `len` bytes of `data`, in one descriptor or (every other
  * packet, and always with `split`) a header descriptor and a data descriptor. `wflag` makes
- * the data descriptor device-writable (a hostile probe). Returns 0 when no slot frees up. */
-static int vs_queue(const struct vs_hdr *hdr, const void *data, uint32_t len, int split, uint16_t wflag)
+ * the data descriptor device-writable (a hostile probe); `in_place` points the data
+ * descriptor at `data` itself, which must stay as it is (static data). Returns 0 when no
+ * slot frees up. */
+static int vs_queue_at(const struct vs_hdr *hdr, const void *data, uint32_t len, int split, uint16_t wflag, int in_place)
 {
 	for (unsigned i = 0; !vs_tx_nfree; i++) {
 		if (i > 50000000) {
@@ -1485,13 +1487,14 @@ static int vs_queue(const struct vs_hdr *hdr, const void *data, uint32_t len, in
 	uint16_t s = vs_tx_free[--vs_tx_nfree], d = (uint16_t)(2 * s);
 	uint8_t *b = vs_txbuf[s];
 	vs_copy(b, hdr, VS_HDR);
-	if (len > VS_TX_DATA)
+	if (len > VS_TX_DATA && !in_place)
 		len = VS_TX_DATA;
-	if (data && len)
+	if (data && len && !in_place)
 		vs_copy(b + VS_HDR, data, len);
-	if (split || (vs_split++ & 1)) {
+	if (in_place || split || (vs_split++ & 1)) {
+		uint64_t at = in_place ? (uint64_t)data : (uint64_t)b + VS_HDR;
 		vs.q[VS_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)b, VS_HDR, len ? VRING_DESC_F_NEXT : 0, (uint16_t)(d + 1) };
-		vs.q[VS_TXQ].desc[d + 1] = (struct virtq_desc){ (uint64_t)b + VS_HDR, len, wflag, 0 };
+		vs.q[VS_TXQ].desc[d + 1] = (struct virtq_desc){ at, len, wflag, 0 };
 	} else {
 		vs.q[VS_TXQ].desc[d] = (struct virtq_desc){ (uint64_t)b, VS_HDR + len, 0, 0 };
 	}
@@ -1501,15 +1504,25 @@ static int vs_queue(const struct vs_hdr *hdr, const void *data, uint32_t len, in
 	return 1;
 }
 
-/* Sends `op` on connection `c`, with its credit. */
-static int vs_send(struct vs_conn *c, uint16_t op, uint32_t flags, const void *data, uint32_t len)
+static int vs_queue(const struct vs_hdr *hdr, const void *data, uint32_t len, int split, uint16_t wflag)
+{
+	return vs_queue_at(hdr, data, len, split, wflag, 0);
+}
+
+/* Sends `op` on connection `c`, with its credit; `in_place` as vs_queue_at. */
+static int vs_send_at(struct vs_conn *c, uint16_t op, uint32_t flags, const void *data, uint32_t len, int in_place)
 {
 	struct vs_hdr h = { vs_cid, VS_HOST_CID, c->local_port, c->peer_port, len, 1, op, flags, VS_BUF_ALLOC, c->fwd_cnt };
-	if (!vs_queue(&h, data, len, 0, 0))
+	if (!vs_queue_at(&h, data, len, 0, 0, in_place))
 		return 0;
 	c->fwd_told = c->fwd_cnt;
 	c->tx_cnt += len;
 	return 1;
+}
+
+static int vs_send(struct vs_conn *c, uint16_t op, uint32_t flags, const void *data, uint32_t len)
+{
+	return vs_send_at(c, op, flags, data, len, 0);
 }
 
 /* An RST answering a packet no socket takes. */
@@ -1559,7 +1572,9 @@ static struct vs_conn *vs_connect(uint32_t port, uint64_t bytes)
 static void vs_close(struct vs_conn *c, const char *how)
 {
 	uint64_t us = now_us() - c->t0;
-	if (c->echo)
+	if (c->echo == 2)
+		;
+	else if (c->echo)
 		printf("vsock: echo port %u %s: %lu bytes in, %lu out, fnv %lx, %lu us\n", c->peer_port, how, c->got, c->sent, c->sum_in, us);
 	else
 		printf("vsock: to host port %u %s: %lu bytes sent, %lu us\n", c->peer_port, how, c->sent, us);
@@ -1579,7 +1594,8 @@ static void vs_packet(const struct vs_hdr *h, const uint8_t *data, uint32_t len)
 	}
 	struct vs_conn *c = vs_find(h->dst_port, h->src_port);
 	if (!c) {
-		if (h->op == VS_OP_REQUEST && h->dst_port == 52 && (c = vs_new(52, h->src_port, 1))) {
+		int kind = h->dst_port == 52 ? 1 : h->dst_port == 54 ? 2 : 0;
+		if (h->op == VS_OP_REQUEST && kind && (c = vs_new(h->dst_port, h->src_port, kind))) {
 			c->state = VS_OPEN;
 			c->peer_buf_alloc = h->buf_alloc;
 			c->peer_fwd_cnt = h->fwd_cnt;
@@ -1599,11 +1615,12 @@ static void vs_packet(const struct vs_hdr *h, const uint8_t *data, uint32_t len)
 		break;
 	case VS_OP_RW:
 		c->got += len;
-		c->sum_in = fnv(c->sum_in, data, len);
-		if (!c->echo) {
+		if (c->echo != 1) {
+			/* A sink (port 54, for throughput) or a sender: taken at once, not looked at. */
 			c->fwd_cnt += len;
 			break;
 		}
+		c->sum_in = fnv(c->sum_in, data, len);
 		if (len > VS_BUF_ALLOC - c->ring_len) {
 			vs_stat.overrun++;
 			break;
@@ -1648,17 +1665,18 @@ static int vs_pump(struct vs_conn *c)
 			vs_reclaim();
 		if (!vs_tx_nfree)
 			break;
-		if (c->echo && c->ring_len) {
+		if (c->echo == 1 && c->ring_len) {
 			n = c->ring_len;
 			if (n > VS_BUF_ALLOC - c->ring_head)
 				n = VS_BUF_ALLOC - c->ring_head;
+			if (n > VS_TX_DATA)
+				n = VS_TX_DATA;
 		} else if (!c->echo && c->sent < c->to_send) {
-			n = c->to_send - c->sent > VS_TX_DATA ? VS_TX_DATA : (uint32_t)(c->to_send - c->sent);
+			/* Sent in place from the pattern table: packets up to the 64 KiB maximum. */
+			n = c->to_send - c->sent > 65536 ? 65536 : (uint32_t)(c->to_send - c->sent);
 		} else {
 			break;
 		}
-		if (n > VS_TX_DATA)
-			n = VS_TX_DATA;
 		if (n > credit)
 			n = credit;
 		if (!n) {
@@ -1682,7 +1700,7 @@ static int vs_pump(struct vs_conn *c)
 			/* Consumed once it is sent: the header carries the new fwd_cnt. */
 			c->fwd_cnt += n;
 		}
-		if (!vs_send(c, VS_OP_RW, 0, src, n)) {
+		if (!vs_send_at(c, VS_OP_RW, 0, src, n, !c->echo)) {
 			if (c->echo)
 				c->fwd_cnt -= n;
 			break;
@@ -1697,7 +1715,16 @@ static int vs_pump(struct vs_conn *c)
 	if (c->fwd_cnt - c->fwd_told >= VS_BUF_ALLOC / 2 && vs_send(c, VS_OP_CREDIT_UPDATE, 0, 0, 0))
 		work = 1;
 	int finished = c->echo ? (c->peer_shut & 2) && !c->ring_len : c->sent == c->to_send;
-	if (finished && vs_send(c, VS_OP_SHUTDOWN, VS_SHUT_BOTH, 0, 0)) {
+	if (finished && c->echo == 2)
+		printf("vsock: sink port %u: %lu bytes in %lu us\n", c->peer_port, c->got, now_us() - c->t0);
+	if (finished && c->peer_shut == VS_SHUT_BOTH) {
+		/* The host closed altogether: it waits for our RST (virtio 1.2, 5.10.6.6). */
+		if (vs_send(c, VS_OP_RST, 0, 0, 0)) {
+			vs_stat.done++;
+			vs_close(c, "closed");
+			work = 1;
+		}
+	} else if (finished && vs_send(c, VS_OP_SHUTDOWN, VS_SHUT_BOTH, 0, 0)) {
 		c->state = VS_CLOSING;
 		work = 1;
 	}
@@ -1819,7 +1846,8 @@ static uint64_t vs_hostile(void)
 }
 
 /* The vsock check: a guest socket listening on port 52 echoes every connection the host
- * makes (CONNECT 52); with vsock_out=N it connects to host port vsock_out_port (default 53)
+ * makes (CONNECT 52), one on port 54 takes and drops what it gets (for throughput figures);
+ * with vsock_out=N it connects to host port vsock_out_port (default 53)
  * and sends N bytes of the pattern (vsock_out_conns connections, default 1). With
  * vsock_hostile=1 it first sends the hostile packets of vs_hostile. Runs until vsock_done=N
  * connections have closed in order (default: none), a key at the i8042, or vsock_secs

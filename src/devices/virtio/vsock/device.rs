@@ -453,3 +453,206 @@ impl VirtioDevice for Vsock {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::super::packet::{op, Header, HDR_LEN, TYPE_STREAM};
+    use super::super::HOST_CID;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const SIZE: u16 = 16;
+    const BUF: u64 = 0x4_0000;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    struct Rig<'a> {
+        dir: PathBuf,
+        mem: &'a GuestMemoryMmap,
+        rx: MockSplitQueue<'a, GuestMemoryMmap>,
+        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        event: MockSplitQueue<'a, GuestMemoryMmap>,
+        vsock: Vsock,
+    }
+
+    impl Drop for Rig<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(mem: &'a GuestMemoryMmap, name: &str, reset_pending: bool) -> Self {
+            let dir = std::env::temp_dir().join(format!("skiff-vsd-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut vsock = Vsock::new(3, &dir.join("v.sock")).unwrap();
+            vsock.reset_pending = reset_pending;
+            let rx = MockSplitQueue::create(mem, GuestAddress(0x1_0000), SIZE);
+            let tx = MockSplitQueue::create(mem, GuestAddress(0x2_0000), SIZE);
+            let event = MockSplitQueue::create(mem, GuestAddress(0x3_0000), SIZE);
+            vsock.set_acked_features(1 << VIRTIO_F_VERSION_1);
+            let queues = vec![
+                rx.create_queue().unwrap(),
+                tx.create_queue().unwrap(),
+                event.create_queue().unwrap(),
+            ];
+            vsock.activate(mem.clone(), queues).unwrap();
+            Rig {
+                dir,
+                mem,
+                rx,
+                tx,
+                event,
+                vsock,
+            }
+        }
+
+        fn used(&self, q: &MockSplitQueue<'a, GuestMemoryMmap>, i: u64) -> (u32, u32) {
+            let at = q.used_addr().0 + 4 + 8 * i;
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            (id, len)
+        }
+
+        fn used_idx(&self, q: &MockSplitQueue<'a, GuestMemoryMmap>) -> u16 {
+            self.mem
+                .read_obj(GuestAddress(q.used_addr().0 + 2))
+                .unwrap()
+        }
+
+        /// The packet header the device wrote at `addr`.
+        fn header(&self, addr: u64) -> Header {
+            let mut raw = [0u8; HDR_LEN];
+            self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+            Header::from_bytes(&raw)
+        }
+    }
+
+    fn guest_pkt(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// A request to a port nobody listens on is answered RST (its header split across two
+    /// descriptors, as Linux may send it); hostile chains are returned and dropped: a
+    /// device-writable buffer, a header outside guest memory, a length past the chain, a
+    /// chain too short for a header, a forged source CID. A receive chain too small for a
+    /// header is returned empty and the packet waits for the next.
+    #[test]
+    fn stray_requests_are_reset_and_hostile_chains_dropped() {
+        let m = crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut rig = Rig::new(&m, "tx", false);
+        let req = guest_pkt(op::REQUEST, 1000, 9).to_bytes();
+        m.write_slice(&req, GuestAddress(BUF)).unwrap();
+        rig.tx
+            .add_desc_chains(&[desc(BUF, 20, F_NEXT, 1), desc(BUF + 20, 24, 0, 0)], 0)
+            .unwrap();
+        rig.tx
+            .add_desc_chains(&[desc(BUF, 44, F_WRITE, 0)], 2)
+            .unwrap();
+        rig.tx
+            .add_desc_chains(&[desc(0xffff_0000_0000, 44, 0, 0)], 3)
+            .unwrap();
+        let mut long = guest_pkt(op::RW, 1001, 9);
+        long.len = 100;
+        m.write_slice(&long.to_bytes(), GuestAddress(BUF + 0x100))
+            .unwrap();
+        rig.tx
+            .add_desc_chains(&[desc(BUF + 0x100, 60, 0, 0)], 4)
+            .unwrap();
+        rig.tx.add_desc_chains(&[desc(BUF, 43, 0, 0)], 5).unwrap();
+        let mut forged = guest_pkt(op::REQUEST, 1002, 9);
+        forged.src_cid = 4;
+        m.write_slice(&forged.to_bytes(), GuestAddress(BUF + 0x200))
+            .unwrap();
+        rig.tx
+            .add_desc_chains(&[desc(BUF + 0x200, 44, 0, 0)], 6)
+            .unwrap();
+        rig.vsock.process_tx();
+        assert_eq!(rig.used_idx(&rig.tx), 6, "every chain returned");
+        let metrics = rig.vsock.metrics();
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(count(&metrics.tx_invalid_packets), 5);
+
+        rig.rx
+            .add_desc_chains(
+                &[
+                    desc(BUF + 0x1000, 40, F_WRITE, 0),
+                    desc(BUF + 0x2000, 4096, F_WRITE, 0),
+                ],
+                0,
+            )
+            .unwrap();
+        rig.vsock.process_rx();
+        assert_eq!(rig.used_idx(&rig.rx), 2);
+        assert_eq!(rig.used(&rig.rx, 0), (0, 0), "too small for a header");
+        assert_eq!(rig.used(&rig.rx, 1), (1, 44));
+        let rst = rig.header(BUF + 0x2000);
+        assert_eq!(
+            (rst.op, rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port),
+            (op::RST, HOST_CID, 3, 9, 1000)
+        );
+        assert_eq!(count(&metrics.rx_invalid_chains), 1);
+    }
+
+    /// A restored device sends the transport reset on its event queue, and nothing reaches
+    /// the receive queue (a host's REQUEST waits) until the driver gives its event buffer
+    /// back.
+    #[test]
+    fn a_transport_reset_holds_receiving_until_the_driver_answers() {
+        let m = crate::vstate::memory::anonymous(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut rig = Rig::new(&m, "reset", true);
+        m.write_obj(0xffff_ffffu32, GuestAddress(BUF)).unwrap();
+        rig.event
+            .add_desc_chains(&[desc(BUF, 4, F_WRITE, 0)], 0)
+            .unwrap();
+        rig.vsock.process_event_queue();
+        assert_eq!(rig.used(&rig.event, 0), (0, 4));
+        assert_eq!(m.read_obj::<u32>(GuestAddress(BUF)).unwrap(), 0);
+        assert!(!rig.vsock.reset_pending());
+
+        let mut host = UnixStream::connect(rig.vsock.uds_path()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        for _ in 0..20 {
+            rig.vsock.muxer.process_events();
+        }
+        rig.rx
+            .add_desc_chains(&[desc(BUF + 0x1000, 4096, F_WRITE, 0)], 0)
+            .unwrap();
+        rig.vsock.process_rx();
+        assert_eq!(
+            rig.used_idx(&rig.rx),
+            0,
+            "held while the reset is unanswered"
+        );
+        rig.event
+            .add_desc_chains(&[desc(BUF, 4, F_WRITE, 0)], 1)
+            .unwrap();
+        rig.vsock.process_event_queue();
+        rig.vsock.process_rx();
+        assert_eq!(rig.used_idx(&rig.rx), 1);
+        let req = rig.header(BUF + 0x1000);
+        assert_eq!((req.op, req.dst_port, req.dst_cid), (op::REQUEST, 52, 3));
+    }
+}
