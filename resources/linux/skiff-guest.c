@@ -13,6 +13,10 @@
  *                                    mode with a system call's registers set up, as no
  *                                    SYSCALL instruction would: the kernel must answer
  *                                    SIGSEGV, not run a system call
+ *   skiff-guest vsock-send PORT N    connects to the host (CID 2) on vsock PORT and sends N
+ *                                    bytes of the test guest's pattern, byte i being
+ *                                    (i * 31) ^ (i >> 9), then its end of stream
+ *   skiff-guest vsock-echo PORT      listens on vsock PORT and echoes one connection
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -27,6 +31,8 @@
 #include <unistd.h>
 #include <cpuid.h>
 #include <errno.h>
+#include <sys/socket.h>
+#include <linux/vm_sockets.h>
 
 /* Whether the kernel lists `flag` among the boot CPU's flags. */
 static int kernel_flag(const char *flag)
@@ -136,6 +142,74 @@ static int forge_syscall(const char *addr)
 	return 1;
 }
 
+static int vsock_send(const char *port_arg, const char *bytes_arg)
+{
+	static unsigned char buf[65536];
+	unsigned port = (unsigned)strtoul(port_arg, NULL, 10);
+	unsigned long total = strtoul(bytes_arg, NULL, 10), sent = 0;
+	struct sockaddr_vm addr = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST, .svm_port = port };
+	int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+	char c;
+
+	if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof(addr))) {
+		perror("vsock-send: connect");
+		return 1;
+	}
+	while (sent < total) {
+		size_t n = total - sent < sizeof(buf) ? total - sent : sizeof(buf);
+		for (size_t i = 0; i < n; i++)
+			buf[i] = (unsigned char)(((sent + i) * 31) ^ ((sent + i) >> 9));
+		ssize_t w = write(s, buf, n);
+		if (w <= 0) {
+			perror("vsock-send: write");
+			return 1;
+		}
+		sent += (unsigned long)w;
+	}
+	shutdown(s, SHUT_WR);
+	while (read(s, &c, 1) > 0)
+		;
+	close(s);
+	printf("vsock-send: %lu bytes to port %u\n", sent, port);
+	return 0;
+}
+
+static int vsock_echo(const char *port_arg)
+{
+	static char buf[65536];
+	unsigned port = (unsigned)strtoul(port_arg, NULL, 10);
+	unsigned long total = 0;
+	struct sockaddr_vm addr = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port };
+	int l = socket(AF_VSOCK, SOCK_STREAM, 0), c;
+	ssize_t n;
+
+	if (l < 0 || bind(l, (struct sockaddr *)&addr, sizeof(addr)) || listen(l, 1)) {
+		perror("vsock-echo: listen");
+		return 1;
+	}
+	printf("vsock-echo: listening on port %u\n", port);
+	fflush(stdout);
+	c = accept(l, NULL, NULL);
+	if (c < 0) {
+		perror("vsock-echo: accept");
+		return 1;
+	}
+	while ((n = read(c, buf, sizeof(buf))) > 0) {
+		for (ssize_t off = 0; off < n;) {
+			ssize_t w = write(c, buf + off, (size_t)(n - off));
+			if (w <= 0) {
+				perror("vsock-echo: write");
+				return 1;
+			}
+			off += w;
+		}
+		total += (unsigned long)n;
+	}
+	close(c);
+	printf("vsock-echo: %lu bytes echoed\n", total);
+	return 0;
+}
+
 static int exec_command(char **argv)
 {
 	signal(SIGINT, SIG_DFL);
@@ -155,6 +229,10 @@ int main(int argc, char **argv)
 		return costs();
 	if (argc == 3 && !strcmp(argv[1], "forge-syscall"))
 		return forge_syscall(argv[2]);
-	fprintf(stderr, "usage: skiff-guest exec CMD [ARG...] | avx | costs | forge-syscall ADDR\n");
+	if (argc == 4 && !strcmp(argv[1], "vsock-send"))
+		return vsock_send(argv[2], argv[3]);
+	if (argc == 3 && !strcmp(argv[1], "vsock-echo"))
+		return vsock_echo(argv[2]);
+	fprintf(stderr, "usage: skiff-guest exec CMD [ARG...] | avx | costs | forge-syscall ADDR | vsock-send PORT N | vsock-echo PORT\n");
 	return 2;
 }
