@@ -92,6 +92,26 @@ def virtio_net():
     put("virtio_net", "frames", head + struct.pack("<B", len(frames)) + body + mem.b)
 
 
+def vsock_header(op, src_port, dst_port, length=0, flags=0, src_cid=3, dst_cid=2, kind=1):
+    return struct.pack("<QQIIIHHIII", src_cid, dst_cid, src_port, dst_port, length, kind, op, flags, 65536, 0)
+
+
+def virtio_vsock():
+    mem = Memory()
+    # RX, TX and event queues of 4 at 0/0x40/0x60, 0x100/0x140/0x160 and 0x200/0x240/0x260.
+    mem.ring(0x000, 0x040, [[(0x1000, 0x1000, F_WRITE)], [(0x2000, 0x1000, F_WRITE)], [(0x3000, 0x1000, F_WRITE)]])
+    mem.write(0x400, vsock_header(1, 1024, 53))
+    mem.write(0x500, vsock_header(5, 1024, 53, 5) + b"hello")
+    mem.write(0x600, vsock_header(4, 1024, 53, flags=3))
+    mem.write(0x700, vsock_header(5, 1025, 9, 3) + b"abc")
+    mem.ring(0x100, 0x140, [[(0x400, 44, 0)], [(0x500, 20, 0), (0x514, 29, 0)], [(0x600, 44, 0)], [(0x700, 47, 0)]])
+    mem.ring(0x200, 0x240, [[(0x800, 4, F_WRITE)]])
+    host = b"CONNECT 52\nhello"
+    rings = struct.pack("<9H", 0, 0x40, 0x60, 0x100, 0x140, 0x160, 0x200, 0x240, 0x260)
+    put("virtio_vsock", "both-ways", struct.pack("<BB", 0x22, 0x42) + rings + struct.pack("<B", len(host)) + host + mem.b)
+    put("virtio_vsock", "restored", struct.pack("<BB", 0x22, 0x72) + rings + struct.pack("<B", len(host)) + host + mem.b)
+
+
 REGS = [0x000, 0x004, 0x008, 0x00C, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044,
         0x050, 0x060, 0x064, 0x070, 0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4, 0x0FC, 0x100, 0x104]
 
@@ -205,8 +225,9 @@ def config_file():
     }
     put("config_file", "full", json.dumps(full, indent=1).encode())
     put("config_file", "minimal", json.dumps({"boot-source": {"kernel_image_path": "k"}}).encode())
-    put("config_file", "unsupported", json.dumps({"boot-source": BOOT, "vsock": {}}).encode())
+    put("config_file", "unsupported", json.dumps({"boot-source": BOOT, "mmds-config": {}}).encode())
+    put("config_file", "vsock", json.dumps({"boot-source": BOOT, "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}}).encode())
 
 
-for make in [virtio_block, virtio_net, virtio_mmio, kernel_loader, api_request, config_file]:
+for make in [virtio_block, virtio_net, virtio_vsock, virtio_mmio, kernel_loader, api_request, config_file]:
     make()
