@@ -136,7 +136,8 @@ fn guest_echo_fnv(console: &str, port: u32) -> Option<(u64, u64)> {
     Some((bytes, hash))
 }
 
-/// Through the API: `PUT /vsock` (a reserved CID refused), `GET /vm/config` shows it; a host
+/// Through the API: `PUT /vsock` (a reserved CID and a taken path refused), `GET /vm/config`
+/// shows it; a host
 /// program's `CONNECT 52` gets `OK` and a port in [2^30, 2^31), and 1 MiB comes back byte for
 /// byte, the guest's hash of what it got equal to the host's of what it sent; the metrics
 /// count the connection and the bytes both ways.
@@ -152,6 +153,15 @@ fn a_host_connection_to_guest_port_52_gets_a_mib_echoed() {
     );
     assert_eq!(status, 400, "{answer}");
     assert!(answer.contains("guest_cid 2 is reserved"), "{answer}");
+    let taken = dir.join("taken");
+    std::fs::write(&taken, "").unwrap();
+    let body = format!(
+        r#"{{"guest_cid": 3, "uds_path": {}}}"#,
+        serde_json::to_string(taken.to_str().unwrap()).unwrap()
+    );
+    let (status, answer) = vm.call("PUT", "/vsock", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("already exists"), "{answer}");
     let body = format!(
         r#"{{"vsock_id": "v", "guest_cid": 3, "uds_path": {}}}"#,
         serde_json::to_string(uds.to_str().unwrap()).unwrap()

@@ -221,9 +221,20 @@ impl crate::config::EntropyConfig {
 }
 
 impl crate::config::VsockConfig {
-    /// The device as `PUT /vsock` gives it, refused when its CID or path is unusable.
+    /// The device as `PUT /vsock` gives it, refused when its CID or path is unusable or the
+    /// path is taken (Firecracker binds the socket there and then; Skiff binds it when the VM
+    /// is built, and says now what would fail then).
     pub fn checked(&self) -> Result<Self, BadRequest> {
         self.check().map_err(BadRequest)?;
+        if std::path::Path::new(&self.uds_path)
+            .symlink_metadata()
+            .is_ok()
+        {
+            return bad(format!(
+                "uds_path {} already exists: a vsock socket needs a free path",
+                self.uds_path
+            ));
+        }
         Ok(self.clone())
     }
 }
