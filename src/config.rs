@@ -31,8 +31,10 @@ pub struct VmConfig {
     /// Where the serial console's input comes from.
     pub console_input: ConsoleInput,
     /// A file the serial console's output goes to (created or truncated) instead of
-    /// standard output.
+    /// standard output, or a named pipe (which must have a reader).
     pub console_output: Option<PathBuf>,
+    /// Bytes a second the console's output may take; the rest is dropped (and counted).
+    pub console_rate_limit: Option<TokenBucketConfig>,
     /// Block devices, in the order the guest sees them (/dev/vda first).
     pub disks: Vec<DiskConfig>,
     /// Network devices, in the order the guest sees them (eth0 first).
@@ -361,6 +363,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             entropy: None,
+            console_rate_limit: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

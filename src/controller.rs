@@ -241,6 +241,7 @@ impl Controller {
             ApiRequest::PutLogger(l) => done(self.set_logger(&l)),
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
+            ApiRequest::PutSerial(s) => done(s.apply(&mut self.config)),
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
@@ -312,8 +313,11 @@ impl Controller {
             .collect();
         restore.clock_realtime = p.clock_realtime;
         restore.kvm_device = self.config.kvm_device.clone();
-        restore.console_input = self.config.console_input;
-        restore.console_output = self.config.console_output.clone();
+        restore.console = crate::builder::ConsoleConfig {
+            input: self.config.console_input,
+            output: self.config.console_output.clone(),
+            rate_limit: self.config.console_rate_limit,
+        };
         restore.seccomp = self.config.seccomp.clone();
         let started = Instant::now();
         let restored = match self.warm.take() {

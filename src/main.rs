@@ -387,6 +387,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         kvm_device: args.kvm_device,
         console_input: skiff::config::ConsoleInput::Stdin,
         console_output: None,
+        console_rate_limit: None,
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,

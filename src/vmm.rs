@@ -41,7 +41,7 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics};
+use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
@@ -211,6 +211,7 @@ struct MetricsSources {
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
+    uart: Arc<UartMetrics>,
 }
 
 /// What the builder makes a [`Vm`] of.
@@ -223,6 +224,7 @@ pub(crate) struct VmParts {
     pub filters: Filters,
     pub track_dirty_pages: bool,
     pub uffd: Option<UffdBackend>,
+    pub uart: Arc<UartMetrics>,
 }
 
 /// A microVM.
@@ -274,6 +276,7 @@ impl Vm {
     pub(crate) fn assemble(parts: VmParts) -> Result<Self, VmmError> {
         let mut metrics = MetricsSources {
             vcpus: parts.vcpus.iter().map(Vcpu::metrics).collect(),
+            uart: parts.uart,
             ..Default::default()
         };
         let registry = parts.devices.registry();
@@ -494,6 +497,7 @@ impl Vm {
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
+            "uart": self.metrics.uart.to_json(),
         })
     }
 

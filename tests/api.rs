@@ -874,3 +874,80 @@ fn firecracker_start_flags_are_taken() {
     let only_vmm = run(&["--module", "skiff::vmm"]);
     assert!(!only_vmm.contains("boot progress"), "{only_vmm}");
 }
+
+/// `PUT /serial`: the console's output goes to the file given, and its rate limiter lets a
+/// bucket's worth through and drops the rest, counted in the metrics (`uart`). A named pipe
+/// nobody reads is refused at InstanceStart in one line, and Skiff stays up.
+#[test]
+fn put_serial_sends_the_console_to_a_file_at_the_rate_given() {
+    let out = tmp("serial-out.txt");
+    let metrics = tmp("serial-metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    let vm = Running::start("api-serial", &[]);
+    let body = format!(
+        r#"{{"serial_out_path": "{}", "rate_limiter": {{"size": 300, "refill_time": 600000}}}}"#,
+        out.display()
+    );
+    assert_eq!(vm.call("PUT", "/serial", Some(&body)).0, 204);
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    assert_eq!(vm.call("PUT", "/metrics", Some(&body)).0, 204);
+    let source = boot_source("checks=ticks ticks_max=40");
+    assert_eq!(vm.call("PUT", "/boot-source", Some(&source)).0, 204);
+    let (_, config) = vm.call("GET", "/vm/config", None);
+    assert!(config.contains(r#""serial":{"#), "{config}");
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(vm.call("PUT", "/actions", Some(start)).0, 204);
+    // The guest ticks for 2 s, then resets; its last lines were dropped, so wait on the file's
+    // owner to end rather than on the console.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let flushed = vm.call(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#),
+        );
+        let doc = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let last: serde_json::Value = doc
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        let written = last["uart"]["write_count"].as_u64().unwrap_or(0);
+        if written > 600 || flushed.0 != 204 {
+            let dropped = last["uart"]["rate_limiter_dropped_bytes"].as_u64().unwrap();
+            let text = std::fs::read(&out).unwrap();
+            assert!(
+                text.len() <= 300,
+                "{} bytes through a 300-byte bucket",
+                text.len()
+            );
+            assert!(text.starts_with(b"skiff-testguest: pvh boot"), "{text:?}");
+            assert_eq!(text.len() as u64 + dropped, written, "{last}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest wrote only {written} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A named pipe without a reader.
+    let fifo = tmp("serial-fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let vm = Running::start("api-serial-fifo", &[]);
+    let body = format!(r#"{{"serial_out_path": "{}"}}"#, fifo.display());
+    assert_eq!(vm.call("PUT", "/serial", Some(&body)).0, 204);
+    assert_eq!(vm.call("PUT", "/boot-source", Some(&source)).0, 204);
+    let (status, answer) = vm.call("PUT", "/actions", Some(start));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("serial-fifo") && !answer.contains('\n'),
+        "{answer}"
+    );
+    assert_eq!(vm.call("GET", "/", None).0, 200);
+    let _ = std::fs::remove_file(&fifo);
+}

@@ -52,6 +52,8 @@ pub enum ApiRequest {
     PutMetrics(Metrics),
     /// `PUT /entropy`
     PutEntropy(crate::config::EntropyConfig),
+    /// `PUT /serial`
+    PutSerial(model::SerialConfig),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -72,6 +74,7 @@ impl ApiRequest {
                 | Self::PutMetrics(_)
                 | Self::LoadSnapshot(_)
                 | Self::PutEntropy(_)
+                | Self::PutSerial(_)
         )
     }
 }
@@ -117,7 +120,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "custom CPU templates"),
-    ("/serial", "serial output redirection"),
     ("/pmem", "pmem devices"),
     ("/hotplug/memory", "memory hot-plug"),
 ];
@@ -221,6 +223,7 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "logger", None) => ApiRequest::PutLogger(body(bytes)?),
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
         ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
+        ("PUT", "serial", None) => ApiRequest::PutSerial(body(bytes)?),
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),

@@ -220,6 +220,45 @@ impl crate::config::EntropyConfig {
     }
 }
 
+/// `PUT /serial`: where the serial console's output goes, and how fast.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// A file (created or truncated) or named pipe (which must have a reader) for the output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Bytes a second the output may take; the rest is dropped and counted in
+    /// `uart.rate_limiter_dropped_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<crate::config::TokenBucketConfig>,
+}
+
+impl SerialConfig {
+    /// Sets the console's output in `config`.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        if self.serial_out_path.as_deref() == Some("") {
+            return bad("serial_out_path is empty");
+        }
+        config.console_output = self.serial_out_path.as_ref().map(PathBuf::from);
+        config.console_rate_limit = self
+            .rate_limiter
+            .filter(crate::config::TokenBucketConfig::is_enabled);
+        Ok(())
+    }
+
+    /// The section describing `config`'s console, when it is not the default one.
+    pub fn of(config: &VmConfig) -> Option<Self> {
+        let shown = Self {
+            serial_out_path: config
+                .console_output
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            rate_limiter: config.console_rate_limit,
+        };
+        (shown != Self::default()).then_some(shown)
+    }
+}
+
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,6 +393,9 @@ pub struct FullVmConfig {
     /// The entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<crate::config::EntropyConfig>,
+    /// The serial console's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
@@ -367,7 +409,6 @@ const NOT_YET: &[&str] = &[
     "cpu-config",
     "pmem",
     "memory-hotplug",
-    "serial",
 ];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
@@ -627,6 +668,9 @@ impl FullVmConfig {
         if let Some(e) = &self.entropy {
             config.entropy = Some(e.checked()?);
         }
+        if let Some(s) = &self.serial {
+            s.apply(&mut config)?;
+        }
         Ok(config)
     }
 
@@ -648,6 +692,7 @@ impl FullVmConfig {
             logger,
             metrics,
             entropy: config.entropy,
+            serial: SerialConfig::of(config),
             unsupported: std::collections::BTreeMap::new(),
         }
     }

@@ -1,7 +1,6 @@
 //! The virtio-blk device: configuration space, features, activation, and draining its queue.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -98,14 +97,7 @@ fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
             "is not a regular file or block device",
         ));
     }
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL only reads the flags of `fd`, which `file` owns and keeps open.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: F_SETFL only changes the status flags of `fd`, which `file` owns; no memory is
-    // passed.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(open_err(std::io::Error::last_os_error()));
-    }
+    crate::devices::clear_nonblocking(&file).map_err(open_err)?;
     Ok(file)
 }
 
