@@ -161,8 +161,8 @@ pub enum NetSpecError {
     /// A key that is not tap, mac or a rate limit.
     #[error("unknown key '{0}' (expected tap, mac, rx_bw, rx_pps, tx_bw, tx_pps)")]
     UnknownKey(String),
-    /// Not six colon-separated hex bytes, or a multicast address.
-    #[error("mac '{0}' is not a unicast address like 06:00:ac:10:00:02")]
+    /// Not six colon-separated hex bytes.
+    #[error("mac '{0}' is not an address like 06:00:ac:10:00:02")]
     BadMac(String),
     /// A rate that is not a whole number.
     #[error("{0} must be a whole number, not '{1}'")]
@@ -186,7 +186,7 @@ fn set_rate(limiter: &mut Option<RateLimiterConfig>, bandwidth: bool, bucket: To
     *limiter = l.normalized();
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC address.
+/// Parses `aa:bb:cc:dd:ee:ff` as a MAC address.
 pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
     let bad = || NetSpecError::BadMac(text.to_owned());
     let mut mac = [0u8; 6];
@@ -195,7 +195,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
         let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
     }
-    if parts.next().is_some() || mac[0] & 1 != 0 {
+    // Any address is taken, as Firecracker takes it (a multicast one is the guest's problem:
+    // Linux then picks a random one).
+    if parts.next().is_some() {
         return Err(bad());
     }
     Ok(mac)
@@ -465,7 +467,6 @@ mod tests {
             "06:00:00:00:00",
             "06:00:00:00:00:01:02",
             "0g:00:00:00:00:01",
-            "01:00:5e:00:00:01",
             "6:0:0:0:0:1",
             "",
         ] {
@@ -474,6 +475,8 @@ mod tests {
                 "{mac}"
             );
         }
+        // Firecracker takes any address, a multicast-looking one included.
+        assert_eq!(parse_mac("07:00:00:00:00:01").unwrap(), [7, 0, 0, 0, 0, 1]);
     }
 
     #[test]

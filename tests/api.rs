@@ -217,7 +217,7 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
             "PUT",
             "/network-interfaces/e",
             Some(r#"{"iface_id": "e", "host_dev_name": "t", "guest_mac": "nope"}"#),
-            "not a unicast address",
+            "not an address like",
         ),
         (
             "PUT",
@@ -295,19 +295,21 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
             "{method} {path}: {message:?} lacks {want:?}"
         );
     }
-    // A kernel that does not exist: InstanceStart fails with the reason; the config stays.
+    // A kernel that does not exist: refused when put, with the reason (Firecracker's text
+    // first); InstanceStart without a kernel is refused too.
     let missing = r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#;
-    assert_eq!(vm.call("PUT", "/boot-source", Some(missing)).0, 204);
-    let (status, answer) = vm.call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let (status, answer) = vm.call("PUT", "/boot-source", Some(missing));
     assert_eq!(status, 400);
     assert!(
         fault(&answer).contains("cannot read kernel /nonexistent/vmlinux"),
         "{answer}"
     );
+    let (status, _) = vm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(status, 400);
 
     // A client that disconnects mid-request, and one that stalls mid-body, do not stop others.
     {
@@ -338,7 +340,8 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
 #[test]
 fn a_drive_that_is_a_fifo_is_refused_and_the_api_stays_up() {
     // Opening a FIFO read-only used to wait for a writer: InstanceStart never answered, and
-    // since the controller carries out every request, nothing else did either.
+    // since the controller carries out every request, nothing else did either. The drive is
+    // checked when it is put, as Firecracker does.
     let vm = Running::start("api-fifo-drive", &[]);
     let pipe = tmp("api-drive.fifo");
     let _ = std::fs::remove_file(&pipe);
@@ -355,14 +358,8 @@ fn a_drive_that_is_a_fifo_is_refused_and_the_api_stays_up() {
         r#"{{"drive_id": "fifo", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}"#,
         pipe.display()
     );
-    let (status, answer) = vm.call("PUT", "/drives/fifo", Some(&drive));
-    assert_eq!(status, 204, "{answer}");
     let t = Instant::now();
-    let (status, answer) = vm.call(
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let (status, answer) = vm.call("PUT", "/drives/fifo", Some(&drive));
     assert_eq!(status, 400, "{answer}");
     assert!(
         fault(&answer).contains(&format!(
@@ -950,4 +947,67 @@ fn put_serial_sends_the_console_to_a_file_at_the_rate_given() {
     );
     assert_eq!(vm.call("GET", "/", None).0, 200);
     let _ = std::fs::remove_file(&fifo);
+}
+
+/// Checked when put, as Firecracker checks them: a kernel or initrd that cannot be opened, a
+/// drive image that cannot be opened, a guest MAC another interface has (Firecracker's text);
+/// a multicast-looking MAC and a drive id longer than virtio-blk's 20-byte serial are taken.
+#[test]
+fn configuration_is_checked_when_put_as_firecracker_does() {
+    let vm = Running::start("api-put-checks", &[]);
+    let missing = tmp("no-such-kernel");
+    let body = format!(r#"{{"kernel_image_path": "{}"}}"#, missing.display());
+    let (status, answer) = vm.call("PUT", "/boot-source", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        fault(&answer).starts_with("The kernel file cannot be opened:"),
+        "{answer}"
+    );
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "initrd_path": "{}"}}"#,
+        test_guest().display(),
+        missing.display()
+    );
+    let (status, answer) = vm.call("PUT", "/boot-source", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        fault(&answer).starts_with("The initrd file cannot be opened"),
+        "{answer}"
+    );
+    let body = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#,
+        missing.display()
+    );
+    let (status, answer) = vm.call("PUT", "/drives/d", Some(&body));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        fault(&answer).starts_with("Unable to create the block device:"),
+        "{answer}"
+    );
+    let image = tmp("put-checks.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let long = "a-drive-id-longer-than-twenty-bytes";
+    let body = format!(
+        r#"{{"drive_id": "{long}", "path_on_host": "{}", "is_root_device": false}}"#,
+        image.display()
+    );
+    assert_eq!(
+        vm.call("PUT", &format!("/drives/{long}"), Some(&body)).0,
+        204
+    );
+
+    let nic = |id: &str, tap: &str, mac: &str| {
+        let body =
+            format!(r#"{{"iface_id": "{id}", "host_dev_name": "{tap}", "guest_mac": "{mac}"}}"#);
+        vm.call("PUT", &format!("/network-interfaces/{id}"), Some(&body))
+    };
+    assert_eq!(nic("a", "tapa", "07:00:00:00:00:01").0, 204);
+    let (status, answer) = nic("b", "tapb", "07:00:00:00:00:01");
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        fault(&answer),
+        "The MAC address is already in use: 07:00:00:00:00:01"
+    );
+    // The same interface may be put again with its own address.
+    assert_eq!(nic("a", "tapa", "07:00:00:00:00:01").0, 204);
 }

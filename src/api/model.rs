@@ -431,8 +431,20 @@ impl BootSource {
         if self.kernel_image_path.is_empty() {
             return bad("kernel_image_path is empty");
         }
-        config.kernel = PathBuf::from(&self.kernel_image_path);
-        config.initrd = self.initrd_path.as_ref().map(PathBuf::from);
+        let kernel = PathBuf::from(&self.kernel_image_path);
+        let initrd = self.initrd_path.as_ref().map(PathBuf::from);
+        // Checked now, as Firecracker does, not at InstanceStart.
+        if let Err(e) = crate::arch::x86_64::boot::check_boot_files(&kernel, initrd.as_deref()) {
+            let what = match e {
+                crate::arch::x86_64::boot::BootError::InitrdFile(..) => {
+                    "The initrd file cannot be opened due to invalid path or invalid permissions."
+                }
+                _ => "The kernel file cannot be opened:",
+            };
+            return bad(format!("{what} {}", crate::error_chain(&e)));
+        }
+        config.kernel = kernel;
+        config.initrd = initrd;
         config.cmdline = self
             .boot_args
             .clone()
@@ -528,12 +540,18 @@ impl Drive {
                 return bad(format!("partuuid '{uuid}' is not a partition UUID"));
             }
         }
-        if self.drive_id.len() > 20 {
-            return bad(format!(
-                "drive id '{}' is longer than virtio-blk's 20-byte serial",
-                self.drive_id
-            ));
-        }
+        // Opened now, as Firecracker does, not at InstanceStart (a longer id than the
+        // 20 bytes of virtio-blk's serial is cut there, as Firecracker does too).
+        crate::devices::virtio::block::open_image(
+            std::path::Path::new(path),
+            self.is_read_only.unwrap_or(false),
+        )
+        .map_err(|e| {
+            BadRequest(format!(
+                "Unable to create the block device: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
         if self.is_root_device {
             if let Some(other) = config
                 .disks
@@ -604,6 +622,18 @@ impl NetworkInterface {
                 self.host_dev_name,
                 other.id.as_deref().unwrap_or("?")
             ));
+        }
+        if let Some(mac) = mac {
+            let taken = config
+                .nets
+                .iter()
+                .any(|n| n.mac == Some(mac) && n.id.as_deref() != Some(self.iface_id.as_str()));
+            if taken {
+                return bad(format!(
+                    "The MAC address is already in use: {}",
+                    self.guest_mac.as_deref().unwrap_or_default()
+                ));
+            }
         }
         let net = NetConfig {
             tap: self.host_dev_name.clone(),
@@ -702,8 +732,20 @@ impl FullVmConfig {
 mod tests {
     use super::*;
 
+    /// Parses `json` after pointing the paths it names (`/k`, `/img`, `/img2`, `/i`) at
+    /// regular files made for the tests: kernels and images are opened when configured.
     fn parse<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
-        serde_json::from_str(json).map_err(|e| e.to_string())
+        let dir = std::env::temp_dir().join(format!("skiff-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut json = json.to_owned();
+        for name in ["img2", "img", "i", "k"] {
+            let file = dir.join(name);
+            if !file.exists() {
+                std::fs::write(&file, [0u8; 512]).unwrap();
+            }
+            json = json.replace(&format!("\"/{name}\""), &format!("\"{}\"", file.display()));
+        }
+        serde_json::from_str(&json).map_err(|e| e.to_string())
     }
 
     #[test]

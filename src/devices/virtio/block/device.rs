@@ -79,8 +79,17 @@ pub struct BlockState {
 /// request). The type is checked on the opened descriptor, so the path cannot be swapped
 /// between the check and the open; then the flag is cleared, as the I/O path expects
 /// blocking reads and writes.
-fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
+pub fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
     let open_err = |e| BlockError::Open(path.to_owned(), e);
+    // Refused before the open as well: opening some devices has effects of its own (a
+    // watchdog starts counting); the check after the open is the one that holds.
+    let kind = std::fs::metadata(path).map_err(open_err)?.file_type();
+    if !kind.is_file() && !kind.is_block_device() && !kind.is_dir() {
+        return Err(BlockError::Unusable(
+            path.to_owned(),
+            "is not a regular file or block device",
+        ));
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
