@@ -214,7 +214,8 @@ impl Controller {
             ApiRequest::DescribeInstance => ApiResponse::ok(json!({
                 "id": self.id,
                 "state": self.state_name(),
-                "vmm_version": env!("CARGO_PKG_VERSION"),
+                // One version for clients, as GET /version and --version give it.
+                "vmm_version": API_VERSION,
                 "app_name": "Skiff",
             })),
             ApiRequest::GetVersion => {
@@ -366,6 +367,10 @@ impl Controller {
         else {
             return ApiResponse::fault(400, format!("drive {} does not exist", d.drive_id));
         };
+        if d.path_on_host.is_none() && d.rate_limiter.is_none() {
+            // Firecracker's answer to a PATCH that changes nothing.
+            return ApiResponse::fault(400, "Running method expected different backend.");
+        }
         if d.path_on_host.is_some() {
             return ApiResponse::fault(
                 400,
@@ -436,6 +441,8 @@ impl Controller {
                     Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
                 },
             },
+            // Firecracker flushes on request only once the microVM runs.
+            ActionType::FlushMetrics if self.vm.is_none() => ApiResponse::fault(400, BEFORE_START),
             ActionType::FlushMetrics => match self.flush_metrics() {
                 Ok(()) => ApiResponse::no_content(),
                 Err(e) => bad(e),

@@ -20,7 +20,7 @@ use vmm_sys_util::terminal::Terminal;
 /// Skiff serves the Firecracker REST API on a Unix socket and/or boots the VM a Firecracker
 /// JSON config file describes.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = VERSION, display_name = "Firecracker", about, long_about = None)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = level)]
@@ -132,6 +132,10 @@ fn level(text: &str) -> Result<LevelFilter, String> {
         format!("'{text}' is not a log level (error, warn/warning, info, debug, trace, off)")
     })
 }
+
+/// What `--version` prints: the Firecracker version whose API and flags Skiff serves, as tools
+/// parse it (`Firecracker vX.Y.Z`), then Skiff's own.
+const VERSION: &str = concat!("v1.16.1 (Skiff ", env!("CARGO_PKG_VERSION"), ")");
 
 /// Default API socket when neither --api-sock nor --no-api is given.
 const DEFAULT_API_SOCK: &str = "/run/skiff.socket";

@@ -241,7 +241,7 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
             "PUT",
             "/actions",
             Some(r#"{"action_type": "FlushMetrics"}"#),
-            "metrics are not configured",
+            "The requested operation is not supported before starting the microVM.",
         ),
         (
             "PATCH",
@@ -1010,4 +1010,43 @@ fn configuration_is_checked_when_put_as_firecracker_does() {
     );
     // The same interface may be put again with its own address.
     assert_eq!(nic("a", "tapa", "07:00:00:00:00:01").0, 204);
+}
+
+/// One version everywhere, as clients parse it: `--version` starts with Firecracker's
+/// `Firecracker v1.16.1`, and `GET /` and `GET /version` say 1.16.1. A PATCH of a drive that
+/// changes nothing gets Firecracker's answer.
+#[test]
+fn one_version_everywhere_and_firecrackers_patch_rule() {
+    let out = std::process::Command::new(common::skiff_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("Firecracker v1.16.1 (Skiff "), "{text}");
+    let vm = Running::start("api-version", &[]);
+    let (_, version) = vm.call("GET", "/version", None);
+    assert!(
+        version.contains(r#""firecracker_version":"1.16.1""#),
+        "{version}"
+    );
+    let (_, instance) = vm.call("GET", "/", None);
+    assert!(instance.contains(r#""vmm_version":"1.16.1""#), "{instance}");
+
+    let image = tmp("patch-rule.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let drive = format!(
+        r#"{{"drive_id": "d", "path_on_host": "{}", "is_root_device": false}}"#,
+        image.display()
+    );
+    assert_eq!(vm.call("PUT", "/drives/d", Some(&drive)).0, 204);
+    let source = boot_source("checks=ctrlaltdel");
+    assert_eq!(vm.call("PUT", "/boot-source", Some(&source)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(vm.call("PUT", "/actions", Some(start)).0, 204);
+    let (status, answer) = vm.call("PATCH", "/drives/d", Some(r#"{"drive_id": "d"}"#));
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(fault(&answer), "Running method expected different backend.");
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(vm.call("PUT", "/actions", Some(cad)).0, 204);
+    vm.wait_for("PASS ctrlaltdel", LIMIT);
 }
