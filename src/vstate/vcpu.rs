@@ -735,6 +735,13 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&state.vcpu_events)
             .map_err(self.setup_err("KVM_SET_VCPU_EVENTS"))?;
+        // The pause before the snapshot told KVM, but KVM writes PVCLOCK_GUEST_STOPPED into
+        // the guest's pvclock page only when the vCPU next enters, which the saved VM never
+        // did: the snapshot's memory does not hold it. Told again now (the MSRs above enabled
+        // the pvclock), the guest sees the flag on its first entry and its RCU stall and
+        // soft-lockup checks discount the time the VM was down, which `clock_realtime` adds
+        // to its clock at once (Firecracker does the same since its PR #5494).
+        self.tell_kvmclock_paused();
         Ok(())
     }
 
