@@ -294,6 +294,13 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
 
     boot::append_kernel_params(&mut cmdline, &params)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    info!(
+        "Kernel loaded using {} boot protocol",
+        match kernel.entry {
+            crate::arch::x86_64::regs::BootEntry::Pvh(_) => "PVH",
+            crate::arch::x86_64::regs::BootEntry::Linux64(_) => "Linux 64-bit",
+        }
+    );
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, &kernel, path)?),
         None => None,

@@ -301,6 +301,11 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         module: cli.module.clone(),
     })
     .map_err(StartError::Logger)?;
+    log::info!(
+        "Running Firecracker v{} (Skiff {})",
+        skiff::controller::API_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
     if cli.enable_pci {
         log::warn!("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO");
     }
@@ -359,6 +364,7 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
                 controller.api_metrics(),
                 filters.clone(),
             )?;
+            log::info!("API server started.");
             Some(RemoveOnDrop(path.clone()))
         }
         None => None,
@@ -437,6 +443,7 @@ fn main() -> ExitCode {
     skiff::mark_process_start();
     let cli = Cli::parse();
     skiff::logger::init(cli.log_level);
+    skiff::logger::set_instance_id(&cli.id);
     if let Some(start) = cli.start_time_us {
         log::info!(
             "started by a jailer {} us ago, which used {} us of CPU",
@@ -477,6 +484,7 @@ fn main() -> ExitCode {
         };
     }
     let seccomp = cli.seccomp();
+    let firecracker_style_start = cli.command.is_none();
     let outcome = match cli.command {
         Some(Command::Run(args)) => {
             run(args, seccomp).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
@@ -488,11 +496,17 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(GuestExit::Stopped(Some(sig))) => {
+            // Firecracker's lines, which its tools look for.
+            log::info!("Received signal {sig}");
+            log::info!("Shutting down VM after intercepting signal {sig}");
             eprintln!("skiff: stopped by signal {sig}");
             ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)))
         }
         Ok(how) => {
             log::info!("guest ended: {how:?}");
+            if firecracker_style_start {
+                log::info!("Firecracker exiting successfully. exit_code=0");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -410,6 +410,12 @@ fn config_file_boots_without_an_api() {
         "{}",
         vm.stderr()
     );
+    // With the process's CPU time, as Firecracker's boot timer gives it.
+    assert!(
+        vm.stderr().contains(" CPU us ") && vm.stderr().contains(" CPU ms"),
+        "{}",
+        vm.stderr()
+    );
     assert!(vm.console().contains("PASS smp"), "{}", vm.console());
     assert!(
         vm.console().contains("DONE passed=2 failed=0"),
@@ -863,11 +869,32 @@ fn firecracker_start_flags_are_taken() {
         log.contains("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO"),
         "{log}"
     );
+    // Firecracker's line format: `<UTC time> [<id>:<thread>:<level>:<file>:<line>] message`,
+    // and its key lines.
     assert!(
         log.lines()
-            .any(|l| l.contains(" INFO ") && l.contains("src/devices/legacy/progress.rs:")),
+            .any(|l| l.contains(":INFO:src/devices/legacy/progress.rs:")),
         "no line with its origin: {log}"
     );
+    let first = log
+        .lines()
+        .find(|l| l.contains("Running Firecracker v1.16.1"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let (time, rest) = first.split_once(' ').unwrap();
+    assert!(
+        time.len() == 29 && time.as_bytes()[10] == b'T' && time.as_bytes()[19] == b'.',
+        "{first}"
+    );
+    assert!(
+        rest.starts_with("[anonymous-instance:main:INFO:"),
+        "{first}"
+    );
+    for key in [
+        "Kernel loaded using PVH boot protocol",
+        "Firecracker exiting successfully. exit_code=0",
+    ] {
+        assert!(log.contains(key), "no {key:?} in\n{log}");
+    }
     let only_vmm = run(&["--module", "skiff::vmm"]);
     assert!(!only_vmm.contains("boot progress"), "{only_vmm}");
 }
