@@ -219,7 +219,7 @@ fn attach_config_devices(
     }
     for (i, disk) in disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let mut block = Block::new(&disk.path, disk.read_only, &id)?;
+        let mut block = Block::with_cache(&disk.path, disk.read_only, &id, disk.cache_type)?;
         if let Some(limiter) = &disk.rate_limiter {
             block.update_rate_limiter(limiter)?;
         }

@@ -258,6 +258,32 @@ pub struct DiskConfig {
     pub partuuid: Option<String>,
     /// Limits on the guest's requests.
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Whether the guest may ask for its writes to be made durable.
+    pub cache_type: CacheType,
+    /// How requests reach the image, as the API was told.
+    pub io_engine: IoEngine,
+}
+
+/// A disk's write cache as the guest sees it (Firecracker's `cache_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CacheType {
+    /// No flush offered: the guest treats its writes as done when the host has them in its
+    /// page cache (Firecracker's default).
+    #[default]
+    Unsafe,
+    /// Flush offered, and made durable on the host (fdatasync of the image).
+    Writeback,
+}
+
+/// How a disk's requests are carried out (Firecracker's `io_engine`). Async is taken and
+/// reported, and carried out as Sync until Skiff has an asynchronous engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Blocking reads and writes on the device thread.
+    #[default]
+    Sync,
+    /// io_uring in Firecracker; Sync in Skiff for now.
+    Async,
 }
 
 /// Errors in a `--disk` description.
@@ -266,8 +292,8 @@ pub enum DiskSpecError {
     /// No `path=`.
     #[error("missing path=IMAGE")]
     MissingPath,
-    /// A key that is not path, readonly, id, root, bw or iops.
-    #[error("unknown key '{0}' (expected path, readonly, id, root, bw, iops)")]
+    /// A key that is not path, readonly, id, root, cache, bw or iops.
+    #[error("unknown key '{0}' (expected path, readonly, id, root, cache, bw, iops)")]
     UnknownKey(String),
     /// A rate that is not a whole number.
     #[error("{0} must be a whole number, not '{1}'")]
@@ -309,8 +335,8 @@ impl std::str::FromStr for EntropyConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = DiskSpecError;
 
-    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]`, the rates
-    /// per second.
+    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on][,cache=unsafe|writeback][,bw=BYTES]
+    /// [,iops=N]`, the rates per second.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut disk = DiskConfig {
             path: PathBuf::new(),
@@ -319,6 +345,8 @@ impl std::str::FromStr for DiskConfig {
             root: false,
             partuuid: None,
             rate_limiter: None,
+            cache_type: CacheType::default(),
+            io_engine: IoEngine::default(),
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or((part, "on"));
@@ -326,6 +354,13 @@ impl std::str::FromStr for DiskConfig {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" => disk.read_only = switch("readonly", value)?,
                 "root" => disk.root = switch("root", value)?,
+                "cache" => {
+                    disk.cache_type = match value {
+                        "unsafe" => CacheType::Unsafe,
+                        "writeback" => CacheType::Writeback,
+                        _ => return Err(DiskSpecError::BadSwitch("cache", value.to_owned())),
+                    }
+                }
                 "bw" | "iops" => {
                     let bucket = rate(value)
                         .ok_or_else(|| DiskSpecError::BadRate(key.to_owned(), value.to_owned()))?;
@@ -389,6 +424,8 @@ mod tests {
                 root: true,
                 partuuid: None,
                 rate_limiter: None,
+                cache_type: CacheType::Unsafe,
+                io_engine: IoEngine::Sync,
             }
         );
         let limited: DiskConfig = "path=/img,bw=4194304,iops=100".parse().unwrap();

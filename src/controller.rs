@@ -371,11 +371,17 @@ impl Controller {
             // Firecracker's answer to a PATCH that changes nothing.
             return ApiResponse::fault(400, "Running method expected different backend.");
         }
-        if d.path_on_host.is_some() {
-            return ApiResponse::fault(
-                400,
-                "changing a drive's image after boot is not supported by Skiff yet",
-            );
+        if let Some(path) = d.path_on_host.as_deref() {
+            if let Err(e) = vm.swap_drive_image(&d.drive_id, Path::new(path)) {
+                return ApiResponse::fault(
+                    400,
+                    format!(
+                        "Unable to patch the block device: {}",
+                        crate::error_chain(&e)
+                    ),
+                );
+            }
+            disk.path = path.into();
         }
         if let Some(update) = &d.rate_limiter {
             if let Err(e) = vm.update_block_rate_limiter(&d.drive_id, update) {

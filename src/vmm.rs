@@ -515,6 +515,15 @@ impl Vm {
         Ok(block.update_rate_limiter(update)?)
     }
 
+    /// Puts drive `id` on the image at `path` while the VM runs, as `PATCH /drives` with
+    /// `path_on_host` does (see [`crate::devices::virtio::block::Block::swap_image`]).
+    pub fn swap_drive_image(&self, id: &str, path: &std::path::Path) -> Result<(), VmmError> {
+        let block = (self.devices.registry().blocks.get(id))
+            .ok_or_else(|| VmmError::NoDevice("drive", id.to_owned()))?;
+        let mut block = block.device.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(block.swap_image(path)?)
+    }
+
     /// Changes the RX and TX rate limiters of network interface `id` while the VM runs, as
     /// `PATCH /network-interfaces` does: a limiter not given stays as it is.
     pub fn update_net_rate_limiters(

@@ -1431,7 +1431,7 @@ static void check_snapshot(void)
 	uint64_t sector = param_uint("snap_sector", 8), max_gap = param_uint("snap_max_gap_ms", 10000) * 1000;
 	int clone = (int)param_uint("snap_clone", 0), have_blk = 0, have_net = 0;
 	const char *why, *problem = 0;
-	uint64_t irqs_before = device_irqs, reads = 0, sent = 0, clone_id = 0;
+	uint64_t irqs_before = device_irqs, reads = 0, sent = 0, clone_id = 0, capacity = 0;
 
 	if (find_virtio(2, &blk)) {
 		/* Fresh rings, in case an earlier check used the device. */
@@ -1495,6 +1495,13 @@ static void check_snapshot(void)
 		last_tick = now;
 		printf("snap-tick %lu\n", tick);
 		if (have_blk) {
+			/* The capacity (virtio 1.2, 5.2.4), read again each tick: a host that swaps the
+			 * disk's image shows the new one's here. */
+			uint64_t now_capacity = (uint64_t)vr(&blk, 0x100) | ((uint64_t)vr(&blk, 0x104) << 32);
+			if (now_capacity != capacity) {
+				printf("snapshot: disk capacity %lu sectors at tick %lu\n", now_capacity, tick);
+				capacity = now_capacity;
+			}
 			memset(snap_sector_buf, 0, sizeof(snap_sector_buf));
 			if (blk_request(0, sector, snap_sector_buf, 512, 1) != 0) {
 				if (!io_bad++)

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    parse_mac, DiskConfig, NetConfig, RateLimiterConfig, VmConfig, DEFAULT_CMDLINE,
+    parse_mac, CacheType, DiskConfig, IoEngine, NetConfig, RateLimiterConfig, VmConfig,
+    DEFAULT_CMDLINE,
 };
 
 /// Largest vCPU count the API accepts, as Firecracker.
@@ -518,20 +519,16 @@ impl Drive {
         let Some(path) = self.path_on_host.as_deref().filter(|p| !p.is_empty()) else {
             return bad(format!("drive {}: path_on_host is required", self.drive_id));
         };
-        if let Some(c) = self
-            .cache_type
-            .as_deref()
-            .filter(|c| !["Unsafe", "Writeback"].contains(c))
-        {
-            return bad(format!("cache_type '{c}': expected Unsafe or Writeback"));
-        }
-        if let Some(e) = self
-            .io_engine
-            .as_deref()
-            .filter(|e| !["Sync", "Async"].contains(e))
-        {
-            return bad(format!("io_engine '{e}': expected Sync or Async"));
-        }
+        let cache_type = match self.cache_type.as_deref() {
+            None | Some("Unsafe") => CacheType::Unsafe,
+            Some("Writeback") => CacheType::Writeback,
+            Some(c) => return bad(format!("cache_type '{c}': expected Unsafe or Writeback")),
+        };
+        let io_engine = match self.io_engine.as_deref() {
+            None | Some("Sync") => IoEngine::Sync,
+            Some("Async") => IoEngine::Async,
+            Some(e) => return bad(format!("io_engine '{e}': expected Sync or Async")),
+        };
         if let Some(uuid) = &self.partuuid {
             if uuid.is_empty()
                 || uuid.len() > 64
@@ -572,6 +569,8 @@ impl Drive {
             root: self.is_root_device,
             partuuid: self.partuuid.clone(),
             rate_limiter: self.rate_limiter.and_then(RateLimiterConfig::normalized),
+            cache_type,
+            io_engine,
         };
         match config
             .disks
@@ -592,8 +591,8 @@ impl Drive {
             is_root_device: disk.root,
             partuuid: disk.partuuid.clone(),
             is_read_only: Some(disk.read_only),
-            cache_type: Some("Unsafe".to_owned()),
-            io_engine: Some("Sync".to_owned()),
+            cache_type: Some(format!("{:?}", disk.cache_type)),
+            io_engine: Some(format!("{:?}", disk.io_engine)),
             rate_limiter: disk.rate_limiter,
             socket: None,
         }
