@@ -268,6 +268,9 @@ fn create_vcpus(
 pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let start = crate::process_start();
     let (kvm, count) = open_kvm(&config.kvm_device, config.vcpus)?;
+    if config.smt && count != 1 && !count.is_multiple_of(2) {
+        return Err(VmmError::SmtVcpuCount(count));
+    }
     // Check the cheap things before mapping memory and reading the kernel.
     let filters = Filters::load(&config.seccomp)?;
     boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
@@ -324,7 +327,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         &exit,
         count,
         Vec::new(),
-        |vcpu| vcpu.configure(&kvm, &base_cpuid, count, kernel.entry),
+        |vcpu| vcpu.configure(&kvm, &base_cpuid, (count, config.smt), kernel.entry),
     )?;
     debug!(
         "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",

@@ -26,6 +26,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// Two threads per core in the guest's CPU topology (vCPU count 1 or even).
+    pub smt: bool,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
@@ -401,6 +403,7 @@ impl VmConfig {
             nets: Vec::new(),
             entropy: None,
             console_rate_limit: None,
+            smt: false,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

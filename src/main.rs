@@ -240,6 +240,10 @@ struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = DEFAULT_KVM_DEVICE, value_name = "PATH")]
     kvm_device: PathBuf,
+    /// Two threads per core in the guest's CPU topology (--vcpus 1 or even), as
+    /// Firecracker's smt.
+    #[arg(long)]
+    smt: bool,
     /// An entropy device (virtio-rng) filled from the host's getrandom: on its own, or with a
     /// limit of bw=BYTES and/or ops=N a second.
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "")]
@@ -401,6 +405,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,
+        smt: args.smt,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

@@ -116,6 +116,11 @@ pub enum VmmError {
     /// The VM's interrupt controllers, timer or clock cannot be saved or restored.
     #[error("cannot save or restore the VM's interrupt controllers and clock")]
     VmState(#[from] VmStateError),
+    /// SMT with an odd vCPU count above 1.
+    #[error(
+        "--vcpus {0} with SMT: the vCPU count can only be 1 or an even number when SMT is enabled"
+    )]
+    SmtVcpuCount(u8),
     /// A diff snapshot of a VM that does not track dirty pages.
     #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
     DiffNeedsTracking,

@@ -1161,3 +1161,33 @@ fn drive_options_are_reported_and_an_image_is_swapped_after_boot() {
     assert_eq!(vm.call("PUT", "/actions", Some(cad)).0, 204);
     vm.wait_for("DONE passed=", LIMIT);
 }
+
+/// `smt` through `PUT /machine-config`: an odd vCPU count above 1 gets Firecracker's text; an
+/// even one is taken, shown, and the guest sees two threads per core.
+#[test]
+fn smt_through_the_api() {
+    let vm = Running::start("api-smt", &[]);
+    let (status, answer) = vm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 3, "mem_size_mib": 128, "smt": true}"#),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        fault(&answer),
+        "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled."
+    );
+    let machine = r#"{"vcpu_count": 2, "mem_size_mib": 128, "smt": true}"#;
+    assert_eq!(vm.call("PUT", "/machine-config", Some(machine)).0, 204);
+    let (_, shown) = vm.call("GET", "/machine-config", None);
+    assert!(shown.contains(r#""smt":true"#), "{shown}");
+    let source = boot_source("checks=smp,ctrlaltdel cpus=2");
+    assert_eq!(vm.call("PUT", "/boot-source", Some(&source)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(vm.call("PUT", "/actions", Some(start)).0, 204);
+    vm.wait_for("smp: 2 thread(s) per core", LIMIT);
+    vm.wait_for("PASS smp", LIMIT);
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(vm.call("PUT", "/actions", Some(cad)).0, 204);
+    vm.wait_for("PASS ctrlaltdel", LIMIT);
+}

@@ -266,9 +266,17 @@ static void spin(unsigned n) { for (volatile unsigned i = 0; i < n; i++) __asm__
 
 /* Counts processors in the MP table, starts every AP with INIT/SIPI/SIPI and waits for each to
  * set its bit. */
+static void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d);
+
 static void check_smp(void)
 {
 	uint64_t want = param_uint("cpus", 1);
+	{
+		/* Threads per core in the topology the VMM gives: CPUID 0xb subleaf 0, the SMT level. */
+		uint32_t a, b, c, d;
+		cpuid(0xb, &a, &b, &c, &d);
+		printf("smp: %u thread(s) per core\n", b & 0xffff);
+	}
 	const uint8_t *fp = find_mp();
 	if (!fp) {
 		report("smp", 0, "no MP floating pointer");

@@ -471,8 +471,12 @@ impl MachineConfig {
         if self.mem_size_mib == Some(0) {
             return bad("mem_size_mib must be at least 1");
         }
-        if self.smt == Some(true) {
-            return bad("smt is not supported by Skiff");
+        let smt = self.smt.unwrap_or(if full { false } else { config.smt });
+        let vcpus = self.vcpu_count.unwrap_or(config.vcpus);
+        if smt && vcpus != 1 && !vcpus.is_multiple_of(2) {
+            return bad(
+                "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
+            );
         }
         if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
             return bad(format!(
@@ -490,6 +494,7 @@ impl MachineConfig {
         if let Some(m) = self.mem_size_mib {
             config.memory_mib = m;
         }
+        config.smt = smt;
         if full || self.track_dirty_pages.is_some() {
             config.track_dirty_pages = self.track_dirty_pages.unwrap_or(false);
         }
@@ -501,7 +506,7 @@ impl MachineConfig {
         Self {
             vcpu_count: Some(config.vcpus),
             mem_size_mib: Some(config.memory_mib),
-            smt: Some(false),
+            smt: Some(config.smt),
             track_dirty_pages: Some(config.track_dirty_pages),
             cpu_template: None,
             huge_pages: Some("None".to_owned()),
@@ -771,7 +776,7 @@ mod tests {
             r#"{"vcpu_count":0,"mem_size_mib":256}"#,
             r#"{"vcpu_count":33,"mem_size_mib":256}"#,
             r#"{"vcpu_count":1,"mem_size_mib":0}"#,
-            r#"{"vcpu_count":1,"mem_size_mib":128,"smt":true}"#,
+            r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#,
             r#"{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"T2"}"#,
             r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"2M"}"#,
         ] {

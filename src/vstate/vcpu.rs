@@ -395,19 +395,19 @@ impl Vcpu {
         move |source| VcpuError::Setup { id, what, source }
     }
 
-    /// Sets CPUID (from `base`, normalised for this vCPU of `count`), MSRs, FPU and LAPIC; the
-    /// boot vCPU (id 0) also gets the registers to enter the kernel at `entry`. The others
-    /// wait for INIT/SIPI in the in-kernel LAPIC.
+    /// Sets CPUID (from `base`, normalised for this vCPU of `count`, two threads a core with
+    /// `smt`), MSRs, FPU and LAPIC; the boot vCPU (id 0) also gets the registers to enter the
+    /// kernel at `entry`. The others wait for INIT/SIPI in the in-kernel LAPIC.
     pub fn configure(
         &mut self,
         kvm: &KvmContext,
         base: &CpuId,
-        count: u8,
+        (count, smt): (u8, bool),
         entry: regs::BootEntry,
     ) -> Result<(), VcpuError> {
         self.msr_list = Arc::from(kvm.msr_index_list());
         let mut cpuid = base.clone();
-        cpuid::normalize(&mut cpuid, self.id, count);
+        cpuid::normalize(&mut cpuid, self.id, count, smt);
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.setup_err("KVM_SET_CPUID2"))?;
