@@ -10,6 +10,7 @@ use std::sync::{Arc, PoisonError};
 use kvm_ioctls::{VcpuFd, VmFd};
 use log::{debug, info};
 
+use crate::arch::x86_64::cpu_template::CpuTemplate;
 use crate::arch::x86_64::{boot, cpuid, mptable};
 use crate::config::{ConsoleInput, SeccompConfig, TokenBucketConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
@@ -311,6 +312,10 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     boot::write_boot_info(&mem, &kernel, &cmdline, initrd)?;
     mptable::setup_mptable(&mem, count)?;
 
+    let template = match &config.cpu_config {
+        Some(t) => t.parse().map_err(VmmError::CpuTemplate)?,
+        None => CpuTemplate::default(),
+    };
     let mut base_cpuid = kvm.supported_cpuid().clone();
     cpuid::fill_brand_string(&mut base_cpuid);
     if kvm.is_pvm() {
@@ -320,6 +325,9 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
             hidden.join(" ")
         );
     }
+    template
+        .apply_cpuid(&mut base_cpuid)
+        .map_err(VmmError::CpuTemplate)?;
     let vcpus = create_vcpus(
         &vm_fd,
         &mem,
@@ -327,7 +335,15 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         &exit,
         count,
         Vec::new(),
-        |vcpu| vcpu.configure(&kvm, &base_cpuid, (count, config.smt), kernel.entry),
+        |vcpu| {
+            vcpu.configure(
+                &kvm,
+                &base_cpuid,
+                (count, config.smt),
+                kernel.entry,
+                &template.msrs,
+            )
+        },
     )?;
     debug!(
         "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",

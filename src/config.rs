@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Two threads per core in the guest's CPU topology (vCPU count 1 or even).
     pub smt: bool,
+    /// A custom CPU template (`PUT /cpu-config`).
+    pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
@@ -404,6 +406,7 @@ impl VmConfig {
             entropy: None,
             console_rate_limit: None,
             smt: false,
+            cpu_config: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

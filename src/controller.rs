@@ -205,6 +205,7 @@ impl Controller {
                 | ApiRequest::PutDrive(_)
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutEntropy(_)
+                | ApiRequest::PutCpuConfig(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -243,6 +244,13 @@ impl Controller {
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
             ApiRequest::PutSerial(s) => done(s.apply(&mut self.config)),
+            ApiRequest::PutCpuConfig(t) => done(match t.parse() {
+                Ok(_) => {
+                    self.config.cpu_config = Some(*t);
+                    Ok(())
+                }
+                Err(why) => Err(BadRequest(why)),
+            }),
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),

@@ -406,6 +406,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         nets: args.net,
         entropy: args.entropy,
         smt: args.smt,
+        cpu_config: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

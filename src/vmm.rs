@@ -116,6 +116,9 @@ pub enum VmmError {
     /// The VM's interrupt controllers, timer or clock cannot be saved or restored.
     #[error("cannot save or restore the VM's interrupt controllers and clock")]
     VmState(#[from] VmStateError),
+    /// The custom CPU template cannot be applied.
+    #[error("CPU template: {0}")]
+    CpuTemplate(String),
     /// SMT with an odd vCPU count above 1.
     #[error(
         "--vcpus {0} with SMT: the vCPU count can only be 1 or an even number when SMT is enabled"

@@ -1580,6 +1580,20 @@ static void check_exits(void)
 	report("exits", 1, 0);
 }
 
+/* What the guest's CPU says, for CPU templates: CPUID leaf `cpuid_leaf` (subleaf 0) and MSR
+ * `msr` (read with rdmsr), printed for the host to check. */
+static void check_cpuinfo(void)
+{
+	uint32_t a, b, c, d;
+	uint32_t leaf = (uint32_t)param_uint("cpuid_leaf", 0);
+	cpuid(leaf, &a, &b, &c, &d);
+	printf("cpuid %x: eax=%x ebx=%x ecx=%x edx=%x\n", leaf, a, b, c, d);
+	uint32_t msr = (uint32_t)param_uint("msr", 0x1a0), lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	printf("msr %x: %lx\n", msr, ((uint64_t)hi << 32) | lo);
+	report("cpuinfo", 1, 0);
+}
+
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
 static void check_progress(void)
 {
@@ -1638,6 +1652,7 @@ static void run_checks(const char *protocol)
 	crash();
 	if (wants("e820")) check_e820();
 	if (wants("smp")) check_smp();
+	if (wants("cpuinfo")) check_cpuinfo();
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();

@@ -54,6 +54,8 @@ pub enum ApiRequest {
     PutEntropy(crate::config::EntropyConfig),
     /// `PUT /serial`
     PutSerial(model::SerialConfig),
+    /// `PUT /cpu-config`
+    PutCpuConfig(Box<crate::arch::x86_64::cpu_template::CustomCpuTemplate>),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -75,6 +77,7 @@ impl ApiRequest {
                 | Self::LoadSnapshot(_)
                 | Self::PutEntropy(_)
                 | Self::PutSerial(_)
+                | Self::PutCpuConfig(_)
         )
     }
 }
@@ -119,7 +122,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/vsock", "vsock"),
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
-    ("/cpu-config", "custom CPU templates"),
     ("/pmem", "pmem devices"),
     ("/hotplug/memory", "memory hot-plug"),
 ];
@@ -224,6 +226,7 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
         ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
         ("PUT", "serial", None) => ApiRequest::PutSerial(body(bytes)?),
+        ("PUT", "cpu-config", None) => ApiRequest::PutCpuConfig(Box::new(body(bytes)?)),
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),

@@ -397,20 +397,20 @@ pub struct FullVmConfig {
     /// The serial console's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    /// A custom CPU template.
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
-const NOT_YET: &[&str] = &[
-    "vsock",
-    "balloon",
-    "mmds-config",
-    "cpu-config",
-    "pmem",
-    "memory-hotplug",
-];
+const NOT_YET: &[&str] = &["vsock", "balloon", "mmds-config", "pmem", "memory-hotplug"];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
@@ -705,6 +705,10 @@ impl FullVmConfig {
         if let Some(s) = &self.serial {
             s.apply(&mut config)?;
         }
+        if let Some(t) = &self.cpu_config {
+            t.parse().map_err(BadRequest)?;
+            config.cpu_config = Some(t.clone());
+        }
         Ok(config)
     }
 
@@ -727,6 +731,7 @@ impl FullVmConfig {
             metrics,
             entropy: config.entropy,
             serial: SerialConfig::of(config),
+            cpu_config: config.cpu_config.clone(),
             unsupported: std::collections::BTreeMap::new(),
         }
     }

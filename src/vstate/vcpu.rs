@@ -29,6 +29,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::kvm::KvmContext;
 use super::memory::GuestMemoryMmap;
+use crate::arch::x86_64::cpu_template::Bits;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
 use crate::metrics::{inc, VcpuMetrics};
@@ -404,6 +405,7 @@ impl Vcpu {
         base: &CpuId,
         (count, smt): (u8, bool),
         entry: regs::BootEntry,
+        msr_template: &[(u32, Bits)],
     ) -> Result<(), VcpuError> {
         self.msr_list = Arc::from(kvm.msr_index_list());
         let mut cpuid = base.clone();
@@ -426,6 +428,9 @@ impl Vcpu {
                 id: self.id,
                 index: refused.index,
             });
+        }
+        for &(index, bits) in msr_template {
+            self.apply_msr_template(index, bits)?;
         }
         self.fd
             .set_fpu(&regs::boot_fpu())
@@ -452,6 +457,41 @@ impl Vcpu {
             self.fd
                 .set_regs(&regs::boot_regs(entry))
                 .map_err(self.setup_err("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Changes MSR `index` as a CPU template's bitmap says, from the value KVM gives it (0 for
+    /// one it cannot read).
+    fn apply_msr_template(&self, index: u32, bits: Bits) -> Result<(), VcpuError> {
+        let entry = |data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let list = |data| {
+            Msrs::from_entries(&[entry(data)]).map_err(|_| VcpuError::Setup {
+                id: self.id,
+                what: "MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })
+        };
+        let mut current = list(0)?;
+        let read = self
+            .fd
+            .get_msrs(&mut current)
+            .map_err(self.setup_err("KVM_GET_MSRS"))?;
+        let old = if read == 1 {
+            current.as_slice()[0].data
+        } else {
+            0
+        };
+        let set = self
+            .fd
+            .set_msrs(&list(bits.apply(old))?)
+            .map_err(self.setup_err("KVM_SET_MSRS"))?;
+        if set != 1 {
+            return Err(VcpuError::SetMsr { id: self.id, index });
         }
         Ok(())
     }
