@@ -199,13 +199,13 @@ fn bad_requests_get_clear_faults_and_leave_skiff_up() {
             "PUT",
             "/machine-config",
             Some(r#"{"vcpu_count": 64, "mem_size_mib": 128}"#),
-            "out of range",
+            "The vCPU number is invalid!",
         ),
         (
             "PUT",
             "/machine-config",
             Some(r#"{"vcpu_count": 1}"#),
-            "needs vcpu_count and mem_size_mib",
+            "missing field `mem_size_mib`",
         ),
         (
             "PUT",
@@ -452,7 +452,10 @@ fn config_file_and_flag_errors_are_one_line() {
         ),
         (
             vec!["--api-sock", busy.to_str().unwrap()],
-            format!("cannot listen on the API socket {}", busy.display()),
+            format!(
+                "Failed to open the API socket at: {}. Check that it is not already used",
+                busy.display()
+            ),
         ),
     ] {
         let out = common::run_skiff(&args, Duration::from_secs(20), None);
@@ -760,7 +763,7 @@ fn an_api_socket_path_taken_during_startup_is_left_alone() {
     assert_eq!(status.unwrap().code(), Some(1), "{}", vm.stderr());
     assert!(
         vm.stderr().contains(&format!(
-            "cannot listen on the API socket {}",
+            "Failed to open the API socket at: {}. Check that it is not already used",
             sock.display()
         )),
         "{}",
@@ -1037,6 +1040,51 @@ fn configuration_is_checked_when_put_as_firecracker_does() {
     );
     // The same interface may be put again with its own address.
     assert_eq!(nic("a", "tapa", "07:00:00:00:00:01").0, 204);
+
+    // Firecracker's fault texts, Skiff's detail after them where it helps.
+    let root = |id: &str| {
+        let body = format!(
+            r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": true}}"#,
+            image.display()
+        );
+        vm.call("PUT", &format!("/drives/{id}"), Some(&body))
+    };
+    assert_eq!(root("r1").0, 204);
+    let (_, answer) = root("r2");
+    assert!(
+        fault(&answer).starts_with("A root block device already exists!"),
+        "{answer}"
+    );
+    let (_, answer) = vm.call(
+        "PUT",
+        "/drives/x",
+        Some(r#"{"drive_id": "y", "path_on_host": "/i", "is_root_device": false}"#),
+    );
+    assert!(
+        fault(&answer).starts_with("The id from the path does not match the id from the body!"),
+        "{answer}"
+    );
+    let (_, answer) = vm.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 0}"#),
+    );
+    assert!(
+        fault(&answer).starts_with("The memory size (MiB) is invalid."),
+        "{answer}"
+    );
+    let (_, answer) = vm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": 1}"#));
+    assert_eq!(
+        fault(&answer),
+        "An error occurred when deserializing the json body of a request: missing field `mem_size_mib`."
+    );
+    let (_, answer) = vm.call("PUT", "/machine-config", Some(r#"{"vcpu_count": "one"}"#));
+    assert!(
+        fault(&answer).starts_with(
+            "An error occurred when deserializing the json body of a request: invalid type"
+        ),
+        "{answer}"
+    );
 }
 
 /// One version everywhere, as clients parse it: `--version` starts with Firecracker's

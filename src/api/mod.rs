@@ -130,8 +130,14 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
     if bytes.is_empty() {
         return Err(ApiResponse::fault(400, "Empty request body"));
     }
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))?;
+    // Firecracker's prefix, then serde's words.
+    let parse_err = |e: serde_json::Error| {
+        ApiResponse::fault(
+            400,
+            format!("An error occurred when deserializing the json body of a request: {e}."),
+        )
+    };
+    let value: Value = serde_json::from_slice(bytes).map_err(parse_err)?;
     // serde would also take a struct as an array of its fields; the API takes objects only.
     if !value.is_object() {
         return Err(ApiResponse::fault(
@@ -139,7 +145,7 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
             "The request body must be a JSON object",
         ));
     }
-    serde_json::from_value(value).map_err(|e| ApiResponse::fault(400, format!("{e}")))
+    serde_json::from_value(value).map_err(parse_err)
 }
 
 /// `id` from the path must match the body's id, as in Firecracker.
@@ -154,7 +160,7 @@ fn same_id(path_id: &str, body_id: &str, kind: &str) -> Result<(), ApiResponse> 
         return Err(ApiResponse::fault(
             400,
             format!(
-                "The id from the path [{path_id}] does not match the id from the body [{body_id}]"
+                "The id from the path does not match the id from the body! (path: {path_id}, body: {body_id})"
             ),
         ));
     }
@@ -302,7 +308,7 @@ mod tests {
         );
         assert_eq!(
             fault(route("PUT", "/snapshot/create", b"{}")).1,
-            "missing field `snapshot_path`"
+            "An error occurred when deserializing the json body of a request: missing field `snapshot_path`."
         );
         assert!(matches!(
             route(

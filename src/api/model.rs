@@ -458,18 +458,26 @@ impl MachineConfig {
     /// Applies the set fields to `config`; with `full` (PUT) both sizes are required and unset
     /// options return to their defaults. Nothing changes unless every field is valid.
     pub fn apply(&self, config: &mut VmConfig, full: bool) -> Result<(), BadRequest> {
-        if full && (self.vcpu_count.is_none() || self.mem_size_mib.is_none()) {
-            return bad("machine-config needs vcpu_count and mem_size_mib");
+        // Firecracker's texts (serde's for a missing field, with its prefix), then Skiff's.
+        for (missing, field) in [
+            (self.vcpu_count.is_none(), "vcpu_count"),
+            (self.mem_size_mib.is_none(), "mem_size_mib"),
+        ] {
+            if full && missing {
+                return bad(format!(
+                    "An error occurred when deserializing the json body of a request: missing field `{field}`."
+                ));
+            }
         }
         if let Some(n) = self.vcpu_count {
             if n == 0 || n > MAX_API_VCPUS {
                 return bad(format!(
-                    "vcpu_count {n} is out of range: 1 to {MAX_API_VCPUS}"
+                    "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled. (vcpu_count {n}: 1 to {MAX_API_VCPUS})"
                 ));
             }
         }
         if self.mem_size_mib == Some(0) {
-            return bad("mem_size_mib must be at least 1");
+            return bad("The memory size (MiB) is invalid. (mem_size_mib must be at least 1)");
         }
         let smt = self.smt.unwrap_or(if full { false } else { config.smt });
         let vcpus = self.vcpu_count.unwrap_or(config.vcpus);
@@ -561,8 +569,7 @@ impl Drive {
                 .find(|d| d.root && d.id.as_deref() != Some(self.drive_id.as_str()))
             {
                 return bad(format!(
-                    "drive {} cannot be the root device: drive {} already is",
-                    self.drive_id,
+                    "A root block device already exists! (drive {} is the root device)",
                     other.id.as_deref().unwrap_or("?")
                 ));
             }
@@ -809,7 +816,7 @@ mod tests {
             .apply(&mut c)
             .unwrap_err()
             .0
-            .contains("already is"));
+            .starts_with("A root block device already exists!"));
         for body in [
             r#"{"drive_id":"x","is_root_device":false}"#,
             r#"{"drive_id":"bad id","path_on_host":"/i","is_root_device":false}"#,

@@ -62,7 +62,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
     /// The socket cannot be bound.
-    #[error("cannot listen on the API socket {}", .0.display())]
+    #[error("Failed to open the API socket at: {}. Check that it is not already used", .0.display())]
     Bind(PathBuf, #[source] std::io::Error),
     /// The thread or its runtime cannot start.
     #[error("cannot start the API thread")]
