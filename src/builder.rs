@@ -10,13 +10,16 @@ use std::sync::{Arc, PoisonError};
 use kvm_ioctls::{VcpuFd, VmFd};
 use log::{debug, info};
 
+use crate::arch::x86_64::cpu_template::CpuTemplate;
 use crate::arch::x86_64::{boot, cpuid, mptable};
-use crate::config::{ConsoleInput, SeccompConfig, VmConfig};
+use crate::config::{ConsoleInput, SeccompConfig, TokenBucketConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
+use crate::devices::legacy::serial::{ConsoleOutput, Unbuffered};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::metrics::UartMetrics;
 use crate::seccomp::Filters;
 use crate::snapshot::{self, MemBackend, MicrovmState, UffdBackend};
 use crate::vmm::{Vm, VmParts, VmmError};
@@ -46,10 +49,8 @@ pub struct RestoreConfig {
     pub vsock_override: Option<PathBuf>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
-    /// Where the serial console's input comes from.
-    pub console_input: ConsoleInput,
-    /// A file the console's output goes to instead of standard output.
-    pub console_output: Option<PathBuf>,
+    /// The serial console.
+    pub console: ConsoleConfig,
     /// The seccomp filters the VM's threads install.
     pub seccomp: SeccompConfig,
 }
@@ -72,8 +73,7 @@ impl RestoreConfig {
             clock_realtime: false,
             vsock_override: None,
             kvm_device: crate::config::DEFAULT_KVM_DEVICE.into(),
-            console_input: ConsoleInput::default(),
-            console_output: None,
+            console: ConsoleConfig::default(),
             seccomp: SeccompConfig::default(),
         }
     }
@@ -151,34 +151,57 @@ fn open_kvm(device: &std::path::Path, vcpus: u32) -> Result<(KvmContext, u8), Vm
     Ok((kvm, count))
 }
 
-/// Step: the legacy devices (from their saved state when restoring), writing the console to
-/// `output` and ending the VM on an i8042 reset.
+/// Where the serial console goes and how fast: the choices a boot and a restore share.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleConfig {
+    /// Where its input comes from.
+    pub input: ConsoleInput,
+    /// A file or named pipe for its output, instead of standard output.
+    pub output: Option<PathBuf>,
+    /// Bytes a second the output may take.
+    pub rate_limit: Option<TokenBucketConfig>,
+}
+
+/// Opens the console's output file: created and truncated if it is a regular file; a named
+/// pipe must already have a reader (opened without blocking, so a pipe nobody reads is an
+/// error rather than a hang).
+fn open_console_output(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if file.metadata()?.is_file() {
+        file.set_len(0)?;
+    }
+    crate::devices::clear_nonblocking(&file)?;
+    Ok(file)
+}
+
+/// Step: the legacy devices (from their saved state when restoring), the console as `console`
+/// says, the VM ending on an i8042 reset.
 fn legacy_devices(
     vm_fd: &VmFd,
     exit: &Arc<ExitSignal>,
-    console_input: ConsoleInput,
-    console_output: Option<&PathBuf>,
+    console: &ConsoleConfig,
     saved: Option<&DevicesState>,
-) -> Result<DeviceManager, VmmError> {
+) -> Result<(DeviceManager, Arc<UartMetrics>), VmmError> {
     let on_reset = {
         let exit = exit.clone();
         Box::new(move || exit.request(Ok(GuestExit::I8042Reset)))
     };
-    let output = match console_output {
-        Some(path) => Some(
-            std::fs::File::create(path).map_err(|e| VmmError::ConsoleOutput(path.clone(), e))?,
+    let output: Box<dyn std::io::Write + Send> = match &console.output {
+        Some(path) => Box::new(
+            open_console_output(path).map_err(|e| VmmError::ConsoleOutput(path.clone(), e))?,
         ),
-        None => None,
+        None => Box::new(Unbuffered(std::io::stdout())),
     };
+    let metrics = Arc::new(UartMetrics::default());
+    let out = ConsoleOutput::new(output, console.rate_limit.as_ref(), metrics.clone());
     let start = crate::process_start();
-    Ok(DeviceManager::new(
-        vm_fd,
-        console_input,
-        output,
-        on_reset,
-        start,
-        saved,
-    )?)
+    let devices = DeviceManager::new(vm_fd, console.input, out, on_reset, start, saved)?;
+    Ok((devices, metrics))
 }
 
 /// Step (boot): the configuration's disks (the root one first, so it is /dev/vda) and network
@@ -201,7 +224,7 @@ fn attach_config_devices(
     }
     for (i, disk) in disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let mut block = Block::new(&disk.path, disk.read_only, &id)?;
+        let mut block = Block::with_cache(&disk.path, disk.read_only, &id, disk.cache_type)?;
         if let Some(limiter) = &disk.rate_limiter {
             block.update_rate_limiter(limiter)?;
         }
@@ -258,6 +281,9 @@ fn create_vcpus(
 pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let start = crate::process_start();
     let (kvm, count) = open_kvm(&config.kvm_device, config.vcpus)?;
+    if config.smt && count != 1 && !count.is_multiple_of(2) {
+        return Err(VmmError::SmtVcpuCount(count));
+    }
     // Check the cheap things before mapping memory and reading the kernel.
     let filters = Filters::load(&config.seccomp)?;
     boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
@@ -269,13 +295,12 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let mem = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
     let vm_fd = create_vm(&kvm, &mem, track)?;
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
-    let mut devices = legacy_devices(
-        &vm_fd,
-        &exit,
-        config.console_input,
-        config.console_output.as_ref(),
-        None,
-    )?;
+    let console = ConsoleConfig {
+        input: config.console_input,
+        output: config.console_output.clone(),
+        rate_limit: config.console_rate_limit,
+    };
+    let (mut devices, uart) = legacy_devices(&vm_fd, &exit, &console, None)?;
     devices
         .progress()
         .lock()
@@ -285,6 +310,13 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
 
     boot::append_kernel_params(&mut cmdline, &params)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    info!(
+        "Kernel loaded using {} boot protocol",
+        match kernel.entry {
+            crate::arch::x86_64::regs::BootEntry::Pvh(_) => "PVH",
+            crate::arch::x86_64::regs::BootEntry::Linux64(_) => "Linux 64-bit",
+        }
+    );
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, &kernel, path)?),
         None => None,
@@ -292,6 +324,10 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     boot::write_boot_info(&mem, &kernel, &cmdline, initrd)?;
     mptable::setup_mptable(&mem, count)?;
 
+    let template = match &config.cpu_config {
+        Some(t) => t.parse().map_err(VmmError::CpuTemplate)?,
+        None => CpuTemplate::default(),
+    };
     let mut base_cpuid = kvm.supported_cpuid().clone();
     cpuid::fill_brand_string(&mut base_cpuid);
     if kvm.is_pvm() {
@@ -301,6 +337,9 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
             hidden.join(" ")
         );
     }
+    template
+        .apply_cpuid(&mut base_cpuid)
+        .map_err(VmmError::CpuTemplate)?;
     let vcpus = create_vcpus(
         &vm_fd,
         &mem,
@@ -308,7 +347,15 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         &exit,
         count,
         Vec::new(),
-        |vcpu| vcpu.configure(&kvm, &base_cpuid, count, kernel.entry),
+        |vcpu| {
+            vcpu.configure(
+                &kvm,
+                &base_cpuid,
+                (count, config.smt),
+                kernel.entry,
+                &template.msrs,
+            )
+        },
     )?;
     debug!(
         "VM built in {:?}: {count} vCPUs, {} MiB, entry {:?}",
@@ -325,6 +372,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         filters,
         track_dirty_pages: track,
         uffd: None,
+        uart,
     })
 }
 
@@ -418,13 +466,8 @@ pub(crate) fn build_from_snapshot(
         uffd,
     } = restore_memory(restore, &state, warm)?;
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
-    let mut devices = legacy_devices(
-        &vm_fd,
-        &exit,
-        restore.console_input,
-        restore.console_output.as_ref(),
-        Some(&state.devices),
-    )?;
+    let (mut devices, uart) =
+        legacy_devices(&vm_fd, &exit, &restore.console, Some(&state.devices))?;
     let overrides = &restore.network_overrides;
     let tap_override = |id: &str| {
         overrides
@@ -462,6 +505,7 @@ pub(crate) fn build_from_snapshot(
         filters,
         track_dirty_pages: track,
         uffd,
+        uart,
     })?;
     Ok((vm, state))
 }

@@ -26,13 +26,19 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// Two threads per core in the guest's CPU topology (vCPU count 1 or even).
+    pub smt: bool,
+    /// A custom CPU template (`PUT /cpu-config`).
+    pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
     pub console_input: ConsoleInput,
     /// A file the serial console's output goes to (created or truncated) instead of
-    /// standard output.
+    /// standard output, or a named pipe (which must have a reader).
     pub console_output: Option<PathBuf>,
+    /// Bytes a second the console's output may take; the rest is dropped (and counted).
+    pub console_rate_limit: Option<TokenBucketConfig>,
     /// Block devices, in the order the guest sees them (/dev/vda first).
     pub disks: Vec<DiskConfig>,
     /// Network devices, in the order the guest sees them (eth0 first).
@@ -175,8 +181,8 @@ pub enum NetSpecError {
     /// A key that is not tap, mac or a rate limit.
     #[error("unknown key '{0}' (expected tap, mac, rx_bw, rx_pps, tx_bw, tx_pps)")]
     UnknownKey(String),
-    /// Not six colon-separated hex bytes, or a multicast address.
-    #[error("mac '{0}' is not a unicast address like 06:00:ac:10:00:02")]
+    /// Not six colon-separated hex bytes.
+    #[error("mac '{0}' is not an address like 06:00:ac:10:00:02")]
     BadMac(String),
     /// A rate that is not a whole number.
     #[error("{0} must be a whole number, not '{1}'")]
@@ -200,7 +206,7 @@ fn set_rate(limiter: &mut Option<RateLimiterConfig>, bandwidth: bool, bucket: To
     *limiter = l.normalized();
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC address.
+/// Parses `aa:bb:cc:dd:ee:ff` as a MAC address.
 pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
     let bad = || NetSpecError::BadMac(text.to_owned());
     let mut mac = [0u8; 6];
@@ -209,7 +215,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], NetSpecError> {
         let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
     }
-    if parts.next().is_some() || mac[0] & 1 != 0 {
+    // Any address is taken, as Firecracker takes it (a multicast one is the guest's problem:
+    // Linux then picks a random one).
+    if parts.next().is_some() {
         return Err(bad());
     }
     Ok(mac)
@@ -270,6 +278,32 @@ pub struct DiskConfig {
     pub partuuid: Option<String>,
     /// Limits on the guest's requests.
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Whether the guest may ask for its writes to be made durable.
+    pub cache_type: CacheType,
+    /// How requests reach the image, as the API was told.
+    pub io_engine: IoEngine,
+}
+
+/// A disk's write cache as the guest sees it (Firecracker's `cache_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CacheType {
+    /// No flush offered: the guest treats its writes as done when the host has them in its
+    /// page cache (Firecracker's default).
+    #[default]
+    Unsafe,
+    /// Flush offered, and made durable on the host (fdatasync of the image).
+    Writeback,
+}
+
+/// How a disk's requests are carried out (Firecracker's `io_engine`). Async is taken and
+/// reported, and carried out as Sync until Skiff has an asynchronous engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Blocking reads and writes on the device thread.
+    #[default]
+    Sync,
+    /// io_uring in Firecracker; Sync in Skiff for now.
+    Async,
 }
 
 /// Errors in a `--disk` description.
@@ -278,8 +312,8 @@ pub enum DiskSpecError {
     /// No `path=`.
     #[error("missing path=IMAGE")]
     MissingPath,
-    /// A key that is not path, readonly, id, root, bw or iops.
-    #[error("unknown key '{0}' (expected path, readonly, id, root, bw, iops)")]
+    /// A key that is not path, readonly, id, root, cache, bw or iops.
+    #[error("unknown key '{0}' (expected path, readonly, id, root, cache, bw, iops)")]
     UnknownKey(String),
     /// A rate that is not a whole number.
     #[error("{0} must be a whole number, not '{1}'")]
@@ -363,8 +397,8 @@ impl std::str::FromStr for VsockConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = DiskSpecError;
 
-    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]`, the rates
-    /// per second.
+    /// Parses `path=IMG[,readonly=on][,id=NAME][,root=on][,cache=unsafe|writeback][,bw=BYTES]
+    /// [,iops=N]`, the rates per second.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut disk = DiskConfig {
             path: PathBuf::new(),
@@ -373,6 +407,8 @@ impl std::str::FromStr for DiskConfig {
             root: false,
             partuuid: None,
             rate_limiter: None,
+            cache_type: CacheType::default(),
+            io_engine: IoEngine::default(),
         };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or((part, "on"));
@@ -380,6 +416,13 @@ impl std::str::FromStr for DiskConfig {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" => disk.read_only = switch("readonly", value)?,
                 "root" => disk.root = switch("root", value)?,
+                "cache" => {
+                    disk.cache_type = match value {
+                        "unsafe" => CacheType::Unsafe,
+                        "writeback" => CacheType::Writeback,
+                        _ => return Err(DiskSpecError::BadSwitch("cache", value.to_owned())),
+                    }
+                }
                 "bw" | "iops" => {
                     let bucket = rate(value)
                         .ok_or_else(|| DiskSpecError::BadRate(key.to_owned(), value.to_owned()))?;
@@ -420,6 +463,9 @@ impl VmConfig {
             nets: Vec::new(),
             entropy: None,
             vsock: None,
+            console_rate_limit: None,
+            smt: false,
+            cpu_config: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,
@@ -443,6 +489,8 @@ mod tests {
                 root: true,
                 partuuid: None,
                 rate_limiter: None,
+                cache_type: CacheType::Unsafe,
+                io_engine: IoEngine::Sync,
             }
         );
         let limited: DiskConfig = "path=/img,bw=4194304,iops=100".parse().unwrap();
@@ -521,7 +569,6 @@ mod tests {
             "06:00:00:00:00",
             "06:00:00:00:00:01:02",
             "0g:00:00:00:00:01",
-            "01:00:5e:00:00:01",
             "6:0:0:0:0:1",
             "",
         ] {
@@ -530,6 +577,8 @@ mod tests {
                 "{mac}"
             );
         }
+        // Firecracker takes any address, a multicast-looking one included.
+        assert_eq!(parse_mac("07:00:00:00:00:01").unwrap(), [7, 0, 0, 0, 0, 1]);
     }
 
     #[test]

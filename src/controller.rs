@@ -206,6 +206,7 @@ impl Controller {
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutEntropy(_)
                 | ApiRequest::PutVsock(_)
+                | ApiRequest::PutCpuConfig(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -215,7 +216,8 @@ impl Controller {
             ApiRequest::DescribeInstance => ApiResponse::ok(json!({
                 "id": self.id,
                 "state": self.state_name(),
-                "vmm_version": env!("CARGO_PKG_VERSION"),
+                // One version for clients, as GET /version and --version give it.
+                "vmm_version": API_VERSION,
                 "app_name": "Skiff",
             })),
             ApiRequest::GetVersion => {
@@ -242,6 +244,14 @@ impl Controller {
             ApiRequest::PutLogger(l) => done(self.set_logger(&l)),
             ApiRequest::PutMetrics(m) => done(self.set_metrics(&m)),
             ApiRequest::Action(action) => self.action(action),
+            ApiRequest::PutSerial(s) => done(s.apply(&mut self.config)),
+            ApiRequest::PutCpuConfig(t) => done(match t.parse() {
+                Ok(_) => {
+                    self.config.cpu_config = Some(*t);
+                    Ok(())
+                }
+                Err(why) => Err(BadRequest(why)),
+            }),
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
             ApiRequest::PutVsock(v) => done(v.checked().map(|v| self.config.vsock = Some(v))),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
@@ -312,8 +322,11 @@ impl Controller {
         restore.clock_realtime = p.clock_realtime;
         restore.vsock_override = p.vsock_override.as_ref().map(|v| v.uds_path.clone().into());
         restore.kvm_device = self.config.kvm_device.clone();
-        restore.console_input = self.config.console_input;
-        restore.console_output = self.config.console_output.clone();
+        restore.console = crate::builder::ConsoleConfig {
+            input: self.config.console_input,
+            output: self.config.console_output.clone(),
+            rate_limit: self.config.console_rate_limit,
+        };
         restore.seccomp = self.config.seccomp.clone();
         let started = Instant::now();
         let restored = match self.warm.take() {
@@ -365,11 +378,21 @@ impl Controller {
         else {
             return ApiResponse::fault(400, format!("drive {} does not exist", d.drive_id));
         };
-        if d.path_on_host.is_some() {
-            return ApiResponse::fault(
-                400,
-                "changing a drive's image after boot is not supported by Skiff yet",
-            );
+        if d.path_on_host.is_none() && d.rate_limiter.is_none() {
+            // Firecracker's answer to a PATCH that changes nothing.
+            return ApiResponse::fault(400, "Running method expected different backend.");
+        }
+        if let Some(path) = d.path_on_host.as_deref() {
+            if let Err(e) = vm.swap_drive_image(&d.drive_id, Path::new(path)) {
+                return ApiResponse::fault(
+                    400,
+                    format!(
+                        "Unable to patch the block device: {}",
+                        crate::error_chain(&e)
+                    ),
+                );
+            }
+            disk.path = path.into();
         }
         if let Some(update) = &d.rate_limiter {
             if let Err(e) = vm.update_block_rate_limiter(&d.drive_id, update) {
@@ -435,6 +458,8 @@ impl Controller {
                     Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
                 },
             },
+            // Firecracker flushes on request only once the microVM runs.
+            ActionType::FlushMetrics if self.vm.is_none() => ApiResponse::fault(400, BEFORE_START),
             ActionType::FlushMetrics => match self.flush_metrics() {
                 Ok(()) => ApiResponse::no_content(),
                 Err(e) => bad(e),

@@ -19,7 +19,7 @@ use crate::arch::x86_64::layout::{
     MMIO_DEVICE_SLOT_SIZE, PROGRESS_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
 };
 use crate::devices::legacy::i8042::I8042State;
-use crate::devices::legacy::serial::{SerialState, Unbuffered};
+use crate::devices::legacy::serial::{ConsoleOutput, SerialState};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
@@ -213,13 +213,12 @@ impl DeviceError {
 }
 
 impl DeviceManager {
-    /// Creates the legacy devices: COM1 on 0x3f8/IRQ 4 (writing to `output`, or standard
-    /// output), the i8042 on 0x60/0x64/IRQ 1 (calling `on_reset` for a CPU reset) and the
+    /// Creates the legacy devices: COM1 on 0x3f8/IRQ 4 (writing to `out`), the i8042 on 0x60/0x64/IRQ 1 (calling `on_reset` for a CPU reset) and the
     /// boot-progress port timing against `start`; from `saved` state when restoring.
     pub fn new(
         vm: &VmFd,
         console: ConsoleInput,
-        output: Option<File>,
+        out: ConsoleOutput,
         on_reset: Box<dyn Fn() + Send>,
         start: Instant,
         saved: Option<&DevicesState>,
@@ -234,10 +233,7 @@ impl DeviceManager {
             }
             ConsoleInput::None => None,
         };
-        let out: Box<dyn Write + Send> = match output {
-            Some(file) => Box::new(file),
-            None => Box::new(Unbuffered(std::io::stdout())),
-        };
+        let out: Box<dyn Write + Send> = Box::new(out);
         let serial_irq = irq_line(vm, SERIAL_IRQ)?;
         let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
         let (serial, i8042) = match saved {

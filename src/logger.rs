@@ -1,7 +1,7 @@
-//! A small logger for the `log` facade: one line per record, with the time since process
-//! start, the level and the thread; on stderr, or on the file or named pipe given by
-//! `--log-path` or `PUT /logger`, with Firecracker's options (level, show_level,
-//! show_log_origin, module).
+//! A small logger for the `log` facade: one line per record in Firecracker's format,
+//! `<UTC time, ns> [<instance id>:<thread>(:<level>)(:<file>:<line>)] <message>`; on stderr,
+//! or on the file or named pipe given by `--log-path` or `PUT /logger`, with Firecracker's
+//! options (level, show_level, show_log_origin, module).
 
 use std::fs::File;
 use std::io::Write;
@@ -17,6 +17,8 @@ struct Output {
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
+    /// The instance id (`--id`), in every line as Firecracker writes it.
+    instance: String,
 }
 
 static OUTPUT: Mutex<Output> = Mutex::new(Output {
@@ -24,7 +26,43 @@ static OUTPUT: Mutex<Output> = Mutex::new(Output {
     show_level: true,
     show_origin: false,
     module: None,
+    instance: String::new(),
 });
+
+/// Sets the instance id every line carries (`--id`; Firecracker's default is
+/// `anonymous-instance`).
+pub fn set_instance_id(id: &str) {
+    OUTPUT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .instance = id.to_owned();
+}
+
+/// `time` as Firecracker's log lines show it: UTC, `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn`.
+fn timestamp(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm, proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_nanos()
+    )
+}
 
 struct StderrLogger;
 
@@ -129,16 +167,23 @@ impl Log for StderrLogger {
         {
             return;
         }
-        let t = crate::process_start().elapsed();
         let thread = std::thread::current();
-        let mut line = format!("[{:>4}.{:06}", t.as_secs(), t.subsec_micros());
+        let instance = if out.instance.is_empty() {
+            "anonymous-instance"
+        } else {
+            &out.instance
+        };
+        let mut line = format!(
+            "{} [{instance}:{}",
+            timestamp(std::time::SystemTime::now()),
+            thread.name().unwrap_or("?")
+        );
         if out.show_level {
-            line.push_str(&format!(" {}", record.level()));
+            line.push_str(&format!(":{}", record.level()));
         }
-        line.push_str(&format!(" {}", thread.name().unwrap_or("?")));
         if out.show_origin {
             line.push_str(&format!(
-                " {}:{}",
+                ":{}:{}",
                 record.file().unwrap_or("?"),
                 record.line().unwrap_or(0)
             ));
@@ -235,6 +280,19 @@ pub fn configure(settings: &LoggerSettings) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_utc_civil_times() {
+        let at = |secs: u64, nanos: u32| {
+            timestamp(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000000");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.000000005");
+        assert_eq!(
+            at(1_796_325_245, 123_456_789),
+            "2026-12-03T19:14:05.123456789"
+        );
+    }
 
     #[test]
     fn virtio_queue_errors_are_debug_lines() {

@@ -20,7 +20,7 @@ use vmm_sys_util::terminal::Terminal;
 /// Skiff serves the Firecracker REST API on a Unix socket and/or boots the VM a Firecracker
 /// JSON config file describes.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = VERSION, display_name = "Firecracker", about, long_about = None)]
 struct Cli {
     /// Log level: error, warn, info, debug, trace or off.
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = level)]
@@ -133,6 +133,10 @@ fn level(text: &str) -> Result<LevelFilter, String> {
     })
 }
 
+/// What `--version` prints: the Firecracker version whose API and flags Skiff serves, as tools
+/// parse it (`Firecracker vX.Y.Z`), then Skiff's own.
+const VERSION: &str = concat!("v1.16.1 (Skiff ", env!("CARGO_PKG_VERSION"), ")");
+
 /// Default API socket when neither --api-sock nor --no-api is given.
 const DEFAULT_API_SOCK: &str = "/run/skiff.socket";
 
@@ -240,6 +244,10 @@ struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = DEFAULT_KVM_DEVICE, value_name = "PATH")]
     kvm_device: PathBuf,
+    /// Two threads per core in the guest's CPU topology (--vcpus 1 or even), as
+    /// Firecracker's smt.
+    #[arg(long)]
+    smt: bool,
     /// An entropy device (virtio-rng) filled from the host's getrandom: on its own, or with a
     /// limit of bw=BYTES and/or ops=N a second.
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "")]
@@ -305,6 +313,11 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         module: cli.module.clone(),
     })
     .map_err(StartError::Logger)?;
+    log::info!(
+        "Running Firecracker v{} (Skiff {})",
+        skiff::controller::API_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
     if cli.enable_pci {
         log::warn!("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO");
     }
@@ -363,6 +376,7 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
                 controller.api_metrics(),
                 filters.clone(),
             )?;
+            log::info!("API server started.");
             Some(RemoveOnDrop(path.clone()))
         }
         None => None,
@@ -395,10 +409,13 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         kvm_device: args.kvm_device,
         console_input: skiff::config::ConsoleInput::Stdin,
         console_output: None,
+        console_rate_limit: None,
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,
         vsock: args.vsock,
+        smt: args.smt,
+        cpu_config: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,
@@ -442,6 +459,7 @@ fn main() -> ExitCode {
     skiff::mark_process_start();
     let cli = Cli::parse();
     skiff::logger::init(cli.log_level);
+    skiff::logger::set_instance_id(&cli.id);
     if let Some(start) = cli.start_time_us {
         log::info!(
             "started by a jailer {} us ago, which used {} us of CPU",
@@ -482,6 +500,7 @@ fn main() -> ExitCode {
         };
     }
     let seccomp = cli.seccomp();
+    let firecracker_style_start = cli.command.is_none();
     let outcome = match cli.command {
         Some(Command::Run(args)) => {
             run(args, seccomp).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
@@ -493,11 +512,17 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(GuestExit::Stopped(Some(sig))) => {
+            // Firecracker's lines, which its tools look for.
+            log::info!("Received signal {sig}");
+            log::info!("Shutting down VM after intercepting signal {sig}");
             eprintln!("skiff: stopped by signal {sig}");
             ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)))
         }
         Ok(how) => {
             log::info!("guest ended: {how:?}");
+            if firecracker_style_start {
+                log::info!("Firecracker exiting successfully. exit_code=0");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -59,6 +59,16 @@ counters!(
 );
 
 counters!(
+    /// The serial console (COM1), under Firecracker's names.
+    UartMetrics {
+        /// Bytes the guest wrote to the console.
+        write_count,
+        /// Of those, bytes dropped by the console's rate limiter.
+        rate_limiter_dropped_bytes,
+    }
+);
+
+counters!(
     /// The entropy device, under Firecracker's names.
     EntropyMetrics {
         /// Queue drains.

@@ -41,7 +41,9 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics, VsockMetrics};
+use crate::metrics::{
+    BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics, VsockMetrics,
+};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
@@ -116,6 +118,14 @@ pub enum VmmError {
     /// The VM's interrupt controllers, timer or clock cannot be saved or restored.
     #[error("cannot save or restore the VM's interrupt controllers and clock")]
     VmState(#[from] VmStateError),
+    /// The custom CPU template cannot be applied.
+    #[error("CPU template: {0}")]
+    CpuTemplate(String),
+    /// SMT with an odd vCPU count above 1.
+    #[error(
+        "--vcpus {0} with SMT: the vCPU count can only be 1 or an even number when SMT is enabled"
+    )]
+    SmtVcpuCount(u8),
     /// A diff snapshot of a VM that does not track dirty pages.
     #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
     DiffNeedsTracking,
@@ -212,6 +222,7 @@ struct MetricsSources {
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
     vsock: Option<Arc<VsockMetrics>>,
+    uart: Arc<UartMetrics>,
 }
 
 /// What the builder makes a [`Vm`] of.
@@ -224,6 +235,7 @@ pub(crate) struct VmParts {
     pub filters: Filters,
     pub track_dirty_pages: bool,
     pub uffd: Option<UffdBackend>,
+    pub uart: Arc<UartMetrics>,
 }
 
 /// A microVM.
@@ -275,6 +287,7 @@ impl Vm {
     pub(crate) fn assemble(parts: VmParts) -> Result<Self, VmmError> {
         let mut metrics = MetricsSources {
             vcpus: parts.vcpus.iter().map(Vcpu::metrics).collect(),
+            uart: parts.uart,
             ..Default::default()
         };
         let registry = parts.devices.registry();
@@ -502,6 +515,7 @@ impl Vm {
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
             "vsock": self.metrics.vsock.as_ref().map(|m| m.to_json()),
+            "uart": self.metrics.uart.to_json(),
         })
     }
 
@@ -517,6 +531,15 @@ impl Vm {
             .ok_or_else(|| VmmError::NoDevice("drive", id.to_owned()))?;
         let mut block = block.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(block.update_rate_limiter(update)?)
+    }
+
+    /// Puts drive `id` on the image at `path` while the VM runs, as `PATCH /drives` with
+    /// `path_on_host` does (see [`crate::devices::virtio::block::Block::swap_image`]).
+    pub fn swap_drive_image(&self, id: &str, path: &std::path::Path) -> Result<(), VmmError> {
+        let block = (self.devices.registry().blocks.get(id))
+            .ok_or_else(|| VmmError::NoDevice("drive", id.to_owned()))?;
+        let mut block = block.device.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(block.swap_image(path)?)
     }
 
     /// Changes the RX and TX rate limiters of network interface `id` while the VM runs, as

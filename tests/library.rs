@@ -111,8 +111,8 @@ fn a_restored_vm_goes_on_from_where_it_was_saved() {
 
     let console2 = console_file("library-snap-restored.console");
     let mut restore = skiff::builder::RestoreConfig::new(&snap, &mem);
-    restore.console_input = ConsoleInput::None;
-    restore.console_output = Some(console2.clone());
+    restore.console.input = ConsoleInput::None;
+    restore.console.output = Some(console2.clone());
     let (mut vm, state) = Vm::restore(&restore).unwrap();
     assert_eq!(state.vcpus.len(), 1);
     vm.start().unwrap();

@@ -672,3 +672,421 @@ fn linux_vsock_both_ways_with_the_kernels_driver() {
     assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
     let _ = std::fs::remove_dir_all(&socks);
 }
+
+/// What init runs in the snapshot test: a tmpfs at /dev/shm holding a random marker and a
+/// line naming it and the kernel's clocksource, then, about once a second, a counter, the
+/// marker read back from that file and the guest's wall clock (`$EPOCHREALTIME`: the shell's
+/// own clock_gettime, to the microsecond, which saves a fork of `date` per line under PVM).
+/// Single quotes only inside: the kernel's command-line parser ends the argument at a double
+/// quote.
+const SNAP_SCRIPT: &str = "sh -c \"mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm && \
+     echo marker-$RANDOM$RANDOM >/dev/shm/m && read m </dev/shm/m && \
+     read cs </sys/devices/system/clocksource/clocksource0/current_clocksource && \
+     echo tmpfs-marker $m clocksource $cs && i=0 && while :; do read m </dev/shm/m; \
+     echo count $i $m $EPOCHREALTIME; i=$((i+1)); sleep 1; done\"";
+/// The clocksource the snapshot test's guest keeps time with. Left to itself the kernel
+/// prefers the TSC where CPUID calls it invariant (kvm-clock then lowers its own rating), and
+/// what a restore does to the TSC is the host's business: KVM puts the saved value back, so
+/// the clock lags whatever the VMM asks, while KVM PVM gives the guest the host's TSC, so it
+/// never lags. The kvm-clock is what KVM_SET_CLOCK, and so `clock_realtime`, sets.
+const SNAP_CLOCKSOURCE: &str = "kvm-clock";
+const SNAP_VCPUS: u32 = 2;
+const SNAP_MEM_MIB: u64 = 128;
+/// When the first restore (without `clock_realtime`) comes, after the snapshot.
+const FIRST_RESTORE_AFTER: Duration = Duration::from_secs(5);
+/// When the second restore (with `clock_realtime`) comes: past the guest kernel's RCU stall
+/// timeout (CONFIG_RCU_CPU_STALL_TIMEOUT, 21 s by default), as any restore a while after its
+/// snapshot is. Moved on by that much at once, a guest that was not told it had been stopped
+/// (KVM_KVMCLOCK_CTRL, which the guest sees in its pvclock page) reports an RCU stall.
+const SECOND_RESTORE_AFTER: Duration = Duration::from_secs(30);
+/// How far the guest's wall clock may be from the host's.
+const CLOCK_SLACK: f64 = 5.0;
+/// How far a restored guest's clock may be from where it should be: the host's time less
+/// whatever the guest was behind before the snapshot, less the time down when
+/// `clock_realtime` is off. The lines reach the test a few milliseconds after the guest read
+/// its clock, and the snapshot and load requests take a few tenths of a second.
+const CLOCK_TOLERANCE: f64 = 1.0;
+/// What a restored guest's kernel must not say: RCU stalls, lockups, clocksource watchdog
+/// verdicts, oopses, warnings, stack dumps.
+const RESTORE_COMPLAINTS: &[&str] = &[
+    "rcu:",
+    "stall",
+    "lockup",
+    "LOCKUP",
+    "watchdog",
+    "clocksource",
+    "Call Trace",
+    "BUG",
+    "WARNING",
+    "Oops",
+    "panic",
+    "NMI",
+];
+
+/// A `count N MARKER EPOCH` line of [`SNAP_SCRIPT`], and when the test read it.
+#[derive(Debug)]
+struct Count {
+    n: u64,
+    marker: String,
+    guest_epoch: f64,
+    host_epoch: f64,
+}
+
+impl Count {
+    fn parse(line: &str) -> Option<Self> {
+        let mut words = line
+            .trim_end_matches('\r')
+            .strip_prefix("count ")?
+            .split(' ');
+        let count = Self {
+            n: words.next()?.parse().ok()?,
+            marker: words.next()?.to_owned(),
+            guest_epoch: words.next()?.parse().ok()?,
+            host_epoch: host_epoch(),
+        };
+        words.next().is_none().then_some(count)
+    }
+
+    /// The guest's wall clock less the host's, in seconds.
+    fn clock_offset(&self) -> f64 {
+        self.guest_epoch - self.host_epoch
+    }
+}
+
+fn host_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The next console line that starts with `prefix` (the kernel echoes its command line, which
+/// holds the script's words in the middle of a line).
+fn line_starting(vm: &common::api::Running, prefix: &str, limit: Duration, what: &str) -> String {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match vm.try_wait_for(prefix, left) {
+            Some(line) if line.starts_with(prefix) => return line,
+            Some(_) => {}
+            None => panic!(
+                "no line starting {prefix:?} within {limit:?} {what}\nconsole:\n{}\nstderr:\n{}",
+                vm.console(),
+                vm.stderr()
+            ),
+        }
+    }
+}
+
+/// The next count line.
+fn next_count(vm: &common::api::Running, limit: Duration, what: &str) -> Count {
+    let line = line_starting(vm, "count ", limit, what);
+    Count::parse(&line).unwrap_or_else(|| panic!("not a count line {what}: {line:?}"))
+}
+
+/// Sends a request that must answer 204.
+fn api_204(vm: &common::api::Running, method: &str, path: &str, body: &str) {
+    let (status, answer) = vm.call(method, path, Some(body));
+    assert_eq!(
+        status,
+        204,
+        "{method} {path} {body}: {answer}\nconsole:\n{}\nstderr:\n{}",
+        vm.console(),
+        vm.stderr()
+    );
+}
+
+/// Processes whose command line names one of `socks`: Skiffs of this test still running.
+fn processes_naming(socks: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if socks.iter().any(|s| cmdline.contains(s.to_str().unwrap())) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// The lines of a restored guest's console in which its kernel complains: any of
+/// [`RESTORE_COMPLAINTS`], or a timer interrupt that took a second or more (the clock jumped
+/// under it).
+fn restore_complaints(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| {
+            let slow_timer = l
+                .split("hrtimer: interrupt took ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+                .is_some_and(|ns| ns >= 1_000_000_000);
+            slow_timer || RESTORE_COMPLAINTS.iter().any(|c| l.contains(c))
+        })
+        .collect()
+}
+
+/// A new Skiff process that loads the snapshot with `resume_vm` and `clock_realtime`;
+/// returns it, the host time it was started at, how long the load request took and the host
+/// time it answered at.
+fn restore_linux(
+    name: &str,
+    state: &Path,
+    mem: &Path,
+    clock_realtime: bool,
+) -> (common::api::Running, f64, Duration, f64) {
+    let started = host_epoch();
+    let vm = common::api::Running::start(name, &[]);
+    let body = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+        "clock_realtime": clock_realtime,
+    })
+    .to_string();
+    let loading = std::time::Instant::now();
+    api_204(&vm, "PUT", "/snapshot/load", &body);
+    (vm, started, loading.elapsed(), host_epoch())
+}
+
+/// Checks a restored guest's first lines: the counter carries on from `last` with the same
+/// tmpfs marker, the next count comes about a second later, and the guest did not boot
+/// again. Returns the first count after the restore.
+fn carries_on(vm: &common::api::Running, last: &Count, what: &str) -> Count {
+    let first = next_count(vm, Duration::from_secs(60), what);
+    assert_eq!(
+        first.n,
+        last.n + 1,
+        "{what}: the counter should continue at {} from the shell's memory (0 is a new boot)\n\
+         console:\n{}",
+        last.n + 1,
+        vm.console()
+    );
+    assert_eq!(
+        first.marker,
+        last.marker,
+        "{what}: the file in the guest's tmpfs changed\nconsole:\n{}",
+        vm.console()
+    );
+    let second = next_count(vm, Duration::from_secs(30), what);
+    assert_eq!(
+        (second.n, &second.marker),
+        (first.n + 1, &last.marker),
+        "{what}\nconsole:\n{}",
+        vm.console()
+    );
+    assert!(
+        (0.5..=1.0 + CLOCK_SLACK).contains(&(second.guest_epoch - first.guest_epoch)),
+        "{what}: the guest's clock went from {:.3} to {:.3} between two counts a second apart\n\
+         console:\n{}",
+        first.guest_epoch,
+        second.guest_epoch,
+        vm.console()
+    );
+    let console = vm.console();
+    for boot in ["Linux version", "SKIFF-INIT-OK", "tmpfs-marker"] {
+        assert!(
+            !console.contains(boot),
+            "{what}: the guest booted again ({boot:?})\nconsole:\n{console}"
+        );
+    }
+    first
+}
+
+/// Sleeps until `at` (no time if it is past).
+fn sleep_until(at: std::time::Instant) {
+    std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+}
+
+/// Firecracker's snapshots on the real Linux guest (2 vCPUs, kvm-clock: see
+/// [`SNAP_CLOCKSOURCE`]). Booted through the API, its shell keeps a counter in memory and a
+/// marker in a tmpfs; paused just after a count, saved as a Full snapshot and killed, it is
+/// loaded twice from the same files in new processes (Skiff maps the memory file privately,
+/// so the first restore leaves it as it was). Each time the counter continues from the last
+/// value + 1 with the same marker and no new boot. Restored [`FIRST_RESTORE_AFTER`] the
+/// snapshot without `clock_realtime`, the guest's wall clock continues from the snapshot,
+/// behind by the time down; restored [`SECOND_RESTORE_AFTER`] it with `clock_realtime`, the
+/// clock is moved on by that time and is as close to the host's as before the snapshot, and
+/// the kernel takes the jump without an RCU stall or any other complaint. That restore ends
+/// on Ctrl-Alt-Del through init, and no Skiff of the test is left running.
+#[test]
+fn linux_snapshot_restored_in_a_new_process_carries_on() {
+    if skip() {
+        return;
+    }
+    use common::api::Running;
+    use std::time::Instant;
+    let dir = linux_dir();
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("linux-snapshot");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let (state, mem) = (work.join("linux.snap"), work.join("linux.mem"));
+    let names = ["linux-snap", "linux-snap-lag", "linux-snap-realtime"];
+
+    let mut vm = Running::start(names[0], &[]);
+    let boot = serde_json::json!({
+        "kernel_image_path": dir.join("vmlinux"),
+        "initrd_path": dir.join("initramfs.cpio"),
+        "boot_args": format!(
+            "{} clocksource={SNAP_CLOCKSOURCE} -- {SNAP_SCRIPT}",
+            config::DEFAULT_CMDLINE
+        ),
+    })
+    .to_string();
+    api_204(&vm, "PUT", "/boot-source", &boot);
+    let machine = format!(r#"{{"vcpu_count": {SNAP_VCPUS}, "mem_size_mib": {SNAP_MEM_MIB}}}"#);
+    api_204(&vm, "PUT", "/machine-config", &machine);
+    let started = Instant::now();
+    api_204(
+        &vm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    let marker_line = line_starting(&vm, "tmpfs-marker marker-", LIMIT, "after boot");
+    let words: Vec<&str> = marker_line.split_whitespace().collect();
+    let marker = words[1].to_owned();
+    assert_eq!(
+        words.get(2..4),
+        Some(&["clocksource", SNAP_CLOCKSOURCE][..]),
+        "the guest keeps time with another clocksource\nconsole:\n{}",
+        vm.console()
+    );
+    let mut last = next_count(&vm, LIMIT, "after boot");
+    let boot_time = started.elapsed();
+    assert_eq!((last.n, &last.marker), (0, &marker), "{}", vm.console());
+    while last.n < 3 {
+        let count = next_count(&vm, Duration::from_secs(30), "before the snapshot");
+        assert_eq!(
+            (count.n, &count.marker),
+            (last.n + 1, &marker),
+            "{}",
+            vm.console()
+        );
+        last = count;
+    }
+    let offset_before = last.clock_offset();
+    assert!(
+        offset_before.abs() <= CLOCK_SLACK,
+        "before any snapshot the guest's clock is {offset_before:.3} s off the host's (kvmclock \
+         gives the guest the host's wall clock at boot)\nconsole:\n{}",
+        vm.console()
+    );
+
+    // Paused just after a count: the guest is in its `sleep 1`, with no line half printed.
+    api_204(&vm, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    for line in vm.lines_within(Duration::from_millis(500)) {
+        if let Some(count) = Count::parse(&line) {
+            assert_eq!(count.n, last.n + 1, "{}", vm.console());
+            last = count;
+        }
+    }
+    let create = serde_json::json!({
+        "snapshot_type": "Full",
+        "snapshot_path": state,
+        "mem_file_path": mem,
+    })
+    .to_string();
+    let creating = Instant::now();
+    api_204(&vm, "PUT", "/snapshot/create", &create);
+    let create_time = creating.elapsed();
+    let (created, created_epoch) = (Instant::now(), host_epoch());
+    assert_eq!(
+        std::fs::metadata(&mem).unwrap().len(),
+        SNAP_MEM_MIB << 20,
+        "memory file size"
+    );
+    let _ = vm.child.kill();
+    let _ = vm.child.wait();
+
+    // Without clock_realtime the guest's clock resumes where it was saved.
+    sleep_until(created + FIRST_RESTORE_AFTER);
+    let (mut lag_vm, lag_started, lag_load, lag_loaded_epoch) =
+        restore_linux(names[1], &state, &mem, false);
+    let lag_first = carries_on(&lag_vm, &last, "after a restore without clock_realtime");
+    let lag_to_first = lag_first.host_epoch - lag_loaded_epoch;
+    let lag_restore = lag_first.host_epoch - lag_started;
+    let lag_down = lag_loaded_epoch - created_epoch;
+    let lag_offset = lag_first.clock_offset();
+    assert!(
+        (lag_offset - (offset_before - lag_down)).abs() <= CLOCK_TOLERANCE,
+        "without clock_realtime the guest's clock should have lost the {lag_down:.3} s between \
+         snapshot and load: {offset_before:.3} s off the host's before, {lag_offset:.3} s \
+         after\nconsole:\n{}",
+        lag_vm.console()
+    );
+    let _ = lag_vm.child.kill();
+    let _ = lag_vm.child.wait();
+    let lag_console = lag_vm.console();
+
+    // With clock_realtime it is moved on by the time the VM was down.
+    sleep_until(created + SECOND_RESTORE_AFTER);
+    let (mut vm, rt_started, rt_load, rt_loaded_epoch) =
+        restore_linux(names[2], &state, &mem, true);
+    let first = carries_on(&vm, &last, "after a restore with clock_realtime");
+    let rt_to_first = first.host_epoch - rt_loaded_epoch;
+    let rt_restore = first.host_epoch - rt_started;
+    let rt_down = rt_loaded_epoch - created_epoch;
+    let offset = first.clock_offset();
+    assert!(
+        (offset - offset_before).abs() <= CLOCK_TOLERANCE && offset.abs() <= CLOCK_SLACK,
+        "with clock_realtime the guest's clock should be moved on by the {rt_down:.3} s \
+         between snapshot and load: {offset_before:.3} s off the host's before, {offset:.3} s \
+         after\nconsole:\n{}",
+        vm.console()
+    );
+    // A few more seconds for the kernel's stall checks, which run on its timer ticks.
+    while next_count(&vm, Duration::from_secs(30), "after the restore").n < first.n + 5 {}
+    api_204(
+        &vm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    let limit = Duration::from_secs(120);
+    vm.wait_for("SKIFF-CTRL-ALT-DEL", limit);
+    vm.wait_for("reboot: Restarting system", limit);
+    assert_eq!(vm.wait(limit), Some(0), "{}", vm.stderr());
+    let console = vm.console();
+    let socks = names.map(Running::fresh_sock);
+    let left = processes_naming(&socks);
+    assert!(left.is_empty(), "still running: {left:?}");
+
+    log_figure(&format!(
+        "Linux snapshot, {SNAP_VCPUS} vCPUs, {SNAP_MEM_MIB} MiB, {}: InstanceStart to first \
+         count {:.1} s; Full snapshot {:.2} s; restore without clock_realtime {lag_down:.1} s \
+         after it: load {:.2} s, new process to first count {lag_restore:.1} s (load to first \
+         count {lag_to_first:.1} s), guest clock {lag_offset:+.3} s; with clock_realtime \
+         {rt_down:.1} s after: load {:.2} s, new process to first count {rt_restore:.1} s \
+         (load to first count {rt_to_first:.1} s), guest clock {offset:+.3} s; guest clock \
+         before the snapshot {offset_before:+.3} s",
+        host_kind(),
+        boot_time.as_secs_f64(),
+        create_time.as_secs_f64(),
+        lag_load.as_secs_f64(),
+        rt_load.as_secs_f64(),
+    ));
+    for (what, text) in [("without", &lag_console), ("with", &console)] {
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && Count::parse(l).is_none())
+        {
+            log_figure(&format!(
+                "restored {what} clock_realtime, the guest said: {}",
+                line.trim_end_matches('\r')
+            ));
+        }
+        let complaints = restore_complaints(text);
+        assert!(
+            complaints.is_empty(),
+            "restored {what} clock_realtime, the guest's kernel complained:\n{}\nconsole:\n{text}",
+            complaints.join("\n")
+        );
+    }
+}

@@ -1338,6 +1338,9 @@ fn a_restored_vsock_device_resets_its_transport_and_takes_new_connections() {
         vsock_echo(&first, &bytes) == bytes,
         "echo before the snapshot"
     );
+    // The guest has the connection's RST once it says so; a snapshot taken before would
+    // catch it half-closed (and the restored guest's reset would end it uncounted).
+    vm.wait_for("closed: 65536 bytes in", LIMIT);
     let before = pause(&vm);
     create(&vm, "Full", &snap);
     kill(&mut vm);
@@ -1372,6 +1375,7 @@ fn a_restored_vsock_device_resets_its_transport_and_takes_new_connections() {
     let tick = next_tick_after(&vm, before, "after the load");
     vm.wait_for(&format!("snap-tick {}", tick + 2), LIMIT);
     assert!(vsock_echo(&second, &bytes) == bytes, "echo after the load");
+    vm.wait_for("closed: 65536 bytes in", LIMIT);
     let (_, config) = vm.call("GET", "/vm/config", None);
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(

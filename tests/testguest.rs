@@ -139,3 +139,32 @@ fn sigterm_stops_the_vm_and_reports_it() {
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal 15"));
 }
+
+/// `--smt`: two threads per core in the CPUID topology the guest reads (one without), both
+/// vCPUs up; an odd count above 1 is refused in one line, as Firecracker refuses it.
+#[test]
+fn smt_gives_two_threads_per_core() {
+    for (smt, want) in [
+        (true, "smp: 2 thread(s) per core"),
+        (false, "smp: 1 thread(s) per core"),
+    ] {
+        let mut args = run_args(test_guest(), None, "checks=smp cpus=2", 2, 128);
+        if smt {
+            args.push("--smt".into());
+        }
+        let out = run_skiff(&as_strs(&args), LIMIT, None);
+        assert!(out.lines().contains(&want), "{}", out.stdout);
+        assert!(out.lines().contains(&"PASS smp"), "{}", out.stdout);
+    }
+    let mut args = run_args(test_guest(), None, "checks=smp cpus=3", 3, 128);
+    args.push("--smt".into());
+    let out = run_skiff(&as_strs(&args), LIMIT, None);
+    assert_ne!(out.code, Some(0));
+    assert_eq!(out.error_lines().len(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("only be 1 or an even number when SMT is enabled"),
+        "{}",
+        out.stderr
+    );
+}

@@ -3,7 +3,8 @@
 requests, register sequences, kernels and documents that the fuzzer then mutates, so that it
 starts past the parsers' first checks. Each layout follows the comment at the top of the
 target's source. Run it again after changing a target's input layout. The snapshot_state seeds are real state
-files (a test guest with a disk, and with a disk and a NIC) written by tests/snapshot.rs; copy
+files (a test guest with a disk, with a NIC, with the entropy device, with the vsock device)
+written by tests/snapshot.rs; copy
 new ones from target/tmp/snapshot/ after the state format changes."""
 
 import json

@@ -266,9 +266,17 @@ static void spin(unsigned n) { for (volatile unsigned i = 0; i < n; i++) __asm__
 
 /* Counts processors in the MP table, starts every AP with INIT/SIPI/SIPI and waits for each to
  * set its bit. */
+static void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d);
+
 static void check_smp(void)
 {
 	uint64_t want = param_uint("cpus", 1);
+	{
+		/* Threads per core in the topology the VMM gives: CPUID 0xb subleaf 0, the SMT level. */
+		uint32_t a, b, c, d;
+		cpuid(0xb, &a, &b, &c, &d);
+		printf("smp: %u thread(s) per core\n", b & 0xffff);
+	}
 	const uint8_t *fp = find_mp();
 	if (!fp) {
 		report("smp", 0, "no MP floating pointer");
@@ -1957,7 +1965,7 @@ static void check_snapshot(void)
 	uint64_t sector = param_uint("snap_sector", 8), max_gap = param_uint("snap_max_gap_ms", 10000) * 1000;
 	int clone = (int)param_uint("snap_clone", 0), have_blk = 0, have_net = 0;
 	const char *why, *problem = 0;
-	uint64_t irqs_before = device_irqs, reads = 0, sent = 0, clone_id = 0;
+	uint64_t irqs_before = device_irqs, reads = 0, sent = 0, clone_id = 0, capacity = 0;
 
 	if (find_virtio(2, &blk)) {
 		/* Fresh rings, in case an earlier check used the device. */
@@ -2029,6 +2037,13 @@ static void check_snapshot(void)
 		last_tick = now;
 		printf("snap-tick %lu\n", tick);
 		if (have_blk) {
+			/* The capacity (virtio 1.2, 5.2.4), read again each tick: a host that swaps the
+			 * disk's image shows the new one's here. */
+			uint64_t now_capacity = (uint64_t)vr(&blk, 0x100) | ((uint64_t)vr(&blk, 0x104) << 32);
+			if (now_capacity != capacity) {
+				printf("snapshot: disk capacity %lu sectors at tick %lu\n", now_capacity, tick);
+				capacity = now_capacity;
+			}
 			memset(snap_sector_buf, 0, sizeof(snap_sector_buf));
 			if (blk_request(0, sector, snap_sector_buf, 512, 1) != 0) {
 				if (!io_bad++)
@@ -2104,6 +2119,20 @@ static void check_exits(void)
 	report("exits", 1, 0);
 }
 
+/* What the guest's CPU says, for CPU templates: CPUID leaf `cpuid_leaf` (subleaf 0) and MSR
+ * `msr` (read with rdmsr), printed for the host to check. */
+static void check_cpuinfo(void)
+{
+	uint32_t a, b, c, d;
+	uint32_t leaf = (uint32_t)param_uint("cpuid_leaf", 0);
+	cpuid(leaf, &a, &b, &c, &d);
+	printf("cpuid %x: eax=%x ebx=%x ecx=%x edx=%x\n", leaf, a, b, c, d);
+	uint32_t msr = (uint32_t)param_uint("msr", 0x1a0), lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	printf("msr %x: %lx\n", msr, ((uint64_t)hi << 32) | lo);
+	report("cpuinfo", 1, 0);
+}
+
 /* Boot-progress codes 0x10-0x13; the host checks their timestamps. */
 static void check_progress(void)
 {
@@ -2162,6 +2191,7 @@ static void run_checks(const char *protocol)
 	crash();
 	if (wants("e820")) check_e820();
 	if (wants("smp")) check_smp();
+	if (wants("cpuinfo")) check_cpuinfo();
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();

@@ -54,6 +54,10 @@ pub enum ApiRequest {
     PutEntropy(crate::config::EntropyConfig),
     /// `PUT /vsock`
     PutVsock(crate::config::VsockConfig),
+    /// `PUT /serial`
+    PutSerial(model::SerialConfig),
+    /// `PUT /cpu-config`
+    PutCpuConfig(Box<crate::arch::x86_64::cpu_template::CustomCpuTemplate>),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -75,6 +79,8 @@ impl ApiRequest {
                 | Self::LoadSnapshot(_)
                 | Self::PutEntropy(_)
                 | Self::PutVsock(_)
+                | Self::PutSerial(_)
+                | Self::PutCpuConfig(_)
         )
     }
 }
@@ -118,8 +124,6 @@ impl ApiResponse {
 const NOT_YET: &[(&str, &str)] = &[
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
-    ("/cpu-config", "custom CPU templates"),
-    ("/serial", "serial output redirection"),
     ("/pmem", "pmem devices"),
     ("/hotplug/memory", "memory hot-plug"),
 ];
@@ -128,8 +132,14 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
     if bytes.is_empty() {
         return Err(ApiResponse::fault(400, "Empty request body"));
     }
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))?;
+    // Firecracker's prefix, then serde's words.
+    let parse_err = |e: serde_json::Error| {
+        ApiResponse::fault(
+            400,
+            format!("An error occurred when deserializing the json body of a request: {e}."),
+        )
+    };
+    let value: Value = serde_json::from_slice(bytes).map_err(parse_err)?;
     // serde would also take a struct as an array of its fields; the API takes objects only.
     if !value.is_object() {
         return Err(ApiResponse::fault(
@@ -137,7 +147,7 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
             "The request body must be a JSON object",
         ));
     }
-    serde_json::from_value(value).map_err(|e| ApiResponse::fault(400, format!("{e}")))
+    serde_json::from_value(value).map_err(parse_err)
 }
 
 /// `id` from the path must match the body's id, as in Firecracker.
@@ -152,7 +162,7 @@ fn same_id(path_id: &str, body_id: &str, kind: &str) -> Result<(), ApiResponse> 
         return Err(ApiResponse::fault(
             400,
             format!(
-                "The id from the path [{path_id}] does not match the id from the body [{body_id}]"
+                "The id from the path does not match the id from the body! (path: {path_id}, body: {body_id})"
             ),
         ));
     }
@@ -224,6 +234,8 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
         ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
         ("PUT", "vsock", None) => ApiRequest::PutVsock(body(bytes)?),
+        ("PUT", "serial", None) => ApiRequest::PutSerial(body(bytes)?),
+        ("PUT", "cpu-config", None) => ApiRequest::PutCpuConfig(Box::new(body(bytes)?)),
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),
@@ -306,7 +318,7 @@ mod tests {
             .contains("missing field `uds_path`"));
         assert_eq!(
             fault(route("PUT", "/snapshot/create", b"{}")).1,
-            "missing field `snapshot_path`"
+            "An error occurred when deserializing the json body of a request: missing field `snapshot_path`."
         );
         assert!(matches!(
             route(

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    parse_mac, DiskConfig, NetConfig, RateLimiterConfig, VmConfig, DEFAULT_CMDLINE,
+    parse_mac, CacheType, DiskConfig, IoEngine, NetConfig, RateLimiterConfig, VmConfig,
+    DEFAULT_CMDLINE,
 };
 
 /// Largest vCPU count the API accepts, as Firecracker.
@@ -239,6 +240,45 @@ impl crate::config::VsockConfig {
     }
 }
 
+/// `PUT /serial`: where the serial console's output goes, and how fast.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// A file (created or truncated) or named pipe (which must have a reader) for the output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Bytes a second the output may take; the rest is dropped and counted in
+    /// `uart.rate_limiter_dropped_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<crate::config::TokenBucketConfig>,
+}
+
+impl SerialConfig {
+    /// Sets the console's output in `config`.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        if self.serial_out_path.as_deref() == Some("") {
+            return bad("serial_out_path is empty");
+        }
+        config.console_output = self.serial_out_path.as_ref().map(PathBuf::from);
+        config.console_rate_limit = self
+            .rate_limiter
+            .filter(crate::config::TokenBucketConfig::is_enabled);
+        Ok(())
+    }
+
+    /// The section describing `config`'s console, when it is not the default one.
+    pub fn of(config: &VmConfig) -> Option<Self> {
+        let shown = Self {
+            serial_out_path: config
+                .console_output
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            rate_limiter: config.console_rate_limit,
+        };
+        (shown != Self::default()).then_some(shown)
+    }
+}
+
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -376,20 +416,23 @@ pub struct FullVmConfig {
     /// The vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<crate::config::VsockConfig>,
+    /// The serial console's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
+    /// A custom CPU template.
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
-const NOT_YET: &[&str] = &[
-    "balloon",
-    "mmds-config",
-    "cpu-config",
-    "pmem",
-    "memory-hotplug",
-    "serial",
-];
+const NOT_YET: &[&str] = &["balloon", "mmds-config", "pmem", "memory-hotplug"];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
@@ -411,8 +454,20 @@ impl BootSource {
         if self.kernel_image_path.is_empty() {
             return bad("kernel_image_path is empty");
         }
-        config.kernel = PathBuf::from(&self.kernel_image_path);
-        config.initrd = self.initrd_path.as_ref().map(PathBuf::from);
+        let kernel = PathBuf::from(&self.kernel_image_path);
+        let initrd = self.initrd_path.as_ref().map(PathBuf::from);
+        // Checked now, as Firecracker does, not at InstanceStart.
+        if let Err(e) = crate::arch::x86_64::boot::check_boot_files(&kernel, initrd.as_deref()) {
+            let what = match e {
+                crate::arch::x86_64::boot::BootError::InitrdFile(..) => {
+                    "The initrd file cannot be opened due to invalid path or invalid permissions."
+                }
+                _ => "The kernel file cannot be opened:",
+            };
+            return bad(format!("{what} {}", crate::error_chain(&e)));
+        }
+        config.kernel = kernel;
+        config.initrd = initrd;
         config.cmdline = self
             .boot_args
             .clone()
@@ -425,21 +480,33 @@ impl MachineConfig {
     /// Applies the set fields to `config`; with `full` (PUT) both sizes are required and unset
     /// options return to their defaults. Nothing changes unless every field is valid.
     pub fn apply(&self, config: &mut VmConfig, full: bool) -> Result<(), BadRequest> {
-        if full && (self.vcpu_count.is_none() || self.mem_size_mib.is_none()) {
-            return bad("machine-config needs vcpu_count and mem_size_mib");
+        // Firecracker's texts (serde's for a missing field, with its prefix), then Skiff's.
+        for (missing, field) in [
+            (self.vcpu_count.is_none(), "vcpu_count"),
+            (self.mem_size_mib.is_none(), "mem_size_mib"),
+        ] {
+            if full && missing {
+                return bad(format!(
+                    "An error occurred when deserializing the json body of a request: missing field `{field}`."
+                ));
+            }
         }
         if let Some(n) = self.vcpu_count {
             if n == 0 || n > MAX_API_VCPUS {
                 return bad(format!(
-                    "vcpu_count {n} is out of range: 1 to {MAX_API_VCPUS}"
+                    "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled. (vcpu_count {n}: 1 to {MAX_API_VCPUS})"
                 ));
             }
         }
         if self.mem_size_mib == Some(0) {
-            return bad("mem_size_mib must be at least 1");
+            return bad("The memory size (MiB) is invalid. (mem_size_mib must be at least 1)");
         }
-        if self.smt == Some(true) {
-            return bad("smt is not supported by Skiff");
+        let smt = self.smt.unwrap_or(if full { false } else { config.smt });
+        let vcpus = self.vcpu_count.unwrap_or(config.vcpus);
+        if smt && vcpus != 1 && !vcpus.is_multiple_of(2) {
+            return bad(
+                "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
+            );
         }
         if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
             return bad(format!(
@@ -457,6 +524,7 @@ impl MachineConfig {
         if let Some(m) = self.mem_size_mib {
             config.memory_mib = m;
         }
+        config.smt = smt;
         if full || self.track_dirty_pages.is_some() {
             config.track_dirty_pages = self.track_dirty_pages.unwrap_or(false);
         }
@@ -468,7 +536,7 @@ impl MachineConfig {
         Self {
             vcpu_count: Some(config.vcpus),
             mem_size_mib: Some(config.memory_mib),
-            smt: Some(false),
+            smt: Some(config.smt),
             track_dirty_pages: Some(config.track_dirty_pages),
             cpu_template: None,
             huge_pages: Some("None".to_owned()),
@@ -486,20 +554,16 @@ impl Drive {
         let Some(path) = self.path_on_host.as_deref().filter(|p| !p.is_empty()) else {
             return bad(format!("drive {}: path_on_host is required", self.drive_id));
         };
-        if let Some(c) = self
-            .cache_type
-            .as_deref()
-            .filter(|c| !["Unsafe", "Writeback"].contains(c))
-        {
-            return bad(format!("cache_type '{c}': expected Unsafe or Writeback"));
-        }
-        if let Some(e) = self
-            .io_engine
-            .as_deref()
-            .filter(|e| !["Sync", "Async"].contains(e))
-        {
-            return bad(format!("io_engine '{e}': expected Sync or Async"));
-        }
+        let cache_type = match self.cache_type.as_deref() {
+            None | Some("Unsafe") => CacheType::Unsafe,
+            Some("Writeback") => CacheType::Writeback,
+            Some(c) => return bad(format!("cache_type '{c}': expected Unsafe or Writeback")),
+        };
+        let io_engine = match self.io_engine.as_deref() {
+            None | Some("Sync") => IoEngine::Sync,
+            Some("Async") => IoEngine::Async,
+            Some(e) => return bad(format!("io_engine '{e}': expected Sync or Async")),
+        };
         if let Some(uuid) = &self.partuuid {
             if uuid.is_empty()
                 || uuid.len() > 64
@@ -508,12 +572,18 @@ impl Drive {
                 return bad(format!("partuuid '{uuid}' is not a partition UUID"));
             }
         }
-        if self.drive_id.len() > 20 {
-            return bad(format!(
-                "drive id '{}' is longer than virtio-blk's 20-byte serial",
-                self.drive_id
-            ));
-        }
+        // Opened now, as Firecracker does, not at InstanceStart (a longer id than the
+        // 20 bytes of virtio-blk's serial is cut there, as Firecracker does too).
+        crate::devices::virtio::block::open_image(
+            std::path::Path::new(path),
+            self.is_read_only.unwrap_or(false),
+        )
+        .map_err(|e| {
+            BadRequest(format!(
+                "Unable to create the block device: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
         if self.is_root_device {
             if let Some(other) = config
                 .disks
@@ -521,8 +591,7 @@ impl Drive {
                 .find(|d| d.root && d.id.as_deref() != Some(self.drive_id.as_str()))
             {
                 return bad(format!(
-                    "drive {} cannot be the root device: drive {} already is",
-                    self.drive_id,
+                    "A root block device already exists! (drive {} is the root device)",
                     other.id.as_deref().unwrap_or("?")
                 ));
             }
@@ -534,6 +603,8 @@ impl Drive {
             root: self.is_root_device,
             partuuid: self.partuuid.clone(),
             rate_limiter: self.rate_limiter.and_then(RateLimiterConfig::normalized),
+            cache_type,
+            io_engine,
         };
         match config
             .disks
@@ -554,8 +625,8 @@ impl Drive {
             is_root_device: disk.root,
             partuuid: disk.partuuid.clone(),
             is_read_only: Some(disk.read_only),
-            cache_type: Some("Unsafe".to_owned()),
-            io_engine: Some("Sync".to_owned()),
+            cache_type: Some(format!("{:?}", disk.cache_type)),
+            io_engine: Some(format!("{:?}", disk.io_engine)),
             rate_limiter: disk.rate_limiter,
             socket: None,
         }
@@ -584,6 +655,18 @@ impl NetworkInterface {
                 self.host_dev_name,
                 other.id.as_deref().unwrap_or("?")
             ));
+        }
+        if let Some(mac) = mac {
+            let taken = config
+                .nets
+                .iter()
+                .any(|n| n.mac == Some(mac) && n.id.as_deref() != Some(self.iface_id.as_str()));
+            if taken {
+                return bad(format!(
+                    "The MAC address is already in use: {}",
+                    self.guest_mac.as_deref().unwrap_or_default()
+                ));
+            }
         }
         let net = NetConfig {
             tap: self.host_dev_name.clone(),
@@ -651,6 +734,13 @@ impl FullVmConfig {
         if let Some(v) = &self.vsock {
             config.vsock = Some(v.checked()?);
         }
+        if let Some(s) = &self.serial {
+            s.apply(&mut config)?;
+        }
+        if let Some(t) = &self.cpu_config {
+            t.parse().map_err(BadRequest)?;
+            config.cpu_config = Some(t.clone());
+        }
         Ok(config)
     }
 
@@ -673,6 +763,8 @@ impl FullVmConfig {
             metrics,
             entropy: config.entropy,
             vsock: config.vsock.clone(),
+            serial: SerialConfig::of(config),
+            cpu_config: config.cpu_config.clone(),
             unsupported: std::collections::BTreeMap::new(),
         }
     }
@@ -682,8 +774,20 @@ impl FullVmConfig {
 mod tests {
     use super::*;
 
+    /// Parses `json` after pointing the paths it names (`/k`, `/img`, `/img2`, `/i`) at
+    /// regular files made for the tests: kernels and images are opened when configured.
     fn parse<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
-        serde_json::from_str(json).map_err(|e| e.to_string())
+        let dir = std::env::temp_dir().join(format!("skiff-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut json = json.to_owned();
+        for name in ["img2", "img", "i", "k"] {
+            let file = dir.join(name);
+            if !file.exists() {
+                std::fs::write(&file, [0u8; 512]).unwrap();
+            }
+            json = json.replace(&format!("\"/{name}\""), &format!("\"{}\"", file.display()));
+        }
+        serde_json::from_str(&json).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -710,7 +814,7 @@ mod tests {
             r#"{"vcpu_count":0,"mem_size_mib":256}"#,
             r#"{"vcpu_count":33,"mem_size_mib":256}"#,
             r#"{"vcpu_count":1,"mem_size_mib":0}"#,
-            r#"{"vcpu_count":1,"mem_size_mib":128,"smt":true}"#,
+            r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#,
             r#"{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"T2"}"#,
             r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"2M"}"#,
         ] {
@@ -738,7 +842,7 @@ mod tests {
             .apply(&mut c)
             .unwrap_err()
             .0
-            .contains("already is"));
+            .starts_with("A root block device already exists!"));
         for body in [
             r#"{"drive_id":"x","is_root_device":false}"#,
             r#"{"drive_id":"bad id","path_on_host":"/i","is_root_device":false}"#,

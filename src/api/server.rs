@@ -62,7 +62,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
     /// The socket cannot be bound.
-    #[error("cannot listen on the API socket {}", .0.display())]
+    #[error("Failed to open the API socket at: {}. Check that it is not already used", .0.display())]
     Bind(PathBuf, #[source] std::io::Error),
     /// The thread or its runtime cannot start.
     #[error("cannot start the API thread")]
@@ -316,12 +316,18 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let too_large = |size: String| {
-        ApiResponse::fault(
-            400,
-            format!("Request payload with size {size} is larger than the limit of {MAX_PAYLOAD} allowed by server."),
-        )
+        let message = format!(
+            "Request payload with size {size} is larger than the limit of {MAX_PAYLOAD} allowed by server."
+        );
+        // Firecracker's clients read `error`; the API's other faults are `fault_message`.
+        ApiResponse {
+            status: 400,
+            body: Some(serde_json::json!({ "error": message, "fault_message": message })),
+        }
     };
-    if let Some(len) = declared.filter(|&l| l > DISCARD_LIMIT as u64) {
+    // Refused at once, as Firecracker does: waiting for a body that may never come (a
+    // declared length the client does not send) held the answer for the read timeout.
+    if let Some(len) = declared.filter(|&l| l > MAX_PAYLOAD as u64) {
         return too_large(len.to_string());
     }
     // Read (up to DISCARD_LIMIT) even a body that is too large, so the client is not reset

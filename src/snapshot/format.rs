@@ -257,6 +257,7 @@ mod tests {
                 read_only: true,
                 nsectors: 8,
                 rate_limiter: limiter,
+                cache_type: crate::config::CacheType::Writeback,
                 virtio: virtio.clone(),
             })],
             nets: vec![VirtioSlotState {

@@ -226,6 +226,8 @@ impl MicrovmState {
                 root: false,
                 partuuid: None,
                 rate_limiter: b.device.rate_limiter,
+                cache_type: b.device.cache_type,
+                io_engine: crate::config::IoEngine::Sync,
             })
             .collect();
         config.entropy = (self.devices.entropy.first()).map(|e| crate::config::EntropyConfig {

@@ -29,6 +29,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::kvm::KvmContext;
 use super::memory::GuestMemoryMmap;
+use crate::arch::x86_64::cpu_template::Bits;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
 use crate::metrics::{inc, VcpuMetrics};
@@ -395,19 +396,20 @@ impl Vcpu {
         move |source| VcpuError::Setup { id, what, source }
     }
 
-    /// Sets CPUID (from `base`, normalised for this vCPU of `count`), MSRs, FPU and LAPIC; the
-    /// boot vCPU (id 0) also gets the registers to enter the kernel at `entry`. The others
-    /// wait for INIT/SIPI in the in-kernel LAPIC.
+    /// Sets CPUID (from `base`, normalised for this vCPU of `count`, two threads a core with
+    /// `smt`), MSRs, FPU and LAPIC; the boot vCPU (id 0) also gets the registers to enter the
+    /// kernel at `entry`. The others wait for INIT/SIPI in the in-kernel LAPIC.
     pub fn configure(
         &mut self,
         kvm: &KvmContext,
         base: &CpuId,
-        count: u8,
+        (count, smt): (u8, bool),
         entry: regs::BootEntry,
+        msr_template: &[(u32, Bits)],
     ) -> Result<(), VcpuError> {
         self.msr_list = Arc::from(kvm.msr_index_list());
         let mut cpuid = base.clone();
-        cpuid::normalize(&mut cpuid, self.id, count);
+        cpuid::normalize(&mut cpuid, self.id, count, smt);
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.setup_err("KVM_SET_CPUID2"))?;
@@ -426,6 +428,9 @@ impl Vcpu {
                 id: self.id,
                 index: refused.index,
             });
+        }
+        for &(index, bits) in msr_template {
+            self.apply_msr_template(index, bits)?;
         }
         self.fd
             .set_fpu(&regs::boot_fpu())
@@ -452,6 +457,41 @@ impl Vcpu {
             self.fd
                 .set_regs(&regs::boot_regs(entry))
                 .map_err(self.setup_err("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Changes MSR `index` as a CPU template's bitmap says, from the value KVM gives it (0 for
+    /// one it cannot read).
+    fn apply_msr_template(&self, index: u32, bits: Bits) -> Result<(), VcpuError> {
+        let entry = |data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let list = |data| {
+            Msrs::from_entries(&[entry(data)]).map_err(|_| VcpuError::Setup {
+                id: self.id,
+                what: "MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })
+        };
+        let mut current = list(0)?;
+        let read = self
+            .fd
+            .get_msrs(&mut current)
+            .map_err(self.setup_err("KVM_GET_MSRS"))?;
+        let old = if read == 1 {
+            current.as_slice()[0].data
+        } else {
+            0
+        };
+        let set = self
+            .fd
+            .set_msrs(&list(bits.apply(old))?)
+            .map_err(self.setup_err("KVM_SET_MSRS"))?;
+        if set != 1 {
+            return Err(VcpuError::SetMsr { id: self.id, index });
         }
         Ok(())
     }
@@ -735,6 +775,13 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&state.vcpu_events)
             .map_err(self.setup_err("KVM_SET_VCPU_EVENTS"))?;
+        // The pause before the snapshot told KVM, but KVM writes PVCLOCK_GUEST_STOPPED into
+        // the guest's pvclock page only when the vCPU next enters, which the saved VM never
+        // did: the snapshot's memory does not hold it. Told again now (the MSRs above enabled
+        // the pvclock), the guest sees the flag on its first entry and its RCU stall and
+        // soft-lockup checks discount the time the VM was down, which `clock_realtime` adds
+        // to its clock at once (Firecracker does the same since its PR #5494).
+        self.tell_kvmclock_paused();
         Ok(())
     }
 

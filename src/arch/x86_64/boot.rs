@@ -229,6 +229,14 @@ fn open(path: &Path) -> Result<File, BootError> {
 /// keeps a FIFO from blocking the open until a writer comes (and the API with it).
 fn open_regular(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Refused before the open as well: opening some devices has effects of its own (a
+    // watchdog starts counting); the check after the open is the one that holds.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)

@@ -134,12 +134,15 @@ pub fn hide_pvm_unsupported(cpuid: &mut CpuId) -> Vec<&'static str> {
 }
 
 /// Fills in what KVM leaves to the VMM for vCPU `id` of `count`: APIC ids, the logical
-/// processor count, cache and extended topology (one core per vCPU, one package), the
+/// processor count, cache and extended topology (one package; one thread per core, or two
+/// with `smt`, as Firecracker's `smt` gives it: APIC id = core << 1 | thread), the
 /// hypervisor bit; and turns off the architectural PMU leaf, which Skiff does not offer.
-pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8) {
+pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8, smt: bool) {
     let id32 = u32::from(id);
     let count32 = u32::from(count);
-    // Bits needed to number `count` cores: the x2APIC id shift of the core level.
+    let threads = if smt && count > 1 { 2 } else { 1 };
+    let smt_shift = threads - 1;
+    // Bits needed to number `count` logical processors: the x2APIC id shift of the core level.
     let core_shift = u32::BITS - (count32.max(1) - 1).leading_zeros();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -153,10 +156,12 @@ pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8) {
                 }
             }
             4 => {
-                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
+                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1
+                // (a core's threads share L1 and L2, the package's share L3).
                 let level = (entry.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { count32 - 1 } else { 0 };
-                entry.eax = (entry.eax & 0x3fff) | ((count32 - 1) << 26) | (sharing << 14);
+                let sharing = if level >= 3 { count32 - 1 } else { threads - 1 };
+                let cores = count32.div_ceil(threads);
+                entry.eax = (entry.eax & 0x3fff) | ((cores - 1) << 26) | (sharing << 14);
             }
             0xa => {
                 entry.eax = 0;
@@ -168,8 +173,8 @@ pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8) {
                 entry.edx = id32;
                 match entry.index {
                     0 => {
-                        entry.eax = 0;
-                        entry.ebx = 1;
+                        entry.eax = smt_shift;
+                        entry.ebx = threads;
                         entry.ecx = (LEVEL_TYPE_SMT << 8) | entry.index;
                     }
                     1 => {
@@ -187,6 +192,12 @@ pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8) {
             0x8000_0008 => {
                 // AMD: ECX[7:0] is the number of cores in the package minus one.
                 entry.ecx = (entry.ecx & !0xff) | (count32 - 1);
+            }
+            0x8000_001e => {
+                // AMD: EAX the extended APIC id, EBX[15:8] threads per core - 1 and [7:0] the
+                // core id.
+                entry.eax = id32;
+                entry.ebx = (entry.ebx & !0xffff) | ((threads - 1) << 8) | (id32 >> smt_shift);
             }
             _ => {}
         }
@@ -247,7 +258,7 @@ mod tests {
             ebx: 0xffff_ffff,
             ..entry(1, 0)
         }]);
-        normalize(&mut c, 3, 4);
+        normalize(&mut c, 3, 4, false);
         let e = c.as_slice()[0];
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
@@ -259,11 +270,38 @@ mod tests {
     #[test]
     fn extended_topology_has_smt_and_core_levels() {
         let mut c = cpuid_with(&[entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)]);
-        normalize(&mut c, 2, 3);
+        normalize(&mut c, 2, 3, false);
         let s = c.as_slice();
         assert_eq!((s[0].eax, s[0].ebx, s[0].ecx, s[0].edx), (0, 1, 0x100, 2));
         assert_eq!((s[1].eax, s[1].ebx, s[1].ecx, s[1].edx), (2, 3, 0x201, 2));
         assert_eq!((s[2].eax, s[2].ebx, s[2].ecx & 0xff00), (0, 0, 0));
+    }
+
+    /// With SMT, two threads per core: the SMT level counts 2 (shift 1), the cache leaf says
+    /// half as many cores and L1/L2 shared by a core's two threads, AMD's leaf the thread
+    /// count and core id.
+    #[test]
+    fn smt_makes_two_threads_per_core() {
+        let l1 = kvm_cpuid_entry2 {
+            eax: 1 << 5,
+            ..entry(4, 0)
+        };
+        let l3 = kvm_cpuid_entry2 {
+            eax: 3 << 5,
+            ..entry(4, 3)
+        };
+        let mut c = cpuid_with(&[entry(0xb, 0), entry(0xb, 1), l1, l3, entry(0x8000_001e, 0)]);
+        normalize(&mut c, 3, 4, true);
+        let s = c.as_slice();
+        assert_eq!((s[0].eax, s[0].ebx), (1, 2), "SMT level");
+        assert_eq!((s[1].eax, s[1].ebx, s[1].edx), (2, 4, 3), "core level");
+        assert_eq!(s[2].eax >> 26, 1, "2 cores");
+        assert_eq!((s[2].eax >> 14) & 0xfff, 1, "L1 shared by 2 threads");
+        assert_eq!((s[3].eax >> 14) & 0xfff, 3, "L3 shared by all 4");
+        assert_eq!(
+            (s[4].eax, (s[4].ebx >> 8) & 0xff, s[4].ebx & 0xff),
+            (3, 1, 1)
+        );
     }
 
     #[test]
@@ -272,7 +310,7 @@ mod tests {
             edx: LEAF1_EDX_HTT,
             ..entry(1, 0)
         }]);
-        normalize(&mut c, 0, 1);
+        normalize(&mut c, 0, 1, false);
         assert_eq!(c.as_slice()[0].edx & LEAF1_EDX_HTT, 0);
     }
 

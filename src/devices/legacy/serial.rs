@@ -6,6 +6,8 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, warn};
@@ -15,7 +17,10 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::TokenBucketConfig;
 use crate::devices::bus::BusDevice;
+use crate::metrics::{add, UartMetrics};
+use crate::rate_limiter::{Reduction, TokenBucket};
 
 /// An interrupt line backed by an eventfd registered with KVM as an irqfd.
 #[derive(Debug)]
@@ -41,6 +46,50 @@ impl SerialEvents for InputReady {
         if let Err(e) = self.0.write(1) {
             warn!("serial: cannot signal input space: {e}");
         }
+    }
+}
+
+/// Where the guest's console output goes: counted, limited in bandwidth when a limit is set
+/// (bytes over it are dropped and counted, as Firecracker's `PUT /serial` rate limiter does:
+/// a guest printing without end cannot fill the host's disk or hold up its reader), then
+/// written through.
+pub struct ConsoleOutput {
+    inner: Box<dyn Write + Send>,
+    limit: Option<TokenBucket>,
+    metrics: Arc<UartMetrics>,
+}
+
+impl ConsoleOutput {
+    /// Output to `inner`, limited by `limit` when given, counted in `metrics`.
+    pub fn new(
+        inner: Box<dyn Write + Send>,
+        limit: Option<&TokenBucketConfig>,
+        metrics: Arc<UartMetrics>,
+    ) -> Self {
+        Self {
+            inner,
+            limit: limit.and_then(|c| TokenBucket::new(c, Instant::now())),
+            metrics,
+        }
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let len = buf.len() as u64;
+        add(&self.metrics.write_count, len);
+        if let Some(bucket) = &mut self.limit {
+            if bucket.reduce(len, Instant::now()) != Reduction::Taken {
+                add(&self.metrics.rate_limiter_dropped_bytes, len);
+                return Ok(buf.len());
+            }
+        }
+        self.inner.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -1,7 +1,6 @@
 //! The virtio-blk device: configuration space, features, activation, and draining its queue.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +11,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
-use crate::config::RateLimiterConfig;
+use crate::config::{CacheType, RateLimiterConfig};
 use crate::devices::virtio::{
     drain_queue, ActivateError, ChainBufs, ConfigSpace, RestoreError, VirtioBase, VirtioDevice,
     VirtioState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -69,6 +68,8 @@ pub struct BlockState {
     /// The rate limiter's shape (its buckets start full).
     #[serde(with = "crate::rate_limiter::saved_shape")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Whether flush is offered.
+    pub cache_type: CacheType,
     /// Features, interrupt, configuration and queues.
     pub virtio: VirtioState,
 }
@@ -80,8 +81,17 @@ pub struct BlockState {
 /// request). The type is checked on the opened descriptor, so the path cannot be swapped
 /// between the check and the open; then the flag is cleared, as the I/O path expects
 /// blocking reads and writes.
-fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
+pub fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
     let open_err = |e| BlockError::Open(path.to_owned(), e);
+    // Refused before the open as well: opening some devices has effects of its own (a
+    // watchdog starts counting); the check after the open is the one that holds.
+    let kind = std::fs::metadata(path).map_err(open_err)?.file_type();
+    if !kind.is_file() && !kind.is_block_device() && !kind.is_dir() {
+        return Err(BlockError::Unusable(
+            path.to_owned(),
+            "is not a regular file or block device",
+        ));
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -98,14 +108,7 @@ fn open_image(path: &Path, read_only: bool) -> Result<File, BlockError> {
             "is not a regular file or block device",
         ));
     }
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL only reads the flags of `fd`, which `file` owns and keeps open.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: F_SETFL only changes the status flags of `fd`, which `file` owns; no memory is
-    // passed.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(open_err(std::io::Error::last_os_error()));
-    }
+    crate::devices::clear_nonblocking(&file).map_err(open_err)?;
     Ok(file)
 }
 
@@ -119,6 +122,7 @@ struct Active {
 pub struct Block {
     file: File,
     path: PathBuf,
+    cache_type: CacheType,
     /// The image's path, as log lines name it.
     name: String,
     nsectors: u64,
@@ -144,8 +148,20 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
-    /// Opens `path` (read-only if asked) as a disk whose GET_ID answer is `id`.
+    /// Opens `path` (read-only if asked) as a disk whose GET_ID answer is `id`, with flush
+    /// offered.
     pub fn new(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
+        Self::with_cache(path, read_only, id, CacheType::Writeback)
+    }
+
+    /// [`Block::new`] with the write cache `cache_type` describes: flush offered (and made
+    /// durable) for Writeback, not offered for Unsafe, as Firecracker does.
+    pub fn with_cache(
+        path: &Path,
+        read_only: bool,
+        id: &str,
+        cache_type: CacheType,
+    ) -> Result<Self, BlockError> {
         let file = open_image(path, read_only)?;
         let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
             .map_err(|e| BlockError::Open(path.to_owned(), e))?;
@@ -166,15 +182,17 @@ impl Block {
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
-            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
-            | (1u64 << VIRTIO_BLK_F_FLUSH);
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_RING_F_EVENT_IDX);
+        if cache_type == CacheType::Writeback {
+            avail_features |= 1u64 << VIRTIO_BLK_F_FLUSH;
+        }
         if read_only {
             avail_features |= 1u64 << VIRTIO_BLK_F_RO;
         }
         Ok(Self {
             file,
             path: path.to_owned(),
+            cache_type,
             name: path.display().to_string(),
             nsectors,
             read_only,
@@ -201,6 +219,7 @@ impl Block {
             read_only: self.read_only,
             nsectors: self.nsectors,
             rate_limiter: self.rate_limiter.config(),
+            cache_type: self.cache_type,
             virtio: self.base.save(&self.active_queues()),
         }
     }
@@ -208,7 +227,7 @@ impl Block {
     /// A device as `state` saved it, answering GET_ID with `id`: the image is opened again
     /// and must have kept its size. Its queues come back when the transport is restored.
     pub fn from_state(id: &str, state: &BlockState) -> Result<Self, BlockError> {
-        let mut block = Self::new(&state.path, state.read_only, id)?;
+        let mut block = Self::with_cache(&state.path, state.read_only, id, state.cache_type)?;
         if block.nsectors != state.nsectors {
             return Err(BlockError::SizeChanged {
                 path: state.path.clone(),
@@ -224,6 +243,37 @@ impl Block {
             .restore(&state.virtio)
             .map_err(|e| BlockError::Restore(id.to_owned(), e))?;
         Ok(block)
+    }
+
+    /// Puts the disk on another image, as `PATCH /drives` with `path_on_host` does after boot:
+    /// opened as the old one was (read-only or not), its capacity in the configuration space
+    /// and a configuration interrupt telling the driver (virtio 1.2, 4.2.2). Requests already
+    /// taken were done on the old image; the next ones go to the new one.
+    pub fn swap_image(&mut self, path: &Path) -> Result<(), BlockError> {
+        let file = open_image(path, self.read_only)?;
+        let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
+            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
+        if size < SECTOR_SIZE {
+            return Err(BlockError::Unusable(
+                path.to_owned(),
+                "is smaller than one 512-byte sector",
+            ));
+        }
+        self.file = file;
+        self.path = path.to_owned();
+        self.name = path.display().to_string();
+        self.nsectors = size / SECTOR_SIZE;
+        let capacity = self.nsectors.to_le_bytes();
+        self.base
+            .config
+            .update(|bytes| bytes.copy_from_slice(&capacity));
+        if let Err(e) = self.base.irq.trigger(crate::devices::virtio::INT_CONFIG) {
+            warn!(
+                "disk {}: cannot raise the configuration interrupt: {e}",
+                self.name
+            );
+        }
+        Ok(())
     }
 
     /// Changes the rate limiter as a `PATCH /drives` body does (the buckets given replace
@@ -316,5 +366,31 @@ impl VirtioDevice for Block {
 
     fn active_queues(&self) -> Vec<&Queue> {
         self.active.iter().map(|a| &a.queue).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flush is offered only for a Writeback cache, as Firecracker offers it.
+    #[test]
+    fn flush_is_offered_only_with_a_writeback_cache() {
+        let path = std::env::temp_dir().join(format!("skiff-cache-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let flush = |cache| {
+            let block = Block::with_cache(&path, false, "c", cache).unwrap();
+            block.avail_features() & (1u64 << VIRTIO_BLK_F_FLUSH) != 0
+        };
+        assert!(!flush(CacheType::Unsafe));
+        assert!(flush(CacheType::Writeback));
+        assert_eq!(
+            Block::with_cache(&path, false, "c", CacheType::Unsafe)
+                .unwrap()
+                .save()
+                .cache_type,
+            CacheType::Unsafe
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -4,7 +4,7 @@ mod device;
 mod event_handler;
 mod request;
 
-pub use device::{Block, BlockError, BlockState};
+pub use device::{open_image, Block, BlockError, BlockState};
 
 /// Virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
