@@ -786,6 +786,74 @@ mod tests {
         );
     }
 
+    /// Raises this process's descriptor limit to `want` if the hard limit allows it.
+    fn raise_fd_limit(want: u64) -> bool {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into `lim`, which is valid for the call.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_max < want {
+            return false;
+        }
+        lim.rlim_cur = lim.rlim_cur.max(want);
+        // SAFETY: setrlimit reads one valid rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 }
+    }
+
+    /// Past MAX_CONNECTIONS a guest REQUEST gets an RST and a host program's connection is
+    /// closed at once, both counted; the connections made go on.
+    #[test]
+    fn connections_past_the_cap_are_refused() {
+        if !raise_fd_limit(4096) {
+            eprintln!("skipped: 1023 connections need about 2100 descriptors");
+            return;
+        }
+        let mut r = rig("cap");
+        let mut name = r.muxer.path().as_os_str().to_owned();
+        name.push("_53");
+        let listener = UnixListener::bind(&name).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut accepted = Vec::new();
+        for i in 0..=MAX_CONNECTIONS {
+            let port = 10_000 + u32::try_from(i).unwrap();
+            assert_eq!(
+                r.muxer.send_pkt(&pkt(op::REQUEST, port, 53), &[]),
+                TxOutcome::Done
+            );
+            while let Ok((s, _)) = listener.accept() {
+                accepted.push(s);
+            }
+        }
+        assert_eq!(r.muxer.connections(), MAX_CONNECTIONS);
+        assert_eq!(accepted.len(), MAX_CONNECTIONS);
+        let mut buf = [0u8; 64];
+        let mut answers = Vec::new();
+        while let Some((h, _)) = r.muxer.recv_pkt(&mut buf) {
+            answers.push((h.op, h.dst_port));
+        }
+        let last = 10_000 + u32::try_from(MAX_CONNECTIONS).unwrap();
+        assert!(
+            answers.contains(&(op::RST, last)),
+            "no RST for the one too many"
+        );
+        assert_eq!(
+            answers.iter().filter(|(o, _)| *o == op::RESPONSE).count(),
+            MAX_CONNECTIONS
+        );
+        let mut host = UnixStream::connect(r.muxer.path()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        pump(&mut r.muxer);
+        let mut b = [0u8; 4];
+        assert_eq!(host.read(&mut b).unwrap_or(0), 0, "closed at once");
+        let refused = r
+            .muxer
+            .metrics
+            .conns_refused
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(refused, 2);
+    }
+
     /// Host programs that connect and never say CONNECT, or say something else, are
     /// closed; beyond MAX_PENDING_HOST_CONNECTIONS they are closed at once.
     #[test]
