@@ -190,7 +190,7 @@ pub fn data_room(bufs: &[GuestBuf]) -> Option<u32> {
 }
 
 /// Writes `hdr` and then `data` into a receive chain's writable buffers; returns the bytes
-/// written (false: a buffer lies outside guest memory).
+/// written, or why it could not: a buffer outside guest memory, or buffers too small.
 pub fn write_packet(
     mem: &GuestMemoryMmap,
     bufs: &[GuestBuf],
