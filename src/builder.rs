@@ -13,6 +13,7 @@ use log::{debug, info};
 use crate::arch::x86_64::{boot, cpuid, mptable};
 use crate::config::{ConsoleInput, SeccompConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -22,7 +23,7 @@ use crate::vmm::{Vm, VmParts, VmmError};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::{
     create_guest_memory, map_file_over, memory_anonymous, memory_from_file, memory_layout,
-    register_guest_memory, GuestMemoryMmap,
+    register_guest_memory, Discard, GuestMemoryMmap,
 };
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
 use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
@@ -213,6 +214,10 @@ fn attach_config_devices(
         let rng = Rng::new(entropy.rate_limiter.as_ref()).map_err(DeviceError::Rng)?;
         params.push(devices.add_rng(vm_fd, mem, rng)?);
     }
+    if let Some(balloon) = &config.balloon {
+        let balloon = Balloon::new(balloon).map_err(DeviceError::Balloon)?;
+        params.push(devices.add_balloon(vm_fd, mem, balloon)?);
+    }
     Ok(params)
 }
 
@@ -379,6 +384,18 @@ fn restore_memory(
     })
 }
 
+/// Step (restore): memory mapped privately from the memory file gives pages back by mapping
+/// anonymous memory over them (see [`Discard`]); a page-fault handler's is anonymous, as a
+/// booted VM's is.
+fn discard_as_memory_is_backed(devices: &DeviceManager, backend: &MemBackend) {
+    if let MemBackend::File(_) = backend {
+        for slot in devices.registry().balloon.values() {
+            let mut balloon = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+            balloon.set_discard(Discard::MapAnonymous);
+        }
+    }
+}
+
 /// Builds a VM from a snapshot: the same steps, with memory from the memory file or the
 /// page-fault handler (the prepared VM's memory when `warm` fits the snapshot), devices and vCPUs from their saved state, and
 /// the VM's interrupt controllers and clock put back last.
@@ -420,6 +437,7 @@ pub(crate) fn build_from_snapshot(
             .find(|(iface, _)| iface == id)
             .map(|(_, tap)| tap.clone())
     })?;
+    discard_as_memory_is_backed(&devices, &restore.mem_backend);
     let mut saved = state.vcpus.iter();
     let vcpus = create_vcpus(
         &vm_fd,

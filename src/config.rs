@@ -39,6 +39,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The entropy device (virtio-rng), if any.
     pub entropy: Option<EntropyConfig>,
+    /// The memory balloon (virtio-balloon), if any.
+    pub balloon: Option<BalloonConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -55,6 +57,25 @@ pub struct EntropyConfig {
     /// Limits on the bytes and requests the guest gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// The memory balloon, as Firecracker's `PUT /balloon` describes it (every field shown back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Target size in MiB: guest memory the guest should give up.
+    pub amount_mib: u32,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take pages back when it runs out.
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates; 0 leaves the statistics queue out.
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting: runs the host starts (`PATCH /balloon/hinting/start`).
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    /// Free page reporting: the guest reports free ranges on its own.
+    #[serde(default)]
+    pub free_page_reporting: bool,
 }
 
 /// A virtio network device on a TAP.
@@ -361,6 +382,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             entropy: None,
+            balloon: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

@@ -21,6 +21,7 @@ use crate::arch::x86_64::layout::{
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::{SerialState, Unbuffered};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
+use crate::devices::virtio::balloon::{Balloon, BalloonError, BalloonState};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
@@ -79,6 +80,9 @@ pub enum DeviceError {
     /// The entropy device cannot be set up or restored.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// The balloon cannot be set up or restored.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -113,6 +117,8 @@ pub struct DevicesState {
     pub nets: Vec<VirtioSlotState<NetState>>,
     /// The entropy device.
     pub entropy: Vec<VirtioSlotState<RngState>>,
+    /// The balloon.
+    pub balloon: Vec<VirtioSlotState<BalloonState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -136,14 +142,21 @@ pub struct DeviceRegistry {
     pub nets: BTreeMap<String, VirtioSlot<Net>>,
     /// The entropy device, under [`ENTROPY_ID`].
     pub entropy: BTreeMap<String, VirtioSlot<Rng>>,
+    /// The balloon, under [`BALLOON_ID`].
+    pub balloon: BTreeMap<String, VirtioSlot<Balloon>>,
 }
 
 /// The registry's id of the entropy device (there is at most one, as in Firecracker).
 pub const ENTROPY_ID: &str = "entropy";
+/// The registry's id of the balloon (at most one, as in Firecracker).
+pub const BALLOON_ID: &str = "balloon";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
-        self.blocks.contains_key(id) || self.nets.contains_key(id) || self.entropy.contains_key(id)
+        self.blocks.contains_key(id)
+            || self.nets.contains_key(id)
+            || self.entropy.contains_key(id)
+            || self.balloon.contains_key(id)
     }
 }
 
@@ -293,6 +306,16 @@ impl DeviceManager {
         self.attach(vm, mem, ENTROPY_ID, rng, None, |r| &mut r.entropy)
     }
 
+    /// Adds the balloon in the next MMIO slot; returns its kernel parameter.
+    pub fn add_balloon(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        balloon: Balloon,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, BALLOON_ID, balloon, None, |r| &mut r.balloon)
+    }
+
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
     fn attach<D>(
@@ -350,6 +373,9 @@ impl DeviceManager {
             entropy: (r.entropy.iter())
                 .map(|(id, s)| slot_state(id, s, Rng::save))
                 .collect(),
+            balloon: (r.balloon.iter())
+                .map(|(id, s)| slot_state(id, s, Balloon::save))
+                .collect(),
         }
     }
 
@@ -366,6 +392,7 @@ impl DeviceManager {
         let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
             .chain(state.nets.iter().map(|n| n.slot))
             .chain(state.entropy.iter().map(|e| e.slot))
+            .chain(state.balloon.iter().map(|b| b.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -384,6 +411,10 @@ impl DeviceManager {
                 let rng = Rng::from_state(&e.device)?;
                 let saved = (&e.transport, e.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &e.id, rng, Some(saved), |r| &mut r.entropy)?;
+            } else if let Some(b) = state.balloon.iter().find(|b| b.slot == slot) {
+                let balloon = Balloon::from_state(&b.device)?;
+                let saved = (&b.transport, b.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &b.id, balloon, Some(saved), |r| &mut r.balloon)?;
             }
         }
         Ok(())

@@ -390,6 +390,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,
+        balloon: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

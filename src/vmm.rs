@@ -39,9 +39,10 @@ use crate::config::{RateLimiterConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics};
+use crate::metrics::{BalloonMetrics, BlockMetrics, EntropyMetrics, NetMetrics, VcpuMetrics};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
@@ -211,6 +212,7 @@ struct MetricsSources {
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
+    balloon: Option<Arc<BalloonMetrics>>,
 }
 
 /// What the builder makes a [`Vm`] of.
@@ -286,6 +288,12 @@ impl Vm {
             metrics.blocks.push((id.clone(), m));
         }
         metrics.entropy = (registry.entropy.values().next()).map(|slot| {
+            slot.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics()
+        });
+        metrics.balloon = (registry.balloon.values().next()).map(|slot| {
             slot.device
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -494,6 +502,7 @@ impl Vm {
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
+            "balloon": self.metrics.balloon.as_ref().map(|m| m.to_json()),
         })
     }
 
@@ -523,6 +532,14 @@ impl Vm {
             .ok_or_else(|| VmmError::NoDevice("network interface", id.to_owned()))?;
         let mut net = net.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(net.update_rate_limiters(rx, tx)?)
+    }
+
+    /// Runs `f` on the balloon, locked (the `/balloon` requests after boot); None when the VM
+    /// has no balloon.
+    pub fn with_balloon<R>(&self, f: impl FnOnce(&mut Balloon) -> R) -> Option<R> {
+        let slot = self.devices.registry().balloon.values().next()?;
+        let mut balloon = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(f(&mut balloon))
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.
