@@ -1285,3 +1285,75 @@ fn a_restored_entropy_device_goes_on_answering() {
     );
     end_with_ctrl_alt_del(&mut vm);
 }
+
+/// The balloon across a restore (the test guest's `balloon` check): inflated to 8 MiB of the
+/// 24 MiB the guest wrote, saved, loaded in a new process, where `GET /balloon` shows the same
+/// target and actual size, the saved statistics are there and new ones come, and the balloon
+/// inflates to 24 MiB and deflates to 0 on `PATCH /balloon`. The pages inflated after the load
+/// are in the memory file with the guest's bytes: they must read zeros once deflated, which
+/// only holds if the restored VM gives them back by mapping anonymous memory over them
+/// (`MADV_DONTNEED` on the private file mapping would bring the file's bytes back).
+#[test]
+fn a_ballooned_guest_restores_with_its_balloon() {
+    let dir = work_dir("balloon");
+    let snap = Snap::in_dir(&dir, "balloon");
+    let mut vm = Running::start("snap-balloon", &[]);
+    let source = format!(
+        r#"{{"kernel_image_path": {}, "boot_args": "console=ttyS0 checks=balloon balloon_area=32 balloon_area_mib=32 balloon_touch_mib=24"}}"#,
+        json_path(test_guest())
+    );
+    expect_204(&vm, "PUT", "/boot-source", &source, "boot source");
+    let machine = format!(r#"{{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}}}"#);
+    expect_204(&vm, "PUT", "/machine-config", &machine, "machine config");
+    let balloon = r#"{"amount_mib": 8, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#;
+    expect_204(&vm, "PUT", "/balloon", balloon, "balloon");
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    expect_204(&vm, "PUT", "/actions", start, "InstanceStart");
+    vm.wait_for("balloon: at target 2048 pages", LIMIT);
+    set_state(&vm, "Paused");
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+
+    let mut vm = restore("snap-balloon-restored", &snap, false, true);
+    let get = |path: &str| -> serde_json::Value {
+        let (status, body) = vm.call("GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    assert_eq!(
+        get("/balloon"),
+        serde_json::json!({"amount_mib": 8, "deflate_on_oom": true,
+            "stats_polling_interval_s": 1, "free_page_hinting": false,
+            "free_page_reporting": false, "actual_pages": 2048, "actual_mib": 8})
+    );
+    assert_eq!(get("/vm/config")["balloon"]["amount_mib"], 8);
+    let stats = get("/balloon/statistics");
+    assert_eq!(stats["total_memory"], MEM_MIB << 20, "saved: {stats}");
+    let sent = stats["minor_faults"].as_u64().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while get("/balloon/statistics")["minor_faults"].as_u64() <= Some(sent) {
+        assert!(
+            Instant::now() < deadline,
+            "no statistics update after the load"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    expect_204(&vm, "PATCH", "/balloon", r#"{"amount_mib": 24}"#, "inflate");
+    vm.wait_for("balloon: at target 6144 pages", LIMIT);
+    expect_204(&vm, "PATCH", "/balloon", r#"{"amount_mib": 0}"#, "deflate");
+    let line = vm.wait_for("balloon: deflated", LIMIT);
+    assert!(
+        line.contains("deflated 6144 pages, 0 not zero"),
+        "pages inflated after the load came back with the snapshot's bytes: {line}"
+    );
+    let action = r#"{"action_type": "SendCtrlAltDel"}"#;
+    expect_204(&vm, "PUT", "/actions", action, "SendCtrlAltDel");
+    vm.wait_for("DONE passed=", LIMIT);
+    let console = vm.console();
+    assert!(
+        console.contains("PASS balloon") && !console.contains("FAIL"),
+        "{console}"
+    );
+    assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+}
