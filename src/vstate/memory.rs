@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -206,7 +206,8 @@ pub enum DiscardError {
 
 /// Gives the host back the memory behind `len` bytes of guest RAM at `addr` (whole pages of
 /// one region), the way `how` says: the guest then reads zeros there and the process's
-/// resident memory shrinks.
+/// resident memory shrinks. The pages count as written (the region's bitmap, when dirty pages
+/// are tracked), so a diff snapshot carries their new, zero, contents.
 pub fn discard_range(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
@@ -262,6 +263,9 @@ pub fn discard_range(
             len,
             source: std::io::Error::last_os_error(),
         });
+    }
+    if let (Some(bitmap), Ok(offset)) = (region.get_mmap().bitmap(), usize::try_from(offset)) {
+        bitmap.mark_dirty(offset, bytes);
     }
     Ok(())
 }
@@ -544,6 +548,20 @@ mod tests {
                 Err(DiscardError::Range { .. })
             ));
         }
+    }
+
+    /// A discarded page changed (to zeros) without a guest write KVM would log: it is marked in
+    /// the region's bitmap, so a diff snapshot holds it.
+    #[test]
+    fn discarded_pages_count_as_written() {
+        let mem = create_guest_memory(1, 46, true).unwrap();
+        let page = PAGE_SIZE as u64;
+        discard_range(&mem, GuestAddress(3 * page), 2 * page, Discard::DontNeed).unwrap();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let mmap = region.get_mmap();
+        let bitmap = mmap.bitmap().as_ref().unwrap();
+        let dirty: Vec<usize> = (0..8).filter(|&p| bitmap.dirty_at(p * PAGE_SIZE)).collect();
+        assert_eq!(dirty, [3, 4]);
     }
 
     /// A scratch file in the temporary directory, unlinked once open.
