@@ -3,7 +3,8 @@
 requests, register sequences, kernels and documents that the fuzzer then mutates, so that it
 starts past the parsers' first checks. Each layout follows the comment at the top of the
 target's source. Run it again after changing a target's input layout. The snapshot_state seeds are real state
-files (a test guest with a disk, and with a disk and a NIC) written by tests/snapshot.rs; copy
+files (a test guest with a disk, with a disk and a NIC, with the entropy device, with a balloon)
+written by tests/snapshot.rs; copy
 new ones from target/tmp/snapshot/ after the state format changes."""
 
 import json
@@ -170,6 +171,10 @@ DRIVE = {"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device":
 NET = {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}
 
 
+BALLOON = {"amount_mib": 16, "deflate_on_oom": True, "stats_polling_interval_s": 1,
+           "free_page_hinting": True, "free_page_reporting": False}
+
+
 def api_request():
     def req(method, path, body=None):
         return bytes([["GET", "PUT", "PATCH", "DELETE"].index(method)]) + path.encode() + (
@@ -191,6 +196,18 @@ def api_request():
         req("PUT", "/vsock", {}),
     ]
     put("api_request", "configure", b"\xff".join(sequence))
+    balloon = [
+        req("PUT", "/machine-config", MACHINE),
+        req("PUT", "/balloon", BALLOON),
+        req("GET", "/balloon"),
+        req("PATCH", "/balloon", {"amount_mib": 1}),
+        req("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2}),
+        req("PATCH", "/balloon/hinting/start"),
+        req("GET", "/balloon/hinting/status"),
+        req("PUT", "/boot-source", BOOT),
+        req("GET", "/vm/config"),
+    ]
+    put("api_request", "balloon", b"\xff".join(balloon))
 
 
 def config_file():
@@ -204,6 +221,7 @@ def config_file():
         "metrics": {"metrics_path": "/metrics"},
     }
     put("config_file", "full", json.dumps(full, indent=1).encode())
+    put("config_file", "balloon", json.dumps(dict(full, balloon=BALLOON), indent=1).encode())
     put("config_file", "minimal", json.dumps({"boot-source": {"kernel_image_path": "k"}}).encode())
     put("config_file", "unsupported", json.dumps({"boot-source": BOOT, "vsock": {}}).encode())
 
