@@ -432,7 +432,11 @@ impl Balloon {
     pub(super) fn start_stats_timer(&mut self) {
         let every = Duration::from_secs(u64::from(self.stats_interval_s));
         if let Err(e) = self.arm_stats_timer(every) {
-            log::warn!("virtio-balloon: {}", crate::error_chain(&e));
+            guest_log!(
+                log::Level::Warn,
+                "virtio-balloon: {}",
+                crate::error_chain(&e)
+            );
         }
     }
 
@@ -613,7 +617,11 @@ impl Balloon {
         }
         if complete && self.hinting.acknowledge_on_stop {
             if let Err(e) = self.set_hint_cmd(FREE_PAGE_HINT_DONE) {
-                log::warn!("virtio-balloon: {}", crate::error_chain(&e));
+                guest_log!(
+                    log::Level::Warn,
+                    "virtio-balloon: {}",
+                    crate::error_chain(&e)
+                );
             }
         }
     }
