@@ -15,6 +15,7 @@ use crate::arch::x86_64::{boot, cpuid, mptable};
 use crate::config::{ConsoleInput, SeccompConfig, TokenBucketConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
 use crate::devices::legacy::serial::{ConsoleOutput, Unbuffered};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -26,7 +27,7 @@ use crate::vmm::{Vm, VmParts, VmmError};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::{
     create_guest_memory, map_file_over, memory_anonymous, memory_from_file, memory_layout,
-    register_guest_memory, GuestMemoryMmap,
+    register_guest_memory, Discard, GuestMemoryMmap,
 };
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
 use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
@@ -248,6 +249,10 @@ fn attach_config_devices(
         let vsock = Vsock::new(u64::from(v.guest_cid), path).map_err(DeviceError::Vsock)?;
         params.push(devices.add_vsock(vm_fd, mem, vsock)?);
     }
+    if let Some(balloon) = &config.balloon {
+        let balloon = Balloon::new(balloon).map_err(DeviceError::Balloon)?;
+        params.push(devices.add_balloon(vm_fd, mem, balloon)?);
+    }
     Ok(params)
 }
 
@@ -439,6 +444,18 @@ fn restore_memory(
     })
 }
 
+/// Step (restore): memory mapped privately from the memory file gives pages back by mapping
+/// anonymous memory over them (see [`Discard`]); a page-fault handler's is anonymous, as a
+/// booted VM's is.
+fn discard_as_memory_is_backed(devices: &DeviceManager, backend: &MemBackend) {
+    if let MemBackend::File(_) = backend {
+        for slot in devices.registry().balloon.values() {
+            let mut balloon = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+            balloon.set_discard(Discard::MapAnonymous);
+        }
+    }
+}
+
 /// Builds a VM from a snapshot: the same steps, with memory from the memory file or the
 /// page-fault handler (the prepared VM's memory when `warm` fits the snapshot), devices and vCPUs from their saved state, and
 /// the VM's interrupt controllers and clock put back last.
@@ -477,6 +494,7 @@ pub(crate) fn build_from_snapshot(
     };
     let vsock_override = restore.vsock_override.as_deref();
     devices.restore_virtio(&vm_fd, &mem, &state.devices, tap_override, vsock_override)?;
+    discard_as_memory_is_backed(&devices, &restore.mem_backend);
     let mut saved = state.vcpus.iter();
     let vcpus = create_vcpus(
         &vm_fd,

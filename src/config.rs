@@ -47,6 +47,8 @@ pub struct VmConfig {
     pub entropy: Option<EntropyConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// The memory balloon (virtio-balloon), if any.
+    pub balloon: Option<BalloonConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -77,6 +79,25 @@ pub struct VsockConfig {
     pub guest_cid: u32,
     /// The Unix socket Skiff listens on; it must not exist.
     pub uds_path: String,
+}
+
+/// The memory balloon, as Firecracker's `PUT /balloon` describes it (every field shown back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Target size in MiB: guest memory the guest should give up.
+    pub amount_mib: u32,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take pages back when it runs out.
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates; 0 leaves the statistics queue out.
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting: runs the host starts (`PATCH /balloon/hinting/start`).
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    /// Free page reporting: the guest reports free ranges on its own.
+    #[serde(default)]
+    pub free_page_reporting: bool,
 }
 
 /// A virtio network device on a TAP.
@@ -466,6 +487,7 @@ impl VmConfig {
             console_rate_limit: None,
             smt: false,
             cpu_config: None,
+            balloon: None,
             track_dirty_pages: false,
             boot_timer: false,
             seccomp: SeccompConfig::Default,

@@ -21,7 +21,8 @@ use crate::api::model::{
 };
 use crate::api::{ApiRequest, ApiResponse};
 use crate::builder::{RestoreConfig, WarmVm};
-use crate::config::{RateLimiterConfig, VmConfig};
+use crate::config::{BalloonConfig, RateLimiterConfig, VmConfig};
+use crate::devices::virtio::balloon::{Balloon, BalloonError, PAGES_PER_MIB};
 use crate::logger::{parse_level, LoggerSettings};
 use crate::metrics::ApiMetrics;
 use crate::seccomp::ThreadKind;
@@ -35,6 +36,9 @@ const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
 const AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
 const BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+
+/// What a balloon request on the running device gives: a body for a 200, none for a 204.
+type BalloonResult = Result<Option<serde_json::Value>, BalloonError>;
 
 /// An API request with the channel its answer goes back on.
 pub type ApiCall = (ApiRequest, tokio::sync::oneshot::Sender<ApiResponse>);
@@ -207,6 +211,7 @@ impl Controller {
                 | ApiRequest::PutEntropy(_)
                 | ApiRequest::PutVsock(_)
                 | ApiRequest::PutCpuConfig(_)
+                | ApiRequest::PutBalloon(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -254,6 +259,14 @@ impl Controller {
             }),
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
             ApiRequest::PutVsock(v) => done(v.checked().map(|v| self.config.vsock = Some(v))),
+            request @ (ApiRequest::PutBalloon(_)
+            | ApiRequest::GetBalloon
+            | ApiRequest::PatchBalloon(_)
+            | ApiRequest::GetBalloonStats
+            | ApiRequest::PatchBalloonStats(_)
+            | ApiRequest::StartBalloonHinting(_)
+            | ApiRequest::GetBalloonHintingStatus
+            | ApiRequest::StopBalloonHinting) => self.balloon(&request),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {
@@ -274,6 +287,85 @@ impl Controller {
             self.configured = true;
         }
         response
+    }
+
+    /// The `/balloon` requests: before boot the configuration (`PUT` and `GET` only), after it
+    /// the running device, with Firecracker's fault texts.
+    fn balloon(&mut self, request: &ApiRequest) -> ApiResponse {
+        /// Firecracker's prefix for faults of requests that change the device, and of those
+        /// that read it.
+        const UPDATE: &str = "Balloon update error";
+        const READ: &str = "Internal VMM error";
+        let with_actual = |config: &BalloonConfig, actual_pages: u32| {
+            let mut doc = serde_json::to_value(config).unwrap_or_default();
+            doc["actual_pages"] = json!(actual_pages);
+            doc["actual_mib"] = json!(actual_pages / PAGES_PER_MIB);
+            doc
+        };
+        let Some(vm) = &self.vm else {
+            return match request {
+                ApiRequest::PutBalloon(b) => match b.checked(self.config.memory_mib) {
+                    Ok(b) => {
+                        self.config.balloon = Some(b);
+                        ApiResponse::no_content()
+                    }
+                    Err(e) => bad(e),
+                },
+                ApiRequest::GetBalloon => match &self.config.balloon {
+                    Some(b) => ApiResponse::ok(with_actual(b, 0)),
+                    None => {
+                        ApiResponse::fault(400, "Balloon config error: No balloon device found.")
+                    }
+                },
+                _ => ApiResponse::fault(400, BEFORE_START),
+            };
+        };
+        let on_balloon = |prefix: &str, f: &mut dyn FnMut(&mut Balloon) -> BalloonResult| match vm
+            .with_balloon(|b| f(b))
+        {
+            None => Err(ApiResponse::fault(
+                400,
+                format!("{prefix}: Failed perform action on device: Device not found"),
+            )),
+            Some(Err(e)) => Err(ApiResponse::fault(
+                400,
+                format!("{prefix}: Balloon: {}", crate::error_chain(&e)),
+            )),
+            Some(Ok(answer)) => Ok(answer),
+        };
+        let answer = match request {
+            ApiRequest::GetBalloon => on_balloon(READ, &mut |b| {
+                Ok(Some(with_actual(&b.config(), b.actual_pages())))
+            }),
+            ApiRequest::PatchBalloon(u) => {
+                on_balloon(UPDATE, &mut |b| b.update_size(u.amount_mib).map(|()| None))
+            }
+            ApiRequest::GetBalloonStats => on_balloon(READ, &mut |b| b.latest_stats().map(Some)),
+            ApiRequest::PatchBalloonStats(u) => on_balloon(UPDATE, &mut |b| {
+                b.update_stats_interval(u.stats_polling_interval_s)
+                    .map(|()| None)
+            }),
+            ApiRequest::StartBalloonHinting(cmd) => on_balloon(UPDATE, &mut |b| {
+                b.start_hinting(cmd.acknowledge_on_stop).map(|()| None)
+            }),
+            ApiRequest::GetBalloonHintingStatus => on_balloon(UPDATE, &mut |b| {
+                let (host_cmd, guest_cmd) = b.hinting_status()?;
+                Ok(Some(json!({"host_cmd": host_cmd, "guest_cmd": guest_cmd})))
+            }),
+            ApiRequest::StopBalloonHinting => {
+                on_balloon(UPDATE, &mut |b| b.stop_hinting().map(|()| None))
+            }
+            _ => return ApiResponse::fault(400, AFTER_START),
+        };
+        // What GET /vm/config shows follows the device.
+        if let Some(config) = vm.with_balloon(|b| b.config()) {
+            self.config.balloon = Some(config);
+        }
+        match answer {
+            Ok(Some(doc)) => ApiResponse::ok(doc),
+            Ok(None) => ApiResponse::no_content(),
+            Err(fault) => fault,
+        }
     }
 
     /// `PUT /snapshot/create`: a snapshot of the paused VM.

@@ -21,6 +21,7 @@ use crate::arch::x86_64::layout::{
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialState};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
+use crate::devices::virtio::balloon::{Balloon, BalloonError, BalloonState};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
@@ -83,6 +84,9 @@ pub enum DeviceError {
     /// The vsock device cannot be set up or restored.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The balloon cannot be set up or restored.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -119,6 +123,8 @@ pub struct DevicesState {
     pub entropy: Vec<VirtioSlotState<RngState>>,
     /// The vsock device.
     pub vsock: Vec<VirtioSlotState<VsockState>>,
+    /// The balloon.
+    pub balloon: Vec<VirtioSlotState<BalloonState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -144,12 +150,16 @@ pub struct DeviceRegistry {
     pub entropy: BTreeMap<String, VirtioSlot<Rng>>,
     /// The vsock device, under [`VSOCK_ID`].
     pub vsock: BTreeMap<String, VirtioSlot<Vsock>>,
+    /// The balloon, under [`BALLOON_ID`].
+    pub balloon: BTreeMap<String, VirtioSlot<Balloon>>,
 }
 
 /// The registry's id of the entropy device (there is at most one, as in Firecracker).
 pub const ENTROPY_ID: &str = "entropy";
 /// The registry's id of the vsock device (there is at most one, as in Firecracker).
 pub const VSOCK_ID: &str = "vsock";
+/// The registry's id of the balloon (at most one, as in Firecracker).
+pub const BALLOON_ID: &str = "balloon";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
@@ -157,6 +167,7 @@ impl DeviceRegistry {
             || self.nets.contains_key(id)
             || self.entropy.contains_key(id)
             || self.vsock.contains_key(id)
+            || self.balloon.contains_key(id)
     }
 }
 
@@ -312,6 +323,16 @@ impl DeviceManager {
         self.attach(vm, mem, VSOCK_ID, vsock, None, |r| &mut r.vsock)
     }
 
+    /// Adds the balloon in the next MMIO slot; returns its kernel parameter.
+    pub fn add_balloon(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        balloon: Balloon,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, BALLOON_ID, balloon, None, |r| &mut r.balloon)
+    }
+
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
     fn attach<D>(
@@ -372,6 +393,9 @@ impl DeviceManager {
             vsock: (r.vsock.iter())
                 .map(|(id, s)| slot_state(id, s, Vsock::save))
                 .collect(),
+            balloon: (r.balloon.iter())
+                .map(|(id, s)| slot_state(id, s, Balloon::save))
+                .collect(),
         }
     }
 
@@ -391,6 +415,7 @@ impl DeviceManager {
             .chain(state.nets.iter().map(|n| n.slot))
             .chain(state.entropy.iter().map(|e| e.slot))
             .chain(state.vsock.iter().map(|v| v.slot))
+            .chain(state.balloon.iter().map(|b| b.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -413,6 +438,10 @@ impl DeviceManager {
                 let vsock = Vsock::from_state(vsock_override, &v.device)?;
                 let saved = (&v.transport, v.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &v.id, vsock, Some(saved), |r| &mut r.vsock)?;
+            } else if let Some(b) = state.balloon.iter().find(|b| b.slot == slot) {
+                let balloon = Balloon::from_state(&b.device)?;
+                let saved = (&b.transport, b.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &b.id, balloon, Some(saved), |r| &mut r.balloon)?;
             }
         }
         Ok(())

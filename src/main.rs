@@ -416,6 +416,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         vsock: args.vsock,
         smt: args.smt,
         cpu_config: None,
+        balloon: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

@@ -85,6 +85,44 @@ counters!(
 );
 
 counters!(
+    /// The balloon, under Firecracker's names, and a few of Skiff's own after them.
+    BalloonMetrics {
+        /// Activations that failed (the driver set up another number of queues).
+        activate_fails,
+        /// Inflate queue drains.
+        inflate_count,
+        /// Statistics buffers taken from the guest.
+        stats_updates_count,
+        /// Statistics dropped: unknown tags, unreadable buffers.
+        stats_update_fails,
+        /// Deflate queue drains.
+        deflate_count,
+        /// A queue the driver broke, or a discard the host refused.
+        event_fails,
+        /// Ranges the guest reported free.
+        free_page_report_count,
+        /// Bytes of those given back to the host.
+        free_page_report_freed,
+        /// Reported ranges not given back (not whole pages of guest RAM, or refused).
+        free_page_report_fails,
+        /// Ranges the guest hinted during a run.
+        free_page_hint_count,
+        /// Bytes of those given back to the host.
+        free_page_hint_freed,
+        /// Hinted ranges not given back.
+        free_page_hint_fails,
+        /// Pages the guest inflated that were given back to the host.
+        inflated_pages,
+        /// Pages the guest took back (deflated).
+        deflated_pages,
+        /// Page frame numbers outside guest RAM, or past a chain's limit: ignored.
+        invalid_pfns,
+        /// Chains too broken to read.
+        invalid_requests,
+    }
+);
+
+counters!(
     /// One block device.
     BlockMetrics {
         /// Read requests.

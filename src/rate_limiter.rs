@@ -204,6 +204,23 @@ impl BucketUpdate {
     }
 }
 
+/// A monotonic timerfd, close-on-exec and non-blocking (a read after a spurious wake-up
+/// returns EAGAIN rather than waiting), for a device's timers on the event thread.
+pub(crate) fn nonblocking_timerfd() -> io::Result<TimerFd> {
+    // SAFETY: timerfd_create takes no pointers; the result is checked before use.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a timerfd just created and owned by nobody else.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
+}
+
 /// A bandwidth and an ops bucket with the timerfd that ends a throttle; see the module
 /// documentation. Register the limiter's descriptor ([`AsRawFd`]) with the event loop for
 /// reading and call [`RateLimiter::event_handler`] when it is readable.
@@ -220,19 +237,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter that limits nothing, until [`RateLimiter::update_buckets`].
     pub fn unlimited() -> Result<Self, RateLimiterError> {
-        // SAFETY: timerfd_create takes no pointers; the result is checked before use.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-            )
-        };
-        if fd < 0 {
-            return Err(RateLimiterError::TimerCreate(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a timerfd just created and owned by nobody else. It is non-blocking,
-        // so a read after a spurious wake-up returns EAGAIN rather than waiting.
-        let timer = unsafe { TimerFd::from_raw_fd(fd) };
+        let timer = nonblocking_timerfd().map_err(RateLimiterError::TimerCreate)?;
         Ok(Self {
             bandwidth: None,
             ops: None,

@@ -39,10 +39,12 @@ use crate::config::{RateLimiterConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
 use crate::metrics::{
-    BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics, VsockMetrics,
+    BalloonMetrics, BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics,
+    VsockMetrics,
 };
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
@@ -223,6 +225,7 @@ struct MetricsSources {
     entropy: Option<Arc<EntropyMetrics>>,
     vsock: Option<Arc<VsockMetrics>>,
     uart: Arc<UartMetrics>,
+    balloon: Option<Arc<BalloonMetrics>>,
 }
 
 /// What the builder makes a [`Vm`] of.
@@ -306,6 +309,12 @@ impl Vm {
                 .metrics()
         });
         metrics.vsock = (registry.vsock.values().next()).map(|slot| {
+            slot.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics()
+        });
+        metrics.balloon = (registry.balloon.values().next()).map(|slot| {
             slot.device
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -516,6 +525,7 @@ impl Vm {
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
             "vsock": self.metrics.vsock.as_ref().map(|m| m.to_json()),
             "uart": self.metrics.uart.to_json(),
+            "balloon": self.metrics.balloon.as_ref().map(|m| m.to_json()),
         })
     }
 
@@ -554,6 +564,14 @@ impl Vm {
             .ok_or_else(|| VmmError::NoDevice("network interface", id.to_owned()))?;
         let mut net = net.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(net.update_rate_limiters(rx, tx)?)
+    }
+
+    /// Runs `f` on the balloon, locked (the `/balloon` requests after boot); None when the VM
+    /// has no balloon.
+    pub fn with_balloon<R>(&self, f: impl FnOnce(&mut Balloon) -> R) -> Option<R> {
+        let slot = self.devices.registry().balloon.values().next()?;
+        let mut balloon = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(f(&mut balloon))
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

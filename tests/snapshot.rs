@@ -1391,3 +1391,136 @@ fn a_restored_vsock_device_resets_its_transport_and_takes_new_connections() {
         vm.console()
     );
 }
+
+/// Boots the test guest's `balloon` check on MEM_MIB: it writes 24 MiB from 32 MiB, with a
+/// balloon of `amount_mib` and statistics every second.
+fn boot_balloon(vm: &Running, amount_mib: u32, track_dirty_pages: bool) {
+    let source = format!(
+        r#"{{"kernel_image_path": {}, "boot_args": "console=ttyS0 checks=balloon balloon_area=32 balloon_area_mib=32 balloon_touch_mib=24"}}"#,
+        json_path(test_guest())
+    );
+    expect_204(vm, "PUT", "/boot-source", &source, "boot source");
+    let machine = format!(
+        r#"{{"vcpu_count": 1, "mem_size_mib": {MEM_MIB}, "track_dirty_pages": {track_dirty_pages}}}"#
+    );
+    expect_204(vm, "PUT", "/machine-config", &machine, "machine config");
+    let balloon = format!(
+        r#"{{"amount_mib": {amount_mib}, "deflate_on_oom": true, "stats_polling_interval_s": 1}}"#
+    );
+    expect_204(vm, "PUT", "/balloon", &balloon, "balloon");
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    expect_204(vm, "PUT", "/actions", start, "InstanceStart");
+}
+
+/// Pages the balloon gave back changed to zeros without a guest write in KVM's dirty log: a
+/// Diff must still hold them. Full A, inflate 8 MiB over pages the guest wrote, then at one
+/// moment a Diff into a copy of A's memory file (B) and a Full (C): B equals C page for page,
+/// and the inflated pages are zeros in both.
+#[test]
+fn a_diff_holds_the_pages_the_balloon_gave_back() {
+    let dir = work_dir("balloon-diff");
+    let (a, b, c) = (
+        Snap::in_dir(&dir, "a"),
+        Snap::in_dir(&dir, "b"),
+        Snap::in_dir(&dir, "c"),
+    );
+    let mut vm = Running::start("snap-balloon-diff", &[]);
+    boot_balloon(&vm, 0, true);
+    vm.wait_for("balloon: at target 0 pages", LIMIT);
+    set_state(&vm, "Paused");
+    create(&vm, "Full", &a);
+    set_state(&vm, "Resumed");
+    expect_204(&vm, "PATCH", "/balloon", r#"{"amount_mib": 8}"#, "inflate");
+    vm.wait_for("balloon: at target 2048 pages", LIMIT);
+    set_state(&vm, "Paused");
+    fs::copy(&a.mem, &b.mem).unwrap();
+    create(&vm, "Diff", &b);
+    create(&vm, "Full", &c);
+    kill(&mut vm);
+    let (mem_a, mem_b, mem_c) = (
+        fs::read(&a.mem).unwrap(),
+        fs::read(&b.mem).unwrap(),
+        fs::read(&c.mem).unwrap(),
+    );
+    let ballooned = (32 << 20)..(40 << 20);
+    assert!(
+        mem_a[ballooned.clone()].iter().any(|&x| x != 0),
+        "the guest had written the pages it then gave up"
+    );
+    assert!(
+        mem_c[ballooned.clone()].iter().all(|&x| x == 0),
+        "inflated pages in the Full"
+    );
+    let missed = differing_pages(&mem_b, &mem_c);
+    assert!(
+        missed.is_empty(),
+        "the Diff merged into A differs from the Full in {} pages (first at {:#x}); inflated \
+         pages are {:#x}..{:#x}",
+        missed.len(),
+        missed.first().map_or(0, |p| p * PAGE),
+        ballooned.start,
+        ballooned.end
+    );
+}
+
+/// The balloon across a restore (the test guest's `balloon` check): inflated to 8 MiB of the
+/// 24 MiB the guest wrote, saved, loaded in a new process, where `GET /balloon` shows the same
+/// target and actual size, the saved statistics are there and new ones come, and the balloon
+/// inflates to 24 MiB and deflates to 0 on `PATCH /balloon`. The pages inflated after the load
+/// are in the memory file with the guest's bytes: they must read zeros once deflated, which
+/// only holds if the restored VM gives them back by mapping anonymous memory over them
+/// (`MADV_DONTNEED` on the private file mapping would bring the file's bytes back).
+#[test]
+fn a_ballooned_guest_restores_with_its_balloon() {
+    let dir = work_dir("balloon");
+    let snap = Snap::in_dir(&dir, "balloon");
+    let mut vm = Running::start("snap-balloon", &[]);
+    boot_balloon(&vm, 8, false);
+    vm.wait_for("balloon: at target 2048 pages", LIMIT);
+    set_state(&vm, "Paused");
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+
+    let mut vm = restore("snap-balloon-restored", &snap, false, true);
+    let get = |path: &str| -> serde_json::Value {
+        let (status, body) = vm.call("GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    assert_eq!(
+        get("/balloon"),
+        serde_json::json!({"amount_mib": 8, "deflate_on_oom": true,
+            "stats_polling_interval_s": 1, "free_page_hinting": false,
+            "free_page_reporting": false, "actual_pages": 2048, "actual_mib": 8})
+    );
+    assert_eq!(get("/vm/config")["balloon"]["amount_mib"], 8);
+    let stats = get("/balloon/statistics");
+    assert_eq!(stats["total_memory"], MEM_MIB << 20, "saved: {stats}");
+    let sent = stats["minor_faults"].as_u64().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while get("/balloon/statistics")["minor_faults"].as_u64() <= Some(sent) {
+        assert!(
+            Instant::now() < deadline,
+            "no statistics update after the load"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    expect_204(&vm, "PATCH", "/balloon", r#"{"amount_mib": 24}"#, "inflate");
+    vm.wait_for("balloon: at target 6144 pages", LIMIT);
+    expect_204(&vm, "PATCH", "/balloon", r#"{"amount_mib": 0}"#, "deflate");
+    let line = vm.wait_for("balloon: deflated", LIMIT);
+    assert!(
+        line.contains("deflated 6144 pages, 0 not zero"),
+        "pages inflated after the load came back with the snapshot's bytes: {line}"
+    );
+    let action = r#"{"action_type": "SendCtrlAltDel"}"#;
+    expect_204(&vm, "PUT", "/actions", action, "SendCtrlAltDel");
+    vm.wait_for("DONE passed=", LIMIT);
+    let console = vm.console();
+    assert!(
+        console.contains("PASS balloon") && !console.contains("FAIL"),
+        "{console}"
+    );
+    assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+}

@@ -34,9 +34,13 @@ fn exercise(bytes: &[u8]) {
     let mut config = skiff::VmConfig::new("");
     state.describe_in(&mut config, &[("net0".into(), "tap-fuzz".into())]);
     let mem = skiff::vstate::memory::anonymous(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
+    for b in &state.devices.balloon {
+        let _ = skiff::devices::virtio::balloon::Balloon::from_state(&b.device);
+    }
     let queues = (state.devices.blocks.iter().map(|b| (&b.transport, &b.device.virtio)))
         .chain(state.devices.nets.iter().map(|n| (&n.transport, &n.device.virtio)))
         .chain(state.devices.vsock.iter().map(|v| (&v.transport, &v.device.virtio)));
+        .chain((state.devices.balloon.iter()).map(|b| (&b.transport, &b.device.virtio)));
     for (transport, virtio) in queues {
         for q in transport.queues.iter().chain(&virtio.queues) {
             if let Ok(queue) = q.to_queue() {

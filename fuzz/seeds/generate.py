@@ -4,6 +4,7 @@ requests, register sequences, kernels and documents that the fuzzer then mutates
 starts past the parsers' first checks. Each layout follows the comment at the top of the
 target's source. Run it again after changing a target's input layout. The snapshot_state seeds are real state
 files (a test guest with a disk, with a NIC, with the entropy device, with the vsock device)
+files (a test guest with a disk, with a disk and a NIC, with the entropy device, with a balloon)
 written by tests/snapshot.rs; copy
 new ones from target/tmp/snapshot/ after the state format changes."""
 
@@ -191,6 +192,10 @@ DRIVE = {"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device":
 NET = {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}
 
 
+BALLOON = {"amount_mib": 16, "deflate_on_oom": True, "stats_polling_interval_s": 1,
+           "free_page_hinting": True, "free_page_reporting": False}
+
+
 def api_request():
     def req(method, path, body=None):
         return bytes([["GET", "PUT", "PATCH", "DELETE"].index(method)]) + path.encode() + (
@@ -212,6 +217,18 @@ def api_request():
         req("PUT", "/vsock", {}),
     ]
     put("api_request", "configure", b"\xff".join(sequence))
+    balloon = [
+        req("PUT", "/machine-config", MACHINE),
+        req("PUT", "/balloon", BALLOON),
+        req("GET", "/balloon"),
+        req("PATCH", "/balloon", {"amount_mib": 1}),
+        req("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2}),
+        req("PATCH", "/balloon/hinting/start"),
+        req("GET", "/balloon/hinting/status"),
+        req("PUT", "/boot-source", BOOT),
+        req("GET", "/vm/config"),
+    ]
+    put("api_request", "balloon", b"\xff".join(balloon))
 
 
 def config_file():
@@ -225,6 +242,7 @@ def config_file():
         "metrics": {"metrics_path": "/metrics"},
     }
     put("config_file", "full", json.dumps(full, indent=1).encode())
+    put("config_file", "balloon", json.dumps(dict(full, balloon=BALLOON), indent=1).encode())
     put("config_file", "minimal", json.dumps({"boot-source": {"kernel_image_path": "k"}}).encode())
     put("config_file", "unsupported", json.dumps({"boot-source": BOOT, "mmds-config": {}}).encode())
     put("config_file", "vsock", json.dumps({"boot-source": BOOT, "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}}).encode())

@@ -3,7 +3,7 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,vsock,snapshot mem=<MiB> cpus=<N>, and the
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,vsock,balloon,snapshot mem=<MiB> cpus=<N>, and the
  * parameters each check describes
  */
 #include <stdint.h>
@@ -394,7 +394,7 @@ struct vq {
 struct vdev {
 	uintptr_t base;
 	unsigned irq;
-	struct vq q[3];
+	struct vq q[5];	/* the balloon has up to five, vsock three */
 };
 static uint32_t vr(struct vdev *d, uint32_t off) { return mmio_read32(d->base + off); }
 static void vw(struct vdev *d, uint32_t off, uint32_t v) { mmio_write32(d->base + off, v); }
@@ -559,6 +559,229 @@ static void check_rng(void)
 		printf("rng: %lu requests of 4096 bytes in %lu us\n", n, now_us() - t0);
 	}
 	report("rng", 1, 0);
+}
+
+/* ---- virtio-balloon (virtio 1.2, 5.5) ---- */
+#define BALLOON_F_STATS_VQ 1
+#define BALLOON_F_DEFLATE_ON_OOM 2
+#define BALLOON_F_FREE_PAGE_HINT 3
+#define BALLOON_F_PAGE_REPORTING 5
+#define BALLOON_PFNS 256		/* frame numbers per inflate or deflate chain, as Linux */
+#define BALLOON_HINT_STOP 0
+#define BALLOON_HINT_DONE 1
+struct balloon_stat { uint16_t tag; uint64_t val; } __attribute__((packed));
+static struct vdev balloondev;
+static uint32_t balloon_pfns[BALLOON_PFNS];
+static struct balloon_stat balloon_stats[4];
+static uint32_t balloon_cmd[2];	/* the hinting run's id, then STOP */
+
+/* Waits until `n` more chains of queue `qi` have been used. */
+static int vq_wait_used(struct vdev *d, unsigned qi, unsigned n)
+{
+	uint32_t id, len;
+	for (unsigned i = 0; n && i < 200000000; i++) {
+		if (vq_used(d, qi, &id, &len))
+			n--;
+		else
+			__asm__ volatile("pause");
+	}
+	return n == 0;
+}
+
+/* Posts `n` frame numbers from balloon_pfns on queue `qi` (inflate 0, deflate 1) and waits. */
+static int balloon_send_pfns(unsigned qi, unsigned n)
+{
+	balloondev.q[qi].desc[0] = (struct virtq_desc){ (uint64_t)balloon_pfns, n * 4, 0, 0 };
+	vq_publish(&balloondev, qi, 0, 1);
+	return vq_wait_used(&balloondev, qi, 1);
+}
+
+/* Pages that do not read back as zeros at offsets 0 and 2048 (a discarded page reads zeros). */
+static uint64_t nonzero_pages(uint64_t addr, uint64_t pages)
+{
+	uint64_t n = 0;
+	for (uint64_t p = 0; p < pages; p++) {
+		volatile uint64_t *w = (volatile uint64_t *)(addr + p * 4096);
+		n += w[0] != 0 || w[256] != 0;
+	}
+	return n;
+}
+
+static void balloon_fill_stats(uint64_t answers, uint64_t top, uint64_t actual)
+{
+	balloon_stats[0] = (struct balloon_stat){ 2, 7 };			/* major_faults */
+	balloon_stats[1] = (struct balloon_stat){ 3, answers };			/* minor_faults: buffers sent */
+	balloon_stats[2] = (struct balloon_stat){ 4, top - actual * 4096 };	/* free_memory */
+	balloon_stats[3] = (struct balloon_stat){ 5, top };			/* total_memory */
+}
+
+/* A balloon driver. It owns balloon_area_mib (default 128, up to the end of RAM) of RAM from
+ * balloon_area (MiB, default 64) and first writes balloon_touch_mib (default 32) of it, then
+ * balloon_report_mib and balloon_hint_mib (default 0) after that, each page's first word and
+ * its word at 2048 ("balloon: touched N MiB"). It inflates the pages of its area from the start
+ * up, in chains of 256 frame numbers, towards num_pages and deflates from the top down, writing
+ * `actual` after each chain ("balloon: at target N pages" when there); a deflated page must read
+ * zeros ("balloon: deflated N pages, M not zero"). It looks at num_pages at start and after each
+ * configuration interrupt. With statistics it posts its buffer (major_faults 7, minor_faults the
+ * buffers sent so far, free_memory, total_memory the top of RAM) and sends it again whenever the
+ * device hands it back. With reporting it reports balloon_report_mib as free, in 1 MiB ranges,
+ * which must then read zeros; with hinting, a new run's id makes it send the id, its hint range
+ * in 1 MiB ranges and STOP, and the host's DONE ends the run (the range must read zeros). It
+ * runs until a key reaches the i8042 (the host's Ctrl-Alt-Del) or ticks_max (default 1200) 50 ms
+ * ticks, and passes when nothing read back wrong. */
+static void check_balloon(void)
+{
+	const char *why, *problem = 0;
+	uint64_t top = 0;
+	for (uint32_t i = 0; i < memmap_entries; i++)
+		if (memmap[i].type == 1 && memmap[i].addr + memmap[i].size > top)
+			top = memmap[i].addr + memmap[i].size;
+	if (!find_virtio(5, &balloondev)) { report("balloon", 0, "no virtio-balloon device on the command line"); return; }
+	uint64_t area = param_uint("balloon_area", 64) << 20;
+	uint64_t area_mib = param_uint("balloon_area_mib", 128);
+	if (area >= top) { report("balloon", 0, "balloon_area is beyond the end of RAM"); return; }
+	if (area + (area_mib << 20) > top)
+		area_mib = (top - area) >> 20;
+	uint64_t touch = param_uint("balloon_touch_mib", 32), rep_mib = param_uint("balloon_report_mib", 0);
+	uint64_t hint_mib = param_uint("balloon_hint_mib", 0), max = param_uint("ticks_max", 1200);
+	if (touch + rep_mib + hint_mib > area_mib) { report("balloon", 0, "the regions do not fit the area"); return; }
+
+	vw(&balloondev, 0x14, 0);
+	uint32_t want = 1u << BALLOON_F_STATS_VQ | 1u << BALLOON_F_DEFLATE_ON_OOM | 1u << BALLOON_F_FREE_PAGE_HINT | 1u << BALLOON_F_PAGE_REPORTING;
+	uint32_t features = vr(&balloondev, 0x10) & want;
+	int stats = !!(features & 1u << BALLOON_F_STATS_VQ), hint = !!(features & 1u << BALLOON_F_FREE_PAGE_HINT);
+	int reporting = !!(features & 1u << BALLOON_F_PAGE_REPORTING);
+	unsigned stats_q = 2, hint_q = 2 + stats, report_q = 2 + stats + hint;
+	if ((why = virtio_init(&balloondev, features, 2 + stats + hint + reporting))) { report("balloon", 0, why); return; }
+	ioapic_route(balloondev.irq, DEVICE_VECTOR);
+	printf("balloon: ready, features %x, area %lu MiB at %lu MiB\n", features, area_mib, area >> 20);
+
+	uint64_t base_pfn = area >> 12, area_pages = area_mib << 8;
+	uint64_t rep_at = area + (touch << 20), hint_at = rep_at + (rep_mib << 20);
+	for (uint64_t p = 0; p < (touch + rep_mib + hint_mib) << 8; p++) {
+		volatile uint64_t *w = (volatile uint64_t *)(area + p * 4096);
+		w[0] = 0x5a5a000000000000ull | (base_pfn + p);
+		w[256] = ~w[0];
+	}
+	printf("balloon: touched %lu MiB\n", touch + rep_mib + hint_mib);
+
+	uint64_t answers = 0, actual = 0, configs = 0, irqs_before = device_irqs;
+	if (stats) {
+		balloon_fill_stats(++answers, top, 0);
+		balloondev.q[stats_q].desc[0] = (struct virtq_desc){ (uint64_t)balloon_stats, sizeof(balloon_stats), 0, 0 };
+		vq_publish(&balloondev, stats_q, 0, 1);
+	}
+	if (reporting && rep_mib) {
+		struct vq *q = &balloondev.q[report_q];
+		for (uint64_t i = 0; i < rep_mib && i < QSZ; i++)
+			q->desc[i] = (struct virtq_desc){ rep_at + (i << 20), 1u << 20, VRING_DESC_F_WRITE | (i + 1 < rep_mib ? VRING_DESC_F_NEXT : 0), (uint16_t)(i + 1) };
+		vq_publish(&balloondev, report_q, 0, 1);
+		if (!vq_wait_used(&balloondev, report_q, 1))
+			problem = "the reported ranges were not used";
+		uint64_t bad = nonzero_pages(rep_at, rep_mib << 8);
+		printf("balloon: reported %lu MiB free, %lu pages not zero\n", rep_mib, bad);
+		if (bad)
+			problem = problem ? problem : "reported pages did not read zero";
+	}
+
+	lapic_write(0x3e0, 0xb);			/* divide by 1 */
+	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
+	lapic_write(0x380, 1000000);
+	__asm__ volatile("sti");
+	uint64_t tick = 0, next = now_us(), last_cmd = BALLOON_HINT_STOP, hinted_run = 0;
+	int look = 1, key = -1;
+	while (tick < max) {
+		if (inb(0x64) & 1) {
+			key = inb(0x60);
+			break;
+		}
+		uint32_t isr = vr(&balloondev, 0x60);
+		if (isr) {
+			vw(&balloondev, 0x64, isr);
+			if (isr & 2) {
+				configs++;
+				look = 1;
+			}
+		}
+		uint32_t id, len;
+		if (stats && vq_used(&balloondev, stats_q, &id, &len)) {
+			balloon_fill_stats(++answers, top, actual);
+			vq_publish(&balloondev, stats_q, 0, 1);
+		}
+		if (look) {
+			look = 0;
+			uint64_t target = vr(&balloondev, 0x100), cmd = vr(&balloondev, 0x108);
+			if (configs)
+				printf("balloon: configuration change %lu (%lu device interrupts): target %lu pages, hint command %lu\n",
+				       configs, device_irqs - irqs_before, target, cmd);
+			if (target > area_pages) {
+				printf("balloon: target %lu pages beyond the area's %lu\n", target, area_pages);
+				target = area_pages;
+			}
+			uint64_t was = actual;
+			while (actual < target) {
+				unsigned n = target - actual < BALLOON_PFNS ? (unsigned)(target - actual) : BALLOON_PFNS;
+				for (unsigned i = 0; i < n; i++)
+					balloon_pfns[i] = (uint32_t)(base_pfn + actual + i);
+				if (!balloon_send_pfns(0, n)) { problem = "an inflate chain was not used"; break; }
+				actual += n;
+				vw(&balloondev, 0x104, (uint32_t)actual);
+			}
+			while (actual > target) {
+				unsigned n = actual - target < BALLOON_PFNS ? (unsigned)(actual - target) : BALLOON_PFNS;
+				for (unsigned i = 0; i < n; i++)
+					balloon_pfns[i] = (uint32_t)(base_pfn + actual - n + i);
+				if (!balloon_send_pfns(1, n)) { problem = "a deflate chain was not used"; break; }
+				actual -= n;
+				vw(&balloondev, 0x104, (uint32_t)actual);
+			}
+			if (actual < was) {
+				uint64_t bad = nonzero_pages(area + actual * 4096, was - actual);
+				printf("balloon: deflated %lu pages, %lu not zero\n", was - actual, bad);
+				if (bad)
+					problem = problem ? problem : "deflated pages did not read zero";
+			}
+			if (actual != was || configs == 0)
+				printf("balloon: at target %lu pages\n", actual);
+			if (hint && cmd >= 2 && cmd != last_cmd) {
+				/* A new run: its id, the hint range in 1 MiB pieces, then STOP. */
+				struct vq *q = &balloondev.q[hint_q];
+				unsigned n = 0;
+				balloon_cmd[0] = (uint32_t)cmd;
+				balloon_cmd[1] = BALLOON_HINT_STOP;
+				q->desc[n] = (struct virtq_desc){ (uint64_t)&balloon_cmd[0], 4, 0, 0 };
+				vq_publish(&balloondev, hint_q, (uint16_t)n++, 0);
+				for (uint64_t i = 0; i < hint_mib && n < QSZ - 1; i++) {
+					q->desc[n] = (struct virtq_desc){ hint_at + (i << 20), 1u << 20, VRING_DESC_F_WRITE, 0 };
+					vq_publish(&balloondev, hint_q, (uint16_t)n++, 0);
+				}
+				q->desc[n] = (struct virtq_desc){ (uint64_t)&balloon_cmd[1], 4, 0, 0 };
+				vq_publish(&balloondev, hint_q, (uint16_t)n++, 1);
+				if (!vq_wait_used(&balloondev, hint_q, n))
+					problem = problem ? problem : "the hinting chains were not used";
+				printf("balloon: hinting run %lu sent %lu MiB\n", cmd, hint_mib);
+				hinted_run = cmd;
+			}
+			if (cmd == BALLOON_HINT_DONE && hinted_run) {
+				uint64_t bad = nonzero_pages(hint_at, hint_mib << 8);
+				printf("balloon: hinting run %lu done, %lu pages not zero\n", hinted_run, bad);
+				if (bad)
+					problem = problem ? problem : "hinted pages did not read zero";
+				hinted_run = 0;
+			}
+			last_cmd = cmd;
+		}
+		uint64_t now = now_us();
+		if (now >= next) {
+			tick++;
+			next = now + 50000;
+		}
+		__asm__ volatile("hlt");
+	}
+	__asm__ volatile("cli");
+	lapic_write(0x320, 1u << 16);	/* timer masked */
+	printf("balloon: %s, actual %lu pages, %lu statistics buffers sent\n", key >= 0 ? "key from the host" : "ticks done", actual, answers);
+	report("balloon", !problem, problem);
 }
 
 /* ---- virtio-blk (virtio 1.2, 5.2) ---- */
@@ -2197,7 +2420,7 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
@@ -2206,6 +2429,7 @@ static void run_checks(const char *protocol)
 		if (wants("exits")) check_exits();
 		if (wants("rng")) check_rng();
 		if (wants("vsock")) check_vsock();
+		if (wants("balloon")) check_balloon();
 		if (wants("ticks")) check_ticks();
 		if (wants("snapshot")) check_snapshot();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use model::{
-    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
+    ActionType, BalloonStartCmd, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig,
+    Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
     SnapshotLoadParams, VmStateName, VmStateRequest,
 };
 
@@ -58,6 +58,22 @@ pub enum ApiRequest {
     PutSerial(model::SerialConfig),
     /// `PUT /cpu-config`
     PutCpuConfig(Box<crate::arch::x86_64::cpu_template::CustomCpuTemplate>),
+    /// `PUT /balloon`
+    PutBalloon(crate::config::BalloonConfig),
+    /// `GET /balloon`
+    GetBalloon,
+    /// `PATCH /balloon`
+    PatchBalloon(model::BalloonUpdate),
+    /// `GET /balloon/statistics`
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`
+    PatchBalloonStats(model::BalloonStatsUpdate),
+    /// `PATCH /balloon/hinting/start`
+    StartBalloonHinting(BalloonStartCmd),
+    /// `GET /balloon/hinting/status`
+    GetBalloonHintingStatus,
+    /// `PATCH /balloon/hinting/stop`
+    StopBalloonHinting,
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -81,6 +97,7 @@ impl ApiRequest {
                 | Self::PutVsock(_)
                 | Self::PutSerial(_)
                 | Self::PutCpuConfig(_)
+                | Self::PutBalloon(_)
         )
     }
 }
@@ -122,7 +139,6 @@ impl ApiResponse {
 
 /// Endpoints of later work: answered with 400 and a clear message until they exist.
 const NOT_YET: &[(&str, &str)] = &[
-    ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
     ("/pmem", "pmem devices"),
     ("/hotplug/memory", "memory hot-plug"),
@@ -236,6 +252,19 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "vsock", None) => ApiRequest::PutVsock(body(bytes)?),
         ("PUT", "serial", None) => ApiRequest::PutSerial(body(bytes)?),
         ("PUT", "cpu-config", None) => ApiRequest::PutCpuConfig(Box::new(body(bytes)?)),
+        ("PUT", "balloon", None) => ApiRequest::PutBalloon(body(bytes)?),
+        ("GET", "balloon", None) => ApiRequest::GetBalloon,
+        ("PATCH", "balloon", None) => ApiRequest::PatchBalloon(body(bytes)?),
+        ("GET", "balloon", Some("statistics")) => ApiRequest::GetBalloonStats,
+        ("PATCH", "balloon", Some("statistics")) => ApiRequest::PatchBalloonStats(body(bytes)?),
+        ("PATCH", "balloon", Some("hinting/start")) if bytes.is_empty() => {
+            ApiRequest::StartBalloonHinting(BalloonStartCmd::default())
+        }
+        ("PATCH", "balloon", Some("hinting/start")) => {
+            ApiRequest::StartBalloonHinting(body(bytes)?)
+        }
+        ("GET", "balloon", Some("hinting/status")) => ApiRequest::GetBalloonHintingStatus,
+        ("PATCH", "balloon", Some("hinting/stop")) => ApiRequest::StopBalloonHinting,
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),
@@ -316,6 +345,32 @@ mod tests {
         assert!(fault(route("PUT", "/vsock", br#"{"guest_cid": 3}"#))
             .1
             .contains("missing field `uds_path`"));
+        assert_eq!(
+            route("PATCH", "/balloon/hinting/start", b""),
+            Ok(ApiRequest::StartBalloonHinting(BalloonStartCmd {
+                acknowledge_on_stop: true
+            }))
+        );
+        assert_eq!(
+            route(
+                "PATCH",
+                "/balloon/hinting/start",
+                br#"{"acknowledge_on_stop":false}"#
+            ),
+            Ok(ApiRequest::StartBalloonHinting(BalloonStartCmd {
+                acknowledge_on_stop: false
+            }))
+        );
+        assert!(fault(route("PUT", "/balloon", br#"{"amount_mib":1}"#))
+            .1
+            .contains("missing field `deflate_on_oom`"));
+        assert!(fault(route("PATCH", "/balloon", br#"{"amount_mib":-1}"#))
+            .1
+            .contains("invalid value"));
+        assert_eq!(
+            fault(route("GET", "/balloon/nope", b"")).1,
+            "Invalid request method and/or path: GET /balloon/nope."
+        );
         assert_eq!(
             fault(route("PUT", "/snapshot/create", b"{}")).1,
             "An error occurred when deserializing the json body of a request: missing field `snapshot_path`."

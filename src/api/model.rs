@@ -279,6 +279,54 @@ impl SerialConfig {
     }
 }
 
+impl crate::config::BalloonConfig {
+    /// The balloon as `PUT /balloon` gives it, refused when its target exceeds the guest
+    /// memory configured (Firecracker's check and text).
+    pub fn checked(&self, memory_mib: u64) -> Result<Self, BadRequest> {
+        if u64::from(self.amount_mib) > memory_mib {
+            return bad("Balloon config error: Amount of pages requested is too large.");
+        }
+        Ok(*self)
+    }
+}
+
+/// `PATCH /balloon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// The new target in MiB.
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// The new interval in seconds (not 0, and not from 0: statistics stay on or off).
+    pub stats_polling_interval_s: u16,
+}
+
+/// `PATCH /balloon/hinting/start` (the body may be left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStartCmd {
+    /// Answer the guest's end of the run with DONE at once (default true).
+    #[serde(default = "yes")]
+    pub acknowledge_on_stop: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for BalloonStartCmd {
+    fn default() -> Self {
+        Self {
+            acknowledge_on_stop: true,
+        }
+    }
+}
+
 /// `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -426,13 +474,16 @@ pub struct FullVmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
+    /// The balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<crate::config::BalloonConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
-const NOT_YET: &[&str] = &["balloon", "mmds-config", "pmem", "memory-hotplug"];
+const NOT_YET: &[&str] = &["mmds-config", "pmem", "memory-hotplug"];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
@@ -522,6 +573,12 @@ impl MachineConfig {
             config.vcpus = n;
         }
         if let Some(m) = self.mem_size_mib {
+            if config.balloon.is_some_and(|b| u64::from(b.amount_mib) > m) {
+                return bad(
+                    "The memory size (MiB) is smaller than the previously set balloon device \
+                     target size.",
+                );
+            }
             config.memory_mib = m;
         }
         config.smt = smt;
@@ -741,6 +798,9 @@ impl FullVmConfig {
             t.parse().map_err(BadRequest)?;
             config.cpu_config = Some(t.clone());
         }
+        if let Some(b) = &self.balloon {
+            config.balloon = Some(b.checked(config.memory_mib)?);
+        }
         Ok(config)
     }
 
@@ -765,6 +825,7 @@ impl FullVmConfig {
             vsock: config.vsock.clone(),
             serial: SerialConfig::of(config),
             cpu_config: config.cpu_config.clone(),
+            balloon: config.balloon,
             unsupported: std::collections::BTreeMap::new(),
         }
     }
@@ -902,6 +963,48 @@ mod tests {
         ] {
             assert!(parse::<Drive>(body).is_err(), "{body}");
         }
+    }
+
+    /// Firecracker's balloon bodies: defaults, its checks against guest memory both ways,
+    /// and the config file's section shown back whole.
+    #[test]
+    fn balloon_bodies_and_their_checks() {
+        let b: crate::config::BalloonConfig =
+            parse(r#"{"amount_mib": 64, "deflate_on_oom": true}"#).unwrap();
+        assert_eq!(
+            (b.stats_polling_interval_s, b.free_page_reporting),
+            (0, false)
+        );
+        assert_eq!(
+            b.checked(32).unwrap_err().0,
+            "Balloon config error: Amount of pages requested is too large."
+        );
+        let mut c = VmConfig::new("k");
+        c.balloon = Some(b.checked(128).unwrap());
+        let shrink: MachineConfig = parse(r#"{"mem_size_mib": 32}"#).unwrap();
+        assert_eq!(
+            shrink.apply(&mut c, false).unwrap_err().0,
+            "The memory size (MiB) is smaller than the previously set balloon device target size."
+        );
+        assert!(parse::<BalloonUpdate>(r#"{"amount_mib": 1, "x": 1}"#).is_err());
+        assert!(parse::<BalloonStatsUpdate>(r#"{"stats_polling_interval_s": 70000}"#).is_err());
+        let doc = r#"{"boot-source": {"kernel_image_path": "/k"},
+                      "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+                      "balloon": {"amount_mib": 16, "deflate_on_oom": false,
+                                  "stats_polling_interval_s": 5, "free_page_reporting": true}}"#;
+        let config = parse::<FullVmConfig>(doc).unwrap().to_vm_config().unwrap();
+        let shown = serde_json::to_value(FullVmConfig::of(&config, None, None)).unwrap();
+        assert_eq!(
+            shown["balloon"],
+            serde_json::json!({"amount_mib": 16, "deflate_on_oom": false,
+                "stats_polling_interval_s": 5, "free_page_hinting": false,
+                "free_page_reporting": true})
+        );
+        let too_big = doc.replace("\"amount_mib\": 16", "\"amount_mib\": 129");
+        assert!(parse::<FullVmConfig>(&too_big)
+            .unwrap()
+            .to_vm_config()
+            .is_err());
     }
 
     #[test]

@@ -181,6 +181,7 @@ mod tests {
         use crate::device_manager::{DevicesState, VirtioSlotState};
         use crate::devices::legacy::i8042::I8042State;
         use crate::devices::legacy::serial::SerialState;
+        use crate::devices::virtio::balloon::{BalloonState, HintingState};
         use crate::devices::virtio::block::BlockState;
         use crate::devices::virtio::mmio::MmioTransportState;
         use crate::devices::virtio::net::NetState;
@@ -284,10 +285,32 @@ mod tests {
             vsock: vec![VirtioSlotState {
                 id: "vsock".into(),
                 slot: 3,
-                transport,
+                transport: transport.clone(),
                 device: VsockState {
                     guest_cid: 3,
                     uds_path: "v.sock".into(),
+                    virtio: virtio.clone(),
+                },
+            }],
+            balloon: vec![VirtioSlotState {
+                id: "balloon".into(),
+                slot: 4,
+                transport,
+                device: BalloonState {
+                    target_pages: 512,
+                    actual_pages: 256,
+                    deflate_on_oom: true,
+                    stats_polling_interval_s: 1,
+                    free_page_hinting: true,
+                    free_page_reporting: true,
+                    stats_desc_index: Some(3),
+                    stats: vec![(0, 1), (15, u64::MAX)],
+                    hinting: HintingState {
+                        host_cmd: 2,
+                        last_cmd_id: 2,
+                        guest_cmd: Some(2),
+                        acknowledge_on_stop: true,
+                    },
                     virtio,
                 },
             }],

@@ -238,6 +238,13 @@ impl MicrovmState {
             guest_cid: u32::try_from(v.device.guest_cid).unwrap_or(u32::MAX),
             uds_path: v.device.uds_path.clone(),
         });
+        config.balloon = (self.devices.balloon.first()).map(|b| crate::config::BalloonConfig {
+            amount_mib: b.device.target_pages / crate::devices::virtio::balloon::PAGES_PER_MIB,
+            deflate_on_oom: b.device.deflate_on_oom,
+            stats_polling_interval_s: b.device.stats_polling_interval_s,
+            free_page_hinting: b.device.free_page_hinting,
+            free_page_reporting: b.device.free_page_reporting,
+        });
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
                 tap: (network_overrides.iter())

@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -162,6 +162,112 @@ pub fn anonymous(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, Me
         })
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
+}
+
+/// How guest RAM the guest gave up (a balloon's inflated pages, free pages it reported) goes
+/// back to the host, which depends on what backs the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discard {
+    /// `madvise(MADV_DONTNEED)`: anonymous memory (a boot, or a restore whose pages a
+    /// page-fault handler fills, which hears of it as `UFFD_EVENT_REMOVE`) is freed and reads
+    /// back as zeros.
+    #[default]
+    DontNeed,
+    /// A fresh anonymous mapping over the range (`MAP_FIXED`), as Firecracker does: memory
+    /// mapped privately from a snapshot's memory file, where `MADV_DONTNEED` would only drop
+    /// the private copy and the page would read back with the snapshot's content
+    /// (`MADV_REMOVE` does not apply to private mappings).
+    MapAnonymous,
+}
+
+/// Why a range of guest memory cannot be discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    /// The range is not page-aligned or does not lie within one region of guest RAM.
+    #[error("{len:#x} bytes at {addr:#x} are not whole pages of guest RAM")]
+    Range {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The host refused.
+    #[error("the host refused to discard {len:#x} bytes at {addr:#x}")]
+    Host {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// What madvise or mmap reported.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Gives the host back the memory behind `len` bytes of guest RAM at `addr` (whole pages of
+/// one region), the way `how` says: the guest then reads zeros there and the process's
+/// resident memory shrinks. The pages count as written (the region's bitmap, when dirty pages
+/// are tracked), so a diff snapshot carries their new, zero, contents.
+pub fn discard_range(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+    how: Discard,
+) -> Result<(), DiscardError> {
+    let bad = || DiscardError::Range {
+        addr: addr.raw_value(),
+        len,
+    };
+    let page = PAGE_SIZE as u64;
+    if len == 0 || !addr.raw_value().is_multiple_of(page) || !len.is_multiple_of(page) {
+        return Err(bad());
+    }
+    let region = mem.find_region(addr).ok_or_else(bad)?;
+    let offset = addr.raw_value() - region.start_addr().raw_value();
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(bad());
+    }
+    let host = mem.get_host_address(addr).map_err(|_| bad())?;
+    let bytes = usize::try_from(len).map_err(|_| bad())?;
+    let failed = match how {
+        Discard::DontNeed => {
+            // SAFETY: [host, host + bytes) is whole pages inside one region's live mapping,
+            // owned by `mem` (checked above). The guest gave these pages up: dropping their
+            // contents is what it asked for, and any later access, by the guest or a device,
+            // faults in a zero page. No Rust reference into guest memory is held across this.
+            let rc = unsafe { libc::madvise(host.cast(), bytes, libc::MADV_DONTNEED) };
+            rc != 0
+        }
+        Discard::MapAnonymous => {
+            // SAFETY: as above; MAP_FIXED replaces exactly those pages of the region's mapping,
+            // in one step under the kernel's mmap lock (a vCPU touching them meanwhile sees
+            // the old page or the new one, never a hole), with private anonymous memory of the
+            // same protection. The region still unmaps its whole range when dropped, whatever
+            // is mapped there then; KVM follows the new pages through its MMU notifier.
+            let got = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            got != host.cast()
+        }
+    };
+    if failed {
+        return Err(DiscardError::Host {
+            addr: addr.raw_value(),
+            len,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if let (Some(bitmap), Ok(offset)) = (region.get_mmap().bitmap(), usize::try_from(offset)) {
+        bitmap.mark_dirty(offset, bytes);
+    }
+    Ok(())
 }
 
 /// One region of guest memory in a snapshot's memory file.
@@ -391,6 +497,85 @@ mod tests {
             create_guest_memory(u64::MAX, 46, false),
             Err(MemoryError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn discarded_pages_read_zero_from_anonymous_memory_and_from_a_file() {
+        use std::io::Write;
+        use vm_memory::Bytes;
+        let mut file = scratch_file("discard");
+        file.write_all(&[0xab; 4 * PAGE_SIZE]).unwrap();
+        let regions = [MemoryRegionState {
+            base: 0,
+            size: 4 * PAGE_SIZE as u64,
+            offset: 0,
+        }];
+        let anon = anonymous(&[(GuestAddress(0), 4 * PAGE_SIZE)]).unwrap();
+        anon.write_slice(&[0xcd; 4 * PAGE_SIZE], GuestAddress(0))
+            .unwrap();
+        let from_file = memory_from_file(&file, &regions, false).unwrap();
+        for (mem, how, was) in [
+            (&anon, Discard::DontNeed, 0xcd),
+            (&from_file, Discard::MapAnonymous, 0xab),
+        ] {
+            discard_range(mem, GuestAddress(PAGE_SIZE as u64), PAGE_SIZE as u64, how).unwrap();
+            let mut page = [0u8; PAGE_SIZE];
+            mem.read_slice(&mut page, GuestAddress(PAGE_SIZE as u64))
+                .unwrap();
+            assert!(page.iter().all(|&b| b == 0), "{how:?}");
+            mem.read_slice(&mut page, GuestAddress(0)).unwrap();
+            assert!(page.iter().all(|&b| b == was), "{how:?}: the page before");
+        }
+        // What MapAnonymous is for: DONTNEED on a private file mapping brings the file back.
+        discard_range(
+            &from_file,
+            GuestAddress(0),
+            PAGE_SIZE as u64,
+            Discard::DontNeed,
+        )
+        .unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        from_file.read_slice(&mut page, GuestAddress(0)).unwrap();
+        assert_eq!(page[0], 0xab);
+        for (addr, len) in [
+            (1, PAGE_SIZE as u64),
+            (0, 1),
+            (0, 5 * PAGE_SIZE as u64),
+            (1 << 30, 4096),
+        ] {
+            assert!(matches!(
+                discard_range(&anon, GuestAddress(addr), len, Discard::DontNeed),
+                Err(DiscardError::Range { .. })
+            ));
+        }
+    }
+
+    /// A discarded page changed (to zeros) without a guest write KVM would log: it is marked in
+    /// the region's bitmap, so a diff snapshot holds it.
+    #[test]
+    fn discarded_pages_count_as_written() {
+        let mem = create_guest_memory(1, 46, true).unwrap();
+        let page = PAGE_SIZE as u64;
+        discard_range(&mem, GuestAddress(3 * page), 2 * page, Discard::DontNeed).unwrap();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let mmap = region.get_mmap();
+        let bitmap = mmap.bitmap().as_ref().unwrap();
+        let dirty: Vec<usize> = (0..8).filter(|&p| bitmap.dirty_at(p * PAGE_SIZE)).collect();
+        assert_eq!(dirty, [3, 4]);
+    }
+
+    /// A scratch file in the temporary directory, unlinked once open.
+    fn scratch_file(name: &str) -> File {
+        let path = std::env::temp_dir().join(format!("skiff-{name}-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
     }
 
     #[test]

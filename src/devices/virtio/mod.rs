@@ -1,6 +1,7 @@
 //! Virtio devices over the MMIO transport (virtio 1.2, section 4.2): the device trait every
 //! device implements, its interrupt, and the constants shared by the transport and devices.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -560,6 +561,9 @@ pub(crate) enum Handled {
     /// Not now (its rate limiter is throttled): the chain goes back to the available ring,
     /// to be taken again when the limiter's timer fires.
     Deferred,
+    /// Kept by the device, which puts it on the used ring itself later (the balloon's
+    /// statistics buffer, handed back every polling interval).
+    Held,
 }
 
 /// Drains `queue` the way every device should (virtio 1.2, 2.7.10): notifications off while
@@ -605,9 +609,13 @@ pub(crate) fn drain_queue(
             Err(broken) => break Err(broken),
         };
         let head = chain.head_index();
-        let Handled::Used(len) = handle(chain) else {
-            queue.go_to_previous_position();
-            break Ok(());
+        let len = match handle(chain) {
+            Handled::Used(len) => len,
+            Handled::Held => continue,
+            Handled::Deferred => {
+                queue.go_to_previous_position();
+                break Ok(());
+            }
         };
         if queue.add_used(mem, head, len).is_err() {
             crate::guest_log!(Level::Debug, "virtio: cannot add a used element");
