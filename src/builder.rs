@@ -10,12 +10,13 @@ use std::sync::{Arc, PoisonError};
 use kvm_ioctls::{VcpuFd, VmFd};
 use log::{debug, info};
 
-use crate::arch::x86_64::{boot, cpuid, mptable};
+use crate::arch::x86_64::{boot, cpuid, layout, mptable};
 use crate::config::{ConsoleInput, SeccompConfig, TokenBucketConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
 use crate::devices::legacy::serial::{ConsoleOutput, Unbuffered};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::pmem::{Pmem, PmemBacking};
 use crate::devices::virtio::rng::Rng;
 use crate::metrics::UartMetrics;
 use crate::seccomp::Filters;
@@ -24,7 +25,7 @@ use crate::vmm::{Vm, VmParts, VmmError};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::{
     create_guest_memory, map_file_over, memory_anonymous, memory_from_file, memory_layout,
-    register_guest_memory, GuestMemoryMmap,
+    register_guest_memory, GuestMemoryMmap, PMEM_FIRST_SLOT,
 };
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
 use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
@@ -199,17 +200,61 @@ fn legacy_devices(
     Ok((devices, metrics))
 }
 
-/// Step (boot): the configuration's disks (the root one first, so it is /dev/vda) and network
-/// interfaces; returns the kernel parameters that describe them.
+/// Step (boot): opens and maps every pmem device's backing file, before guest memory is made
+/// (a file that cannot be used is the cheaper error, and the regions' sizes decide where the
+/// device memory that follows them goes).
+fn open_pmem_files(config: &VmConfig) -> Result<Vec<PmemBacking>, VmmError> {
+    let backings = (config.pmem.iter())
+        .map(|p| PmemBacking::open(&p.path_on_host, p.read_only))
+        .collect::<Result<_, _>>()
+        .map_err(DeviceError::Pmem)?;
+    Ok(backings)
+}
+
+/// The device-memory window of a guest with `mem` as RAM: where it starts, and where each
+/// of `pmem`'s regions goes in it, one after the other (each size is a multiple of the 2 MiB
+/// alignment). Returns the starts and the first address after them.
+fn place_pmem(
+    mem: &GuestMemoryMmap,
+    pmem: &[PmemBacking],
+    phys_bits: u8,
+) -> Result<(Vec<u64>, u64), VmmError> {
+    let ram_end = vm_memory::GuestMemoryBackend::last_addr(mem)
+        .0
+        .saturating_add(1);
+    let mut next = layout::device_memory_start(ram_end);
+    let mut starts = Vec::with_capacity(pmem.len());
+    for backing in pmem {
+        starts.push(next);
+        next = next.saturating_add(backing.region_size());
+    }
+    if phys_bits < 64 && next > 1u64 << phys_bits {
+        return Err(VmmError::DeviceMemoryTooHigh {
+            end: next,
+            phys_bits,
+        });
+    }
+    Ok((starts, next))
+}
+
+/// Step (boot): the configuration's disks (the root one first, so it is /dev/vda), network
+/// interfaces, entropy device and pmem devices (`pmem` their opened files, given the guest
+/// addresses `pmem_starts`); returns the kernel parameters that describe them.
 fn attach_config_devices(
     devices: &mut DeviceManager,
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
+    pmem: Vec<PmemBacking>,
+    pmem_starts: &[u64],
 ) -> Result<Vec<String>, VmmError> {
     let mut params = Vec::new();
     let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
     disks.sort_by_key(|d| !d.root);
+    let root_pmem = config.pmem.iter().position(|p| p.root_device);
+    if disks.first().is_some_and(|d| d.root) && root_pmem.is_some() {
+        return Err(VmmError::TwoRootDevices);
+    }
     if let Some(root) = disks.first().filter(|d| d.root) {
         params.push(match &root.partuuid {
             Some(uuid) => format!("root=PARTUUID={uuid}"),
@@ -234,6 +279,33 @@ fn attach_config_devices(
     if let Some(entropy) = &config.entropy {
         let rng = Rng::new(entropy.rate_limiter.as_ref()).map_err(DeviceError::Rng)?;
         params.push(devices.add_rng(vm_fd, mem, rng)?);
+    }
+    if let Some(i) = root_pmem {
+        // Linux numbers pmem devices in the order it finds them, which is this one.
+        params.push(format!("root=/dev/pmem{i}"));
+        params.push(if config.pmem[i].read_only { "ro" } else { "rw" }.to_owned());
+    }
+    let slots = PMEM_FIRST_SLOT..;
+    for ((((i, p), backing), &start), slot) in (config.pmem.iter().enumerate())
+        .zip(pmem)
+        .zip(pmem_starts)
+        .zip(slots)
+    {
+        let id = if p.id.is_empty() {
+            format!("pmem{i}")
+        } else {
+            p.id.clone()
+        };
+        let device = Pmem::new(
+            vm_fd,
+            backing,
+            start,
+            slot,
+            p.root_device,
+            p.rate_limiter.as_ref(),
+        )
+        .map_err(DeviceError::Pmem)?;
+        params.push(devices.add_pmem(vm_fd, mem, &id, device)?);
     }
     Ok(params)
 }
@@ -275,8 +347,10 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     if kvm.is_pvm() {
         boot::add_pvm_workarounds(&mut cmdline)?;
     }
+    let pmem = open_pmem_files(config)?;
     let track = config.track_dirty_pages;
     let mem = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
+    let (pmem_starts, _) = place_pmem(&mem, &pmem, kvm.phys_bits())?;
     let vm_fd = create_vm(&kvm, &mem, track)?;
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
     let console = ConsoleConfig {
@@ -290,7 +364,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .set_boot_timer(config.boot_timer);
-    let params = attach_config_devices(&mut devices, &vm_fd, &mem, config)?;
+    let params = attach_config_devices(&mut devices, &vm_fd, &mem, config, pmem, &pmem_starts)?;
 
     boot::append_kernel_params(&mut cmdline, &params)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;

@@ -41,6 +41,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The entropy device (virtio-rng), if any.
     pub entropy: Option<EntropyConfig>,
+    /// Persistent memory devices (virtio-pmem), in the order the guest numbers them
+    /// (/dev/pmem0 first).
+    pub pmem: Vec<PmemConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -57,6 +60,66 @@ pub struct EntropyConfig {
     /// Limits on the bytes and requests the guest gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A virtio-pmem device, as Firecracker's `PUT /pmem/{id}` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemConfig {
+    /// The device's id (empty: `pmem<N>`, N its place among the pmem devices).
+    pub id: String,
+    /// The backing file on the host.
+    pub path_on_host: PathBuf,
+    /// The guest's root device: `root=/dev/pmem<N>` (and `rw` or `ro`) on the command line.
+    #[serde(default)]
+    pub root_device: bool,
+    /// Map the file read-only: the guest's writes do not reach it.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Limits on the guest's flushes (each one op and the file's size in bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl std::str::FromStr for PmemConfig {
+    type Err = String;
+
+    /// Parses `path=FILE[,id=NAME][,readonly=on][,root=on]`; without an id the device is
+    /// `pmem<N>`, N its place among the pmem devices.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut pmem = Self {
+            id: String::new(),
+            path_on_host: PathBuf::new(),
+            root_device: false,
+            read_only: false,
+            rate_limiter: None,
+        };
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, "on"));
+            match key {
+                "path" => pmem.path_on_host = PathBuf::from(value),
+                "id" => pmem.id = value.to_owned(),
+                "readonly" | "root" => {
+                    let on = switch(if key == "root" { "root" } else { "readonly" }, value)
+                        .map_err(|e| e.to_string())?;
+                    if key == "root" {
+                        pmem.root_device = on;
+                    } else {
+                        pmem.read_only = on;
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key '{other}' (expected path, id, readonly, root)"
+                    ))
+                }
+            }
+        }
+        if pmem.path_on_host.as_os_str().is_empty() {
+            return Err("missing path=FILE".to_owned());
+        }
+        Ok(pmem)
+    }
 }
 
 /// A virtio network device on a TAP.
@@ -363,6 +426,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             entropy: None,
+            pmem: Vec::new(),
             console_rate_limit: None,
             track_dirty_pages: false,
             boot_timer: false,

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::model::{
     ActionType, BadRequest, FullVmConfig, Logger, MachineConfig, Metrics, PartialDrive,
-    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateName,
+    PartialNetworkInterface, PartialPmem, SnapshotCreateParams, SnapshotLoadParams, VmStateName,
 };
 use crate::api::{ApiRequest, ApiResponse};
 use crate::builder::{RestoreConfig, WarmVm};
@@ -205,6 +205,7 @@ impl Controller {
                 | ApiRequest::PutDrive(_)
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutEntropy(_)
+                | ApiRequest::PutPmem(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -243,6 +244,8 @@ impl Controller {
             ApiRequest::Action(action) => self.action(action),
             ApiRequest::PutSerial(s) => done(s.apply(&mut self.config)),
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
+            ApiRequest::PutPmem(p) => done(p.apply(&mut self.config)),
+            ApiRequest::PatchPmem(p) => self.patch_pmem(&p),
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {
@@ -377,6 +380,24 @@ impl Controller {
                 return ApiResponse::fault(400, crate::error_chain(&e));
             }
             disk.rate_limiter = RateLimiterConfig::patch(disk.rate_limiter, update);
+        }
+        ApiResponse::no_content()
+    }
+
+    /// `PATCH /pmem/{id}` after boot: a new rate limiter, applied to the running device and
+    /// kept in the configuration `GET /vm/config` shows.
+    fn patch_pmem(&mut self, p: &PartialPmem) -> ApiResponse {
+        let Some(vm) = &self.vm else {
+            return ApiResponse::fault(400, BEFORE_START);
+        };
+        let Some(pmem) = self.config.pmem.iter_mut().find(|x| x.id == p.id) else {
+            return ApiResponse::fault(400, format!("pmem {} does not exist", p.id));
+        };
+        if let Some(update) = &p.rate_limiter {
+            if let Err(e) = vm.update_pmem_rate_limiter(&p.id, update) {
+                return ApiResponse::fault(400, crate::error_chain(&e));
+            }
+            pmem.rate_limiter = RateLimiterConfig::patch(pmem.rate_limiter, update);
         }
         ApiResponse::no_content()
     }

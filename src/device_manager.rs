@@ -24,6 +24,7 @@ use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
+use crate::devices::virtio::pmem::{Pmem, PmemError, PmemState};
 use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
@@ -79,6 +80,9 @@ pub enum DeviceError {
     /// The entropy device cannot be set up or restored.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// A pmem device cannot be set up or restored.
+    #[error(transparent)]
+    Pmem(#[from] PmemError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -113,6 +117,8 @@ pub struct DevicesState {
     pub nets: Vec<VirtioSlotState<NetState>>,
     /// The entropy device.
     pub entropy: Vec<VirtioSlotState<RngState>>,
+    /// Persistent memory devices.
+    pub pmem: Vec<VirtioSlotState<PmemState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -136,6 +142,8 @@ pub struct DeviceRegistry {
     pub nets: BTreeMap<String, VirtioSlot<Net>>,
     /// The entropy device, under [`ENTROPY_ID`].
     pub entropy: BTreeMap<String, VirtioSlot<Rng>>,
+    /// Persistent memory devices by id.
+    pub pmem: BTreeMap<String, VirtioSlot<Pmem>>,
 }
 
 /// The registry's id of the entropy device (there is at most one, as in Firecracker).
@@ -143,7 +151,10 @@ pub const ENTROPY_ID: &str = "entropy";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
-        self.blocks.contains_key(id) || self.nets.contains_key(id) || self.entropy.contains_key(id)
+        self.blocks.contains_key(id)
+            || self.nets.contains_key(id)
+            || self.entropy.contains_key(id)
+            || self.pmem.contains_key(id)
     }
 }
 
@@ -289,6 +300,17 @@ impl DeviceManager {
         self.attach(vm, mem, ENTROPY_ID, rng, None, |r| &mut r.entropy)
     }
 
+    /// Adds pmem device `id` in the next MMIO slot; returns its kernel parameter.
+    pub fn add_pmem(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        pmem: Pmem,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, id, pmem, None, |r| &mut r.pmem)
+    }
+
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
     fn attach<D>(
@@ -346,6 +368,9 @@ impl DeviceManager {
             entropy: (r.entropy.iter())
                 .map(|(id, s)| slot_state(id, s, Rng::save))
                 .collect(),
+            pmem: (r.pmem.iter())
+                .map(|(id, s)| slot_state(id, s, Pmem::save))
+                .collect(),
         }
     }
 
@@ -362,6 +387,7 @@ impl DeviceManager {
         let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
             .chain(state.nets.iter().map(|n| n.slot))
             .chain(state.entropy.iter().map(|e| e.slot))
+            .chain(state.pmem.iter().map(|p| p.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -380,6 +406,10 @@ impl DeviceManager {
                 let rng = Rng::from_state(&e.device)?;
                 let saved = (&e.transport, e.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &e.id, rng, Some(saved), |r| &mut r.entropy)?;
+            } else if let Some(p) = state.pmem.iter().find(|p| p.slot == slot) {
+                let pmem = Pmem::from_state(vm, &p.id, &p.device)?;
+                let saved = (&p.transport, p.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &p.id, pmem, Some(saved), |r| &mut r.pmem)?;
             }
         }
         Ok(())

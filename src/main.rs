@@ -240,6 +240,11 @@ struct RunArgs {
     /// limit of bw=BYTES and/or ops=N a second.
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "")]
     entropy: Option<skiff::config::EntropyConfig>,
+    /// A persistent memory device (virtio-pmem) on a host file mapped into the guest:
+    /// path=FILE[,id=NAME][,readonly=on][,root=on]. Repeatable (/dev/pmem0 first); root=on
+    /// adds root=/dev/pmemN to the kernel command line.
+    #[arg(long, value_name = "SPEC")]
+    pmem: Vec<skiff::config::PmemConfig>,
 }
 
 /// Puts a terminal on stdin into raw mode, and back into canonical mode when dropped (also on
@@ -391,6 +396,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,
+        pmem: args.pmem,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

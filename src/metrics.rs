@@ -85,6 +85,22 @@ counters!(
 );
 
 counters!(
+    /// One pmem device, under Firecracker's names where it has them.
+    PmemMetrics {
+        /// Queue drains.
+        queue_event_count,
+        /// fdatasyncs of the file (one per drain that holds flushes).
+        flush_count,
+        /// fdatasyncs that failed on the host; the guest got -1.
+        host_flush_errors,
+        /// Requests too broken to answer, and unknown request types.
+        invalid_requests,
+        /// Flushes put back on the queue by the rate limiter, to run when it allows.
+        rate_limiter_throttled_events,
+    }
+);
+
+counters!(
     /// One block device.
     BlockMetrics {
         /// Read requests.

@@ -41,7 +41,9 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics};
+use crate::metrics::{
+    BlockMetrics, EntropyMetrics, NetMetrics, PmemMetrics, UartMetrics, VcpuMetrics,
+};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
@@ -116,6 +118,17 @@ pub enum VmmError {
     /// The VM's interrupt controllers, timer or clock cannot be saved or restored.
     #[error("cannot save or restore the VM's interrupt controllers and clock")]
     VmState(#[from] VmStateError),
+    /// Device memory (pmem, hot-plug) does not fit in the guest's physical address space.
+    #[error("device memory (pmem, memory hot-plug) would end at {end:#x}, beyond the host's {phys_bits}-bit guest physical addresses")]
+    DeviceMemoryTooHigh {
+        /// The first address past it.
+        end: u64,
+        /// The host's guest physical address width.
+        phys_bits: u8,
+    },
+    /// Both a drive and a pmem device are the root device.
+    #[error("only one device can be the root device: a drive and a pmem device both are")]
+    TwoRootDevices,
     /// A diff snapshot of a VM that does not track dirty pages.
     #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
     DiffNeedsTracking,
@@ -211,6 +224,7 @@ struct MetricsSources {
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
+    pmem: Vec<(String, Arc<PmemMetrics>)>,
     uart: Arc<UartMetrics>,
 }
 
@@ -294,6 +308,14 @@ impl Vm {
                 .unwrap_or_else(PoisonError::into_inner)
                 .metrics()
         });
+        for (id, slot) in &registry.pmem {
+            let m = slot
+                .device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics();
+            metrics.pmem.push((id.clone(), m));
+        }
         for (id, slot) in &registry.nets {
             let m = slot
                 .device
@@ -497,6 +519,9 @@ impl Vm {
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
+            "pmem": (self.metrics.pmem.iter())
+                .map(|(id, m)| (id.clone(), m.to_json()))
+                .collect::<serde_json::Map<_, _>>(),
             "uart": self.metrics.uart.to_json(),
         })
     }
@@ -527,6 +552,20 @@ impl Vm {
             .ok_or_else(|| VmmError::NoDevice("network interface", id.to_owned()))?;
         let mut net = net.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(net.update_rate_limiters(rx, tx)?)
+    }
+
+    /// Changes the rate limiter of pmem device `id` while the VM runs, as `PATCH /pmem`
+    /// does: the buckets given replace the current ones.
+    pub fn update_pmem_rate_limiter(
+        &self,
+        id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), VmmError> {
+        let pmem = (self.devices.registry().pmem.get(id))
+            .ok_or_else(|| VmmError::NoDevice("pmem", id.to_owned()))?;
+        let mut pmem = pmem.device.lock().unwrap_or_else(PoisonError::into_inner);
+        pmem.update_rate_limiter(update)
+            .map_err(|e| VmmError::Devices(DeviceError::Pmem(e)))
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

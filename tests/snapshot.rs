@@ -1285,3 +1285,58 @@ fn a_restored_entropy_device_goes_on_answering() {
     );
     end_with_ctrl_alt_del(&mut vm);
 }
+
+/// A pmem device across a restore: the region is mapped again from the file at the same guest
+/// address, so the restored guest reads the file as the host has it at restore time (here
+/// rewritten after the snapshot), not as it was when the snapshot was taken; the guest's
+/// `snapshot` check prints the file's first line whenever it changes. `GET /vm/config` shows
+/// the device, and a file that no longer fills the saved region is refused in one line.
+#[test]
+fn a_restored_pmem_device_maps_the_file_again() {
+    let dir = work_dir("pmem");
+    let snap = Snap::in_dir(&dir, "pmem");
+    let file = dir.join("pmem.img");
+    let mut bytes = vec![0u8; 2 << 20];
+    bytes[..12].copy_from_slice(b"PMEM-BEFORE\n");
+    fs::write(&file, &bytes).unwrap();
+    let mut vm = Running::start("snap-pmem", &[]);
+    let pmem = (
+        "/pmem/pm0".to_owned(),
+        format!(
+            r#"{{"id": "pm0", "path_on_host": {}, "read_only": true}}"#,
+            json_path(&file)
+        ),
+    );
+    boot(&vm, "", &[pmem], false);
+    vm.wait_for("snap-pmem: PMEM-BEFORE", LIMIT);
+    assert!(vm.console().contains("pmem yes"), "{}", vm.console());
+    let before = pause(&vm);
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+
+    // The file is the host's: what it holds at restore time is what the guest reads.
+    bytes[..11].copy_from_slice(b"PMEM-AFTER\n");
+    fs::write(&file, &bytes).unwrap();
+    let mut vm = restore("snap-pmem-restored", &snap, false, true);
+    let tick = next_tick_after(&vm, before, "after the load");
+    vm.wait_for("snap-pmem: PMEM-AFTER", LIMIT);
+    vm.wait_for(&format!("snap-tick {}", tick + 2), LIMIT);
+    let (_, config) = vm.call("GET", "/vm/config", None);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["pmem"][0]["id"], "pm0", "{config}");
+    assert_eq!(config["pmem"][0]["read_only"], true, "{config}");
+    end_with_ctrl_alt_del(&mut vm);
+
+    // A file grown past the saved region no longer fits where the guest expects it.
+    fs::write(&file, vec![0u8; 3 << 20]).unwrap();
+    let vm = Running::start("snap-pmem-grown", &[]);
+    let message = expect_refused(
+        &vm,
+        "PUT",
+        "/snapshot/load",
+        &snap.load_body(false, true),
+        "a grown pmem file",
+        &["pmem"],
+    );
+    assert!(message.contains("snapshot's had 2097152"), "{message}");
+}

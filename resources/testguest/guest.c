@@ -3,8 +3,8 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,snapshot mem=<MiB> cpus=<N>, and the
- * parameters each check describes
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,pmem,snapshot mem=<MiB> cpus=<N>, and
+ * the parameters each check describes
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -551,6 +551,103 @@ static void check_rng(void)
 		printf("rng: %lu requests of 4096 bytes in %lu us\n", n, now_us() - t0);
 	}
 	report("rng", 1, 0);
+}
+
+/* ---- device memory above 4 GiB (virtio-pmem, virtio-mem) ---- */
+#define HIGH_MAP_GIB 64
+extern uint64_t pdpt[512];
+static uint64_t high_pd[HIGH_MAP_GIB - 4][512] __attribute__((aligned(4096)));
+
+/* Extends the boot identity map (0-4 GiB) to HIGH_MAP_GIB GiB with 2 MiB write-back pages,
+ * where the VMM puts device memory. Touching an address nothing backs exits to the VMM. */
+static void map_device_memory(void)
+{
+	static int done;
+	if (done++)
+		return;
+	for (uint64_t g = 4; g < HIGH_MAP_GIB; g++) {
+		for (uint64_t i = 0; i < 512; i++)
+			high_pd[g - 4][i] = ((g << 30) + (i << 21)) | 0x83;
+		pdpt[g] = (uint64_t)high_pd[g - 4] | 3;
+	}
+	uint64_t cr3;
+	__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) :: "memory");
+}
+
+/* ---- virtio-pmem (virtio 1.2, 5.19) ---- */
+#define VIRTIO_ID_PMEM 27
+#define PMEM_HOST_TEXT "SKIFF-PMEM-HOST\n"
+#define PMEM_GUEST_TEXT "SKIFF-PMEM-GUEST"
+#define PMEM_PATTERN_OFFSET 0x100000UL
+#define PMEM_PATTERN_BYTES 4096
+static struct vdev pmemdev;
+static volatile uint32_t pmem_req, pmem_resp;
+
+/* The region the device's configuration space gives (virtio_pmem_config: start, size). */
+static void pmem_region(struct vdev *d, uint64_t *start, uint64_t *size)
+{
+	*start = vr(d, 0x100) | (uint64_t)vr(d, 0x104) << 32;
+	*size = vr(d, 0x108) | (uint64_t)vr(d, 0x10c) << 32;
+}
+
+/* One request of type `type` on the device's queue; returns the status, or 1 when the device
+ * did not answer with a 4-byte status. */
+static int32_t pmem_request(uint32_t type)
+{
+	uint32_t len = 0;
+	pmem_req = type;
+	pmem_resp = 0x5a5a5a5a;
+	pmemdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)&pmem_req, 4, VRING_DESC_F_NEXT, 1 };
+	pmemdev.q[0].desc[1] = (struct virtq_desc){ (uint64_t)&pmem_resp, 4, VRING_DESC_F_WRITE, 0 };
+	if (!virtq_submit(&pmemdev, &len) || len != 4)
+		return 1;
+	return (int32_t)pmem_resp;
+}
+
+/* The byte the guest writes at offset i of its pattern (the host test computes the same). */
+static uint8_t pmem_pattern(uint64_t i) { return (uint8_t)(i * 13 + 5); }
+
+/* Reads the first pmem device's region from its configuration space (above 4 GiB, 2 MiB
+ * aligned), checks that the file starts with the host's text, writes PMEM_GUEST_TEXT and a
+ * pattern at offset 1 MiB and reads it back, then FLUSHes (status 0; an unknown request type
+ * gets -1). With pmem_ro=1 the device maps the file read-only: the writes must leave it as
+ * it was. */
+static void check_pmem(void)
+{
+	const char *why;
+	uint64_t start, size;
+	int ro = (int)param_uint("pmem_ro", 0);
+	if (!find_virtio(VIRTIO_ID_PMEM, &pmemdev)) { report("pmem", 0, "no virtio-pmem device on the command line"); return; }
+	if ((why = virtio_init(&pmemdev, 0, 1))) { report("pmem", 0, why); return; }
+	pmem_region(&pmemdev, &start, &size);
+	printf("pmem: region %lx size %lx\n", start, size);
+	if (start < 0x100000000UL || (start | size) & 0x1fffff || !size) { report("pmem", 0, "the region is not 2 MiB-aligned above 4 GiB"); return; }
+	if (start + size > (uint64_t)HIGH_MAP_GIB << 30) { report("pmem", 0, "the region is beyond what this guest maps"); return; }
+	map_device_memory();
+	volatile uint8_t *mem = (volatile uint8_t *)start;
+	const char *host = PMEM_HOST_TEXT;
+	for (size_t i = 0; host[i]; i++)
+		if (mem[i] != (uint8_t)host[i]) { report("pmem", 0, "the region does not start with the host's text"); return; }
+	if (size <= PMEM_PATTERN_OFFSET + PMEM_PATTERN_BYTES) { report("pmem", 0, "the region is too small for the pattern"); return; }
+	volatile uint8_t *at = mem + PMEM_PATTERN_OFFSET;
+	uint8_t before[PMEM_PATTERN_BYTES];
+	for (size_t i = 0; i < PMEM_PATTERN_BYTES; i++)
+		before[i] = at[i];
+	const char *text = PMEM_GUEST_TEXT;
+	for (size_t i = 0; i < PMEM_PATTERN_BYTES; i++)
+		at[i] = i < strlen(text) ? (uint8_t)text[i] : pmem_pattern(i);
+	size_t differ = 0;
+	for (size_t i = 0; i < PMEM_PATTERN_BYTES; i++) {
+		uint8_t want = ro ? before[i] : i < strlen(text) ? (uint8_t)text[i] : pmem_pattern(i);
+		differ += at[i] != want;
+	}
+	printf("pmem: pattern written at +%lx, %lu bytes differ from the expected %s\n", PMEM_PATTERN_OFFSET, (uint64_t)differ, ro ? "(unchanged) file" : "pattern");
+	if (differ) { report("pmem", 0, ro ? "a read-only region changed" : "the pattern did not read back"); return; }
+	int32_t status = pmem_request(0);
+	printf("pmem: flush status %d\n", status);
+	if (status != 0) { report("pmem", 0, "the flush did not succeed"); return; }
+	if (pmem_request(7) != -1) { report("pmem", 0, "an unknown request did not get -1"); return; }
+	report("pmem", 1, 0);
 }
 
 /* ---- virtio-blk (virtio 1.2, 5.2) ---- */
@@ -1460,12 +1557,22 @@ static void check_snapshot(void)
 	/* An entropy device, polled: each tick asks it for 16 bytes. */
 	int have_rng = find_virtio(4, &rngdev) && !virtio_init(&rngdev, 0, 1), rng_bad = 0;
 	uint64_t rng_bytes = 0;
+	/* A pmem device: each tick reads the first line of its file, printed when it changes. */
+	uint64_t pmem_start = 0, pmem_size = 0;
+	char pmem_line[33] = "", pmem_seen[33] = "";
+	if (find_virtio(VIRTIO_ID_PMEM, &pmemdev)) {
+		pmem_region(&pmemdev, &pmem_start, &pmem_size);
+		if (pmem_start + pmem_size <= (uint64_t)HIGH_MAP_GIB << 30)
+			map_device_memory();
+		else
+			pmem_start = 0;
+	}
 
 	lapic_write(0xf0, 0x1ff);
 	lapic_write(0x3e0, 0xb);			/* divide by 1 */
 	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
 	lapic_write(0x380, 1000000);
-	printf("snapshot: ticking (disk %s, network %s, entropy %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no");
+	printf("snapshot: ticking (disk %s, network %s, entropy %s, pmem %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", pmem_start ? "yes" : "no");
 	uint64_t now = now_us(), next = now, last = now, last_tick = now;
 	int key = -1, clock_back = 0, clock_jump = 0, marker_bad = 0, io_bad = 0, tx_bad = 0;
 	char payload[32];
@@ -1539,6 +1646,19 @@ static void check_snapshot(void)
 				if (!rng_bad++)
 					printf("FAIL snapshot: the entropy device did not answer at tick %lu\n", tick);
 				problem = problem ? problem : "the entropy device stopped answering";
+			}
+		}
+		if (pmem_start) {
+			size_t n = 0;
+			for (volatile char *c = (volatile char *)pmem_start; n < 32 && c[n] && c[n] != '\n'; n++)
+				pmem_line[n] = c[n];
+			pmem_line[n] = 0;
+			int same = 1;
+			for (size_t i = 0; i <= n; i++)
+				same &= pmem_line[i] == pmem_seen[i];
+			if (!same || !tick) {
+				printf("snap-pmem: %s at tick %lu\n", pmem_line, tick);
+				memcpy(pmem_seen, pmem_line, n + 1);
 			}
 		}
 		snap_ticks = tick + 1;
@@ -1628,7 +1748,7 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("pmem")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
@@ -1636,6 +1756,7 @@ static void run_checks(const char *protocol)
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
 		if (wants("rng")) check_rng();
+		if (wants("pmem")) check_pmem();
 		if (wants("ticks")) check_ticks();
 		if (wants("snapshot")) check_snapshot();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();

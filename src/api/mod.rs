@@ -54,6 +54,10 @@ pub enum ApiRequest {
     PutEntropy(crate::config::EntropyConfig),
     /// `PUT /serial`
     PutSerial(model::SerialConfig),
+    /// `PUT /pmem/{id}`
+    PutPmem(crate::config::PmemConfig),
+    /// `PATCH /pmem/{id}`
+    PatchPmem(model::PartialPmem),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -75,6 +79,7 @@ impl ApiRequest {
                 | Self::LoadSnapshot(_)
                 | Self::PutEntropy(_)
                 | Self::PutSerial(_)
+                | Self::PutPmem(_)
         )
     }
 }
@@ -120,7 +125,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "custom CPU templates"),
-    ("/pmem", "pmem devices"),
     ("/hotplug/memory", "memory hot-plug"),
 ];
 
@@ -224,6 +228,16 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
         ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
         ("PUT", "serial", None) => ApiRequest::PutSerial(body(bytes)?),
+        ("PUT", "pmem", Some(id)) => {
+            let p: crate::config::PmemConfig = body(bytes)?;
+            same_id(id, &p.id, "pmem")?;
+            ApiRequest::PutPmem(p)
+        }
+        ("PATCH", "pmem", Some(id)) => {
+            let p: model::PartialPmem = body(bytes)?;
+            same_id(id, &p.id, "pmem")?;
+            ApiRequest::PatchPmem(p)
+        }
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),

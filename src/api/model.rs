@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    parse_mac, DiskConfig, NetConfig, RateLimiterConfig, VmConfig, DEFAULT_CMDLINE,
+    parse_mac, DiskConfig, NetConfig, PmemConfig, RateLimiterConfig, VmConfig, DEFAULT_CMDLINE,
 };
 
 /// Largest vCPU count the API accepts, as Firecracker.
@@ -220,6 +220,62 @@ impl crate::config::EntropyConfig {
     }
 }
 
+/// `PATCH /pmem/{id}`: a new rate limiter for a running pmem device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialPmem {
+    /// The device's id.
+    pub id: String,
+    /// Changes to the rate limiter: the buckets given replace the current ones.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Checks a rate limiter a client gave: refused when a bucket is unusable.
+fn check_rate_limiter(limiter: Option<&RateLimiterConfig>) -> Result<(), BadRequest> {
+    if let Some(limiter) = limiter {
+        crate::rate_limiter::RateLimiter::new(limiter)
+            .map_err(|e| BadRequest(crate::error_chain(&e)))?;
+    }
+    Ok(())
+}
+
+impl PmemConfig {
+    /// Adds or replaces the pmem device in `config`, as `PUT /pmem/{id}` does: at most one
+    /// root device among the drives and pmem devices.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        check_id("pmem", &self.id)?;
+        if self.path_on_host.as_os_str().is_empty() {
+            return bad(format!("pmem {}: path_on_host is empty", self.id));
+        }
+        if self.root_device {
+            if let Some(drive) = config.disks.iter().find(|d| d.root) {
+                return bad(format!(
+                    "pmem {} cannot be the root device: drive {} already is",
+                    self.id,
+                    drive.id.as_deref().unwrap_or("?")
+                ));
+            }
+            if let Some(other) = (config.pmem.iter()).find(|p| p.root_device && p.id != self.id) {
+                return bad(format!(
+                    "pmem {} cannot be the root device: pmem {} already is",
+                    self.id, other.id
+                ));
+            }
+        }
+        check_rate_limiter(self.rate_limiter.as_ref())?;
+        let pmem = Self {
+            rate_limiter: self.rate_limiter.and_then(RateLimiterConfig::normalized),
+            ..self.clone()
+        };
+        match config.pmem.iter_mut().find(|p| p.id == self.id) {
+            Some(existing) => *existing = pmem,
+            None => config.pmem.push(pmem),
+        }
+        Ok(())
+    }
+}
+
 /// `PUT /serial`: where the serial console's output goes, and how fast.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -396,6 +452,9 @@ pub struct FullVmConfig {
     /// The serial console's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    /// Persistent memory devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<PmemConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
@@ -407,7 +466,6 @@ const NOT_YET: &[&str] = &[
     "balloon",
     "mmds-config",
     "cpu-config",
-    "pmem",
     "memory-hotplug",
 ];
 
@@ -535,6 +593,12 @@ impl Drive {
             ));
         }
         if self.is_root_device {
+            if let Some(pmem) = config.pmem.iter().find(|p| p.root_device) {
+                return bad(format!(
+                    "drive {} cannot be the root device: pmem {} already is",
+                    self.drive_id, pmem.id
+                ));
+            }
             if let Some(other) = config
                 .disks
                 .iter()
@@ -671,6 +735,9 @@ impl FullVmConfig {
         if let Some(s) = &self.serial {
             s.apply(&mut config)?;
         }
+        for p in &self.pmem {
+            p.apply(&mut config)?;
+        }
         Ok(config)
     }
 
@@ -693,6 +760,7 @@ impl FullVmConfig {
             metrics,
             entropy: config.entropy,
             serial: SerialConfig::of(config),
+            pmem: config.pmem.clone(),
             unsupported: std::collections::BTreeMap::new(),
         }
     }

@@ -184,6 +184,7 @@ mod tests {
         use crate::devices::virtio::block::BlockState;
         use crate::devices::virtio::mmio::MmioTransportState;
         use crate::devices::virtio::net::NetState;
+        use crate::devices::virtio::pmem::PmemState;
         use crate::devices::virtio::rng::RngState;
         use crate::devices::virtio::{QueueSnapshot, VirtioState};
 
@@ -273,8 +274,23 @@ mod tests {
             entropy: vec![VirtioSlotState {
                 id: "entropy".into(),
                 slot: 2,
-                transport,
+                transport: transport.clone(),
                 device: RngState {
+                    rate_limiter: limiter,
+                    virtio: virtio.clone(),
+                },
+            }],
+            pmem: vec![VirtioSlotState {
+                id: "pmem0".into(),
+                slot: 3,
+                transport,
+                device: PmemState {
+                    path: "pmem.img".into(),
+                    read_only: true,
+                    root_device: true,
+                    start: 1 << 32,
+                    size: 2 << 20,
+                    slot: 8,
                     rate_limiter: limiter,
                     virtio,
                 },

@@ -207,8 +207,9 @@ impl MicrovmState {
         memory::check_regions(&self.memory)
     }
 
-    /// Describes the restored VM in `config`: vCPUs, memory, disks and network interfaces
-    /// (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
+    /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and
+    /// pmem devices (what `GET /vm/config` shows afterwards); `network_overrides` as given to
+    /// the restore.
     pub fn describe_in(
         &self,
         config: &mut crate::VmConfig,
@@ -230,6 +231,15 @@ impl MicrovmState {
         config.entropy = (self.devices.entropy.first()).map(|e| crate::config::EntropyConfig {
             rate_limiter: e.device.rate_limiter,
         });
+        config.pmem = (self.devices.pmem.iter())
+            .map(|p| crate::config::PmemConfig {
+                id: p.id.clone(),
+                path_on_host: p.device.path.clone(),
+                root_device: p.device.root_device,
+                read_only: p.device.read_only,
+                rate_limiter: p.device.rate_limiter,
+            })
+            .collect();
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
                 tap: (network_overrides.iter())

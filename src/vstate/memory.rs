@@ -1,11 +1,15 @@
 //! Guest RAM: the regions around the 32-bit MMIO hole, mapped with vm-memory (anonymous, or
 //! privately from a snapshot's memory file) and registered with KVM as memory slots; and the
-//! pages written since the last snapshot, from KVM's dirty log and vm-memory's bitmap.
+//! pages written since the last snapshot, from KVM's dirty log and vm-memory's bitmap. Also
+//! the device memory outside RAM: host files mapped shared for virtio-pmem.
+//!
+//! KVM memory slots: RAM takes slots 0 and 1 (one per region), virtio-pmem devices slots from
+//! [`PMEM_FIRST_SLOT`], one each.
 
 use std::fs::File;
 use std::num::NonZeroUsize;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -21,6 +25,9 @@ pub type GuestRegionMmap = vm_memory::GuestRegionMmap<Option<AtomicBitmap>>;
 
 /// The page size dirty pages are counted in.
 pub const PAGE_SIZE: usize = 4096;
+
+/// The KVM memory slot of the first virtio-pmem device; the next ones follow.
+pub const PMEM_FIRST_SLOT: u32 = 8;
 
 /// Errors while creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,131 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+/// A host file mapped shared into Skiff for the guest (virtio-pmem): the file's bytes, then
+/// anonymous private memory up to the region's size (as Firecracker pads a file that is not a
+/// multiple of the region granule; what the guest writes there is not kept). Unmapped when
+/// dropped; a KVM slot over it must go first, or with the VM.
+#[derive(Debug)]
+pub struct FileMapping {
+    addr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; moving it to another thread moves
+// nothing but the address, and every access to the bytes goes through KVM or the guest.
+unsafe impl Send for FileMapping {}
+
+impl FileMapping {
+    /// Maps `file_len` bytes of `file` shared at the start of a `len`-byte region, readable,
+    /// and writable unless `read_only` (the file must be open for writing then). `len` must
+    /// be at least `file_len`.
+    pub fn new(
+        file: &File,
+        file_len: u64,
+        len: u64,
+        read_only: bool,
+    ) -> Result<Self, std::io::Error> {
+        use std::os::fd::AsRawFd;
+        let (Ok(file_len), Ok(len)) = (usize::try_from(file_len), usize::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EOVERFLOW));
+        };
+        if file_len == 0 || len < file_len {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let prot = if read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: a new anonymous mapping at an address of the kernel's choosing; the result
+        // is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        let Some(addr) = std::ptr::NonNull::new(base).filter(|_| base != libc::MAP_FAILED) else {
+            return Err(std::io::Error::last_os_error());
+        };
+        let mapping = Self { addr, len };
+        // SAFETY: [base, base + file_len) lies inside the anonymous mapping just made, which
+        // `mapping` owns and nothing else uses yet; MAP_FIXED replaces that part with the file.
+        let got = unsafe {
+            libc::mmap(
+                base,
+                file_len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if got != base {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(mapping)
+    }
+
+    /// Where the mapping starts in Skiff's address space.
+    pub fn host_addr(&self) -> u64 {
+        self.addr.as_ptr() as u64
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Whether it is empty (it never is).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mapped in `new`, owned by this value and used by nothing
+        // once it is dropped.
+        unsafe {
+            libc::munmap(self.addr.as_ptr(), self.len);
+        }
+    }
+}
+
+/// Gives the guest `mapping` at guest physical address `gpa` as KVM memory slot `slot`;
+/// `read_only` slots take guest reads only, and guest writes to them exit to Skiff as MMIO
+/// writes (KVM API, KVM_MEM_READONLY), where nothing answers them.
+pub fn register_file_mapping(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    mapping: &FileMapping,
+    read_only: bool,
+) -> Result<(), MemoryError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: if read_only { KVM_MEM_READONLY } else { 0 },
+        guest_phys_addr: gpa,
+        memory_size: mapping.len(),
+        userspace_addr: mapping.host_addr(),
+    };
+    // SAFETY: the host range is `mapping`'s live mapping, which its owner (the pmem device)
+    // keeps for as long as the VM exists; the caller places it outside every other slot.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+        MemoryError::SetUserMemoryRegion {
+            slot,
+            mib: mapping.len() >> 20,
+            gpa,
+            source,
+        }
+    })
 }
 
 /// The guest physical ranges that hold `size` bytes of RAM: below the MMIO hole, then above

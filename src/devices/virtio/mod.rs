@@ -4,6 +4,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pmem;
 pub mod rng;
 
 use std::io;
