@@ -44,6 +44,8 @@ pub struct VmConfig {
     /// Persistent memory devices (virtio-pmem), in the order the guest numbers them
     /// (/dev/pmem0 first).
     pub pmem: Vec<PmemConfig>,
+    /// Hot-pluggable memory (virtio-mem), if any.
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -119,6 +121,66 @@ impl std::str::FromStr for PmemConfig {
             return Err("missing path=FILE".to_owned());
         }
         Ok(pmem)
+    }
+}
+
+/// Hot-pluggable memory (a virtio-mem device), as Firecracker's `PUT /hotplug/memory`
+/// describes it: a region of `total_size_mib` after RAM, of which the guest plugs blocks of
+/// `block_size_mib` as the host asks (`PATCH /hotplug/memory`), given to KVM in slots of
+/// `slot_size_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugConfig {
+    /// The region's size in MiB: the most the guest can ever plug.
+    pub total_size_mib: u64,
+    /// The KVM slot size in MiB: the host's granule of memory given to and taken from the guest.
+    #[serde(default = "MemoryHotplugConfig::default_slot_size_mib")]
+    pub slot_size_mib: u64,
+    /// The block size in MiB: the guest's granule of plugging.
+    #[serde(default = "MemoryHotplugConfig::default_block_size_mib")]
+    pub block_size_mib: u64,
+}
+
+impl MemoryHotplugConfig {
+    /// Firecracker's default and smallest slot size.
+    pub const MIN_SLOT_SIZE_MIB: u64 = 128;
+    /// Firecracker's default and smallest block size.
+    pub const MIN_BLOCK_SIZE_MIB: u64 = 2;
+
+    fn default_slot_size_mib() -> u64 {
+        Self::MIN_SLOT_SIZE_MIB
+    }
+
+    fn default_block_size_mib() -> u64 {
+        Self::MIN_BLOCK_SIZE_MIB
+    }
+
+    /// Firecracker's rules: a block of at least 2 MiB and a power of two; a slot of at least
+    /// 128 MiB and a multiple of the block; a total of at least a slot and a multiple of it.
+    pub fn validate(&self) -> Result<(), String> {
+        let (total, slot, block) = (self.total_size_mib, self.slot_size_mib, self.block_size_mib);
+        if block < Self::MIN_BLOCK_SIZE_MIB || !block.is_power_of_two() {
+            return Err(format!(
+                "block_size_mib {block} must be a power of two of at least {} MiB",
+                Self::MIN_BLOCK_SIZE_MIB
+            ));
+        }
+        if slot < Self::MIN_SLOT_SIZE_MIB || !slot.is_multiple_of(block) {
+            return Err(format!(
+                "slot_size_mib {slot} must be at least {} MiB and a multiple of block_size_mib {block}",
+                Self::MIN_SLOT_SIZE_MIB
+            ));
+        }
+        if total < slot || !total.is_multiple_of(slot) {
+            return Err(format!(
+                "total_size_mib {total} must be at least slot_size_mib {slot} and a multiple of it"
+            ));
+        }
+        // Beyond this it overflows byte counts long before any host could back it.
+        if total > 1 << 30 {
+            return Err(format!("total_size_mib {total} is too large"));
+        }
+        Ok(())
     }
 }
 
@@ -427,6 +489,7 @@ impl VmConfig {
             nets: Vec::new(),
             entropy: None,
             pmem: Vec::new(),
+            memory_hotplug: None,
             console_rate_limit: None,
             track_dirty_pages: false,
             boot_timer: false,

@@ -206,6 +206,7 @@ impl Controller {
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutEntropy(_)
                 | ApiRequest::PutPmem(_)
+                | ApiRequest::PutMemoryHotplug(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -246,6 +247,25 @@ impl Controller {
             ApiRequest::PutEntropy(e) => done(e.checked().map(|e| self.config.entropy = Some(e))),
             ApiRequest::PutPmem(p) => done(p.apply(&mut self.config)),
             ApiRequest::PatchPmem(p) => self.patch_pmem(&p),
+            ApiRequest::PutMemoryHotplug(h) => done(
+                h.validate()
+                    .map_err(BadRequest)
+                    .map(|()| self.config.memory_hotplug = Some(h)),
+            ),
+            ApiRequest::PatchMemoryHotplug(u) => match &self.vm {
+                None => ApiResponse::fault(400, BEFORE_START),
+                Some(vm) => match vm.update_memory_hotplug(u.requested_size_mib) {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+                },
+            },
+            ApiRequest::GetMemoryHotplug => match &self.vm {
+                None => ApiResponse::fault(400, BEFORE_START),
+                Some(vm) => match vm.memory_hotplug_status() {
+                    Ok(status) => ApiResponse::ok(serde_json::to_value(status).unwrap_or_default()),
+                    Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+                },
+            },
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {

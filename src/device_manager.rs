@@ -22,6 +22,7 @@ use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialState};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
+use crate::devices::virtio::mem::{VirtioMem, VirtioMemError, VirtioMemState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
 use crate::devices::virtio::pmem::{Pmem, PmemError, PmemState};
@@ -83,6 +84,9 @@ pub enum DeviceError {
     /// A pmem device cannot be set up or restored.
     #[error(transparent)]
     Pmem(#[from] PmemError),
+    /// The memory hot-plug device cannot be set up or restored.
+    #[error(transparent)]
+    VirtioMem(#[from] VirtioMemError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -119,6 +123,8 @@ pub struct DevicesState {
     pub entropy: Vec<VirtioSlotState<RngState>>,
     /// Persistent memory devices.
     pub pmem: Vec<VirtioSlotState<PmemState>>,
+    /// The memory hot-plug device (virtio-mem).
+    pub memory_hotplug: Vec<VirtioSlotState<VirtioMemState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -144,10 +150,14 @@ pub struct DeviceRegistry {
     pub entropy: BTreeMap<String, VirtioSlot<Rng>>,
     /// Persistent memory devices by id.
     pub pmem: BTreeMap<String, VirtioSlot<Pmem>>,
+    /// The memory hot-plug device, under [`MEMORY_HOTPLUG_ID`].
+    pub memory_hotplug: BTreeMap<String, VirtioSlot<VirtioMem>>,
 }
 
 /// The registry's id of the entropy device (there is at most one, as in Firecracker).
 pub const ENTROPY_ID: &str = "entropy";
+/// The registry's id of the memory hot-plug device (at most one, as in Firecracker).
+pub const MEMORY_HOTPLUG_ID: &str = "memory-hotplug";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
@@ -155,6 +165,7 @@ impl DeviceRegistry {
             || self.nets.contains_key(id)
             || self.entropy.contains_key(id)
             || self.pmem.contains_key(id)
+            || self.memory_hotplug.contains_key(id)
     }
 }
 
@@ -311,6 +322,18 @@ impl DeviceManager {
         self.attach(vm, mem, id, pmem, None, |r| &mut r.pmem)
     }
 
+    /// Adds the memory hot-plug device in the next MMIO slot; returns its kernel parameter.
+    pub fn add_memory_hotplug(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: VirtioMem,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, MEMORY_HOTPLUG_ID, device, None, |r| {
+            &mut r.memory_hotplug
+        })
+    }
+
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
     fn attach<D>(
@@ -371,23 +394,29 @@ impl DeviceManager {
             pmem: (r.pmem.iter())
                 .map(|(id, s)| slot_state(id, s, Pmem::save))
                 .collect(),
+            memory_hotplug: (r.memory_hotplug.iter())
+                .map(|(id, s)| slot_state(id, s, VirtioMem::save))
+                .collect(),
         }
     }
 
     /// Puts back the virtio devices `state` saved, each in its slot, with its transport and,
     /// where the driver had it running, its queues. A network interface's TAP is the one
-    /// `tap_override` gives for its id, or the saved one.
+    /// `tap_override` gives for its id, or the saved one; `log_dirty` as guest memory was
+    /// registered (for the hot-plug slots).
     pub fn restore_virtio(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         state: &DevicesState,
         tap_override: impl Fn(&str) -> Option<String>,
+        log_dirty: bool,
     ) -> Result<(), DeviceError> {
         let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
             .chain(state.nets.iter().map(|n| n.slot))
             .chain(state.entropy.iter().map(|e| e.slot))
             .chain(state.pmem.iter().map(|p| p.slot))
+            .chain(state.memory_hotplug.iter().map(|m| m.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -410,6 +439,12 @@ impl DeviceManager {
                 let pmem = Pmem::from_state(vm, &p.id, &p.device)?;
                 let saved = (&p.transport, p.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &p.id, pmem, Some(saved), |r| &mut r.pmem)?;
+            } else if let Some(m) = state.memory_hotplug.iter().find(|m| m.slot == slot) {
+                let device = VirtioMem::from_state(vm, mem, &m.device, log_dirty)?;
+                let saved = (&m.transport, m.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &m.id, device, Some(saved), |r| {
+                    &mut r.memory_hotplug
+                })?;
             }
         }
         Ok(())

@@ -397,6 +397,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         nets: args.net,
         entropy: args.entropy,
         pmem: args.pmem,
+        memory_hotplug: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

@@ -101,6 +101,36 @@ counters!(
 );
 
 counters!(
+    /// The memory hot-plug device (virtio-mem), under Firecracker's names.
+    MemoryHotplugMetrics {
+        /// Queue drains.
+        queue_event_count,
+        /// PLUG requests.
+        plug_count,
+        /// Bytes plugged.
+        plug_bytes,
+        /// PLUG requests refused (NACK or ERROR).
+        plug_fails,
+        /// UNPLUG requests.
+        unplug_count,
+        /// Bytes unplugged.
+        unplug_bytes,
+        /// UNPLUG requests refused.
+        unplug_fails,
+        /// Unplugged ranges whose pages could not be given back to the host.
+        unplug_discard_fails,
+        /// UNPLUG_ALL requests.
+        unplug_all_count,
+        /// STATE requests.
+        state_count,
+        /// STATE requests refused.
+        state_fails,
+        /// Requests too broken to answer, and unknown request types.
+        invalid_requests,
+    }
+);
+
+counters!(
     /// One block device.
     BlockMetrics {
         /// Read requests.

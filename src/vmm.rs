@@ -40,9 +40,11 @@ use crate::device_manager::{DeviceError, DeviceManager, Subscriber};
 use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::mem::MemoryHotplugStatus;
 use crate::devices::virtio::net::NetError;
 use crate::metrics::{
-    BlockMetrics, EntropyMetrics, NetMetrics, PmemMetrics, UartMetrics, VcpuMetrics,
+    BlockMetrics, EntropyMetrics, MemoryHotplugMetrics, NetMetrics, PmemMetrics, UartMetrics,
+    VcpuMetrics,
 };
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
@@ -126,6 +128,9 @@ pub enum VmmError {
         /// The host's guest physical address width.
         phys_bits: u8,
     },
+    /// The memory hot-plug configuration cannot be used.
+    #[error("memory hot-plug: {0}")]
+    MemoryHotplug(String),
     /// Both a drive and a pmem device are the root device.
     #[error("only one device can be the root device: a drive and a pmem device both are")]
     TwoRootDevices,
@@ -225,6 +230,7 @@ struct MetricsSources {
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
     pmem: Vec<(String, Arc<PmemMetrics>)>,
+    memory_hotplug: Option<Arc<MemoryHotplugMetrics>>,
     uart: Arc<UartMetrics>,
 }
 
@@ -308,6 +314,12 @@ impl Vm {
                 .unwrap_or_else(PoisonError::into_inner)
                 .metrics()
         });
+        metrics.memory_hotplug = (registry.memory_hotplug.values().next()).map(|slot| {
+            slot.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics()
+        });
         for (id, slot) in &registry.pmem {
             let m = slot
                 .device
@@ -371,7 +383,10 @@ impl Vm {
             devices: self.devices.save(),
         };
         let dirty = if self.track_dirty_pages {
-            Some(take_dirty_pages(&self.vm_fd, &self.mem)?)
+            let hotplug = (self.devices.registry().memory_hotplug.values().next())
+                .map(|slot| slot.device.lock().unwrap_or_else(PoisonError::into_inner));
+            let slots = hotplug.as_ref().map(|device| device.hotplug_slots());
+            Some(take_dirty_pages(&self.vm_fd, &self.mem, slots)?)
         } else {
             None
         };
@@ -522,6 +537,7 @@ impl Vm {
             "pmem": (self.metrics.pmem.iter())
                 .map(|(id, m)| (id.clone(), m.to_json()))
                 .collect::<serde_json::Map<_, _>>(),
+            "memory_hotplug": self.metrics.memory_hotplug.as_ref().map(|m| m.to_json()),
             "uart": self.metrics.uart.to_json(),
         })
     }
@@ -566,6 +582,25 @@ impl Vm {
         let mut pmem = pmem.device.lock().unwrap_or_else(PoisonError::into_inner);
         pmem.update_rate_limiter(update)
             .map_err(|e| VmmError::Devices(DeviceError::Pmem(e)))
+    }
+
+    /// The memory hot-plug device's sizes, as `GET /hotplug/memory` shows them.
+    pub fn memory_hotplug_status(&self) -> Result<MemoryHotplugStatus, VmmError> {
+        let slot = (self.devices.registry().memory_hotplug.values().next())
+            .ok_or_else(|| VmmError::NoDevice("memory hot-plug", "device".to_owned()))?;
+        let device = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(device.status())
+    }
+
+    /// Asks the guest to have `mib` MiB of hot-plug memory plugged, as `PATCH /hotplug/memory`
+    /// does; the guest's driver follows in its own time (see [`Vm::memory_hotplug_status`]).
+    pub fn update_memory_hotplug(&self, mib: u64) -> Result<(), VmmError> {
+        let slot = (self.devices.registry().memory_hotplug.values().next())
+            .ok_or_else(|| VmmError::NoDevice("memory hot-plug", "device".to_owned()))?;
+        let mut device = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+        device
+            .update_requested_size(mib)
+            .map_err(|e| VmmError::Devices(DeviceError::VirtioMem(e)))
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

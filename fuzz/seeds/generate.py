@@ -3,8 +3,10 @@
 requests, register sequences, kernels and documents that the fuzzer then mutates, so that it
 starts past the parsers' first checks. Each layout follows the comment at the top of the
 target's source. Run it again after changing a target's input layout. The snapshot_state seeds are real state
-files (a test guest with a disk, and with a disk and a NIC) written by tests/snapshot.rs; copy
-new ones from target/tmp/snapshot/ after the state format changes."""
+files (a test guest with a disk; with a disk and a NIC; with an entropy device, a pmem device,
+hot-plugged memory) written by tests/snapshot.rs; copy new ones from target/tmp/snapshot/
+(full/full.snap, net/net.snap, entropy/, pmem/, memory-hotplug/full.snap) after the state
+format changes."""
 
 import json
 import os

@@ -58,6 +58,12 @@ pub enum ApiRequest {
     PutPmem(crate::config::PmemConfig),
     /// `PATCH /pmem/{id}`
     PatchPmem(model::PartialPmem),
+    /// `PUT /hotplug/memory`
+    PutMemoryHotplug(crate::config::MemoryHotplugConfig),
+    /// `PATCH /hotplug/memory`
+    PatchMemoryHotplug(model::MemoryHotplugSizeUpdate),
+    /// `GET /hotplug/memory`
+    GetMemoryHotplug,
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -80,6 +86,7 @@ impl ApiRequest {
                 | Self::PutEntropy(_)
                 | Self::PutSerial(_)
                 | Self::PutPmem(_)
+                | Self::PutMemoryHotplug(_)
         )
     }
 }
@@ -125,7 +132,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS"),
     ("/cpu-config", "custom CPU templates"),
-    ("/hotplug/memory", "memory hot-plug"),
 ];
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
@@ -233,6 +239,9 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
             same_id(id, &p.id, "pmem")?;
             ApiRequest::PutPmem(p)
         }
+        ("PUT", "hotplug", Some("memory")) => ApiRequest::PutMemoryHotplug(body(bytes)?),
+        ("PATCH", "hotplug", Some("memory")) => ApiRequest::PatchMemoryHotplug(body(bytes)?),
+        ("GET", "hotplug", Some("memory")) => ApiRequest::GetMemoryHotplug,
         ("PATCH", "pmem", Some(id)) => {
             let p: model::PartialPmem = body(bytes)?;
             same_id(id, &p.id, "pmem")?;

@@ -231,6 +231,14 @@ pub struct PartialPmem {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// `PATCH /hotplug/memory`: the size the guest should have plugged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugSizeUpdate {
+    /// MiB: a multiple of the block size, at most the region's size.
+    pub requested_size_mib: u64,
+}
+
 /// Checks a rate limiter a client gave: refused when a bucket is unusable.
 fn check_rate_limiter(limiter: Option<&RateLimiterConfig>) -> Result<(), BadRequest> {
     if let Some(limiter) = limiter {
@@ -455,19 +463,20 @@ pub struct FullVmConfig {
     /// Persistent memory devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pmem: Vec<PmemConfig>,
+    /// Hot-pluggable memory.
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<crate::config::MemoryHotplugConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
-const NOT_YET: &[&str] = &[
-    "vsock",
-    "balloon",
-    "mmds-config",
-    "cpu-config",
-    "memory-hotplug",
-];
+const NOT_YET: &[&str] = &["vsock", "balloon", "mmds-config", "cpu-config"];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
@@ -738,6 +747,10 @@ impl FullVmConfig {
         for p in &self.pmem {
             p.apply(&mut config)?;
         }
+        if let Some(h) = &self.memory_hotplug {
+            h.validate().map_err(BadRequest)?;
+            config.memory_hotplug = Some(*h);
+        }
         Ok(config)
     }
 
@@ -761,6 +774,7 @@ impl FullVmConfig {
             entropy: config.entropy,
             serial: SerialConfig::of(config),
             pmem: config.pmem.clone(),
+            memory_hotplug: config.memory_hotplug,
             unsupported: std::collections::BTreeMap::new(),
         }
     }
@@ -886,6 +900,51 @@ mod tests {
         ] {
             assert!(parse::<Drive>(body).is_err(), "{body}");
         }
+    }
+
+    /// The config file's pmem and memory-hotplug sections: taken with Firecracker's rules
+    /// (one root device among drives and pmem devices; hot-plug sizes checked), shown back.
+    #[test]
+    fn pmem_and_memory_hotplug_sections() {
+        let doc = r#"{
+            "boot-source": {"kernel_image_path": "/k"},
+            "pmem": [{"id": "pm0", "path_on_host": "/p0", "root_device": true},
+                     {"id": "pm1", "path_on_host": "/p1", "read_only": true}],
+            "memory-hotplug": {"total_size_mib": 1024}
+        }"#;
+        let full: FullVmConfig = parse(doc).unwrap();
+        let config = full.to_vm_config().unwrap();
+        assert_eq!(config.pmem.len(), 2);
+        assert!(config.pmem[0].root_device && config.pmem[1].read_only);
+        let hotplug = config.memory_hotplug.unwrap();
+        assert_eq!(
+            (hotplug.slot_size_mib, hotplug.block_size_mib),
+            (128, 2),
+            "Firecracker's defaults"
+        );
+        let back = FullVmConfig::of(&config, None, None);
+        assert_eq!(back.to_vm_config().unwrap(), config);
+        let two_roots = doc.replace(r#""read_only": true"#, r#""root_device": true"#);
+        let full: FullVmConfig = parse(&two_roots).unwrap();
+        assert!(full
+            .to_vm_config()
+            .unwrap_err()
+            .0
+            .contains("pmem pm0 already is"));
+        let bad_size = doc.replace("1024}", r#"1024, "block_size_mib": 3}"#);
+        let full: FullVmConfig = parse(&bad_size).unwrap();
+        assert!(full.to_vm_config().unwrap_err().0.contains("power of two"));
+        let mut c = VmConfig::new("k");
+        let root_pmem: PmemConfig =
+            parse(r#"{"id": "pm0", "path_on_host": "/p", "root_device": true}"#).unwrap();
+        root_pmem.apply(&mut c).unwrap();
+        let root_drive: Drive =
+            parse(r#"{"drive_id":"rootfs","path_on_host":"/img","is_root_device":true}"#).unwrap();
+        assert!(root_drive
+            .apply(&mut c)
+            .unwrap_err()
+            .0
+            .contains("pmem pm0 already is"));
     }
 
     #[test]

@@ -182,6 +182,7 @@ mod tests {
         use crate::devices::legacy::i8042::I8042State;
         use crate::devices::legacy::serial::SerialState;
         use crate::devices::virtio::block::BlockState;
+        use crate::devices::virtio::mem::VirtioMemState;
         use crate::devices::virtio::mmio::MmioTransportState;
         use crate::devices::virtio::net::NetState;
         use crate::devices::virtio::pmem::PmemState;
@@ -283,7 +284,7 @@ mod tests {
             pmem: vec![VirtioSlotState {
                 id: "pmem0".into(),
                 slot: 3,
-                transport,
+                transport: transport.clone(),
                 device: PmemState {
                     path: "pmem.img".into(),
                     read_only: true,
@@ -292,6 +293,21 @@ mod tests {
                     size: 2 << 20,
                     slot: 8,
                     rate_limiter: limiter,
+                    virtio: virtio.clone(),
+                },
+            }],
+            memory_hotplug: vec![VirtioSlotState {
+                id: "memory-hotplug".into(),
+                slot: 4,
+                transport,
+                device: VirtioMemState {
+                    addr: 5 << 30,
+                    region_size: 1 << 30,
+                    block_size: 2 << 20,
+                    slot_size: 128 << 20,
+                    usable_region_size: 256 << 20,
+                    requested_size: 200 << 20,
+                    plugged: vec![u64::MAX, 1, 0, 0, 0, 0, 0, 0],
                     virtio,
                 },
             }],

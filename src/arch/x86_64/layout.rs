@@ -90,8 +90,9 @@ pub const PMEM_ALIGNMENT: u64 = 2 << 20;
 /// First guest physical address of the device-memory window for a guest whose RAM ends at
 /// `ram_end`: the first [`DEVICE_MEMORY_ALIGNMENT`] boundary at or above both 4 GiB and
 /// `ram_end`. virtio-pmem regions start here; the virtio-mem region follows them at the next
-/// [`DEVICE_MEMORY_ALIGNMENT`] boundary, so that it covers whole Linux memory blocks (128 MiB
-/// sections, up to 1 GiB blocks in a guest under 64 GiB).
+/// [`DEVICE_MEMORY_ALIGNMENT`] boundary, so that it starts on a Linux memory block (128 MiB
+/// on x86-64 guests below 64 GiB of RAM, larger on bigger ones: Linux's virtio_mem adds and
+/// removes whole blocks only), and on a KVM slot (128 MiB or more).
 pub fn device_memory_start(ram_end: u64) -> u64 {
     ram_end
         .max(MMIO_HOLE_END)

@@ -2,6 +2,7 @@
 //! device implements, its interrupt, and the constants shared by the transport and devices.
 
 pub mod block;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod pmem;
@@ -375,6 +376,9 @@ pub enum ActivateError {
     /// The activation event could not be signalled.
     #[error("cannot signal activation")]
     Signal(#[source] io::Error),
+    /// The driver did not accept a feature the device cannot work without.
+    #[error("the driver did not accept {0}")]
+    FeatureRequired(&'static str),
 }
 
 /// A virtio device as the MMIO transport sees it. The transport runs on vCPU threads; queue
