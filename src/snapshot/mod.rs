@@ -208,14 +208,18 @@ impl MicrovmState {
             return Err(SnapshotError::Invalid("it has two memory hot-plug devices"));
         }
         if let Some(device) = self.devices.memory_hotplug.first() {
+            use crate::arch::x86_64::layout::{DEVICE_MEMORY_ALIGNMENT, MMIO_HOLE_END};
             let fits = self.memory.last().is_some_and(|r| {
                 r.base == device.device.addr
                     && r.size == device.device.region_size
-                    && r.offset % crate::vstate::memory::PAGE_SIZE as u64 == 0
+                    && r.base >= MMIO_HOLE_END
+                    && r.base.is_multiple_of(DEVICE_MEMORY_ALIGNMENT)
+                    && r.offset
+                        .is_multiple_of(crate::vstate::memory::PAGE_SIZE as u64)
             });
             if !fits {
                 return Err(SnapshotError::Invalid(
-                    "the hot-plug region is not the last memory region",
+                    "the hot-plug region is not the last memory region, where Skiff places it",
                 ));
             }
         }

@@ -13,7 +13,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{QUEUE_SIZE, VIRTIO_ID_PMEM};
-use crate::arch::x86_64::layout::PMEM_ALIGNMENT;
+use crate::arch::x86_64::layout::{MMIO_HOLE_END, PMEM_ALIGNMENT};
 use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
     drain_queue, split_chain, ActivateError, ChainBufs, ConfigSpace, Handled, RestoreError,
@@ -22,7 +22,10 @@ use crate::devices::virtio::{
 use crate::guest_log;
 use crate::metrics::{inc, PmemMetrics};
 use crate::rate_limiter::{RateLimiter, RateLimiterError};
-use crate::vstate::memory::{register_file_mapping, FileMapping, GuestMemoryMmap, MemoryError};
+use crate::vstate::memory::{
+    register_file_mapping, FileMapping, GuestMemoryMmap, MemoryError, HOTPLUG_FIRST_SLOT,
+    PMEM_FIRST_SLOT,
+};
 
 /// The one request type (virtio 1.2, 5.19.6).
 const VIRTIO_PMEM_REQ_TYPE_FLUSH: u32 = 0;
@@ -63,6 +66,9 @@ pub enum PmemError {
     /// The saved virtio state cannot be put back.
     #[error("pmem {0}: cannot restore its saved state")]
     Restore(String, #[source] RestoreError),
+    /// The saved region is not one Skiff places.
+    #[error("pmem {0}: the saved region or memory slot is not one Skiff places")]
+    Placement(String),
 }
 
 /// A pmem device as a snapshot holds it. The file is opened and mapped again by path at the
@@ -228,6 +234,12 @@ impl Pmem {
     /// A device as `state` saved it: the file mapped again at the same place, which it must
     /// still fill to the same size. Its queue comes back when the transport is restored.
     pub fn from_state(vm: &VmFd, id: &str, state: &PmemState) -> Result<Self, PmemError> {
+        let placed = state.start >= MMIO_HOLE_END
+            && state.start.is_multiple_of(PMEM_ALIGNMENT)
+            && (PMEM_FIRST_SLOT..HOTPLUG_FIRST_SLOT).contains(&state.slot);
+        if !placed {
+            return Err(PmemError::Placement(id.to_owned()));
+        }
         let backing = PmemBacking::open(&state.path, state.read_only)?;
         if backing.region_size() != state.size {
             return Err(PmemError::SizeChanged {
