@@ -11,13 +11,15 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use log::{debug, info};
 
 use crate::arch::x86_64::cpu_template::CpuTemplate;
-use crate::arch::x86_64::{boot, cpuid, mptable};
+use crate::arch::x86_64::{boot, cpuid, layout, mptable};
 use crate::config::{ConsoleInput, SeccompConfig, TokenBucketConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
 use crate::devices::legacy::serial::{ConsoleOutput, Unbuffered};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mem::VirtioMem;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::pmem::{Pmem, PmemBacking};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::metrics::UartMetrics;
@@ -26,8 +28,9 @@ use crate::snapshot::{self, MemBackend, MicrovmState, UffdBackend};
 use crate::vmm::{Vm, VmParts, VmmError};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::{
-    create_guest_memory, map_file_over, memory_anonymous, memory_from_file, memory_layout,
-    register_guest_memory, Discard, GuestMemoryMmap,
+    add_hotplug_region, anonymous_region, create_guest_memory, file_region, map_file_over,
+    memory_anonymous, memory_from_file, memory_layout, register_guest_memory, with_region, Discard,
+    GuestMemoryMmap, HOTPLUG_FIRST_SLOT, PMEM_FIRST_SLOT,
 };
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
 use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
@@ -133,8 +136,9 @@ impl WarmVm {
         let layout = memory_layout(&self.mem);
         self.kvm_device == kvm_device
             && self.vcpu_fds.len() == state.vcpus.len()
-            && layout.len() == state.memory.len()
-            && (layout.iter().zip(&state.memory)).all(|(a, b)| a.base == b.base && a.size == b.size)
+            && layout.len() == state.ram_regions().len()
+            && (layout.iter().zip(state.ram_regions()))
+                .all(|(a, b)| a.base == b.base && a.size == b.size)
     }
 }
 
@@ -205,17 +209,96 @@ fn legacy_devices(
     Ok((devices, metrics))
 }
 
-/// Step (boot): the configuration's disks (the root one first, so it is /dev/vda) and network
-/// interfaces; returns the kernel parameters that describe them.
+/// Step (boot): opens and maps every pmem device's backing file, before guest memory is made
+/// (a file that cannot be used is the cheaper error, and the regions' sizes decide where the
+/// device memory that follows them goes).
+fn open_pmem_files(config: &VmConfig) -> Result<Vec<PmemBacking>, VmmError> {
+    let backings = (config.pmem.iter())
+        .map(|p| PmemBacking::open(&p.path_on_host, p.read_only))
+        .collect::<Result<_, _>>()
+        .map_err(DeviceError::Pmem)?;
+    Ok(backings)
+}
+
+/// Where device memory goes in the guest's physical address space.
+struct DeviceMemory {
+    /// Each pmem device's region.
+    pmem_starts: Vec<u64>,
+    /// The hot-plug region: address and size.
+    hotplug: Option<(u64, u64)>,
+}
+
+/// The device-memory window of a guest with `mem` as RAM (see `layout.rs`): each of `pmem`'s
+/// regions in it, one after the other (each a multiple of the 2 MiB alignment), then the
+/// hot-plug region at the next window-aligned address.
+fn place_device_memory(
+    mem: &GuestMemoryMmap,
+    pmem: &[PmemBacking],
+    hotplug: Option<&crate::config::MemoryHotplugConfig>,
+    phys_bits: u8,
+) -> Result<DeviceMemory, VmmError> {
+    let ram_end = vm_memory::GuestMemoryBackend::last_addr(mem)
+        .0
+        .saturating_add(1);
+    let mut next = layout::device_memory_start(ram_end);
+    let mut pmem_starts = Vec::with_capacity(pmem.len());
+    for backing in pmem {
+        pmem_starts.push(next);
+        next = next.saturating_add(backing.region_size());
+    }
+    let hotplug = hotplug.map(|h| {
+        let start = next.next_multiple_of(layout::DEVICE_MEMORY_ALIGNMENT);
+        let size = h.total_size_mib << 20;
+        next = start.saturating_add(size);
+        (start, size)
+    });
+    if phys_bits < 64 && next > 1u64 << phys_bits {
+        return Err(VmmError::DeviceMemoryTooHigh {
+            end: next,
+            phys_bits,
+        });
+    }
+    Ok(DeviceMemory {
+        pmem_starts,
+        hotplug,
+    })
+}
+
+/// Checks the hot-plug configuration, and that KVM has a memory slot for each of its slots.
+fn check_memory_hotplug(kvm: &KvmContext, config: &VmConfig) -> Result<(), VmmError> {
+    let Some(h) = &config.memory_hotplug else {
+        return Ok(());
+    };
+    h.validate().map_err(VmmError::MemoryHotplug)?;
+    let needed = h.total_size_mib / h.slot_size_mib + u64::from(HOTPLUG_FIRST_SLOT);
+    let offered = kvm.kvm().get_nr_memslots() as u64;
+    if needed > offered {
+        return Err(VmmError::MemoryHotplug(format!(
+            "total_size_mib {} in slots of {} MiB needs {needed} KVM memory slots; KVM offers {offered}",
+            h.total_size_mib, h.slot_size_mib
+        )));
+    }
+    Ok(())
+}
+
+/// Step (boot): the configuration's disks (the root one first, so it is /dev/vda), network
+/// interfaces, entropy device, pmem devices (`pmem` their opened files) and memory hot-plug
+/// device, at the places `placed` gives; returns the kernel parameters that describe them.
 fn attach_config_devices(
     devices: &mut DeviceManager,
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
+    pmem: Vec<PmemBacking>,
+    placed: &DeviceMemory,
 ) -> Result<Vec<String>, VmmError> {
     let mut params = Vec::new();
     let mut disks: Vec<&crate::config::DiskConfig> = config.disks.iter().collect();
     disks.sort_by_key(|d| !d.root);
+    let root_pmem = config.pmem.iter().position(|p| p.root_device);
+    if disks.first().is_some_and(|d| d.root) && root_pmem.is_some() {
+        return Err(VmmError::TwoRootDevices);
+    }
     if let Some(root) = disks.first().filter(|d| d.root) {
         params.push(match &root.partuuid {
             Some(uuid) => format!("root=PARTUUID={uuid}"),
@@ -252,6 +335,38 @@ fn attach_config_devices(
     if let Some(balloon) = &config.balloon {
         let balloon = Balloon::new(balloon).map_err(DeviceError::Balloon)?;
         params.push(devices.add_balloon(vm_fd, mem, balloon)?);
+    }
+    if let Some(i) = root_pmem {
+        // Linux numbers pmem devices in the order it finds them, which is this one.
+        params.push(format!("root=/dev/pmem{i}"));
+        params.push(if config.pmem[i].read_only { "ro" } else { "rw" }.to_owned());
+    }
+    let slots = PMEM_FIRST_SLOT..;
+    for ((((i, p), backing), &start), slot) in (config.pmem.iter().enumerate())
+        .zip(pmem)
+        .zip(&placed.pmem_starts)
+        .zip(slots)
+    {
+        let id = if p.id.is_empty() {
+            format!("pmem{i}")
+        } else {
+            p.id.clone()
+        };
+        let device = Pmem::new(
+            vm_fd,
+            backing,
+            start,
+            slot,
+            p.root_device,
+            p.rate_limiter.as_ref(),
+        )
+        .map_err(DeviceError::Pmem)?;
+        params.push(devices.add_pmem(vm_fd, mem, &id, device)?);
+    }
+    if let (Some(h), Some((addr, _))) = (&config.memory_hotplug, placed.hotplug) {
+        let device = VirtioMem::new(vm_fd, mem, addr, h, config.track_dirty_pages)
+            .map_err(DeviceError::VirtioMem)?;
+        params.push(devices.add_memory_hotplug(vm_fd, mem, device)?);
     }
     Ok(params)
 }
@@ -296,9 +411,18 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     if kvm.is_pvm() {
         boot::add_pvm_workarounds(&mut cmdline)?;
     }
+    check_memory_hotplug(&kvm, config)?;
+    let pmem = open_pmem_files(config)?;
     let track = config.track_dirty_pages;
-    let mem = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
-    let vm_fd = create_vm(&kvm, &mem, track)?;
+    // RAM: what the boot tables describe and the kernel is loaded into.
+    let ram = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
+    let placed = place_device_memory(&ram, &pmem, config.memory_hotplug.as_ref(), kvm.phys_bits())?;
+    let vm_fd = create_vm(&kvm, &ram, track)?;
+    // Guest memory: RAM and the hot-plug region, whose slots the device gives to KVM.
+    let mem = match placed.hotplug {
+        Some((addr, size)) => add_hotplug_region(&ram, addr, size, track)?,
+        None => ram.clone(),
+    };
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
     let console = ConsoleConfig {
         input: config.console_input,
@@ -311,7 +435,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .set_boot_timer(config.boot_timer);
-    let params = attach_config_devices(&mut devices, &vm_fd, &mem, config)?;
+    let params = attach_config_devices(&mut devices, &vm_fd, &mem, config, pmem, &placed)?;
 
     boot::append_kernel_params(&mut cmdline, &params)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -322,12 +446,13 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
             crate::arch::x86_64::regs::BootEntry::Linux64(_) => "Linux 64-bit",
         }
     );
+    let kernel = boot::load_kernel(&ram, &config.kernel)?;
     let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(&mem, &kernel, path)?),
+        Some(path) => Some(boot::load_initrd(&ram, &kernel, path)?),
         None => None,
     };
-    boot::write_boot_info(&mem, &kernel, &cmdline, initrd)?;
-    mptable::setup_mptable(&mem, count)?;
+    boot::write_boot_info(&ram, &kernel, &cmdline, initrd)?;
+    mptable::setup_mptable(&ram, count)?;
 
     let template = match &config.cpu_config {
         Some(t) => t.parse().map_err(VmmError::CpuTemplate)?,
@@ -408,7 +533,7 @@ fn restore_memory(
         Some(w) => {
             // Uffd: the prepared memory is anonymous and untouched, as the handler needs it.
             if let Some(file) = &file {
-                map_file_over(&w.mem, file, &state.memory)?;
+                map_file_over(&w.mem, file, state.ram_regions())?;
             }
             if track {
                 register_guest_memory(&w.vm_fd, &w.mem, true).map_err(VmError::Memory)?;
@@ -419,12 +544,19 @@ fn restore_memory(
             let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
             let (kvm, _) = open_kvm(&restore.kvm_device, vcpu_count)?;
             let mem = match &file {
-                Some(file) => memory_from_file(file, &state.memory, track)?,
-                None => memory_anonymous(&state.memory, track)?,
+                Some(file) => memory_from_file(file, state.ram_regions(), track)?,
+                None => memory_anonymous(state.ram_regions(), track)?,
             };
             let vm_fd = create_vm(&kvm, &mem, track)?;
             (kvm, vm_fd, mem, Vec::new())
         }
+    };
+    // The hot-plug region, mapped as RAM was; the device gives KVM the slots of its plugged
+    // blocks when it is restored.
+    let mem = match (state.hotplug_region(), &file) {
+        (Some(r), Some(file)) => with_region(&mem, file_region(file, r, track)?)?,
+        (Some(r), None) => with_region(&mem, anonymous_region(r, track)?)?,
+        (None, _) => mem,
     };
     // The handler gets the userfaultfd before anything touches guest memory (registering it
     // with KVM touched nothing).
@@ -493,7 +625,14 @@ pub(crate) fn build_from_snapshot(
             .map(|(_, tap)| tap.clone())
     };
     let vsock_override = restore.vsock_override.as_deref();
-    devices.restore_virtio(&vm_fd, &mem, &state.devices, tap_override, vsock_override)?;
+    devices.restore_virtio(
+        &vm_fd,
+        &mem,
+        &state.devices,
+        tap_override,
+        vsock_override,
+        track,
+    )?;
     discard_as_memory_is_backed(&devices, &restore.mem_backend);
     let mut saved = state.vcpus.iter();
     let vcpus = create_vcpus(

@@ -49,6 +49,11 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The memory balloon (virtio-balloon), if any.
     pub balloon: Option<BalloonConfig>,
+    /// Persistent memory devices (virtio-pmem), in the order the guest numbers them
+    /// (/dev/pmem0 first).
+    pub pmem: Vec<PmemConfig>,
+    /// Hot-pluggable memory (virtio-mem), if any.
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -98,6 +103,126 @@ pub struct BalloonConfig {
     /// Free page reporting: the guest reports free ranges on its own.
     #[serde(default)]
     pub free_page_reporting: bool,
+}
+
+/// A virtio-pmem device, as Firecracker's `PUT /pmem/{id}` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemConfig {
+    /// The device's id (empty: `pmem<N>`, N its place among the pmem devices).
+    pub id: String,
+    /// The backing file on the host.
+    pub path_on_host: PathBuf,
+    /// The guest's root device: `root=/dev/pmem<N>` (and `rw` or `ro`) on the command line.
+    #[serde(default)]
+    pub root_device: bool,
+    /// Map the file read-only: the guest's writes do not reach it.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Limits on the guest's flushes (each one op and the file's size in bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl std::str::FromStr for PmemConfig {
+    type Err = String;
+
+    /// Parses `path=FILE[,id=NAME][,readonly=on][,root=on]`; without an id the device is
+    /// `pmem<N>`, N its place among the pmem devices.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut pmem = Self {
+            id: String::new(),
+            path_on_host: PathBuf::new(),
+            root_device: false,
+            read_only: false,
+            rate_limiter: None,
+        };
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, "on"));
+            match key {
+                "path" => pmem.path_on_host = PathBuf::from(value),
+                "id" => pmem.id = value.to_owned(),
+                "readonly" | "root" => {
+                    let on = switch(if key == "root" { "root" } else { "readonly" }, value)
+                        .map_err(|e| e.to_string())?;
+                    if key == "root" {
+                        pmem.root_device = on;
+                    } else {
+                        pmem.read_only = on;
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key '{other}' (expected path, id, readonly, root)"
+                    ))
+                }
+            }
+        }
+        if pmem.path_on_host.as_os_str().is_empty() {
+            return Err("missing path=FILE".to_owned());
+        }
+        Ok(pmem)
+    }
+}
+
+/// Hot-pluggable memory (a virtio-mem device), as Firecracker's `PUT /hotplug/memory`
+/// describes it: a region of `total_size_mib` after RAM, of which the guest plugs blocks of
+/// `block_size_mib` as the host asks (`PATCH /hotplug/memory`), given to KVM in slots of
+/// `slot_size_mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugConfig {
+    /// The region's size in MiB: the most the guest can ever plug.
+    pub total_size_mib: u64,
+    /// The KVM slot size in MiB: the host's granule of memory given to and taken from the guest.
+    #[serde(default = "MemoryHotplugConfig::default_slot_size_mib")]
+    pub slot_size_mib: u64,
+    /// The block size in MiB: the guest's granule of plugging.
+    #[serde(default = "MemoryHotplugConfig::default_block_size_mib")]
+    pub block_size_mib: u64,
+}
+
+impl MemoryHotplugConfig {
+    /// Firecracker's default and smallest slot size.
+    pub const MIN_SLOT_SIZE_MIB: u64 = 128;
+    /// Firecracker's default and smallest block size.
+    pub const MIN_BLOCK_SIZE_MIB: u64 = 2;
+
+    fn default_slot_size_mib() -> u64 {
+        Self::MIN_SLOT_SIZE_MIB
+    }
+
+    fn default_block_size_mib() -> u64 {
+        Self::MIN_BLOCK_SIZE_MIB
+    }
+
+    /// Firecracker's rules: a block of at least 2 MiB and a power of two; a slot of at least
+    /// 128 MiB and a multiple of the block; a total of at least a slot and a multiple of it.
+    pub fn validate(&self) -> Result<(), String> {
+        let (total, slot, block) = (self.total_size_mib, self.slot_size_mib, self.block_size_mib);
+        if block < Self::MIN_BLOCK_SIZE_MIB || !block.is_power_of_two() {
+            return Err(format!(
+                "block_size_mib {block} must be a power of two of at least {} MiB",
+                Self::MIN_BLOCK_SIZE_MIB
+            ));
+        }
+        if slot < Self::MIN_SLOT_SIZE_MIB || !slot.is_multiple_of(block) {
+            return Err(format!(
+                "slot_size_mib {slot} must be at least {} MiB and a multiple of block_size_mib {block}",
+                Self::MIN_SLOT_SIZE_MIB
+            ));
+        }
+        if total < slot || !total.is_multiple_of(slot) {
+            return Err(format!(
+                "total_size_mib {total} must be at least slot_size_mib {slot} and a multiple of it"
+            ));
+        }
+        // Beyond this it overflows byte counts long before any host could back it.
+        if total > 1 << 30 {
+            return Err(format!("total_size_mib {total} is too large"));
+        }
+        Ok(())
+    }
 }
 
 /// A virtio network device on a TAP.
@@ -484,6 +609,8 @@ impl VmConfig {
             nets: Vec::new(),
             entropy: None,
             vsock: None,
+            pmem: Vec::new(),
+            memory_hotplug: None,
             console_rate_limit: None,
             smt: false,
             cpu_config: None,

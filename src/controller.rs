@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::model::{
     ActionType, BadRequest, FullVmConfig, Logger, MachineConfig, Metrics, PartialDrive,
-    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateName,
+    PartialNetworkInterface, PartialPmem, SnapshotCreateParams, SnapshotLoadParams, VmStateName,
 };
 use crate::api::{ApiRequest, ApiResponse};
 use crate::builder::{RestoreConfig, WarmVm};
@@ -212,6 +212,8 @@ impl Controller {
                 | ApiRequest::PutVsock(_)
                 | ApiRequest::PutCpuConfig(_)
                 | ApiRequest::PutBalloon(_)
+                | ApiRequest::PutPmem(_)
+                | ApiRequest::PutMemoryHotplug(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -267,6 +269,27 @@ impl Controller {
             | ApiRequest::StartBalloonHinting(_)
             | ApiRequest::GetBalloonHintingStatus
             | ApiRequest::StopBalloonHinting) => self.balloon(&request),
+            ApiRequest::PutPmem(p) => done(p.apply(&mut self.config)),
+            ApiRequest::PatchPmem(p) => self.patch_pmem(&p),
+            ApiRequest::PutMemoryHotplug(h) => done(
+                h.validate()
+                    .map_err(BadRequest)
+                    .map(|()| self.config.memory_hotplug = Some(h)),
+            ),
+            ApiRequest::PatchMemoryHotplug(u) => match &self.vm {
+                None => ApiResponse::fault(400, BEFORE_START),
+                Some(vm) => match vm.update_memory_hotplug(u.requested_size_mib) {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+                },
+            },
+            ApiRequest::GetMemoryHotplug => match &self.vm {
+                None => ApiResponse::fault(400, BEFORE_START),
+                Some(vm) => match vm.memory_hotplug_status() {
+                    Ok(status) => ApiResponse::ok(serde_json::to_value(status).unwrap_or_default()),
+                    Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
+                },
+            },
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
             ApiRequest::SetVmState(state) => {
@@ -491,6 +514,24 @@ impl Controller {
                 return ApiResponse::fault(400, crate::error_chain(&e));
             }
             disk.rate_limiter = RateLimiterConfig::patch(disk.rate_limiter, update);
+        }
+        ApiResponse::no_content()
+    }
+
+    /// `PATCH /pmem/{id}` after boot: a new rate limiter, applied to the running device and
+    /// kept in the configuration `GET /vm/config` shows.
+    fn patch_pmem(&mut self, p: &PartialPmem) -> ApiResponse {
+        let Some(vm) = &self.vm else {
+            return ApiResponse::fault(400, BEFORE_START);
+        };
+        let Some(pmem) = self.config.pmem.iter_mut().find(|x| x.id == p.id) else {
+            return ApiResponse::fault(400, format!("pmem {} does not exist", p.id));
+        };
+        if let Some(update) = &p.rate_limiter {
+            if let Err(e) = vm.update_pmem_rate_limiter(&p.id, update) {
+                return ApiResponse::fault(400, crate::error_chain(&e));
+            }
+            pmem.rate_limiter = RateLimiterConfig::patch(pmem.rate_limiter, update);
         }
         ApiResponse::no_content()
     }

@@ -23,8 +23,10 @@ use crate::devices::legacy::serial::{ConsoleOutput, SerialState};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
 use crate::devices::virtio::balloon::{Balloon, BalloonError, BalloonState};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
+use crate::devices::virtio::mem::{VirtioMem, VirtioMemError, VirtioMemState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
+use crate::devices::virtio::pmem::{Pmem, PmemError, PmemState};
 use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockState};
 use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
@@ -87,6 +89,12 @@ pub enum DeviceError {
     /// The balloon cannot be set up or restored.
     #[error(transparent)]
     Balloon(#[from] BalloonError),
+    /// A pmem device cannot be set up or restored.
+    #[error(transparent)]
+    Pmem(#[from] PmemError),
+    /// The memory hot-plug device cannot be set up or restored.
+    #[error(transparent)]
+    VirtioMem(#[from] VirtioMemError),
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
@@ -125,6 +133,10 @@ pub struct DevicesState {
     pub vsock: Vec<VirtioSlotState<VsockState>>,
     /// The balloon.
     pub balloon: Vec<VirtioSlotState<BalloonState>>,
+    /// Persistent memory devices.
+    pub pmem: Vec<VirtioSlotState<PmemState>>,
+    /// The memory hot-plug device (virtio-mem).
+    pub memory_hotplug: Vec<VirtioSlotState<VirtioMemState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -152,6 +164,10 @@ pub struct DeviceRegistry {
     pub vsock: BTreeMap<String, VirtioSlot<Vsock>>,
     /// The balloon, under [`BALLOON_ID`].
     pub balloon: BTreeMap<String, VirtioSlot<Balloon>>,
+    /// Persistent memory devices by id.
+    pub pmem: BTreeMap<String, VirtioSlot<Pmem>>,
+    /// The memory hot-plug device, under [`MEMORY_HOTPLUG_ID`].
+    pub memory_hotplug: BTreeMap<String, VirtioSlot<VirtioMem>>,
 }
 
 /// The registry's id of the entropy device (there is at most one, as in Firecracker).
@@ -160,6 +176,8 @@ pub const ENTROPY_ID: &str = "entropy";
 pub const VSOCK_ID: &str = "vsock";
 /// The registry's id of the balloon (at most one, as in Firecracker).
 pub const BALLOON_ID: &str = "balloon";
+/// The registry's id of the memory hot-plug device (at most one, as in Firecracker).
+pub const MEMORY_HOTPLUG_ID: &str = "memory-hotplug";
 
 impl DeviceRegistry {
     fn has(&self, id: &str) -> bool {
@@ -168,6 +186,8 @@ impl DeviceRegistry {
             || self.entropy.contains_key(id)
             || self.vsock.contains_key(id)
             || self.balloon.contains_key(id)
+            || self.pmem.contains_key(id)
+            || self.memory_hotplug.contains_key(id)
     }
 }
 
@@ -332,6 +352,28 @@ impl DeviceManager {
     ) -> Result<String, DeviceError> {
         self.attach(vm, mem, BALLOON_ID, balloon, None, |r| &mut r.balloon)
     }
+    /// Adds pmem device `id` in the next MMIO slot; returns its kernel parameter.
+    pub fn add_pmem(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        pmem: Pmem,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, id, pmem, None, |r| &mut r.pmem)
+    }
+
+    /// Adds the memory hot-plug device in the next MMIO slot; returns its kernel parameter.
+    pub fn add_memory_hotplug(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: VirtioMem,
+    ) -> Result<String, DeviceError> {
+        self.attach(vm, mem, MEMORY_HOTPLUG_ID, device, None, |r| {
+            &mut r.memory_hotplug
+        })
+    }
 
     /// Registers `device` (see [`DeviceManager::register_virtio_device`]) and files it under
     /// `id` in the registry's `table`.
@@ -396,6 +438,12 @@ impl DeviceManager {
             balloon: (r.balloon.iter())
                 .map(|(id, s)| slot_state(id, s, Balloon::save))
                 .collect(),
+            pmem: (r.pmem.iter())
+                .map(|(id, s)| slot_state(id, s, Pmem::save))
+                .collect(),
+            memory_hotplug: (r.memory_hotplug.iter())
+                .map(|(id, s)| slot_state(id, s, VirtioMem::save))
+                .collect(),
         }
     }
 
@@ -403,6 +451,8 @@ impl DeviceManager {
     /// where the driver had it running, its queues. A network interface's TAP is the one
     /// `tap_override` gives for its id, or the saved one; the vsock device listens on
     /// `vsock_override`, or its saved path.
+    /// `tap_override` gives for its id, or the saved one; `log_dirty` as guest memory was
+    /// registered (for the hot-plug slots).
     pub fn restore_virtio(
         &mut self,
         vm: &VmFd,
@@ -410,12 +460,15 @@ impl DeviceManager {
         state: &DevicesState,
         tap_override: impl Fn(&str) -> Option<String>,
         vsock_override: Option<&std::path::Path>,
+        log_dirty: bool,
     ) -> Result<(), DeviceError> {
         let mut slots: Vec<u32> = (state.blocks.iter().map(|b| b.slot))
             .chain(state.nets.iter().map(|n| n.slot))
             .chain(state.entropy.iter().map(|e| e.slot))
             .chain(state.vsock.iter().map(|v| v.slot))
             .chain(state.balloon.iter().map(|b| b.slot))
+            .chain(state.pmem.iter().map(|p| p.slot))
+            .chain(state.memory_hotplug.iter().map(|m| m.slot))
             .collect();
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
@@ -442,6 +495,16 @@ impl DeviceManager {
                 let balloon = Balloon::from_state(&b.device)?;
                 let saved = (&b.transport, b.device.virtio.queues.as_slice());
                 self.attach(vm, mem, &b.id, balloon, Some(saved), |r| &mut r.balloon)?;
+            } else if let Some(p) = state.pmem.iter().find(|p| p.slot == slot) {
+                let pmem = Pmem::from_state(vm, &p.id, &p.device)?;
+                let saved = (&p.transport, p.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &p.id, pmem, Some(saved), |r| &mut r.pmem)?;
+            } else if let Some(m) = state.memory_hotplug.iter().find(|m| m.slot == slot) {
+                let device = VirtioMem::from_state(vm, mem, &m.device, log_dirty)?;
+                let saved = (&m.transport, m.device.virtio.queues.as_slice());
+                self.attach(vm, mem, &m.id, device, Some(saved), |r| {
+                    &mut r.memory_hotplug
+                })?;
             }
         }
         Ok(())

@@ -256,6 +256,11 @@ struct RunArgs {
     /// to (`CONNECT <port>`); guest connections to host port P reach the listener at PATH_P.
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<skiff::config::VsockConfig>,
+    /// A persistent memory device (virtio-pmem) on a host file mapped into the guest:
+    /// path=FILE[,id=NAME][,readonly=on][,root=on]. Repeatable (/dev/pmem0 first); root=on
+    /// adds root=/dev/pmemN to the kernel command line.
+    #[arg(long, value_name = "SPEC")]
+    pmem: Vec<skiff::config::PmemConfig>,
 }
 
 /// Puts a terminal on stdin into raw mode, and back into canonical mode when dropped (also on
@@ -417,6 +422,8 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         smt: args.smt,
         cpu_config: None,
         balloon: None,
+        pmem: args.pmem,
+        memory_hotplug: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

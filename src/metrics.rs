@@ -123,6 +123,52 @@ counters!(
 );
 
 counters!(
+    /// One pmem device, under Firecracker's names where it has them.
+    PmemMetrics {
+        /// Queue drains.
+        queue_event_count,
+        /// fdatasyncs of the file (one per drain that holds flushes).
+        flush_count,
+        /// fdatasyncs that failed on the host; the guest got -1.
+        host_flush_errors,
+        /// Requests too broken to answer, and unknown request types.
+        invalid_requests,
+        /// Flushes put back on the queue by the rate limiter, to run when it allows.
+        rate_limiter_throttled_events,
+    }
+);
+
+counters!(
+    /// The memory hot-plug device (virtio-mem), under Firecracker's names.
+    MemoryHotplugMetrics {
+        /// Queue drains.
+        queue_event_count,
+        /// PLUG requests.
+        plug_count,
+        /// Bytes plugged.
+        plug_bytes,
+        /// PLUG requests refused (NACK or ERROR).
+        plug_fails,
+        /// UNPLUG requests.
+        unplug_count,
+        /// Bytes unplugged.
+        unplug_bytes,
+        /// UNPLUG requests refused.
+        unplug_fails,
+        /// Unplugged ranges whose pages could not be given back to the host.
+        unplug_discard_fails,
+        /// UNPLUG_ALL requests.
+        unplug_all_count,
+        /// STATE requests.
+        state_count,
+        /// STATE requests refused.
+        state_fails,
+        /// Requests too broken to answer, and unknown request types.
+        invalid_requests,
+    }
+);
+
+counters!(
     /// One block device.
     BlockMetrics {
         /// Read requests.

@@ -41,10 +41,11 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::mem::MemoryHotplugStatus;
 use crate::devices::virtio::net::NetError;
 use crate::metrics::{
-    BalloonMetrics, BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics,
-    VsockMetrics,
+    BalloonMetrics, BlockMetrics, EntropyMetrics, MemoryHotplugMetrics, NetMetrics, PmemMetrics,
+    UartMetrics, VcpuMetrics, VsockMetrics,
 };
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
@@ -128,6 +129,20 @@ pub enum VmmError {
         "--vcpus {0} with SMT: the vCPU count can only be 1 or an even number when SMT is enabled"
     )]
     SmtVcpuCount(u8),
+    /// Device memory (pmem, hot-plug) does not fit in the guest's physical address space.
+    #[error("device memory (pmem, memory hot-plug) would end at {end:#x}, beyond the host's {phys_bits}-bit guest physical addresses")]
+    DeviceMemoryTooHigh {
+        /// The first address past it.
+        end: u64,
+        /// The host's guest physical address width.
+        phys_bits: u8,
+    },
+    /// The memory hot-plug configuration cannot be used.
+    #[error("memory hot-plug: {0}")]
+    MemoryHotplug(String),
+    /// Both a drive and a pmem device are the root device.
+    #[error("only one device can be the root device: a drive and a pmem device both are")]
+    TwoRootDevices,
     /// A diff snapshot of a VM that does not track dirty pages.
     #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
     DiffNeedsTracking,
@@ -224,6 +239,8 @@ struct MetricsSources {
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
     vsock: Option<Arc<VsockMetrics>>,
+    pmem: Vec<(String, Arc<PmemMetrics>)>,
+    memory_hotplug: Option<Arc<MemoryHotplugMetrics>>,
     uart: Arc<UartMetrics>,
     balloon: Option<Arc<BalloonMetrics>>,
 }
@@ -314,12 +331,26 @@ impl Vm {
                 .unwrap_or_else(PoisonError::into_inner)
                 .metrics()
         });
+        metrics.memory_hotplug = (registry.memory_hotplug.values().next()).map(|slot| {
+            slot.device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics()
+        });
         metrics.balloon = (registry.balloon.values().next()).map(|slot| {
             slot.device
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .metrics()
         });
+        for (id, slot) in &registry.pmem {
+            let m = slot
+                .device
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .metrics();
+            metrics.pmem.push((id.clone(), m));
+        }
         for (id, slot) in &registry.nets {
             let m = slot
                 .device
@@ -375,7 +406,10 @@ impl Vm {
             devices: self.devices.save(),
         };
         let dirty = if self.track_dirty_pages {
-            Some(take_dirty_pages(&self.vm_fd, &self.mem)?)
+            let hotplug = (self.devices.registry().memory_hotplug.values().next())
+                .map(|slot| slot.device.lock().unwrap_or_else(PoisonError::into_inner));
+            let slots = hotplug.as_ref().map(|device| device.hotplug_slots());
+            Some(take_dirty_pages(&self.vm_fd, &self.mem, slots)?)
         } else {
             None
         };
@@ -524,6 +558,10 @@ impl Vm {
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
             "vsock": self.metrics.vsock.as_ref().map(|m| m.to_json()),
+            "pmem": (self.metrics.pmem.iter())
+                .map(|(id, m)| (id.clone(), m.to_json()))
+                .collect::<serde_json::Map<_, _>>(),
+            "memory_hotplug": self.metrics.memory_hotplug.as_ref().map(|m| m.to_json()),
             "uart": self.metrics.uart.to_json(),
             "balloon": self.metrics.balloon.as_ref().map(|m| m.to_json()),
         })
@@ -572,6 +610,38 @@ impl Vm {
         let slot = self.devices.registry().balloon.values().next()?;
         let mut balloon = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
         Some(f(&mut balloon))
+    }
+    /// Changes the rate limiter of pmem device `id` while the VM runs, as `PATCH /pmem`
+    /// does: the buckets given replace the current ones.
+    pub fn update_pmem_rate_limiter(
+        &self,
+        id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), VmmError> {
+        let pmem = (self.devices.registry().pmem.get(id))
+            .ok_or_else(|| VmmError::NoDevice("pmem", id.to_owned()))?;
+        let mut pmem = pmem.device.lock().unwrap_or_else(PoisonError::into_inner);
+        pmem.update_rate_limiter(update)
+            .map_err(|e| VmmError::Devices(DeviceError::Pmem(e)))
+    }
+
+    /// The memory hot-plug device's sizes, as `GET /hotplug/memory` shows them.
+    pub fn memory_hotplug_status(&self) -> Result<MemoryHotplugStatus, VmmError> {
+        let slot = (self.devices.registry().memory_hotplug.values().next())
+            .ok_or_else(|| VmmError::NoDevice("memory hot-plug", "device".to_owned()))?;
+        let device = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(device.status())
+    }
+
+    /// Asks the guest to have `mib` MiB of hot-plug memory plugged, as `PATCH /hotplug/memory`
+    /// does; the guest's driver follows in its own time (see [`Vm::memory_hotplug_status`]).
+    pub fn update_memory_hotplug(&self, mib: u64) -> Result<(), VmmError> {
+        let slot = (self.devices.registry().memory_hotplug.values().next())
+            .ok_or_else(|| VmmError::NoDevice("memory hot-plug", "device".to_owned()))?;
+        let mut device = slot.device.lock().unwrap_or_else(PoisonError::into_inner);
+        device
+            .update_requested_size(mib)
+            .map_err(|e| VmmError::Devices(DeviceError::VirtioMem(e)))
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

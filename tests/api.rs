@@ -831,7 +831,8 @@ fn every_documented_route_is_served_as_documented() {
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 13);
     for (path, ops) in paths {
-        let concrete = path.replace("{drive_id}", "d").replace("{iface_id}", "e");
+        let concrete =
+            (path.replace("{drive_id}", "d").replace("{iface_id}", "e")).replace("{id}", "p");
         for method in ["get", "put", "patch", "post", "delete"] {
             let upper = method.to_uppercase();
             let body = (method == "put" || method == "patch").then_some("{}");

@@ -1524,3 +1524,160 @@ fn a_ballooned_guest_restores_with_its_balloon() {
     );
     assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
 }
+
+/// A pmem device across a restore: the region is mapped again from the file at the same guest
+/// address, so the restored guest reads the file as the host has it at restore time (here
+/// rewritten after the snapshot), not as it was when the snapshot was taken; the guest's
+/// `snapshot` check prints the file's first line whenever it changes. `GET /vm/config` shows
+/// the device, and a file that no longer fills the saved region is refused in one line.
+#[test]
+fn a_restored_pmem_device_maps_the_file_again() {
+    let dir = work_dir("pmem");
+    let snap = Snap::in_dir(&dir, "pmem");
+    let file = dir.join("pmem.img");
+    let mut bytes = vec![0u8; 2 << 20];
+    bytes[..12].copy_from_slice(b"PMEM-BEFORE\n");
+    fs::write(&file, &bytes).unwrap();
+    let mut vm = Running::start("snap-pmem", &[]);
+    let pmem = (
+        "/pmem/pm0".to_owned(),
+        format!(
+            r#"{{"id": "pm0", "path_on_host": {}, "read_only": true}}"#,
+            json_path(&file)
+        ),
+    );
+    boot(&vm, "", &[pmem], false);
+    vm.wait_for("snap-pmem: PMEM-BEFORE", LIMIT);
+    assert!(vm.console().contains("pmem yes"), "{}", vm.console());
+    let before = pause(&vm);
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+
+    // The file is the host's: what it holds at restore time is what the guest reads.
+    bytes[..11].copy_from_slice(b"PMEM-AFTER\n");
+    fs::write(&file, &bytes).unwrap();
+    let mut vm = restore("snap-pmem-restored", &snap, false, true);
+    let tick = next_tick_after(&vm, before, "after the load");
+    vm.wait_for("snap-pmem: PMEM-AFTER", LIMIT);
+    vm.wait_for(&format!("snap-tick {}", tick + 2), LIMIT);
+    let (_, config) = vm.call("GET", "/vm/config", None);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["pmem"][0]["id"], "pm0", "{config}");
+    assert_eq!(config["pmem"][0]["read_only"], true, "{config}");
+    end_with_ctrl_alt_del(&mut vm);
+
+    // A file grown past the saved region no longer fits where the guest expects it.
+    fs::write(&file, vec![0u8; 3 << 20]).unwrap();
+    let vm = Running::start("snap-pmem-grown", &[]);
+    let message = expect_refused(
+        &vm,
+        "PUT",
+        "/snapshot/load",
+        &snap.load_body(false, true),
+        "a grown pmem file",
+        &["pmem"],
+    );
+    assert!(message.contains("snapshot's had 2097152"), "{message}");
+}
+
+/// Hot-plugged memory across a restore. The guest's `mem` check plugs the 256 MiB the host
+/// requests (a 512 MiB region at 4 GiB, right after this guest's RAM and the 32-bit hole) and
+/// writes a word to each page; its `snapshot` check then verifies the words and asks the device
+/// for the blocks' state at every tick. The memory file grows by the region, after RAM (its
+/// regions in order): the plugged part holds the guest's words, the rest is holes. A Diff
+/// taken first (dirty pages tracked since boot, the hot-plug slots' KVM dirty logs included)
+/// restores the same guest: it carries on with its plugged memory intact, and
+/// `GET /hotplug/memory` shows what was plugged.
+#[test]
+fn hot_plugged_memory_survives_a_restore() {
+    const REGION_MIB: u64 = 512;
+    const PLUGGED_MIB: u64 = 256;
+    let dir = work_dir("memory-hotplug");
+    let full = Snap::in_dir(&dir, "full");
+    let diff = Snap::in_dir(&dir, "diff");
+    let mut vm = Running::start("snap-hotplug", &[]);
+    let hotplug = format!(r#"{{"total_size_mib": {REGION_MIB}}}"#);
+    expect_204(&vm, "PUT", "/hotplug/memory", &hotplug, "hot-plug memory");
+    let source = format!(
+        r#"{{"kernel_image_path": {}, "boot_args": "console=ttyS0 checks=mem,snapshot mem_keep=1"}}"#,
+        json_path(test_guest())
+    );
+    expect_204(&vm, "PUT", "/boot-source", &source, "boot source");
+    let machine =
+        format!(r#"{{"vcpu_count": 2, "mem_size_mib": {MEM_MIB}, "track_dirty_pages": true}}"#);
+    expect_204(&vm, "PUT", "/machine-config", &machine, "machine config");
+    expect_204(
+        &vm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+        "InstanceStart",
+    );
+    vm.wait_for("mem: waiting for the host to request memory", LIMIT);
+    let size = format!(r#"{{"requested_size_mib": {PLUGGED_MIB}}}"#);
+    expect_204(
+        &vm,
+        "PATCH",
+        "/hotplug/memory",
+        &size,
+        "PATCH /hotplug/memory",
+    );
+    vm.wait_for("PASS mem", LIMIT);
+    vm.wait_for(&format!("hot-plugged {PLUGGED_MIB} MiB"), LIMIT);
+    vm.wait_for("snap-tick 3", LIMIT);
+    let before = pause(&vm);
+    for (kind, snap) in [("Diff", &diff), ("Full", &full)] {
+        expect_204(
+            &vm,
+            "PUT",
+            "/snapshot/create",
+            &snap.create_body(kind),
+            kind,
+        );
+    }
+    kill(&mut vm);
+
+    let region_at = MEM_MIB << 20;
+    for snap in [&full, &diff] {
+        let file = fs::File::open(&snap.mem).unwrap();
+        let len = file.metadata().unwrap().len();
+        assert_eq!(len, (MEM_MIB + REGION_MIB) << 20, "{}", snap.mem.display());
+        for page in [0, 1, 4095, (PLUGGED_MIB << 8) - 1] {
+            let gpa = (1u64 << 32) + page * PAGE as u64;
+            let mut word = [0u8; 8];
+            file.read_exact_at(&mut word, region_at + page * PAGE as u64)
+                .unwrap();
+            assert_eq!(
+                u64::from_le_bytes(word),
+                gpa ^ 0x534b_4946_4600_0000,
+                "{}: page {page} of the hot-plug region",
+                snap.mem.display()
+            );
+        }
+        let on_disk = file.metadata().unwrap().blocks() * 512;
+        assert!(
+            on_disk < (MEM_MIB + PLUGGED_MIB) << 20,
+            "{}: {on_disk} bytes on disk: the unplugged part should be holes",
+            snap.mem.display()
+        );
+    }
+
+    let mut vm = restore("snap-hotplug-restored", &diff, false, true);
+    let tick = next_tick_after(&vm, before, "after loading the Diff");
+    vm.wait_for(&format!("snap-tick {}", tick + 3), LIMIT);
+    let (_, status) = vm.call("GET", "/hotplug/memory", None);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status,
+        serde_json::json!({"total_size_mib": REGION_MIB, "slot_size_mib": 128,
+            "block_size_mib": 2, "plugged_size_mib": PLUGGED_MIB,
+            "requested_size_mib": PLUGGED_MIB})
+    );
+    let (_, config) = vm.call("GET", "/vm/config", None);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["memory-hotplug"]["total_size_mib"], REGION_MIB,
+        "{config}"
+    );
+    end_with_ctrl_alt_del(&mut vm);
+}

@@ -7,6 +7,10 @@ files (a test guest with a disk, with a NIC, with the entropy device, with the v
 files (a test guest with a disk, with a disk and a NIC, with the entropy device, with a balloon)
 written by tests/snapshot.rs; copy
 new ones from target/tmp/snapshot/ after the state format changes."""
+files (a test guest with a disk; with a disk and a NIC; with an entropy device, a pmem device,
+hot-plugged memory) written by tests/snapshot.rs; copy new ones from target/tmp/snapshot/
+(full/full.snap, net/net.snap, entropy/, pmem/, memory-hotplug/full.snap) after the state
+format changes."""
 
 import json
 import os

@@ -157,8 +157,10 @@ gdt_desc:
 	.word gdt_desc - gdt - 1
 	.long gdt
 
-/* Identity map of 0-4 GiB in 2 MiB pages; the top GiB (MMIO) uncached. */
+/* Identity map of 0-4 GiB in 2 MiB pages; the top GiB (MMIO) uncached. guest.c adds more
+ * of the PDPT (map_device_memory) for the device memory above 4 GiB. */
 	.balign 4096
+	.globl pdpt
 pml4:
 	.quad pdpt + 3
 	.fill 511, 8, 0

@@ -3,8 +3,8 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,vsock,balloon,snapshot mem=<MiB> cpus=<N>, and the
- * parameters each check describes
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,vsock,balloon,pmem,mem,snapshot
+ * mem=<MiB> cpus=<N>, and the parameters each check describes
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -782,6 +782,251 @@ static void check_balloon(void)
 	lapic_write(0x320, 1u << 16);	/* timer masked */
 	printf("balloon: %s, actual %lu pages, %lu statistics buffers sent\n", key >= 0 ? "key from the host" : "ticks done", actual, answers);
 	report("balloon", !problem, problem);
+}
+
+/* ---- device memory above 4 GiB (virtio-pmem, virtio-mem) ---- */
+#define HIGH_MAP_GIB 64
+extern uint64_t pdpt[512];
+static uint64_t high_pd[HIGH_MAP_GIB - 4][512] __attribute__((aligned(4096)));
+
+/* Extends the boot identity map (0-4 GiB) to HIGH_MAP_GIB GiB with 2 MiB write-back pages,
+ * where the VMM puts device memory. Touching an address nothing backs exits to the VMM. */
+static void map_device_memory(void)
+{
+	static int done;
+	if (done++)
+		return;
+	for (uint64_t g = 4; g < HIGH_MAP_GIB; g++) {
+		for (uint64_t i = 0; i < 512; i++)
+			high_pd[g - 4][i] = ((g << 30) + (i << 21)) | 0x83;
+		pdpt[g] = (uint64_t)high_pd[g - 4] | 3;
+	}
+	uint64_t cr3;
+	__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) :: "memory");
+}
+
+/* ---- virtio-pmem (virtio 1.2, 5.19) ---- */
+#define VIRTIO_ID_PMEM 27
+#define PMEM_HOST_TEXT "SKIFF-PMEM-HOST\n"
+#define PMEM_GUEST_TEXT "SKIFF-PMEM-GUEST"
+#define PMEM_PATTERN_OFFSET 0x100000UL
+#define PMEM_PATTERN_BYTES 4096
+static struct vdev pmemdev;
+static volatile uint32_t pmem_req, pmem_resp;
+
+/* The region the device's configuration space gives (virtio_pmem_config: start, size). */
+static void pmem_region(struct vdev *d, uint64_t *start, uint64_t *size)
+{
+	*start = vr(d, 0x100) | (uint64_t)vr(d, 0x104) << 32;
+	*size = vr(d, 0x108) | (uint64_t)vr(d, 0x10c) << 32;
+}
+
+/* One request of type `type` on the device's queue; returns the status, or 1 when the device
+ * did not answer with a 4-byte status. */
+static int32_t pmem_request(uint32_t type)
+{
+	uint32_t len = 0;
+	pmem_req = type;
+	pmem_resp = 0x5a5a5a5a;
+	pmemdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)&pmem_req, 4, VRING_DESC_F_NEXT, 1 };
+	pmemdev.q[0].desc[1] = (struct virtq_desc){ (uint64_t)&pmem_resp, 4, VRING_DESC_F_WRITE, 0 };
+	if (!virtq_submit(&pmemdev, &len) || len != 4)
+		return 1;
+	return (int32_t)pmem_resp;
+}
+
+/* The byte the guest writes at offset i of its pattern (the host test computes the same). */
+static uint8_t pmem_pattern(uint64_t i) { return (uint8_t)(i * 13 + 5); }
+
+/* Reads the first pmem device's region from its configuration space (above 4 GiB, 2 MiB
+ * aligned), checks that the file starts with the host's text, writes PMEM_GUEST_TEXT and a
+ * pattern at offset 1 MiB and reads it back, then FLUSHes (status 0; an unknown request type
+ * gets -1). With pmem_ro=1 the device maps the file read-only: the writes must leave it as
+ * it was. */
+static void check_pmem(void)
+{
+	const char *why;
+	uint64_t start, size;
+	int ro = (int)param_uint("pmem_ro", 0);
+	if (!find_virtio(VIRTIO_ID_PMEM, &pmemdev)) { report("pmem", 0, "no virtio-pmem device on the command line"); return; }
+	if ((why = virtio_init(&pmemdev, 0, 1))) { report("pmem", 0, why); return; }
+	pmem_region(&pmemdev, &start, &size);
+	printf("pmem: region %lx size %lx\n", start, size);
+	if (start < 0x100000000UL || (start | size) & 0x1fffff || !size) { report("pmem", 0, "the region is not 2 MiB-aligned above 4 GiB"); return; }
+	if (start + size > (uint64_t)HIGH_MAP_GIB << 30) { report("pmem", 0, "the region is beyond what this guest maps"); return; }
+	map_device_memory();
+	volatile uint8_t *mem = (volatile uint8_t *)start;
+	const char *host = PMEM_HOST_TEXT;
+	for (size_t i = 0; host[i]; i++)
+		if (mem[i] != (uint8_t)host[i]) { report("pmem", 0, "the region does not start with the host's text"); return; }
+	if (size <= PMEM_PATTERN_OFFSET + PMEM_PATTERN_BYTES) { report("pmem", 0, "the region is too small for the pattern"); return; }
+	volatile uint8_t *at = mem + PMEM_PATTERN_OFFSET;
+	uint8_t before[PMEM_PATTERN_BYTES];
+	for (size_t i = 0; i < PMEM_PATTERN_BYTES; i++)
+		before[i] = at[i];
+	const char *text = PMEM_GUEST_TEXT;
+	for (size_t i = 0; i < PMEM_PATTERN_BYTES; i++)
+		at[i] = i < strlen(text) ? (uint8_t)text[i] : pmem_pattern(i);
+	size_t differ = 0;
+	for (size_t i = 0; i < PMEM_PATTERN_BYTES; i++) {
+		uint8_t want = ro ? before[i] : i < strlen(text) ? (uint8_t)text[i] : pmem_pattern(i);
+		differ += at[i] != want;
+	}
+	printf("pmem: pattern written at +%lx, %lu bytes differ from the expected %s\n", PMEM_PATTERN_OFFSET, (uint64_t)differ, ro ? "(unchanged) file" : "pattern");
+	if (differ) { report("pmem", 0, ro ? "a read-only region changed" : "the pattern did not read back"); return; }
+	int32_t status = pmem_request(0);
+	printf("pmem: flush status %d\n", status);
+	if (status != 0) { report("pmem", 0, "the flush did not succeed"); return; }
+	if (pmem_request(7) != -1) { report("pmem", 0, "an unknown request did not get -1"); return; }
+	report("pmem", 1, 0);
+}
+
+/* ---- virtio-mem (virtio 1.2, 5.15) ---- */
+#define VIRTIO_ID_MEM 24
+#define VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE 1
+enum { MEM_PLUG, MEM_UNPLUG, MEM_UNPLUG_ALL, MEM_STATE };
+enum { MEM_ACK, MEM_NACK, MEM_BUSY, MEM_ERROR, MEM_NO_ANSWER = 0xffff };
+enum { MEM_PLUGGED, MEM_UNPLUGGED, MEM_MIXED };
+struct mem_req { uint16_t type, pad[3]; uint64_t addr; uint16_t nb_blocks, pad2[3]; };
+struct mem_resp { uint16_t type, pad[3]; uint16_t state; };
+static struct vdev memdev;
+static struct mem_req mem_req_buf;
+static struct mem_resp mem_resp_buf;
+/* What check_mem left plugged (with mem_keep=1), for the snapshot check. */
+static uint64_t mem_addr, mem_block, mem_kept;
+
+/* struct virtio_mem_config: the 64-bit field at `off`. */
+static uint64_t mem_config(unsigned off) { return vr(&memdev, 0x100 + off) | (uint64_t)vr(&memdev, 0x104 + off) << 32; }
+#define MEM_CFG_BLOCK 0
+#define MEM_CFG_ADDR 16
+#define MEM_CFG_REGION 24
+#define MEM_CFG_USABLE 32
+#define MEM_CFG_PLUGGED 40
+#define MEM_CFG_REQUESTED 48
+
+/* One request; returns the response type (MEM_NO_ANSWER without a 10-byte answer) and, for
+ * STATE, the state. */
+static unsigned mem_request(uint16_t type, uint64_t addr, uint64_t nb_blocks, unsigned *state)
+{
+	uint32_t len = 0;
+	mem_req_buf = (struct mem_req){ .type = type, .addr = addr, .nb_blocks = (uint16_t)nb_blocks };
+	mem_resp_buf = (struct mem_resp){ .type = 0x5a5a, .state = 0x5a5a };
+	__asm__ volatile("" ::: "memory");
+	memdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)&mem_req_buf, sizeof(mem_req_buf), VRING_DESC_F_NEXT, 1 };
+	memdev.q[0].desc[1] = (struct virtq_desc){ (uint64_t)&mem_resp_buf, 10, VRING_DESC_F_WRITE, 0 };
+	if (!virtq_submit(&memdev, &len) || len != 10)
+		return MEM_NO_ANSWER;
+	__asm__ volatile("" ::: "memory");
+	if (state)
+		*state = mem_resp_buf.state;
+	return mem_resp_buf.type;
+}
+
+/* (Un)plugs blocks [from, to) of the region, at most 65535 to a request (nb_blocks is 16-bit). */
+static int mem_change(uint16_t type, uint64_t from, uint64_t to)
+{
+	while (from < to) {
+		uint64_t n = (to - from) / mem_block;
+		if (n > 0xffff)
+			n = 0xffff;
+		if (mem_request(type, from, n, 0) != MEM_ACK)
+			return 0;
+		from += n * mem_block;
+	}
+	return 1;
+}
+
+/* The word the guest keeps at the start of each plugged page (the host test computes it). */
+static uint64_t mem_word(uint64_t gpa) { return gpa ^ 0x534b494646000000UL; }
+
+/* Writes mem_word at every page of [from, to) and reads them all back; returns the mismatches. */
+static uint64_t mem_fill_and_check(uint64_t from, uint64_t to)
+{
+	for (uint64_t a = from; a < to; a += 4096)
+		*(volatile uint64_t *)a = mem_word(a);
+	uint64_t bad = 0;
+	for (uint64_t a = from; a < to; a += 4096)
+		bad += *(volatile uint64_t *)a != mem_word(a);
+	return bad;
+}
+
+/* Polls the configuration until `done` holds for the requested size, for mem_wait_s seconds. */
+static int mem_wait(int (*done)(uint64_t requested, uint64_t plugged), uint64_t plugged)
+{
+	uint64_t until = now_us() + param_uint("mem_wait_s", 60) * 1000000;
+	while (now_us() < until) {
+		if (done(mem_config(MEM_CFG_REQUESTED), plugged))
+			return 1;
+		for (volatile int i = 0; i < 10000; i++)
+			__asm__ volatile("pause");
+	}
+	return 0;
+}
+static int mem_grown(uint64_t requested, uint64_t plugged) { return requested > plugged; }
+static int mem_shrunk(uint64_t requested, uint64_t plugged) { return requested < plugged; }
+
+/* Drives the first virtio-mem device as its driver would: refused requests first (a range
+ * outside the usable region, an unaligned one, an unknown type), then waits for the host to
+ * request memory, plugs blocks from the region's start up to the requested size (one more is
+ * a NACK), writes a word to every page of them and reads them back. With mem_keep=1 it stops
+ * there, leaving them plugged (for the snapshot check). Else it waits for the host to ask
+ * for less, unplugs down to it (STATE then says unplugged; the rest keeps its words),
+ * unplugs an unplugged block (an ERROR), and ends with UNPLUG_ALL, after which the region is
+ * no memory to the guest. */
+static void check_mem(void)
+{
+	const char *why;
+	unsigned state = 0;
+	if (!find_virtio(VIRTIO_ID_MEM, &memdev)) { report("mem", 0, "no virtio-mem device on the command line"); return; }
+	if ((why = virtio_init(&memdev, 1u << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, 1))) { report("mem", 0, why); return; }
+	mem_addr = mem_config(MEM_CFG_ADDR);
+	mem_block = mem_config(MEM_CFG_BLOCK);
+	uint64_t size = mem_config(MEM_CFG_REGION);
+	printf("mem: region %lx size %lx block %lx usable %lx\n", mem_addr, size, mem_block, mem_config(MEM_CFG_USABLE));
+	if (mem_addr < 0x100000000UL || !mem_block || mem_addr % mem_block || size % mem_block) { report("mem", 0, "the region is not block-aligned above 4 GiB"); return; }
+	if (mem_addr + size > (uint64_t)HIGH_MAP_GIB << 30) { report("mem", 0, "the region is beyond what this guest maps"); return; }
+	map_device_memory();
+	if (mem_request(MEM_PLUG, mem_addr, 1, 0) != MEM_ERROR) { report("mem", 0, "a plug outside the usable region was not an error"); return; }
+	if (mem_request(MEM_STATE, mem_addr + 4096, 1, 0) != MEM_ERROR) { report("mem", 0, "an unaligned state request was not an error"); return; }
+	if (mem_request(9, mem_addr, 1, 0) != MEM_ERROR) { report("mem", 0, "an unknown request was not an error"); return; }
+
+	puts("mem: waiting for the host to request memory\n");
+	if (!mem_wait(mem_grown, 0)) { report("mem", 0, "the host requested no memory"); return; }
+	uint64_t requested = mem_config(MEM_CFG_REQUESTED);
+	if (requested > mem_config(MEM_CFG_USABLE)) { report("mem", 0, "the usable region is smaller than the requested size"); return; }
+	if (!mem_change(MEM_PLUG, mem_addr, mem_addr + requested)) { report("mem", 0, "a plug request was refused"); return; }
+	uint64_t plugged = mem_config(MEM_CFG_PLUGGED);
+	if (plugged != requested) { report("mem", 0, "plugged_size is not what was plugged"); return; }
+	if (requested < mem_config(MEM_CFG_USABLE) && mem_request(MEM_PLUG, mem_addr + requested, 1, 0) != MEM_NACK) { report("mem", 0, "a plug past the requested size was not a NACK"); return; }
+	if (mem_request(MEM_STATE, mem_addr, requested / mem_block, &state) != MEM_ACK || state != MEM_PLUGGED) { report("mem", 0, "the plugged blocks are not reported plugged"); return; }
+	printf("mem: plugged %lu MiB\n", plugged >> 20);
+	uint64_t bad = mem_fill_and_check(mem_addr, mem_addr + plugged);
+	if (bad) { report("mem", 0, "plugged memory did not read back"); return; }
+	printf("mem: wrote and read back %lu MiB\n", plugged >> 20);
+	if (param_uint("mem_keep", 0)) {
+		mem_kept = plugged;
+		report("mem", 1, 0);
+		return;
+	}
+
+	puts("mem: waiting for the host to ask for less\n");
+	if (!mem_wait(mem_shrunk, plugged)) { report("mem", 0, "the host did not ask for less"); return; }
+	requested = mem_config(MEM_CFG_REQUESTED);
+	if (!mem_change(MEM_UNPLUG, mem_addr + requested, mem_addr + plugged)) { report("mem", 0, "an unplug request was refused"); return; }
+	if (mem_config(MEM_CFG_PLUGGED) != requested) { report("mem", 0, "plugged_size did not follow the unplug"); return; }
+	if (mem_request(MEM_STATE, mem_addr + requested, (plugged - requested) / mem_block, &state) != MEM_ACK || state != MEM_UNPLUGGED) { report("mem", 0, "the unplugged blocks are not reported unplugged"); return; }
+	if (mem_request(MEM_UNPLUG, mem_addr + plugged - mem_block, 1, 0) != MEM_ERROR) { report("mem", 0, "unplugging an unplugged block was not an error"); return; }
+	for (uint64_t a = mem_addr; a < mem_addr + requested; a += 4096)
+		bad += *(volatile uint64_t *)a != mem_word(a);
+	if (bad) { report("mem", 0, "the memory still plugged lost its words"); return; }
+	printf("mem: unplugged to %lu MiB\n", requested >> 20);
+	if (mem_request(MEM_UNPLUG_ALL, 0, 0, 0) != MEM_ACK || mem_config(MEM_CFG_PLUGGED) != 0) { report("mem", 0, "UNPLUG_ALL did not unplug everything"); return; }
+	/* No block of the region is plugged: it is no memory at all now (its KVM slots are gone),
+	 * and an access exits to the VMM, where reads of nothing return all-ones. */
+	*(volatile uint64_t *)mem_addr = 0;
+	if (*(volatile uint64_t *)mem_addr != ~0UL) { report("mem", 0, "unplugged memory is still memory"); return; }
+	puts("mem: unplugged all; the region reads as nothing\n");
+	report("mem", 1, 0);
 }
 
 /* ---- virtio-blk (virtio 1.2, 5.2) ---- */
@@ -2222,12 +2467,26 @@ static void check_snapshot(void)
 	int have_vsock = find_virtio(VIRTIO_ID_VSOCK, &vs) && !vs_start();
 	if (have_vsock)
 		ioapic_route(vs.irq, DEVICE_VECTOR);
+	/* Hot-plugged memory that check_mem left plugged: each tick checks a word in every MiB of
+	 * it and asks the device for the blocks' state. */
+	int mem_bad = 0;
+	/* A pmem device: each tick reads the first line of its file, printed when it changes. */
+	uint64_t pmem_start = 0, pmem_size = 0;
+	char pmem_line[33] = "", pmem_seen[33] = "";
+	if (find_virtio(VIRTIO_ID_PMEM, &pmemdev)) {
+		pmem_region(&pmemdev, &pmem_start, &pmem_size);
+		if (pmem_start + pmem_size <= (uint64_t)HIGH_MAP_GIB << 30)
+			map_device_memory();
+		else
+			pmem_start = 0;
+	}
 
 	lapic_write(0xf0, 0x1ff);
 	lapic_write(0x3e0, 0xb);			/* divide by 1 */
 	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
 	lapic_write(0x380, 1000000);
 	printf("snapshot: ticking (disk %s, network %s, entropy %s, vsock %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", have_vsock ? "yes" : "no");
+	printf("snapshot: ticking (disk %s, network %s, entropy %s, pmem %s, hot-plugged %lu MiB)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", pmem_start ? "yes" : "no", mem_kept >> 20);
 	uint64_t now = now_us(), next = now, last = now, last_tick = now;
 	int key = -1, clock_back = 0, clock_jump = 0, marker_bad = 0, io_bad = 0, tx_bad = 0;
 	char payload[32];
@@ -2311,6 +2570,29 @@ static void check_snapshot(void)
 				if (!rng_bad++)
 					printf("FAIL snapshot: the entropy device did not answer at tick %lu\n", tick);
 				problem = problem ? problem : "the entropy device stopped answering";
+			}
+		}
+		if (mem_kept) {
+			unsigned state = 0xff, answer = mem_request(MEM_STATE, mem_addr, mem_kept / mem_block, &state);
+			uint64_t wrong = 0;
+			for (uint64_t a = mem_addr; a < mem_addr + mem_kept; a += 1 << 20)
+				wrong += *(volatile uint64_t *)a != mem_word(a);
+			if ((answer != MEM_ACK || state != MEM_PLUGGED || wrong) && !mem_bad++) {
+				printf("FAIL snapshot: hot-plugged memory: state %u/%u, %lu words lost at tick %lu\n", answer, state, wrong, tick);
+				problem = problem ? problem : "the hot-plugged memory changed";
+			}
+		}
+		if (pmem_start) {
+			size_t n = 0;
+			for (volatile char *c = (volatile char *)pmem_start; n < 32 && c[n] && c[n] != '\n'; n++)
+				pmem_line[n] = c[n];
+			pmem_line[n] = 0;
+			int same = 1;
+			for (size_t i = 0; i <= n; i++)
+				same &= pmem_line[i] == pmem_seen[i];
+			if (!same || !tick) {
+				printf("snap-pmem: %s at tick %lu\n", pmem_line, tick);
+				memcpy(pmem_seen, pmem_line, n + 1);
 			}
 		}
 		snap_ticks = tick + 1;
@@ -2420,7 +2702,7 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon")) && !tsc_calibrate())
+	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon") || wants("pmem") || wants("mem")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
@@ -2430,6 +2712,8 @@ static void run_checks(const char *protocol)
 		if (wants("rng")) check_rng();
 		if (wants("vsock")) check_vsock();
 		if (wants("balloon")) check_balloon();
+		if (wants("pmem")) check_pmem();
+		if (wants("mem")) check_mem();
 		if (wants("ticks")) check_ticks();
 		if (wants("snapshot")) check_snapshot();
 		if (wants("ctrlaltdel")) check_ctrlaltdel();

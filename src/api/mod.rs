@@ -74,6 +74,16 @@ pub enum ApiRequest {
     GetBalloonHintingStatus,
     /// `PATCH /balloon/hinting/stop`
     StopBalloonHinting,
+    /// `PUT /pmem/{id}`
+    PutPmem(crate::config::PmemConfig),
+    /// `PATCH /pmem/{id}`
+    PatchPmem(model::PartialPmem),
+    /// `PUT /hotplug/memory`
+    PutMemoryHotplug(crate::config::MemoryHotplugConfig),
+    /// `PATCH /hotplug/memory`
+    PatchMemoryHotplug(model::MemoryHotplugSizeUpdate),
+    /// `GET /hotplug/memory`
+    GetMemoryHotplug,
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -98,6 +108,8 @@ impl ApiRequest {
                 | Self::PutSerial(_)
                 | Self::PutCpuConfig(_)
                 | Self::PutBalloon(_)
+                | Self::PutPmem(_)
+                | Self::PutMemoryHotplug(_)
         )
     }
 }
@@ -138,11 +150,7 @@ impl ApiResponse {
 }
 
 /// Endpoints of later work: answered with 400 and a clear message until they exist.
-const NOT_YET: &[(&str, &str)] = &[
-    ("/mmds", "MMDS"),
-    ("/pmem", "pmem devices"),
-    ("/hotplug/memory", "memory hot-plug"),
-];
+const NOT_YET: &[(&str, &str)] = &[("/mmds", "MMDS")];
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
     if bytes.is_empty() {
@@ -265,6 +273,19 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         }
         ("GET", "balloon", Some("hinting/status")) => ApiRequest::GetBalloonHintingStatus,
         ("PATCH", "balloon", Some("hinting/stop")) => ApiRequest::StopBalloonHinting,
+        ("PUT", "pmem", Some(id)) => {
+            let p: crate::config::PmemConfig = body(bytes)?;
+            same_id(id, &p.id, "pmem")?;
+            ApiRequest::PutPmem(p)
+        }
+        ("PUT", "hotplug", Some("memory")) => ApiRequest::PutMemoryHotplug(body(bytes)?),
+        ("PATCH", "hotplug", Some("memory")) => ApiRequest::PatchMemoryHotplug(body(bytes)?),
+        ("GET", "hotplug", Some("memory")) => ApiRequest::GetMemoryHotplug,
+        ("PATCH", "pmem", Some(id)) => {
+            let p: model::PartialPmem = body(bytes)?;
+            same_id(id, &p.id, "pmem")?;
+            ApiRequest::PatchPmem(p)
+        }
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    parse_mac, CacheType, DiskConfig, IoEngine, NetConfig, RateLimiterConfig, VmConfig,
+    parse_mac, CacheType, DiskConfig, IoEngine, NetConfig, PmemConfig, RateLimiterConfig, VmConfig,
     DEFAULT_CMDLINE,
 };
 
@@ -237,6 +237,70 @@ impl crate::config::VsockConfig {
             ));
         }
         Ok(self.clone())
+    }
+}
+
+/// `PATCH /pmem/{id}`: a new rate limiter for a running pmem device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialPmem {
+    /// The device's id.
+    pub id: String,
+    /// Changes to the rate limiter: the buckets given replace the current ones.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PATCH /hotplug/memory`: the size the guest should have plugged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugSizeUpdate {
+    /// MiB: a multiple of the block size, at most the region's size.
+    pub requested_size_mib: u64,
+}
+
+/// Checks a rate limiter a client gave: refused when a bucket is unusable.
+fn check_rate_limiter(limiter: Option<&RateLimiterConfig>) -> Result<(), BadRequest> {
+    if let Some(limiter) = limiter {
+        crate::rate_limiter::RateLimiter::new(limiter)
+            .map_err(|e| BadRequest(crate::error_chain(&e)))?;
+    }
+    Ok(())
+}
+
+impl PmemConfig {
+    /// Adds or replaces the pmem device in `config`, as `PUT /pmem/{id}` does: at most one
+    /// root device among the drives and pmem devices.
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), BadRequest> {
+        check_id("pmem", &self.id)?;
+        if self.path_on_host.as_os_str().is_empty() {
+            return bad(format!("pmem {}: path_on_host is empty", self.id));
+        }
+        if self.root_device {
+            if let Some(drive) = config.disks.iter().find(|d| d.root) {
+                return bad(format!(
+                    "pmem {} cannot be the root device: drive {} already is",
+                    self.id,
+                    drive.id.as_deref().unwrap_or("?")
+                ));
+            }
+            if let Some(other) = (config.pmem.iter()).find(|p| p.root_device && p.id != self.id) {
+                return bad(format!(
+                    "pmem {} cannot be the root device: pmem {} already is",
+                    self.id, other.id
+                ));
+            }
+        }
+        check_rate_limiter(self.rate_limiter.as_ref())?;
+        let pmem = Self {
+            rate_limiter: self.rate_limiter.and_then(RateLimiterConfig::normalized),
+            ..self.clone()
+        };
+        match config.pmem.iter_mut().find(|p| p.id == self.id) {
+            Some(existing) => *existing = pmem,
+            None => config.pmem.push(pmem),
+        }
+        Ok(())
     }
 }
 
@@ -477,13 +541,23 @@ pub struct FullVmConfig {
     /// The balloon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<crate::config::BalloonConfig>,
+    /// Persistent memory devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<PmemConfig>,
+    /// Hot-pluggable memory.
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<crate::config::MemoryHotplugConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
-const NOT_YET: &[&str] = &["mmds-config", "pmem", "memory-hotplug"];
+const NOT_YET: &[&str] = &["mmds-config"];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
@@ -642,6 +716,12 @@ impl Drive {
             ))
         })?;
         if self.is_root_device {
+            if let Some(pmem) = config.pmem.iter().find(|p| p.root_device) {
+                return bad(format!(
+                    "drive {} cannot be the root device: pmem {} already is",
+                    self.drive_id, pmem.id
+                ));
+            }
             if let Some(other) = config
                 .disks
                 .iter()
@@ -801,6 +881,13 @@ impl FullVmConfig {
         if let Some(b) = &self.balloon {
             config.balloon = Some(b.checked(config.memory_mib)?);
         }
+        for p in &self.pmem {
+            p.apply(&mut config)?;
+        }
+        if let Some(h) = &self.memory_hotplug {
+            h.validate().map_err(BadRequest)?;
+            config.memory_hotplug = Some(*h);
+        }
         Ok(config)
     }
 
@@ -826,6 +913,8 @@ impl FullVmConfig {
             serial: SerialConfig::of(config),
             cpu_config: config.cpu_config.clone(),
             balloon: config.balloon,
+            pmem: config.pmem.clone(),
+            memory_hotplug: config.memory_hotplug,
             unsupported: std::collections::BTreeMap::new(),
         }
     }
@@ -1005,6 +1094,51 @@ mod tests {
             .unwrap()
             .to_vm_config()
             .is_err());
+    }
+
+    /// The config file's pmem and memory-hotplug sections: taken with Firecracker's rules
+    /// (one root device among drives and pmem devices; hot-plug sizes checked), shown back.
+    #[test]
+    fn pmem_and_memory_hotplug_sections() {
+        let doc = r#"{
+            "boot-source": {"kernel_image_path": "/k"},
+            "pmem": [{"id": "pm0", "path_on_host": "/p0", "root_device": true},
+                     {"id": "pm1", "path_on_host": "/p1", "read_only": true}],
+            "memory-hotplug": {"total_size_mib": 1024}
+        }"#;
+        let full: FullVmConfig = parse(doc).unwrap();
+        let config = full.to_vm_config().unwrap();
+        assert_eq!(config.pmem.len(), 2);
+        assert!(config.pmem[0].root_device && config.pmem[1].read_only);
+        let hotplug = config.memory_hotplug.unwrap();
+        assert_eq!(
+            (hotplug.slot_size_mib, hotplug.block_size_mib),
+            (128, 2),
+            "Firecracker's defaults"
+        );
+        let back = FullVmConfig::of(&config, None, None);
+        assert_eq!(back.to_vm_config().unwrap(), config);
+        let two_roots = doc.replace(r#""read_only": true"#, r#""root_device": true"#);
+        let full: FullVmConfig = parse(&two_roots).unwrap();
+        assert!(full
+            .to_vm_config()
+            .unwrap_err()
+            .0
+            .contains("pmem pm0 already is"));
+        let bad_size = doc.replace("1024}", r#"1024, "block_size_mib": 3}"#);
+        let full: FullVmConfig = parse(&bad_size).unwrap();
+        assert!(full.to_vm_config().unwrap_err().0.contains("power of two"));
+        let mut c = VmConfig::new("k");
+        let root_pmem: PmemConfig =
+            parse(r#"{"id": "pm0", "path_on_host": "/p", "root_device": true}"#).unwrap();
+        root_pmem.apply(&mut c).unwrap();
+        let root_drive: Drive =
+            parse(r#"{"drive_id":"rootfs","path_on_host":"/img","is_root_device":true}"#).unwrap();
+        assert!(root_drive
+            .apply(&mut c)
+            .unwrap_err()
+            .0
+            .contains("pmem pm0 already is"));
     }
 
     #[test]

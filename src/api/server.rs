@@ -325,9 +325,13 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
             body: Some(serde_json::json!({ "error": message, "fault_message": message })),
         }
     };
-    // Refused at once, as Firecracker does: waiting for a body that may never come (a
-    // declared length the client does not send) held the answer for the read timeout.
+    // Refused without waiting for a body that may never come (a declared length the client
+    // does not send held the answer for the read timeout): what arrives within a moment is
+    // read and dropped, so that a client still sending is not reset before it reads the
+    // answer.
     if let Some(len) = declared.filter(|&l| l > MAX_PAYLOAD as u64) {
+        let body = Limited::new(req.into_body(), DISCARD_LIMIT);
+        let _ = tokio::time::timeout(Duration::from_millis(200), body.collect()).await;
         return too_large(len.to_string());
     }
     // Read (up to DISCARD_LIMIT) even a body that is too large, so the client is not reset

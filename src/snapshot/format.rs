@@ -183,8 +183,10 @@ mod tests {
         use crate::devices::legacy::serial::SerialState;
         use crate::devices::virtio::balloon::{BalloonState, HintingState};
         use crate::devices::virtio::block::BlockState;
+        use crate::devices::virtio::mem::VirtioMemState;
         use crate::devices::virtio::mmio::MmioTransportState;
         use crate::devices::virtio::net::NetState;
+        use crate::devices::virtio::pmem::PmemState;
         use crate::devices::virtio::rng::RngState;
         use crate::devices::virtio::vsock::VsockState;
         use crate::devices::virtio::{QueueSnapshot, VirtioState};
@@ -295,7 +297,7 @@ mod tests {
             balloon: vec![VirtioSlotState {
                 id: "balloon".into(),
                 slot: 4,
-                transport,
+                transport: transport.clone(),
                 device: BalloonState {
                     target_pages: 512,
                     actual_pages: 256,
@@ -311,6 +313,36 @@ mod tests {
                         guest_cmd: Some(2),
                         acknowledge_on_stop: true,
                     },
+                    virtio: virtio.clone(),
+                },
+            }],
+            pmem: vec![VirtioSlotState {
+                id: "pmem0".into(),
+                slot: 5,
+                transport: transport.clone(),
+                device: PmemState {
+                    path: "pmem.img".into(),
+                    read_only: true,
+                    root_device: true,
+                    start: 1 << 32,
+                    size: 2 << 20,
+                    slot: 8,
+                    rate_limiter: limiter,
+                    virtio: virtio.clone(),
+                },
+            }],
+            memory_hotplug: vec![VirtioSlotState {
+                id: "memory-hotplug".into(),
+                slot: 6,
+                transport,
+                device: VirtioMemState {
+                    addr: 5 << 30,
+                    region_size: 1 << 30,
+                    block_size: 2 << 20,
+                    slot_size: 128 << 20,
+                    usable_region_size: 256 << 20,
+                    requested_size: 200 << 20,
+                    plugged: vec![u64::MAX, 1, 0, 0, 0, 0, 0, 0],
                     virtio,
                 },
             }],

@@ -204,12 +204,49 @@ impl MicrovmState {
         if self.vcpus.is_empty() {
             return Err(SnapshotError::Invalid("it has no vCPU"));
         }
-        memory::check_regions(&self.memory)
+        if self.devices.memory_hotplug.len() > 1 {
+            return Err(SnapshotError::Invalid("it has two memory hot-plug devices"));
+        }
+        if let Some(device) = self.devices.memory_hotplug.first() {
+            use crate::arch::x86_64::layout::{DEVICE_MEMORY_ALIGNMENT, MMIO_HOLE_END};
+            let fits = self.memory.last().is_some_and(|r| {
+                r.base == device.device.addr
+                    && r.size == device.device.region_size
+                    && r.base >= MMIO_HOLE_END
+                    && r.base.is_multiple_of(DEVICE_MEMORY_ALIGNMENT)
+                    && r.offset
+                        .is_multiple_of(crate::vstate::memory::PAGE_SIZE as u64)
+            });
+            if !fits {
+                return Err(SnapshotError::Invalid(
+                    "the hot-plug region is not the last memory region, where Skiff places it",
+                ));
+            }
+        }
+        memory::check_regions(self.ram_regions())
+    }
+
+    /// The guest RAM regions: every memory region but the hot-plug one, which is the last
+    /// when the VM has a memory hot-plug device.
+    pub fn ram_regions(&self) -> &[MemoryRegionState] {
+        let ram = self.memory.len() - usize::from(self.hotplug_region().is_some());
+        &self.memory[..ram]
     }
 
     /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and
     /// the other devices
     /// (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
+    /// The memory hot-plug region in the memory file, if the VM has one.
+    pub fn hotplug_region(&self) -> Option<&MemoryRegionState> {
+        let device = &self.devices.memory_hotplug.first()?.device;
+        self.memory
+            .last()
+            .filter(|r| r.base == device.addr && r.size == device.region_size)
+    }
+
+    /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and
+    /// pmem devices (what `GET /vm/config` shows afterwards); `network_overrides` as given to
+    /// the restore.
     pub fn describe_in(
         &self,
         config: &mut crate::VmConfig,
@@ -245,6 +282,21 @@ impl MicrovmState {
             free_page_hinting: b.device.free_page_hinting,
             free_page_reporting: b.device.free_page_reporting,
         });
+        config.pmem = (self.devices.pmem.iter())
+            .map(|p| crate::config::PmemConfig {
+                id: p.id.clone(),
+                path_on_host: p.device.path.clone(),
+                root_device: p.device.root_device,
+                read_only: p.device.read_only,
+                rate_limiter: p.device.rate_limiter,
+            })
+            .collect();
+        config.memory_hotplug =
+            (self.devices.memory_hotplug.first()).map(|m| crate::config::MemoryHotplugConfig {
+                total_size_mib: m.device.region_size >> 20,
+                slot_size_mib: m.device.slot_size >> 20,
+                block_size_mib: m.device.block_size >> 20,
+            });
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
                 tap: (network_overrides.iter())
@@ -258,8 +310,8 @@ impl MicrovmState {
             .collect();
     }
 
-    /// Guest memory in MiB.
+    /// Guest RAM in MiB (without the hot-plug region).
     pub fn memory_mib(&self) -> u64 {
-        self.memory.iter().map(|r| r.size).sum::<u64>() >> 20
+        self.ram_regions().iter().map(|r| r.size).sum::<u64>() >> 20
     }
 }

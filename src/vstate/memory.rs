@@ -1,11 +1,18 @@
 //! Guest RAM: the regions around the 32-bit MMIO hole, mapped with vm-memory (anonymous, or
 //! privately from a snapshot's memory file) and registered with KVM as memory slots; and the
-//! pages written since the last snapshot, from KVM's dirty log and vm-memory's bitmap.
+//! pages written since the last snapshot, from KVM's dirty log and vm-memory's bitmap. Also
+//! the device memory outside RAM: host files mapped shared for virtio-pmem, and the virtio-mem
+//! hot-plug region, which is part of guest memory (the last region) but reaches KVM only in
+//! slots whose blocks are plugged.
+//!
+//! KVM memory slots: RAM takes slots 0 and 1 (one per region), virtio-pmem devices slots from
+//! [`PMEM_FIRST_SLOT`], one each, and the hot-plug region slots from [`HOTPLUG_FIRST_SLOT`],
+//! one per `slot_size` bytes of it.
 
 use std::fs::File;
 use std::num::NonZeroUsize;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -21,6 +28,20 @@ pub type GuestRegionMmap = vm_memory::GuestRegionMmap<Option<AtomicBitmap>>;
 
 /// The page size dirty pages are counted in.
 pub const PAGE_SIZE: usize = 4096;
+
+/// The KVM memory slot of the first virtio-pmem device; the next ones follow.
+pub const PMEM_FIRST_SLOT: u32 = 8;
+/// The KVM memory slot of the hot-plug region's first slot; the next ones follow.
+pub const HOTPLUG_FIRST_SLOT: u32 = 32;
+
+// KVM_SET_USER_MEMORY_REGION, for the hot-plug slots the event thread adds and removes on a
+// duplicate of the VM's descriptor (KVM API 4.35).
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    kvm_bindings::KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
 
 /// Errors while creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +98,305 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+/// A host file mapped shared into Skiff for the guest (virtio-pmem): the file's bytes, then
+/// anonymous private memory up to the region's size (as Firecracker pads a file that is not a
+/// multiple of the region granule; what the guest writes there is not kept). Unmapped when
+/// dropped; a KVM slot over it must go first, or with the VM.
+#[derive(Debug)]
+pub struct FileMapping {
+    addr: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; moving it to another thread moves
+// nothing but the address, and every access to the bytes goes through KVM or the guest.
+unsafe impl Send for FileMapping {}
+
+impl FileMapping {
+    /// Maps `file_len` bytes of `file` shared at the start of a `len`-byte region, readable,
+    /// and writable unless `read_only` (the file must be open for writing then). `len` must
+    /// be at least `file_len`.
+    pub fn new(
+        file: &File,
+        file_len: u64,
+        len: u64,
+        read_only: bool,
+    ) -> Result<Self, std::io::Error> {
+        use std::os::fd::AsRawFd;
+        let (Ok(file_len), Ok(len)) = (usize::try_from(file_len), usize::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EOVERFLOW));
+        };
+        if file_len == 0 || len < file_len {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let prot = if read_only {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: a new anonymous mapping at an address of the kernel's choosing; the result
+        // is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        let Some(addr) = std::ptr::NonNull::new(base).filter(|_| base != libc::MAP_FAILED) else {
+            return Err(std::io::Error::last_os_error());
+        };
+        let mapping = Self { addr, len };
+        // SAFETY: [base, base + file_len) lies inside the anonymous mapping just made, which
+        // `mapping` owns and nothing else uses yet; MAP_FIXED replaces that part with the file.
+        let got = unsafe {
+            libc::mmap(
+                base,
+                file_len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if got != base {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(mapping)
+    }
+
+    /// Where the mapping starts in Skiff's address space.
+    pub fn host_addr(&self) -> u64 {
+        self.addr.as_ptr() as u64
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Whether it is empty (it never is).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mapped in `new`, owned by this value and used by nothing
+        // once it is dropped.
+        unsafe {
+            libc::munmap(self.addr.as_ptr(), self.len);
+        }
+    }
+}
+
+/// Gives the guest `mapping` at guest physical address `gpa` as KVM memory slot `slot`;
+/// `read_only` slots take guest reads only, and guest writes to them exit to Skiff as MMIO
+/// writes (KVM API, KVM_MEM_READONLY), where nothing answers them.
+pub fn register_file_mapping(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    mapping: &FileMapping,
+    read_only: bool,
+) -> Result<(), MemoryError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: if read_only { KVM_MEM_READONLY } else { 0 },
+        guest_phys_addr: gpa,
+        memory_size: mapping.len(),
+        userspace_addr: mapping.host_addr(),
+    };
+    // SAFETY: the host range is `mapping`'s live mapping, which its owner (the pmem device)
+    // keeps for as long as the VM exists; the caller places it outside every other slot.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+        MemoryError::SetUserMemoryRegion {
+            slot,
+            mib: mapping.len() >> 20,
+            gpa,
+            source,
+        }
+    })
+}
+
+/// Maps the hot-plug region, `size` bytes at guest physical address `gpa`, anonymous and
+/// private (nothing is allocated until the guest, or a device, writes a page), with a dirty
+/// bitmap when `track_dirty`, and adds it to `mem` as its last region.
+pub fn add_hotplug_region(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    size: u64,
+    track_dirty: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let region = MemoryRegionState {
+        base: gpa,
+        size,
+        offset: 0,
+    };
+    with_region(mem, anonymous_region(&region, track_dirty)?)
+}
+
+/// `mem` with `region` added (the hot-plug region, mapped as RAM was, once RAM is registered
+/// with KVM).
+pub fn with_region(
+    mem: &GuestMemoryMmap,
+    region: GuestRegionMmap,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    mem.insert_region(std::sync::Arc::new(region))
+        .map_err(|_| MemoryError::Regions)
+}
+
+/// The hot-plug region's KVM memory slots: one per `slot_size` bytes, present while any
+/// block in it is plugged. A slot that is not present is no memory to the guest at all (its
+/// accesses exit to Skiff as MMIO, where nothing answers), so a guest gets at most what it
+/// was allowed to plug, rounded up to a slot.
+#[derive(Debug)]
+pub struct HotplugSlots {
+    /// A duplicate of the VM's descriptor: the event thread changes slots through it.
+    vm: File,
+    gpa: u64,
+    host: u64,
+    slot_size: u64,
+    present: Vec<bool>,
+    log_dirty: bool,
+}
+
+impl HotplugSlots {
+    /// The slots of `mem`'s region at `gpa` (`size` bytes, a multiple of `slot_size`), none
+    /// present yet; with `log_dirty`, KVM records the guest's writes in each once present.
+    pub fn new(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        size: u64,
+        slot_size: u64,
+        log_dirty: bool,
+    ) -> Result<Self, MemoryError> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let host = mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| MemoryError::Regions)?;
+        let fits = mem
+            .find_region(GuestAddress(gpa))
+            .is_some_and(|r| r.start_addr().0 == gpa && r.len() == size);
+        if !fits || slot_size == 0 || !size.is_multiple_of(slot_size) {
+            return Err(MemoryError::Regions);
+        }
+        // SAFETY: the VM's descriptor is open for the whole call (`vm` is borrowed).
+        let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+        let vm = File::from(vm_fd.try_clone_to_owned().map_err(|e| {
+            MemoryError::SetUserMemoryRegion {
+                slot: HOTPLUG_FIRST_SLOT,
+                mib: slot_size >> 20,
+                gpa,
+                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EBADF)),
+            }
+        })?);
+        let count = usize::try_from(size / slot_size).map_err(|_| MemoryError::Regions)?;
+        Ok(Self {
+            vm,
+            gpa,
+            host: host as u64,
+            slot_size,
+            present: vec![false; count],
+            log_dirty,
+        })
+    }
+
+    /// How many slots the region has.
+    pub fn count(&self) -> usize {
+        self.present.len()
+    }
+
+    /// Makes slot `index` present to the guest (or removes it), if it is not so already.
+    pub fn set_present(&mut self, index: usize, present: bool) -> Result<(), MemoryError> {
+        if self.present.get(index) == Some(&present) {
+            return Ok(());
+        }
+        let offset = self.slot_size * index as u64;
+        let slot = HOTPLUG_FIRST_SLOT + u32::try_from(index).map_err(|_| MemoryError::Regions)?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if self.log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: self.gpa + offset,
+            // Size 0 deletes the slot (KVM API 4.35).
+            memory_size: if present { self.slot_size } else { 0 },
+            userspace_addr: self.host + offset,
+        };
+        // SAFETY: the host range is part of the hot-plug region's mapping, which guest memory
+        // owns and keeps for as long as the VM; slots of the region do not overlap each other
+        // or any other slot. The ioctl reads `region` only.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, KVM_SET_USER_MEMORY_REGION(), &region)
+        };
+        if ret < 0 {
+            return Err(MemoryError::SetUserMemoryRegion {
+                slot,
+                mib: self.slot_size >> 20,
+                gpa: region.guest_phys_addr,
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        self.present[index] = present;
+        Ok(())
+    }
+
+    /// The region's pages the guest wrote since the last call (one bit per page), from the
+    /// dirty log of each present slot; absent slots hold nothing the guest wrote.
+    fn take_dirty_log(&self, vm: &VmFd) -> Result<Vec<u64>, MemoryError> {
+        let words_per_slot = usize::try_from(self.slot_size / (PAGE_SIZE as u64 * 64))
+            .map_err(|_| MemoryError::Regions)?;
+        let mut pages = vec![0u64; words_per_slot * self.present.len()];
+        for (index, _) in self.present.iter().enumerate().filter(|(_, &p)| p) {
+            let slot =
+                HOTPLUG_FIRST_SLOT + u32::try_from(index).map_err(|_| MemoryError::Regions)?;
+            let len = usize::try_from(self.slot_size).map_err(|_| MemoryError::Regions)?;
+            let log = vm
+                .get_dirty_log(slot, len)
+                .map_err(|e| MemoryError::DirtyLog(slot, e))?;
+            let at = index * words_per_slot;
+            for (word, got) in pages[at..at + words_per_slot].iter_mut().zip(log) {
+                *word |= got;
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Whether `gpa` is where the region starts.
+    fn starts_at(&self, gpa: u64) -> bool {
+        self.gpa == gpa
+    }
+}
+
+/// Gives `len` bytes of guest memory at `gpa` back to the host (madvise MADV_DONTNEED): the
+/// pages are freed and read back as zeros, or from the memory file of a restored VM.
+pub fn release_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<()> {
+    let einval = || std::io::Error::from_raw_os_error(libc::EINVAL);
+    let region = mem.find_region(GuestAddress(gpa)).ok_or_else(einval)?;
+    let offset = gpa - region.start_addr().0;
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(einval());
+    }
+    let host = mem
+        .get_host_address(GuestAddress(gpa))
+        .map_err(|_| einval())?;
+    let len = usize::try_from(len).map_err(|_| einval())?;
+    // SAFETY: [host, host + len) lies inside one region's live mapping (checked above), which
+    // `mem` owns; MADV_DONTNEED only drops its pages, the mapping stays.
+    if unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTNEED) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The guest physical ranges that hold `size` bytes of RAM: below the MMIO hole, then above
@@ -297,6 +617,24 @@ pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<MemoryRegionState> {
         .collect()
 }
 
+/// Maps `r` anonymous and empty (its file offset unused), with a dirty bitmap when
+/// `track_dirty`.
+pub fn anonymous_region(
+    r: &MemoryRegionState,
+    track_dirty: bool,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(r.size).map_err(|_| MemoryError::Regions)?;
+    let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| MemoryError::Mmap {
+            mib: r.size >> 20,
+            source: vm_memory::mmap::FromRangesError::MmapRegion(e),
+        })?;
+    GuestRegionMmap::new(region, GuestAddress(r.base)).ok_or(MemoryError::Regions)
+}
+
 /// Maps `regions` anonymous and empty, for a restore whose pages an external handler fills
 /// (the Uffd backend): the same layout and dirty bitmaps as [`memory_from_file`].
 pub fn memory_anonymous(
@@ -305,20 +643,33 @@ pub fn memory_anonymous(
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let regions = regions
         .iter()
-        .map(|r| {
-            let len = usize::try_from(r.size).map_err(|_| MemoryError::Regions)?;
-            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| MemoryError::Mmap {
-                    mib: r.size >> 20,
-                    source: vm_memory::mmap::FromRangesError::MmapRegion(e),
-                })?;
-            GuestRegionMmap::new(region, GuestAddress(r.base)).ok_or(MemoryError::Regions)
-        })
+        .map(|r| anonymous_region(r, track_dirty))
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
+}
+
+/// Maps region `r` of `file` privately (see [`memory_from_file`]).
+pub fn file_region(
+    file: &File,
+    r: &MemoryRegionState,
+    track_dirty: bool,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(r.size).map_err(|_| MemoryError::Regions)?;
+    let fail = |source| MemoryError::MmapFile {
+        len: r.size,
+        offset: r.offset,
+        source,
+    };
+    let file = file
+        .try_clone()
+        .map_err(|e| fail(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+    let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
+        .with_file_offset(FileOffset::new(file, r.offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(fail)?;
+    GuestRegionMmap::new(region, GuestAddress(r.base)).ok_or(MemoryError::Regions)
 }
 
 /// Maps `regions` of `file` privately: pages are read from the file on first touch, a page the
@@ -331,24 +682,7 @@ pub fn memory_from_file(
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let regions = regions
         .iter()
-        .map(|r| {
-            let len = usize::try_from(r.size).map_err(|_| MemoryError::Regions)?;
-            let fail = |source| MemoryError::MmapFile {
-                len: r.size,
-                offset: r.offset,
-                source,
-            };
-            let file = file
-                .try_clone()
-                .map_err(|e| fail(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
-            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
-                .with_file_offset(FileOffset::new(file, r.offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(fail)?;
-            GuestRegionMmap::new(region, GuestAddress(r.base)).ok_or(MemoryError::Regions)
-        })
+        .map(|r| file_region(file, r, track_dirty))
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
 }
@@ -408,16 +742,24 @@ pub fn map_file_over(
 }
 
 /// The pages of each region written since the last call (one bit per page, 64 to a word): the
-/// guest's writes from KVM's dirty log, Skiff's own (device DMA) from the region's bitmap.
-/// Both are cleared. Needs memory registered with dirty logging and tracked bitmaps.
-pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MemoryError> {
+/// guest's writes from KVM's dirty log (for the hot-plug region, that of its present slots),
+/// Skiff's own (device DMA) from the region's bitmap. Both are cleared. Needs memory
+/// registered with dirty logging and tracked bitmaps.
+pub fn take_dirty_pages(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    hotplug: Option<&HotplugSlots>,
+) -> Result<Vec<Vec<u64>>, MemoryError> {
     (0u32..)
         .zip(mem.iter())
         .map(|(slot, region)| {
             let len = usize::try_from(region.len()).map_err(|_| MemoryError::Regions)?;
-            let mut pages = vm
-                .get_dirty_log(slot, len)
-                .map_err(|e| MemoryError::DirtyLog(slot, e))?;
+            let mut pages = match hotplug.filter(|h| h.starts_at(region.start_addr().0)) {
+                Some(h) => h.take_dirty_log(vm)?,
+                None => vm
+                    .get_dirty_log(slot, len)
+                    .map_err(|e| MemoryError::DirtyLog(slot, e))?,
+            };
             if let Some(bitmap) = region.get_mmap().bitmap() {
                 for (word, own) in pages.iter_mut().zip(bitmap.get_and_reset()) {
                     *word |= own;

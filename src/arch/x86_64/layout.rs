@@ -15,6 +15,9 @@
 //! 0x0010_0000  kernel (high memory start); initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (1 GiB): virtio-mmio devices, IOAPIC, LAPIC, TSS
 //! 0x1_0000_0000  RAM above 4 GiB when the guest has more than 3 GiB
+//! device memory  from the first GiB boundary at or above both 4 GiB and the end of RAM: each
+//!                virtio-pmem device's file (2 MiB-aligned, one after the other), then the
+//!                virtio-mem hot-plug region (1 GiB-aligned); none of it is in the e820 map
 //! ```
 
 /// GDT used by both boot protocols.
@@ -77,6 +80,24 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
 pub const APIC_START: u64 = 0xfee0_0000;
+
+/// Alignment of the device-memory window, and of the hot-plug region in it.
+pub const DEVICE_MEMORY_ALIGNMENT: u64 = 1 << 30;
+/// Alignment (and size granule) of a virtio-pmem region: Linux maps it with
+/// `devm_memremap_pages`, whose sub-section hot-plug needs 2 MiB (as Firecracker aligns it).
+pub const PMEM_ALIGNMENT: u64 = 2 << 20;
+
+/// First guest physical address of the device-memory window for a guest whose RAM ends at
+/// `ram_end`: the first [`DEVICE_MEMORY_ALIGNMENT`] boundary at or above both 4 GiB and
+/// `ram_end`. virtio-pmem regions start here; the virtio-mem region follows them at the next
+/// [`DEVICE_MEMORY_ALIGNMENT`] boundary, so that it starts on a Linux memory block (128 MiB
+/// on x86-64 guests below 64 GiB of RAM, larger on bigger ones: Linux's virtio_mem adds and
+/// removes whole blocks only), and on a KVM slot (128 MiB or more).
+pub fn device_memory_start(ram_end: u64) -> u64 {
+    ram_end
+        .max(MMIO_HOLE_END)
+        .next_multiple_of(DEVICE_MEMORY_ALIGNMENT)
+}
 
 /// Legacy IRQ lines (GSIs) routed through the IOAPIC: 0-23.
 pub const IOAPIC_NUM_PINS: u32 = 24;

@@ -3,8 +3,10 @@
 
 pub mod balloon;
 pub mod block;
+pub mod mem;
 pub mod mmio;
 pub mod net;
+pub mod pmem;
 pub mod rng;
 pub mod vsock;
 
@@ -376,6 +378,9 @@ pub enum ActivateError {
     /// The activation event could not be signalled.
     #[error("cannot signal activation")]
     Signal(#[source] io::Error),
+    /// The driver did not accept a feature the device cannot work without.
+    #[error("the driver did not accept {0}")]
+    FeatureRequired(&'static str),
 }
 
 /// A virtio device as the MMIO transport sees it. The transport runs on vCPU threads; queue
