@@ -391,6 +391,8 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         disks: args.disk,
         nets: args.net,
         entropy: args.entropy,
+        mmds: None,
+        mmds_store: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,
