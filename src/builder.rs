@@ -18,6 +18,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::metrics::UartMetrics;
+use crate::mmds::{MmdsConfig, MmdsStore};
 use crate::seccomp::Filters;
 use crate::snapshot::{self, MemBackend, MicrovmState, UffdBackend};
 use crate::vmm::{Vm, VmParts, VmmError};
@@ -49,6 +50,9 @@ pub struct RestoreConfig {
     pub console: ConsoleConfig,
     /// The seccomp filters the VM's threads install.
     pub seccomp: SeccompConfig,
+    /// The store a restored metadata service answers from (the snapshot keeps none); without
+    /// one it starts empty.
+    pub mmds_store: Option<MmdsStore>,
 }
 
 impl RestoreConfig {
@@ -70,6 +74,7 @@ impl RestoreConfig {
             kvm_device: crate::config::DEFAULT_KVM_DEVICE.into(),
             console: ConsoleConfig::default(),
             seccomp: SeccompConfig::default(),
+            mmds_store: None,
         }
     }
 }
@@ -238,6 +243,19 @@ fn attach_config_devices(
     Ok(params)
 }
 
+/// Step: the metadata service on the interfaces its configuration names, answering from
+/// `store` (an empty one when none is given).
+fn metadata_service(
+    devices: &mut DeviceManager,
+    config: Option<&MmdsConfig>,
+    store: Option<&MmdsStore>,
+) -> Result<(), DeviceError> {
+    match config {
+        Some(config) => devices.attach_mmds(config, store.cloned().unwrap_or_default()),
+        None => Ok(()),
+    }
+}
+
 /// Step: creates the vCPUs on the device buses (on KVM vCPUs made beforehand, when given),
 /// each set up by `setup`.
 fn create_vcpus(
@@ -291,6 +309,11 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .unwrap_or_else(PoisonError::into_inner)
         .set_boot_timer(config.boot_timer);
     let params = attach_config_devices(&mut devices, &vm_fd, &mem, config)?;
+    metadata_service(
+        &mut devices,
+        config.mmds.as_ref(),
+        config.mmds_store.as_ref(),
+    )?;
 
     boot::append_kernel_params(&mut cmdline, &params)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -437,6 +460,12 @@ pub(crate) fn build_from_snapshot(
             .find(|(iface, _)| iface == id)
             .map(|(_, tap)| tap.clone())
     })?;
+    let mmds = state
+        .devices
+        .mmds
+        .as_ref()
+        .map(crate::mmds::MmdsState::config);
+    metadata_service(&mut devices, mmds.as_ref(), restore.mmds_store.as_ref())?;
     let mut saved = state.vcpus.iter();
     let vcpus = create_vcpus(
         &vm_fd,

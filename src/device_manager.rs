@@ -27,6 +27,7 @@ use crate::devices::virtio::net::{Net, NetError, NetState};
 use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
+use crate::mmds::{MmdsConfig, MmdsStack, MmdsState, MmdsStore};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// A device the event thread drives.
@@ -82,6 +83,9 @@ pub enum DeviceError {
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
+    /// The metadata service names an interface the VM does not have.
+    #[error("MMDS: network interface {0} does not exist")]
+    MmdsInterface(String),
 }
 
 /// A restored transport's saved registers and its device's running queues.
@@ -113,6 +117,8 @@ pub struct DevicesState {
     pub nets: Vec<VirtioSlotState<NetState>>,
     /// The entropy device.
     pub entropy: Vec<VirtioSlotState<RngState>>,
+    /// The metadata service (its data store is not kept).
+    pub mmds: Option<MmdsState>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -170,6 +176,8 @@ pub struct DeviceManager {
     progress: Arc<Mutex<BootProgress>>,
     virtio_subscribers: Vec<Subscriber>,
     registry: DeviceRegistry,
+    /// The metadata service, once attached: its configuration and store.
+    mmds: Option<(MmdsConfig, MmdsStore)>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -254,6 +262,7 @@ impl DeviceManager {
             progress,
             virtio_subscribers: Vec::new(),
             registry: DeviceRegistry::default(),
+            mmds: None,
         })
     }
 
@@ -346,7 +355,37 @@ impl DeviceManager {
             entropy: (r.entropy.iter())
                 .map(|(id, s)| slot_state(id, s, Rng::save))
                 .collect(),
+            mmds: self
+                .mmds
+                .as_ref()
+                .map(|(config, _)| MmdsState::save(config)),
         }
+    }
+
+    /// Makes the interfaces `config` names answer for the metadata service from `store`
+    /// (configured with the version and IMDS compatibility `config` gives), at boot or after
+    /// a restore; the network interfaces must be attached first.
+    pub fn attach_mmds(
+        &mut self,
+        config: &MmdsConfig,
+        store: MmdsStore,
+    ) -> Result<(), DeviceError> {
+        let nets = (config.network_interfaces.iter())
+            .map(|id| {
+                (self.registry.nets.get(id)).ok_or_else(|| DeviceError::MmdsInterface(id.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        store.configure(config.version, config.imds_compat);
+        for net in nets {
+            lock(&net.device).set_mmds(Some(MmdsStack::new(config.ipv4(), store.clone())));
+        }
+        self.mmds = Some((config.clone(), store));
+        Ok(())
+    }
+
+    /// The metadata service's store, when the service is attached.
+    pub fn mmds_store(&self) -> Option<&MmdsStore> {
+        self.mmds.as_ref().map(|(_, store)| store)
     }
 
     /// Puts back the virtio devices `state` saved, each in its slot, with its transport and,

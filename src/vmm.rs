@@ -41,7 +41,9 @@ use crate::devices::legacy::i8042::I8042Error;
 use crate::devices::legacy::progress::ProgressRecord;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::net::NetError;
-use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, UartMetrics, VcpuMetrics};
+use crate::metrics::{
+    BlockMetrics, EntropyMetrics, MmdsMetrics, NetMetrics, UartMetrics, VcpuMetrics,
+};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
 use crate::vstate::kvm::KvmError;
@@ -211,6 +213,7 @@ struct MetricsSources {
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
     entropy: Option<Arc<EntropyMetrics>>,
+    mmds: Option<Arc<MmdsMetrics>>,
     uart: Arc<UartMetrics>,
 }
 
@@ -294,6 +297,10 @@ impl Vm {
                 .unwrap_or_else(PoisonError::into_inner)
                 .metrics()
         });
+        metrics.mmds = parts
+            .devices
+            .mmds_store()
+            .map(crate::mmds::MmdsStore::metrics);
         for (id, slot) in &registry.nets {
             let m = slot
                 .device
@@ -497,6 +504,7 @@ impl Vm {
             "block": blocks.collect::<serde_json::Map<_, _>>(),
             "net": nets.collect::<serde_json::Map<_, _>>(),
             "entropy": self.metrics.entropy.as_ref().map(|m| m.to_json()),
+            "mmds": self.metrics.mmds.as_ref().map(|m| m.to_json()),
             "uart": self.metrics.uart.to_json(),
         })
     }
@@ -527,6 +535,12 @@ impl Vm {
             .ok_or_else(|| VmmError::NoDevice("network interface", id.to_owned()))?;
         let mut net = net.device.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(net.update_rate_limiters(rx, tx)?)
+    }
+
+    /// The metadata service's data store, when the VM has the service (the one its config
+    /// gave, or for a restored VM, the one its restore gave or an empty one).
+    pub fn mmds_store(&self) -> Option<crate::mmds::MmdsStore> {
+        self.devices.mmds_store().cloned()
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

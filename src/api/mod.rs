@@ -54,6 +54,14 @@ pub enum ApiRequest {
     PutEntropy(crate::config::EntropyConfig),
     /// `PUT /serial`
     PutSerial(model::SerialConfig),
+    /// `GET /mmds`
+    GetMmds,
+    /// `PUT /mmds`: the whole data store (any JSON).
+    PutMmds(Value),
+    /// `PATCH /mmds`: a JSON merge patch of the data store.
+    PatchMmds(Value),
+    /// `PUT /mmds/config`
+    PutMmdsConfig(crate::config::MmdsConfig),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -75,6 +83,7 @@ impl ApiRequest {
                 | Self::LoadSnapshot(_)
                 | Self::PutEntropy(_)
                 | Self::PutSerial(_)
+                | Self::PutMmdsConfig(_)
         )
     }
 }
@@ -118,7 +127,6 @@ impl ApiResponse {
 const NOT_YET: &[(&str, &str)] = &[
     ("/vsock", "vsock"),
     ("/balloon", "the balloon device"),
-    ("/mmds", "MMDS"),
     ("/cpu-config", "custom CPU templates"),
     ("/pmem", "pmem devices"),
     ("/hotplug/memory", "memory hot-plug"),
@@ -138,6 +146,14 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
         ));
     }
     serde_json::from_value(value).map_err(|e| ApiResponse::fault(400, format!("{e}")))
+}
+
+/// Any JSON document (the MMDS store takes any), not only an object.
+fn json_body(bytes: &[u8]) -> Result<Value, ApiResponse> {
+    if bytes.is_empty() {
+        return Err(ApiResponse::fault(400, "Empty request body"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))
 }
 
 /// `id` from the path must match the body's id, as in Firecracker.
@@ -224,6 +240,16 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
         ("PUT", "metrics", None) => ApiRequest::PutMetrics(body(bytes)?),
         ("PUT", "entropy", None) => ApiRequest::PutEntropy(body(bytes)?),
         ("PUT", "serial", None) => ApiRequest::PutSerial(body(bytes)?),
+        ("GET", "mmds", None) => ApiRequest::GetMmds,
+        ("PUT", "mmds", None) => ApiRequest::PutMmds(json_body(bytes)?),
+        ("PATCH", "mmds", None) => ApiRequest::PatchMmds(json_body(bytes)?),
+        ("PUT", "mmds", Some("config")) => ApiRequest::PutMmdsConfig(body(bytes)?),
+        ("PUT", "mmds", Some(other)) => {
+            return Err(ApiResponse::fault(
+                400,
+                format!("Unrecognized PUT request path `{other}`."),
+            ))
+        }
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),
@@ -324,5 +350,37 @@ mod tests {
             br#"{"snapshot_path":"s","colour":1}"#,
         ));
         assert!(why.contains("unknown field `colour`"), "{why}");
+    }
+
+    #[test]
+    fn mmds_routes() {
+        assert_eq!(route("GET", "/mmds", b""), Ok(ApiRequest::GetMmds));
+        assert_eq!(
+            route("PUT", "/mmds", b"[1, \"two\"]"),
+            Ok(ApiRequest::PutMmds(serde_json::json!([1, "two"]))),
+            "any JSON"
+        );
+        assert_eq!(
+            route("PATCH", "/mmds/", br#"{"a":null}"#),
+            Ok(ApiRequest::PatchMmds(serde_json::json!({"a": null})))
+        );
+        assert!(matches!(
+            route("PUT", "/mmds/config", br#"{"network_interfaces":["eth0"],"version":"V2"}"#),
+            Ok(ApiRequest::PutMmdsConfig(c)) if c.version == crate::config::MmdsVersion::V2
+        ));
+        assert_eq!(fault(route("PUT", "/mmds", b"")).1, "Empty request body");
+        assert_eq!(
+            fault(route("PUT", "/mmds/other", b"{}")).1,
+            "Unrecognized PUT request path `other`."
+        );
+        for bad_config in [
+            &br#"{"network_interfaces":["eth0"],"version":"V3"}"#[..],
+            br#"{"network_interfaces":["eth0"],"ipv4_address":"169.254.1"}"#,
+            br#"{"version":"V2"}"#,
+            br#"{"network_interfaces":["eth0"],"colour":1}"#,
+        ] {
+            assert_eq!(fault(route("PUT", "/mmds/config", bad_config)).0, 400);
+        }
+        assert!(route("PUT", "/mmds/config", b"{}").is_err());
     }
 }

@@ -279,6 +279,12 @@ mod tests {
                     virtio,
                 },
             }],
+            mmds: Some(crate::mmds::MmdsState {
+                version: crate::mmds::MmdsVersion::V2,
+                ipv4_address: [169, 254, 170, 2],
+                network_interfaces: vec!["n".into()],
+                imds_compat: true,
+            }),
         };
         let bytes = bincode::serde::encode_to_vec(&state, bincode_config()).unwrap();
         let (back, used): (DevicesState, usize) =

@@ -207,8 +207,8 @@ impl MicrovmState {
         memory::check_regions(&self.memory)
     }
 
-    /// Describes the restored VM in `config`: vCPUs, memory, disks and network interfaces
-    /// (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
+    /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and the
+    /// metadata service (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
     pub fn describe_in(
         &self,
         config: &mut crate::VmConfig,
@@ -230,6 +230,11 @@ impl MicrovmState {
         config.entropy = (self.devices.entropy.first()).map(|e| crate::config::EntropyConfig {
             rate_limiter: e.device.rate_limiter,
         });
+        config.mmds = self
+            .devices
+            .mmds
+            .as_ref()
+            .map(crate::mmds::MmdsState::config);
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
                 tap: (network_overrides.iter())
