@@ -3,8 +3,11 @@
 requests, register sequences, kernels and documents that the fuzzer then mutates, so that it
 starts past the parsers' first checks. Each layout follows the comment at the top of the
 target's source. Run it again after changing a target's input layout. The snapshot_state seeds are real state
-files (a test guest with a disk, and with a disk and a NIC) written by tests/snapshot.rs; copy
-new ones from target/tmp/snapshot/ after the state format changes."""
+files (a test guest with a disk, with a disk and a NIC, with the entropy device) written by
+tests/snapshot.rs, and one with a NIC answering for MMDS written by tests/mmds.rs
+(target/tmp/mmds-snap/vm.snap); copy new ones from target/tmp/ after the state format changes
+(a field added at the end of the state can also be added to the seeds: append its encoding to
+the payload, fix the length and the CRC, as was done for DevicesState's mmds)."""
 
 import json
 import os
