@@ -211,5 +211,34 @@ def config_file():
     put("config_file", "unsupported", json.dumps({"boot-source": BOOT, "vsock": {}}).encode())
 
 
-for make in [virtio_block, virtio_net, virtio_mmio, kernel_loader, api_request, config_file]:
+def mmds():
+    def segment(flags, seq, ack, data=b"", options=b""):
+        return (struct.pack("<BBBIIHB", 1, 0, flags, seq, ack, 65535, len(options)) + options
+                + struct.pack("<H", len(data)) + data)
+
+    def http(text):
+        return struct.pack("<BH", 2, len(text)) + text
+
+    arp = (b"\xff" * 6 + bytes([6, 0, 0, 0, 0, 2, 8, 6, 0, 1, 8, 0, 6, 4, 0, 1, 6, 0, 0, 0, 0, 2, 10, 0, 0, 2])
+           + bytes(6) + bytes([169, 254, 169, 254]))
+    put_token = b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n"
+    answer = (b"HTTP/1.1 200 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
+              b"X-metadata-token-ttl-seconds: 60\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n\r\n")
+    answer_len = len(answer) + 64
+    session = (struct.pack("<BH", 4, len(arp)) + arp
+               + segment(0x02, 0, 0, options=bytes([2, 4, 5, 0xb4]))
+               + segment(0x18, 1, 1, put_token)
+               + segment(0x11, 1 + len(put_token), 1 + answer_len)
+               + segment(0x10, 2 + len(put_token), 2 + answer_len)
+               + http(b"GET /latest/meta-data HTTP/1.1\r\nAccept: application/json\r\n\r\n")
+               + http(b"GET /s HTTP/1.0\r\nX-metadata-token: 00\r\n\r\n"))
+    put("mmds", "v2-session", b"\x01" + session)
+    put("mmds", "v1-session", b"\x02" + session)
+    doc = {"boot-source": BOOT, "network-interfaces": [NET],
+           "mmds-config": {"version": "V2", "network_interfaces": [NET["iface_id"]],
+                           "ipv4_address": "169.254.170.2", "imds_compat": True}}
+    put("config_file", "mmds", json.dumps(doc, indent=1).encode())
+
+
+for make in [virtio_block, virtio_net, virtio_mmio, kernel_loader, api_request, config_file, mmds]:
     make()
