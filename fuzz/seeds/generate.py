@@ -239,6 +239,22 @@ def mmds():
                            "ipv4_address": "169.254.170.2", "imds_compat": True}}
     put("config_file", "mmds", json.dumps(doc, indent=1).encode())
 
+    def req(method, path, body=None):
+        return bytes([["GET", "PUT", "PATCH", "DELETE"].index(method)]) + path.encode() + (
+            b" " + json.dumps(body).encode() if body is not None else b"")
+
+    put("api_request", "mmds", b"\xff".join([
+        req("PUT", "/boot-source", BOOT),
+        req("PUT", "/network-interfaces/eth0", NET),
+        req("GET", "/mmds"),
+        req("PATCH", "/mmds", {"a": None}),
+        req("PUT", "/mmds", {"latest": {"meta-data": {"ami-id": "ami-1"}}}),
+        req("PATCH", "/mmds", {"latest": {"meta-data": {"ami-id": None, "x": [1]}}}),
+        req("PUT", "/mmds/config", {"version": "V2", "network_interfaces": ["eth0"],
+                                    "ipv4_address": "169.254.170.2", "imds_compat": True}),
+        req("GET", "/vm/config"),
+    ]))
+
 
 for make in [virtio_block, virtio_net, virtio_mmio, kernel_loader, api_request, config_file, mmds]:
     make()
