@@ -23,6 +23,7 @@ use crate::devices::virtio::pmem::{Pmem, PmemBacking};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::metrics::UartMetrics;
+use crate::mmds::{MmdsConfig, MmdsStore};
 use crate::seccomp::Filters;
 use crate::snapshot::{self, MemBackend, MicrovmState, UffdBackend};
 use crate::vmm::{Vm, VmParts, VmmError};
@@ -57,6 +58,9 @@ pub struct RestoreConfig {
     pub console: ConsoleConfig,
     /// The seccomp filters the VM's threads install.
     pub seccomp: SeccompConfig,
+    /// The store a restored metadata service answers from (the snapshot keeps none); without
+    /// one it starts empty.
+    pub mmds_store: Option<MmdsStore>,
 }
 
 impl RestoreConfig {
@@ -79,6 +83,7 @@ impl RestoreConfig {
             kvm_device: crate::config::DEFAULT_KVM_DEVICE.into(),
             console: ConsoleConfig::default(),
             seccomp: SeccompConfig::default(),
+            mmds_store: None,
         }
     }
 }
@@ -371,6 +376,19 @@ fn attach_config_devices(
     Ok(params)
 }
 
+/// Step: the metadata service on the interfaces its configuration names, answering from
+/// `store` (an empty one when none is given).
+fn metadata_service(
+    devices: &mut DeviceManager,
+    config: Option<&MmdsConfig>,
+    store: Option<&MmdsStore>,
+) -> Result<(), DeviceError> {
+    match config {
+        Some(config) => devices.attach_mmds(config, store.cloned().unwrap_or_default()),
+        None => Ok(()),
+    }
+}
+
 /// Step: creates the vCPUs on the device buses (on KVM vCPUs made beforehand, when given),
 /// each set up by `setup`.
 fn create_vcpus(
@@ -436,6 +454,11 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .unwrap_or_else(PoisonError::into_inner)
         .set_boot_timer(config.boot_timer);
     let params = attach_config_devices(&mut devices, &vm_fd, &mem, config, pmem, &placed)?;
+    metadata_service(
+        &mut devices,
+        config.mmds.as_ref(),
+        config.mmds_store.as_ref(),
+    )?;
 
     boot::append_kernel_params(&mut cmdline, &params)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -634,6 +657,12 @@ pub(crate) fn build_from_snapshot(
         track,
     )?;
     discard_as_memory_is_backed(&devices, &restore.mem_backend);
+    let mmds = state
+        .devices
+        .mmds
+        .as_ref()
+        .map(crate::mmds::MmdsState::config);
+    metadata_service(&mut devices, mmds.as_ref(), restore.mmds_store.as_ref())?;
     let mut saved = state.vcpus.iter();
     let vcpus = create_vcpus(
         &vm_fd,

@@ -54,6 +54,11 @@ pub struct VmConfig {
     pub pmem: Vec<PmemConfig>,
     /// Hot-pluggable memory (virtio-mem), if any.
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    /// The microVM metadata service: which interfaces answer for it, at which address.
+    pub mmds: Option<MmdsConfig>,
+    /// The MMDS data store the guest reads and the API writes (a shared handle: the VM uses the
+    /// very store given here). Without one, a VM with `mmds` gets an empty store.
+    pub mmds_store: Option<crate::mmds::MmdsStore>,
     /// Dirty-page tracking for snapshots (accepted through the API; not used yet).
     pub track_dirty_pages: bool,
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
@@ -222,6 +227,43 @@ impl MemoryHotplugConfig {
             return Err(format!("total_size_mib {total} is too large"));
         }
         Ok(())
+    }
+}
+
+/// The MMDS address when none is given, as in Firecracker.
+pub const DEFAULT_MMDS_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
+/// How the guest talks to the metadata service: V1 (plain GETs) or V2 (session tokens first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    /// Any GET is answered; tokens are checked only for the metrics.
+    #[default]
+    V1,
+    /// GETs need a token from `PUT /latest/api/token`.
+    V2,
+}
+
+/// The metadata service, as Firecracker's `PUT /mmds/config` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// V1 or V2.
+    #[serde(default)]
+    pub version: MmdsVersion,
+    /// The interfaces (by `iface_id`) whose frames to `ipv4_address` the service answers.
+    pub network_interfaces: Vec<String>,
+    /// The service's address, link-local (169.254.1.0 to 169.254.254.255).
+    #[serde(default)]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    /// Answer in IMDS text whatever the request's Accept header, as EC2's IMDS does.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    /// The service's address: the one given, or 169.254.169.254.
+    pub fn ipv4(&self) -> std::net::Ipv4Addr {
+        self.ipv4_address.unwrap_or(DEFAULT_MMDS_IPV4)
     }
 }
 
@@ -611,6 +653,8 @@ impl VmConfig {
             vsock: None,
             pmem: Vec::new(),
             memory_hotplug: None,
+            mmds: None,
+            mmds_store: None,
             console_rate_limit: None,
             smt: false,
             cpu_config: None,

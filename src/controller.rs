@@ -25,6 +25,7 @@ use crate::config::{BalloonConfig, RateLimiterConfig, VmConfig};
 use crate::devices::virtio::balloon::{Balloon, BalloonError, PAGES_PER_MIB};
 use crate::logger::{parse_level, LoggerSettings};
 use crate::metrics::ApiMetrics;
+use crate::mmds::{MmdsError, MmdsStore, DEFAULT_MMDS_SIZE_LIMIT};
 use crate::seccomp::ThreadKind;
 use crate::vmm::{forward_termination_signals, termination_signal, Vm, VmState, VmmError};
 use crate::GuestExit;
@@ -57,10 +58,22 @@ pub struct Controller {
     configured: bool,
     /// A VM made ahead for the snapshot a pool expects to load.
     warm: Option<WarmVm>,
+    /// The largest MMDS data store, for the store made when MMDS is first used.
+    mmds_size_limit: usize,
 }
 
 fn bad(e: BadRequest) -> ApiResponse {
     ApiResponse::fault(400, e.0)
+}
+
+/// Firecracker's answers to a data store error: 413 for the size limit, 400 otherwise.
+fn mmds_fault(e: MmdsError) -> ApiResponse {
+    match e {
+        MmdsError::DataStoreLimitExceeded => {
+            ApiResponse::fault(413, format!("MMDS limit exceeded error: {e}"))
+        }
+        e => ApiResponse::fault(400, format!("MMDS error: {e}")),
+    }
 }
 
 impl Controller {
@@ -76,7 +89,34 @@ impl Controller {
             last_flush: Instant::now(),
             configured: false,
             warm: None,
+            mmds_size_limit: DEFAULT_MMDS_SIZE_LIMIT,
         }
+    }
+
+    /// Sets the largest MMDS data store in bytes (`--mmds-size-limit`), before it is first used.
+    pub fn set_mmds_size_limit(&mut self, limit: usize) {
+        self.mmds_size_limit = limit;
+    }
+
+    /// The MMDS data store, made on first use before the VM starts, as Firecracker makes it;
+    /// afterwards only a store that existed at the start (or came with a snapshot) is there.
+    fn mmds_store(&mut self) -> Result<MmdsStore, ApiResponse> {
+        if self.vm.is_none() {
+            let limit = self.mmds_size_limit;
+            return Ok((self
+                .config
+                .mmds_store
+                .get_or_insert_with(|| MmdsStore::new(limit)))
+            .clone());
+        }
+        self.config.mmds_store.clone().ok_or_else(|| {
+            ApiResponse::fault(400, format!("MMDS error: {}", MmdsError::NotInitialized))
+        })
+    }
+
+    /// Puts `data` in the MMDS data store (`--metadata`, or `PUT /mmds`).
+    pub fn put_mmds(&mut self, data: serde_json::Value) -> Result<(), ApiResponse> {
+        self.mmds_store()?.put(data).map_err(mmds_fault)
     }
 
     /// Makes the KVM VM, guest memory and vCPUs for the snapshot at `path` now, so that a
@@ -185,6 +225,9 @@ impl Controller {
         if self.vm.is_some() {
             return Err(VmmError::State("already started"));
         }
+        if self.config.mmds.is_some() && self.config.mmds_store.is_none() {
+            self.config.mmds_store = Some(MmdsStore::new(self.mmds_size_limit));
+        }
         let vm = Vm::new(&self.config)?;
         vm.stop_on_signals()?;
         let vm = self.vm.insert(vm);
@@ -214,6 +257,7 @@ impl Controller {
                 | ApiRequest::PutBalloon(_)
                 | ApiRequest::PutPmem(_)
                 | ApiRequest::PutMemoryHotplug(_)
+                | ApiRequest::PutMmdsConfig(_)
         );
         let done = |r: Result<(), BadRequest>| match r {
             Ok(()) => ApiResponse::no_content(),
@@ -289,6 +333,34 @@ impl Controller {
                     Ok(status) => ApiResponse::ok(serde_json::to_value(status).unwrap_or_default()),
                     Err(e) => ApiResponse::fault(400, crate::error_chain(&e)),
                 },
+            },
+            ApiRequest::GetMmds => match self.mmds_store() {
+                Ok(store) => match store.data() {
+                    serde_json::Value::Null => ApiResponse::ok(json!({})),
+                    data => ApiResponse::ok(data),
+                },
+                Err(answer) => answer,
+            },
+            ApiRequest::PutMmds(data) => match self.put_mmds(data) {
+                Ok(()) => ApiResponse::no_content(),
+                Err(answer) => answer,
+            },
+            ApiRequest::PatchMmds(patch) => {
+                match self
+                    .mmds_store()
+                    .and_then(|s| s.patch(&patch).map_err(mmds_fault))
+                {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(answer) => answer,
+                }
+            }
+            ApiRequest::PutMmdsConfig(c) => match c.checked(&self.config) {
+                Ok(c) => {
+                    self.config.mmds = Some(c);
+                    let _ = self.mmds_store();
+                    ApiResponse::no_content()
+                }
+                Err(e) => bad(e),
             },
             ApiRequest::CreateSnapshot(params) => self.create_snapshot(&params),
             ApiRequest::LoadSnapshot(params) => self.load_snapshot(&params),
@@ -443,12 +515,17 @@ impl Controller {
             rate_limit: self.config.console_rate_limit,
         };
         restore.seccomp = self.config.seccomp.clone();
+        // A store made before the load (--metadata, PUT /mmds) serves a restored service.
+        let pre_load_store = self.config.mmds_store.clone();
+        restore.mmds_store =
+            Some((pre_load_store.clone()).unwrap_or_else(|| MmdsStore::new(self.mmds_size_limit)));
         let started = Instant::now();
         let restored = match self.warm.take() {
             Some(warm) => Vm::restore_warm(&restore, warm),
             None => Vm::restore(&restore),
         };
         let result = restored.and_then(|(vm, state)| {
+            self.config.mmds_store = vm.mmds_store().or(pre_load_store);
             vm.stop_on_signals()?;
             let vm = self.vm.insert(vm);
             if p.resume_vm {

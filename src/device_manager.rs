@@ -31,6 +31,7 @@ use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockState};
 use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
+use crate::mmds::{MmdsConfig, MmdsStack, MmdsState, MmdsStore};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// A device the event thread drives.
@@ -98,6 +99,9 @@ pub enum DeviceError {
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
+    /// The metadata service names an interface the VM does not have.
+    #[error("MMDS: network interface {0} does not exist")]
+    MmdsInterface(String),
 }
 
 /// A restored transport's saved registers and its device's running queues.
@@ -137,6 +141,8 @@ pub struct DevicesState {
     pub pmem: Vec<VirtioSlotState<PmemState>>,
     /// The memory hot-plug device (virtio-mem).
     pub memory_hotplug: Vec<VirtioSlotState<VirtioMemState>>,
+    /// The metadata service (its data store is not kept).
+    pub mmds: Option<MmdsState>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -214,6 +220,8 @@ pub struct DeviceManager {
     progress: Arc<Mutex<BootProgress>>,
     virtio_subscribers: Vec<Subscriber>,
     registry: DeviceRegistry,
+    /// The metadata service, once attached: its configuration and store.
+    mmds: Option<(MmdsConfig, MmdsStore)>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -298,6 +306,7 @@ impl DeviceManager {
             progress,
             virtio_subscribers: Vec::new(),
             registry: DeviceRegistry::default(),
+            mmds: None,
         })
     }
 
@@ -444,7 +453,37 @@ impl DeviceManager {
             memory_hotplug: (r.memory_hotplug.iter())
                 .map(|(id, s)| slot_state(id, s, VirtioMem::save))
                 .collect(),
+            mmds: self
+                .mmds
+                .as_ref()
+                .map(|(config, _)| MmdsState::save(config)),
         }
+    }
+
+    /// Makes the interfaces `config` names answer for the metadata service from `store`
+    /// (configured with the version and IMDS compatibility `config` gives), at boot or after
+    /// a restore; the network interfaces must be attached first.
+    pub fn attach_mmds(
+        &mut self,
+        config: &MmdsConfig,
+        store: MmdsStore,
+    ) -> Result<(), DeviceError> {
+        let nets = (config.network_interfaces.iter())
+            .map(|id| {
+                (self.registry.nets.get(id)).ok_or_else(|| DeviceError::MmdsInterface(id.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        store.configure(config.version, config.imds_compat);
+        for net in nets {
+            lock(&net.device).set_mmds(Some(MmdsStack::new(config.ipv4(), store.clone())));
+        }
+        self.mmds = Some((config.clone(), store));
+        Ok(())
+    }
+
+    /// The metadata service's store, when the service is attached.
+    pub fn mmds_store(&self) -> Option<&MmdsStore> {
+        self.mmds.as_ref().map(|(_, store)| store)
     }
 
     /// Puts back the virtio devices `state` saved, each in its slot, with its transport and,

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod jailer;
 pub mod logger;
 pub mod metrics;
+pub mod mmds;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;

@@ -91,6 +91,15 @@ struct Cli {
     /// Print the snapshot format version this Skiff writes and exit.
     #[arg(long)]
     snapshot_version: bool,
+    /// Put this JSON file's contents in the MMDS data store at start.
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<PathBuf>,
+    /// Largest MMDS data store in bytes of compact JSON (default: the API's largest body).
+    #[arg(long, value_name = "BYTES")]
+    mmds_size_limit: Option<usize>,
+    /// Largest API request body in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = skiff::api::MAX_PAYLOAD)]
+    http_api_max_payload_size: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -121,6 +130,12 @@ impl Cli {
             (self.warm_restore.is_some(), "--warm-restore"),
             (self.describe_snapshot.is_some(), "--describe-snapshot"),
             (self.snapshot_version, "--snapshot-version"),
+            (self.metadata.is_some(), "--metadata"),
+            (self.mmds_size_limit.is_some(), "--mmds-size-limit"),
+            (
+                self.http_api_max_payload_size != skiff::api::MAX_PAYLOAD,
+                "--http-api-max-payload-size",
+            ),
         ]
         .into_iter()
         .find_map(|(given, name)| given.then_some(name))
@@ -162,6 +177,12 @@ enum StartError {
     Seccomp(#[from] skiff::seccomp::SeccompError),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot read metadata file {}", .0.display())]
+    ReadMetadata(PathBuf, #[source] std::io::Error),
+    #[error("metadata file {}", .0.display())]
+    ParseMetadata(PathBuf, #[source] serde_json::Error),
+    #[error("metadata file {}: {why}", .path.display())]
+    Metadata { path: PathBuf, why: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +361,22 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
     config.boot_timer = cli.boot_timer;
     config.seccomp = cli.seccomp();
     let mut controller = Controller::new(cli.id.clone(), config);
+    // As in Firecracker, the store's limit is the API's body limit unless given.
+    controller.set_mmds_size_limit(cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size));
+    if let Some(path) = &cli.metadata {
+        let text = std::fs::read(path).map_err(|e| StartError::ReadMetadata(path.clone(), e))?;
+        let data: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| StartError::ParseMetadata(path.clone(), e))?;
+        controller.put_mmds(data).map_err(|answer| {
+            let why = (answer.body.as_ref())
+                .and_then(|b| b["fault_message"].as_str())
+                .unwrap_or("refused");
+            StartError::Metadata {
+                path: path.clone(),
+                why: why.to_owned(),
+            }
+        })?;
+    }
     if let (Some(doc), Some(path)) = (&doc, &cli.config_file) {
         controller
             .configure_from(doc)
@@ -380,6 +417,7 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
                 &wake,
                 controller.api_metrics(),
                 filters.clone(),
+                cli.http_api_max_payload_size,
             )?;
             log::info!("API server started.");
             Some(RemoveOnDrop(path.clone()))
@@ -424,6 +462,8 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         balloon: None,
         pmem: args.pmem,
         memory_hotplug: None,
+        mmds: None,
+        mmds_store: None,
         track_dirty_pages: false,
         boot_timer: false,
         seccomp,

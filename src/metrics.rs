@@ -169,6 +169,39 @@ counters!(
 );
 
 counters!(
+    /// The metadata service, under Firecracker's names (one set for every interface).
+    MmdsMetrics {
+        /// Guest frames taken by the service instead of the TAP.
+        rx_accepted,
+        /// Of those, frames the service could not use (malformed, another port, a broken
+        /// segment).
+        rx_accepted_err,
+        /// Unusual events: non-TCP packets, resets, segments for no connection.
+        rx_accepted_unusual,
+        /// Frames too short to be Ethernet.
+        rx_bad_eth,
+        /// GETs with a token that is not valid.
+        rx_invalid_token,
+        /// GETs without a token.
+        rx_no_token,
+        /// Segments the TCP side took.
+        rx_count,
+        /// Bytes of the frames the service gave the guest.
+        tx_bytes,
+        /// Frames (ARP replies, segments) the service wrote.
+        tx_count,
+        /// Frames the service could not write.
+        tx_errors,
+        /// Frames the service gave the guest.
+        tx_frames,
+        /// TCP connections opened.
+        connections_created,
+        /// TCP connections closed, reset or evicted.
+        connections_destroyed,
+    }
+);
+
+counters!(
     /// One block device.
     BlockMetrics {
         /// Read requests.

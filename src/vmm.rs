@@ -44,8 +44,8 @@ use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::mem::MemoryHotplugStatus;
 use crate::devices::virtio::net::NetError;
 use crate::metrics::{
-    BalloonMetrics, BlockMetrics, EntropyMetrics, MemoryHotplugMetrics, NetMetrics, PmemMetrics,
-    UartMetrics, VcpuMetrics, VsockMetrics,
+    BalloonMetrics, BlockMetrics, EntropyMetrics, MemoryHotplugMetrics, MmdsMetrics, NetMetrics,
+    PmemMetrics, UartMetrics, VcpuMetrics, VsockMetrics,
 };
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::snapshot::{HostCpu, MicrovmState, SnapshotError, SnapshotType, UffdBackend};
@@ -241,6 +241,7 @@ struct MetricsSources {
     vsock: Option<Arc<VsockMetrics>>,
     pmem: Vec<(String, Arc<PmemMetrics>)>,
     memory_hotplug: Option<Arc<MemoryHotplugMetrics>>,
+    mmds: Option<Arc<MmdsMetrics>>,
     uart: Arc<UartMetrics>,
     balloon: Option<Arc<BalloonMetrics>>,
 }
@@ -351,6 +352,10 @@ impl Vm {
                 .metrics();
             metrics.pmem.push((id.clone(), m));
         }
+        metrics.mmds = parts
+            .devices
+            .mmds_store()
+            .map(crate::mmds::MmdsStore::metrics);
         for (id, slot) in &registry.nets {
             let m = slot
                 .device
@@ -562,6 +567,7 @@ impl Vm {
                 .map(|(id, m)| (id.clone(), m.to_json()))
                 .collect::<serde_json::Map<_, _>>(),
             "memory_hotplug": self.metrics.memory_hotplug.as_ref().map(|m| m.to_json()),
+            "mmds": self.metrics.mmds.as_ref().map(|m| m.to_json()),
             "uart": self.metrics.uart.to_json(),
             "balloon": self.metrics.balloon.as_ref().map(|m| m.to_json()),
         })
@@ -642,6 +648,11 @@ impl Vm {
         device
             .update_requested_size(mib)
             .map_err(|e| VmmError::Devices(DeviceError::VirtioMem(e)))
+    }
+    /// The metadata service's data store, when the VM has the service (the one its config
+    /// gave, or for a restored VM, the one its restore gave or an empty one).
+    pub fn mmds_store(&self) -> Option<crate::mmds::MmdsStore> {
+        self.devices.mmds_store().cloned()
     }
 
     /// Sends Ctrl-Alt-Del to the guest through the i8042.

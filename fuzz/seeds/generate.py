@@ -11,6 +11,11 @@ files (a test guest with a disk; with a disk and a NIC; with an entropy device, 
 hot-plugged memory) written by tests/snapshot.rs; copy new ones from target/tmp/snapshot/
 (full/full.snap, net/net.snap, entropy/, pmem/, memory-hotplug/full.snap) after the state
 format changes."""
+files (a test guest with a disk, with a disk and a NIC, with the entropy device) written by
+tests/snapshot.rs, and one with a NIC answering for MMDS written by tests/mmds.rs
+(target/tmp/mmds-snap/vm.snap); copy new ones from target/tmp/ after the state format changes
+(a field added at the end of the state can also be added to the seeds: append its encoding to
+the payload, fix the length and the CRC, as was done for DevicesState's mmds)."""
 
 import json
 import os
@@ -253,4 +258,50 @@ def config_file():
 
 
 for make in [virtio_block, virtio_net, virtio_vsock, virtio_mmio, kernel_loader, api_request, config_file]:
+def mmds():
+    def segment(flags, seq, ack, data=b"", options=b""):
+        return (struct.pack("<BBBIIHB", 1, 0, flags, seq, ack, 65535, len(options)) + options
+                + struct.pack("<H", len(data)) + data)
+
+    def http(text):
+        return struct.pack("<BH", 2, len(text)) + text
+
+    arp = (b"\xff" * 6 + bytes([6, 0, 0, 0, 0, 2, 8, 6, 0, 1, 8, 0, 6, 4, 0, 1, 6, 0, 0, 0, 0, 2, 10, 0, 0, 2])
+           + bytes(6) + bytes([169, 254, 169, 254]))
+    put_token = b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n"
+    answer = (b"HTTP/1.1 200 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n"
+              b"X-metadata-token-ttl-seconds: 60\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n\r\n")
+    answer_len = len(answer) + 64
+    session = (struct.pack("<BH", 4, len(arp)) + arp
+               + segment(0x02, 0, 0, options=bytes([2, 4, 5, 0xb4]))
+               + segment(0x18, 1, 1, put_token)
+               + segment(0x11, 1 + len(put_token), 1 + answer_len)
+               + segment(0x10, 2 + len(put_token), 2 + answer_len)
+               + http(b"GET /latest/meta-data HTTP/1.1\r\nAccept: application/json\r\n\r\n")
+               + http(b"GET /s HTTP/1.0\r\nX-metadata-token: 00\r\n\r\n"))
+    put("mmds", "v2-session", b"\x01" + session)
+    put("mmds", "v1-session", b"\x02" + session)
+    doc = {"boot-source": BOOT, "network-interfaces": [NET],
+           "mmds-config": {"version": "V2", "network_interfaces": [NET["iface_id"]],
+                           "ipv4_address": "169.254.170.2", "imds_compat": True}}
+    put("config_file", "mmds", json.dumps(doc, indent=1).encode())
+
+    def req(method, path, body=None):
+        return bytes([["GET", "PUT", "PATCH", "DELETE"].index(method)]) + path.encode() + (
+            b" " + json.dumps(body).encode() if body is not None else b"")
+
+    put("api_request", "mmds", b"\xff".join([
+        req("PUT", "/boot-source", BOOT),
+        req("PUT", "/network-interfaces/eth0", NET),
+        req("GET", "/mmds"),
+        req("PATCH", "/mmds", {"a": None}),
+        req("PUT", "/mmds", {"latest": {"meta-data": {"ami-id": "ami-1"}}}),
+        req("PATCH", "/mmds", {"latest": {"meta-data": {"ami-id": None, "x": [1]}}}),
+        req("PUT", "/mmds/config", {"version": "V2", "network_interfaces": ["eth0"],
+                                    "ipv4_address": "169.254.170.2", "imds_compat": True}),
+        req("GET", "/vm/config"),
+    ]))
+
+
+for make in [virtio_block, virtio_net, virtio_mmio, kernel_loader, api_request, config_file, mmds]:
     make()

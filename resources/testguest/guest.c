@@ -3,8 +3,8 @@
  * and reports one PASS/FAIL line per check on COM1, then resets through the i8042 (and, for
  * VMMs without one, writes to QEMU's isa-debug-exit port 0xf4).
  *
- * Command line: checks=serial,e820,smp,timer,progress,blk,net,rng,vsock,balloon,pmem,mem,snapshot
- * mem=<MiB> cpus=<N>, and the parameters each check describes
+ * Command line: checks=serial,e820,smp,timer,progress,blk,net,mmds,rng,vsock,balloon,pmem,mem,
+ * snapshot mem=<MiB> cpus=<N>, and the parameters each check describes
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -1199,6 +1199,12 @@ static struct {
 	int end;		/* the host's end-of-burst datagram arrived */
 } rx;
 
+/* The metadata service (check_mmds): its address and MAC, once ARP found it. */
+static uint32_t mmds_ip;
+static uint8_t mmds_mac[6];
+static int have_mmds_mac;
+static void mmds_segment(const uint8_t *ip, uint16_t ip_len);
+
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static uint32_t get32(const uint8_t *p) { return (uint32_t)get16(p) << 16 | get16(p + 2); }
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
@@ -1357,6 +1363,9 @@ static void net_frame(uint8_t *f, uint32_t len)
 			memcpy(peer_mac, a + 8, 6);
 			have_peer = 1;
 			rx.arp_replies++;
+		} else if (get16(a + 6) == 2 && mmds_ip && get32(a + 14) == mmds_ip) {
+			memcpy(mmds_mac, a + 8, 6);
+			have_mmds_mac = 1;
 		} else if (get16(a + 6) == 1 && get32(a + 24) == my_ip) {
 			uint8_t sha[6];
 			memcpy(sha, a + 8, 6);
@@ -1370,6 +1379,10 @@ static void net_frame(uint8_t *f, uint32_t len)
 	uint16_t ip_len = get16(ip + 2);
 	if (ip[0] != 0x45 || ip_len < 28 || ip_len > elen - 14) {
 		rx.bad_frame++;
+		return;
+	}
+	if (ip[9] == 6 && mmds_ip && get32(ip + 12) == mmds_ip && get32(ip + 16) == my_ip) {
+		mmds_segment(ip, ip_len);
 		return;
 	}
 	if (ip[9] != 17 || get32(ip + 16) != my_ip)
@@ -1511,6 +1524,281 @@ static void check_net(void)
 		report("net", 0, "datagrams from the host missing");
 	else
 		report("net", device_irqs > irqs_before, "no interrupt through the IOAPIC");
+}
+
+/* ---- the metadata service (MMDS): ARP, then HTTP over a minimal TCP client ---- */
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+
+/* The one connection open at a time, and what came back on it. */
+static struct {
+	int open, synack, fin, rst;
+	uint16_t lport;
+	uint32_t snd_una, snd_nxt, rcv_nxt;
+	char buf[8192];
+	size_t len;
+} mt;
+static uint64_t mmds_bad_csum, mmds_unexpected, mmds_conns;
+
+/* Sends one segment to the service with full checksums (no offload), an MSS option on a SYN. */
+static void mmds_send(uint8_t flags, const char *data, size_t dlen, uint32_t seq)
+{
+	uint8_t *ip = eth_header(frame_buf, mmds_mac, 0x0800);
+	size_t hl = (flags & TCP_SYN) ? 24 : 20;
+	uint16_t total = (uint16_t)(20 + hl + dlen), tl = (uint16_t)(hl + dlen);
+	ip[0] = 0x45; ip[1] = 0; put16(ip + 2, total); put16(ip + 4, net_ip_id++);
+	put16(ip + 6, 0x4000); ip[8] = 64; ip[9] = 6; put16(ip + 10, 0);
+	put32(ip + 12, my_ip); put32(ip + 16, mmds_ip);
+	put16(ip + 10, (uint16_t)~csum_fold(csum_add(0, ip, 20)));
+	uint8_t *t = ip + 20;
+	put16(t, mt.lport); put16(t + 2, 80); put32(t + 4, seq); put32(t + 8, mt.rcv_nxt);
+	t[12] = (uint8_t)(hl / 4 << 4); t[13] = flags; put16(t + 14, 4096); put16(t + 16, 0); put16(t + 18, 0);
+	if (hl == 24) { t[20] = 2; t[21] = 4; put16(t + 22, 1460); }
+	memcpy(t + hl, data, dlen);
+	put16(t + 16, (uint16_t)~csum_fold(csum_add(csum_add(0, ip + 12, 8) + 6 + tl, t, tl)));
+	net_send(frame_buf, VNET_HDR + 14 + total);
+}
+
+/* A segment from the service: both checksums checked, then the connection's state moved on
+ * (in-order data kept, every segment with data or FIN acknowledged). */
+static void mmds_segment(const uint8_t *ip, uint16_t ip_len)
+{
+	const uint8_t *t = ip + 20;
+	uint16_t tl = (uint16_t)(ip_len - 20);
+	if (csum_fold(csum_add(0, ip, 20)) != 0xffff || tl < 20 ||
+	    csum_fold(csum_add(csum_add(0, ip + 12, 8) + 6 + tl, t, tl)) != 0xffff) {
+		mmds_bad_csum++;
+		return;
+	}
+	size_t hl = (size_t)(t[12] >> 4) * 4, dlen = tl - hl;
+	if (hl < 20 || hl > tl || get16(t) != 80 || get16(t + 2) != mt.lport || !mt.open) {
+		mmds_unexpected++;
+		return;
+	}
+	uint8_t flags = t[13];
+	uint32_t seq = get32(t + 4), ack = get32(t + 8);
+	if (flags & TCP_RST) {
+		mt.rst = 1;
+		return;
+	}
+	if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK)) {
+		if (!mt.synack && ack == mt.snd_una + 1) {
+			mt.synack = 1;
+			mt.rcv_nxt = seq + 1;
+			mt.snd_una = ack;
+		}
+		mmds_send(TCP_ACK, 0, 0, mt.snd_una);
+		return;
+	}
+	if ((flags & TCP_ACK) && ack - mt.snd_una <= mt.snd_nxt - mt.snd_una)
+		mt.snd_una = ack;
+	if (dlen) {
+		if (seq == mt.rcv_nxt && mt.len + dlen <= sizeof(mt.buf)) {
+			memcpy(mt.buf + mt.len, t + hl, dlen);
+			mt.len += dlen;
+			mt.rcv_nxt += (uint32_t)dlen;
+		}
+		mmds_send(TCP_ACK, 0, 0, mt.snd_nxt);
+	}
+	if (flags & TCP_FIN) {
+		if (seq + dlen == mt.rcv_nxt) {
+			mt.fin = 1;
+			mt.rcv_nxt++;
+		}
+		mmds_send(TCP_ACK, 0, 0, mt.snd_nxt);
+	}
+}
+
+/* Where the answer's body starts once its head and Content-Length bytes are in, else 0. */
+static size_t mmds_answer_complete(void)
+{
+	for (size_t i = 0; i + 4 <= mt.len; i++) {
+		if (mt.buf[i] != '\r' || mt.buf[i + 1] != '\n' || mt.buf[i + 2] != '\r' || mt.buf[i + 3] != '\n')
+			continue;
+		size_t body = i + 4, length = 0;
+		for (size_t j = 0; j + 16 < i; j++)
+			if (starts_with(mt.buf + j, "\r\nContent-Length: "))
+				length = (size_t)param_uint_at(mt.buf + j + 18);
+		return mt.len >= body + length ? body : 0;
+	}
+	return 0;
+}
+
+/* Waits up to `us` microseconds for `done()` while polling the receive queue; returns done(). */
+static int mmds_wait(int (*done)(void), uint64_t us)
+{
+	uint64_t end = now_us() + us;
+	while (!done() && !mt.rst && now_us() < end)
+		if (!net_poll())
+			__asm__ volatile("pause");
+	return done();
+}
+static int mmds_got_synack(void) { return mt.synack; }
+static int mmds_got_answer(void) { return mmds_answer_complete() != 0; }
+static int mmds_closed(void) { return mt.fin && mt.snd_una == mt.snd_nxt; }
+
+/* One HTTP exchange on a new connection: SYN (sent again every 200 ms), the request in one
+ * segment (again every 500 ms until the answer is in), FIN, until the service's FIN. Returns the
+ * answer's status, 0 when the exchange failed (*why says where); *body is the answer's body. */
+static unsigned mmds_http(const char *req, const char **body, size_t *blen, const char **why)
+{
+	size_t rlen = strlen(req);
+	memset(&mt, 0, sizeof(mt));
+	mt.lport = (uint16_t)(40000 + mmds_conns++ % 20000);
+	uint32_t iss = (uint32_t)mt.lport << 16;
+	mt.snd_una = iss;
+	mt.snd_nxt = iss + 1;
+	mt.open = 1;
+	for (int i = 0; !mmds_wait(mmds_got_synack, 200000); i++) {
+		if (mt.rst || i == 10) { *why = mt.rst ? "reset during the handshake" : "no SYN-ACK"; return 0; }
+		mmds_send(TCP_SYN, 0, 0, iss);
+	}
+	mt.snd_nxt = iss + 1 + (uint32_t)rlen;
+	for (int i = 0; !mmds_wait(mmds_got_answer, i ? 500000 : 0); i++) {
+		if (mt.rst || i == 10) { *why = mt.rst ? "reset before the answer" : "no answer"; return 0; }
+		mmds_send(TCP_PSH | TCP_ACK, req, rlen, iss + 1);
+	}
+	size_t at = mmds_answer_complete();
+	mmds_send(TCP_FIN | TCP_ACK, 0, 0, mt.snd_nxt);
+	mt.snd_nxt++;
+	for (int i = 0; !mmds_wait(mmds_closed, 500000); i++) {
+		if (mt.rst || i == 10) { *why = mt.rst ? "reset while closing" : "the service did not close"; return 0; }
+		mmds_send(TCP_FIN | TCP_ACK, 0, 0, mt.snd_nxt - 1);
+	}
+	mt.open = 0;
+	*body = mt.buf + at;
+	*blen = mt.len - at;
+	if (mt.len < 12 || !starts_with(mt.buf, "HTTP/1.1 ")) { *why = "not an HTTP answer"; return 0; }
+	return (unsigned)param_uint_at(mt.buf + 9);
+}
+
+/* Copies parameter `key` (up to the next space) into `out`, or `dflt` without it. */
+static void param_copy(const char *key, const char *dflt, char *out, size_t size)
+{
+	const char *v = param(key);
+	size_t n = 0;
+	if (!v) v = dflt;
+	while (v[n] && v[n] != ' ' && n + 1 < size) { out[n] = v[n]; n++; }
+	out[n] = 0;
+}
+
+static void append(char *out, size_t size, const char *s)
+{
+	size_t n = strlen(out);
+	while (*s && n + 1 < size) out[n++] = *s++;
+	out[n] = 0;
+}
+
+/* Sends "METHOD PATH HTTP/1.1" with `headers` (each ending in CRLF); prints the status as
+ * "mmds: round R: LABEL -> STATUS" and the body, line by line, as "mmds-body: LINE". */
+static unsigned mmds_ask(unsigned round, const char *label, const char *method, const char *path,
+			 const char *headers, const char **why)
+{
+	static char req[512];
+	const char *body;
+	size_t blen;
+	req[0] = 0;
+	append(req, sizeof(req), method); append(req, sizeof(req), " "); append(req, sizeof(req), path);
+	append(req, sizeof(req), " HTTP/1.1\r\n"); append(req, sizeof(req), headers); append(req, sizeof(req), "\r\n");
+	unsigned status = mmds_http(req, &body, &blen, why);
+	if (!status) {
+		printf("mmds: round %u: %s -> failed: %s\n", round, label, *why);
+		return 0;
+	}
+	printf("mmds: round %u: %s -> %u\n", round, label, status);
+	puts("mmds-body: ");
+	for (size_t i = 0; i < blen; i++) {
+		putc(body[i]);
+		if (body[i] == '\n')
+			puts("mmds-body: ");
+	}
+	putc('\n');
+	return status;
+}
+
+/* One round of requests: GET of mmds_path (default /latest/meta-data/ami-id) with the token
+ * of the last round (from the second round on), without a token and with a made-up one; a
+ * token from PUT /latest/api/token (ttl 60); GET of mmds_path and of mmds_list (default
+ * /latest/meta-data) with it, the list also as JSON. Returns why it failed, or 0. */
+static const char *mmds_round(unsigned round, char *token, size_t tsize)
+{
+	static char path[128], list[128], hdr[256];
+	const char *why = 0;
+	param_copy("mmds_path", "/latest/meta-data/ami-id", path, sizeof(path));
+	param_copy("mmds_list", "/latest/meta-data", list, sizeof(list));
+	if (round > 1) {
+		hdr[0] = 0;
+		append(hdr, sizeof(hdr), "X-metadata-token: "); append(hdr, sizeof(hdr), token); append(hdr, sizeof(hdr), "\r\n");
+		if (!mmds_ask(round, "GET path old-token", "GET", path, hdr, &why)) return why;
+	}
+	if (!mmds_ask(round, "GET path no-token", "GET", path, "", &why)) return why;
+	if (!mmds_ask(round, "GET path bad-token", "GET", path, "X-metadata-token: 0123456789abcdef\r\n", &why)) return why;
+	const char *body;
+	size_t blen;
+	unsigned status = mmds_http("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n", &body, &blen, &why);
+	printf("mmds: round %u: PUT token -> %u (%lu bytes)\n", round, status, (uint64_t)blen);
+	if (status != 200 || blen + 1 > tsize) return why ? why : "no token";
+	memcpy(token, body, blen);
+	token[blen] = 0;
+	hdr[0] = 0;
+	append(hdr, sizeof(hdr), "X-metadata-token: "); append(hdr, sizeof(hdr), token); append(hdr, sizeof(hdr), "\r\n");
+	if (!mmds_ask(round, "GET path token", "GET", path, hdr, &why)) return why;
+	if (!mmds_ask(round, "GET list token", "GET", list, hdr, &why)) return why;
+	append(hdr, sizeof(hdr), "Accept: application/json\r\n");
+	if (!mmds_ask(round, "GET list token json", "GET", list, hdr, &why)) return why;
+	return 0;
+}
+
+/* The metadata service seen from the guest: ARP for its address (mmds_ip=, default
+ * 169.254.169.254), then mmds_rounds= (default 1) rounds of HTTP exchanges (mmds_round), each
+ * round after the first once the i8042 has a key (the host's SendCtrlAltDel, after a snapshot
+ * is restored, say). Sets up the network as check_net does, the host's ARP answer included. */
+static void check_mmds(void)
+{
+	static char token[128];
+	uint64_t rounds = param_uint("mmds_rounds", 1);
+	const char *why;
+	mmds_ip = parse_ip("mmds_ip", 0xa9fea9fe);
+	__asm__ volatile("sti");
+	if ((why = net_start())) {
+		__asm__ volatile("cli");
+		report("mmds", 0, why);
+		return;
+	}
+	for (unsigned i = 0; !have_mmds_mac && i < 50; i++) {
+		send_arp(1, 0, mmds_ip);
+		uint64_t end = now_us() + 100000;
+		while (!have_mmds_mac && now_us() < end)
+			net_poll();
+	}
+	if (!have_mmds_mac) {
+		__asm__ volatile("cli");
+		report("mmds", 0, "no ARP reply for the service's address");
+		return;
+	}
+	printf("mmds: ARP: %u.%u.%u.%u is at %2x:%2x:%2x:%2x:%2x:%2x\n", mmds_ip >> 24, (mmds_ip >> 16) & 0xff,
+	       (mmds_ip >> 8) & 0xff, mmds_ip & 0xff, mmds_mac[0], mmds_mac[1], mmds_mac[2], mmds_mac[3], mmds_mac[4], mmds_mac[5]);
+	why = 0;
+	for (unsigned r = 1; r <= rounds && !why; r++) {
+		if (r > 1) {
+			printf("mmds: round %u waits for a key\n", r);
+			while (!(inb(0x64) & 1))
+				net_poll();
+			for (uint64_t end = now_us() + 100000; now_us() < end;)
+				if (inb(0x64) & 1)
+					(void)inb(0x60);
+		}
+		why = mmds_round(r, token, sizeof(token));
+		printf("mmds: round %u done\n", r);
+	}
+	__asm__ volatile("cli");
+	printf("mmds: %lu connections, %lu bad checksums, %lu unexpected segments\n", mmds_conns, mmds_bad_csum, mmds_unexpected);
+	if (!why && (mmds_bad_csum || mmds_unexpected))
+		why = "bad segments from the service";
+	report("mmds", !why, why);
 }
 
 /* ---- benchmarks: identical work for every VMM, timed in the guest ---- */
@@ -2702,11 +2990,12 @@ static void run_checks(const char *protocol)
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
-	if ((wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon") || wants("pmem") || wants("mem")) && !tsc_calibrate())
+	if ((wants("mmds") || wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon") || wants("pmem") || wants("mem")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");
 	else {
 		if (wants("blkbench")) check_blkbench();
 		if (wants("blkrate")) check_blkrate();
+		if (wants("mmds")) check_mmds();
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
 		if (wants("rng")) check_rng();

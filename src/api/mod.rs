@@ -84,6 +84,14 @@ pub enum ApiRequest {
     PatchMemoryHotplug(model::MemoryHotplugSizeUpdate),
     /// `GET /hotplug/memory`
     GetMemoryHotplug,
+    /// `GET /mmds`
+    GetMmds,
+    /// `PUT /mmds`: the whole data store (any JSON).
+    PutMmds(Value),
+    /// `PATCH /mmds`: a JSON merge patch of the data store.
+    PatchMmds(Value),
+    /// `PUT /mmds/config`
+    PutMmdsConfig(crate::config::MmdsConfig),
     /// `PUT /snapshot/create`
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
@@ -110,6 +118,7 @@ impl ApiRequest {
                 | Self::PutBalloon(_)
                 | Self::PutPmem(_)
                 | Self::PutMemoryHotplug(_)
+                | Self::PutMmdsConfig(_)
         )
     }
 }
@@ -150,7 +159,7 @@ impl ApiResponse {
 }
 
 /// Endpoints of later work: answered with 400 and a clear message until they exist.
-const NOT_YET: &[(&str, &str)] = &[("/mmds", "MMDS")];
+const NOT_YET: &[(&str, &str)] = &[];
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
     if bytes.is_empty() {
@@ -172,6 +181,14 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
         ));
     }
     serde_json::from_value(value).map_err(parse_err)
+}
+
+/// Any JSON document (the MMDS store takes any), not only an object.
+fn json_body(bytes: &[u8]) -> Result<Value, ApiResponse> {
+    if bytes.is_empty() {
+        return Err(ApiResponse::fault(400, "Empty request body"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiResponse::fault(400, format!("{e}")))
 }
 
 /// `id` from the path must match the body's id, as in Firecracker.
@@ -286,6 +303,16 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, ApiRe
             same_id(id, &p.id, "pmem")?;
             ApiRequest::PatchPmem(p)
         }
+        ("GET", "mmds", None) => ApiRequest::GetMmds,
+        ("PUT", "mmds", None) => ApiRequest::PutMmds(json_body(bytes)?),
+        ("PATCH", "mmds", None) => ApiRequest::PatchMmds(json_body(bytes)?),
+        ("PUT", "mmds", Some("config")) => ApiRequest::PutMmdsConfig(body(bytes)?),
+        ("PUT", "mmds", Some(other)) => {
+            return Err(ApiResponse::fault(
+                400,
+                format!("Unrecognized PUT request path `{other}`."),
+            ))
+        }
         ("PUT", "snapshot", Some("create")) => ApiRequest::CreateSnapshot(body(bytes)?),
         ("PUT", "snapshot", Some("load")) => ApiRequest::LoadSnapshot(Box::new(body(bytes)?)),
         _ => return Err(invalid()),
@@ -355,10 +382,6 @@ mod tests {
         ))
         .1
         .contains("does not match"));
-        assert_eq!(
-            fault(route("PUT", "/mmds", b"{}")),
-            (400, "MMDS is not supported by Skiff yet".to_owned())
-        );
         assert!(matches!(
             route("PUT", "/vsock", br#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
             Ok(ApiRequest::PutVsock(v)) if v.guest_cid == 3 && v.vsock_id.is_none()
@@ -419,5 +442,37 @@ mod tests {
             br#"{"snapshot_path":"s","colour":1}"#,
         ));
         assert!(why.contains("unknown field `colour`"), "{why}");
+    }
+
+    #[test]
+    fn mmds_routes() {
+        assert_eq!(route("GET", "/mmds", b""), Ok(ApiRequest::GetMmds));
+        assert_eq!(
+            route("PUT", "/mmds", b"[1, \"two\"]"),
+            Ok(ApiRequest::PutMmds(serde_json::json!([1, "two"]))),
+            "any JSON"
+        );
+        assert_eq!(
+            route("PATCH", "/mmds/", br#"{"a":null}"#),
+            Ok(ApiRequest::PatchMmds(serde_json::json!({"a": null})))
+        );
+        assert!(matches!(
+            route("PUT", "/mmds/config", br#"{"network_interfaces":["eth0"],"version":"V2"}"#),
+            Ok(ApiRequest::PutMmdsConfig(c)) if c.version == crate::config::MmdsVersion::V2
+        ));
+        assert_eq!(fault(route("PUT", "/mmds", b"")).1, "Empty request body");
+        assert_eq!(
+            fault(route("PUT", "/mmds/other", b"{}")).1,
+            "Unrecognized PUT request path `other`."
+        );
+        for bad_config in [
+            &br#"{"network_interfaces":["eth0"],"version":"V3"}"#[..],
+            br#"{"network_interfaces":["eth0"],"ipv4_address":"169.254.1"}"#,
+            br#"{"version":"V2"}"#,
+            br#"{"network_interfaces":["eth0"],"colour":1}"#,
+        ] {
+            assert_eq!(fault(route("PUT", "/mmds/config", bad_config)).0, 400);
+        }
+        assert!(route("PUT", "/mmds/config", b"{}").is_err());
     }
 }

@@ -304,6 +304,34 @@ impl PmemConfig {
     }
 }
 
+impl crate::config::MmdsConfig {
+    /// The service as `PUT /mmds/config` (or the config file's `mmds-config`) gives it for the
+    /// VM `config` describes, checked as Firecracker checks it (with its messages): a
+    /// link-local address, and interfaces that exist. Kept with its address filled in and its
+    /// interfaces in the VM's order, as `GET /vm/config` shows them.
+    pub fn checked(&self, config: &VmConfig) -> Result<Self, BadRequest> {
+        let [a, b, c, _] = self.ipv4().octets();
+        if (a, b) != (169, 254) || c == 0 || c == 255 {
+            return bad("MMMDS config error: The MMDS IPv4 address is not link local.");
+        }
+        if self.network_interfaces.is_empty() {
+            return bad("MMMDS config error: The list of network interface IDs that allow forwarding MMDS requests is empty.");
+        }
+        let known = |id: &String| config.nets.iter().any(|n| n.id.as_ref() == Some(id));
+        if !self.network_interfaces.iter().all(known) {
+            return bad("MMMDS config error: The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface.");
+        }
+        Ok(Self {
+            network_interfaces: (config.nets.iter())
+                .filter_map(|n| n.id.clone())
+                .filter(|id| self.network_interfaces.contains(id))
+                .collect(),
+            ipv4_address: Some(self.ipv4()),
+            ..self.clone()
+        })
+    }
+}
+
 /// `PUT /serial`: where the serial console's output goes, and how fast.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -551,13 +579,20 @@ pub struct FullVmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory_hotplug: Option<crate::config::MemoryHotplugConfig>,
+    /// The metadata service.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<crate::config::MmdsConfig>,
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
-const NOT_YET: &[&str] = &["mmds-config"];
+const NOT_YET: &[&str] = &[];
 
 fn check_id(kind: &str, id: &str) -> Result<(), BadRequest> {
     if id.is_empty()
@@ -888,6 +923,9 @@ impl FullVmConfig {
             h.validate().map_err(BadRequest)?;
             config.memory_hotplug = Some(*h);
         }
+        if let Some(m) = &self.mmds_config {
+            config.mmds = Some(m.checked(&config)?);
+        }
         Ok(config)
     }
 
@@ -915,6 +953,7 @@ impl FullVmConfig {
             balloon: config.balloon,
             pmem: config.pmem.clone(),
             memory_hotplug: config.memory_hotplug,
+            mmds_config: config.mmds.clone(),
             unsupported: std::collections::BTreeMap::new(),
         }
     }
@@ -1158,12 +1197,6 @@ mod tests {
         assert!(config.nets[0].tx_rate_limiter.is_some());
         let back = FullVmConfig::of(&config, None, None);
         assert_eq!(back.to_vm_config().unwrap(), config);
-        let mmds: FullVmConfig =
-            parse(r#"{"boot-source":{"kernel_image_path":"/k"},"mmds-config":{}}"#).unwrap();
-        assert_eq!(
-            mmds.to_vm_config().unwrap_err().0,
-            "mmds-config is not supported by Skiff yet"
-        );
         let vsock: FullVmConfig = parse(
             r#"{"boot-source":{"kernel_image_path":"/k"},"vsock":{"guest_cid":3,"uds_path":"/v"}}"#,
         )
@@ -1187,5 +1220,49 @@ mod tests {
             .unwrap_err()
             .0
             .contains("unknown section 'bogus'"));
+    }
+
+    /// `mmds-config` and `PUT /mmds/config` are checked as Firecracker checks them, with its
+    /// messages, and shown back with the address filled in.
+    #[test]
+    fn mmds_config_is_checked_and_shown() {
+        let doc = r#"{
+            "boot-source": {"kernel_image_path": "/k"},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"},
+                                   {"iface_id": "eth1", "host_dev_name": "tap1"}],
+            "mmds-config": {"network_interfaces": ["eth1", "eth0", "eth1"], "version": "V2"}
+        }"#;
+        let full: FullVmConfig = parse(doc).unwrap();
+        let config = full.to_vm_config().unwrap();
+        let mmds = config.mmds.clone().unwrap();
+        assert_eq!(mmds.network_interfaces, ["eth0", "eth1"]);
+        assert_eq!(mmds.ipv4_address, Some([169, 254, 169, 254].into()));
+        let shown = serde_json::to_value(FullVmConfig::of(&config, None, None)).unwrap();
+        assert_eq!(
+            shown["mmds-config"],
+            serde_json::json!({"version": "V2", "network_interfaces": ["eth0", "eth1"],
+                               "ipv4_address": "169.254.169.254", "imds_compat": false})
+        );
+        let back: FullVmConfig = serde_json::from_value(shown).unwrap();
+        assert_eq!(back.to_vm_config().unwrap(), config);
+        for (body, why) in [
+            (r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#,
+             "MMMDS config error: The MMDS IPv4 address is not link local."),
+            (r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.9"}"#,
+             "MMMDS config error: The MMDS IPv4 address is not link local."),
+            (r#"{"network_interfaces": []}"#,
+             "MMMDS config error: The list of network interface IDs that allow forwarding MMDS requests is empty."),
+            (r#"{"network_interfaces": ["eth0", "eth9"]}"#,
+             "MMMDS config error: The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface."),
+        ] {
+            let m: crate::config::MmdsConfig = parse(body).unwrap();
+            assert_eq!(m.checked(&config).unwrap_err().0, why, "{body}");
+        }
+        let custom: crate::config::MmdsConfig =
+            parse(r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2", "imds_compat": true}"#)
+                .unwrap();
+        let custom = custom.checked(&config).unwrap();
+        assert_eq!(custom.ipv4(), std::net::Ipv4Addr::new(169, 254, 170, 2));
+        assert!(custom.imds_compat);
     }
 }

@@ -24,7 +24,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{route, ApiResponse, MAX_PAYLOAD};
+#[cfg(doc)]
+use super::MAX_PAYLOAD;
+use super::{route, ApiResponse};
 use crate::controller::ApiCall;
 use crate::metrics::{inc, ApiMetrics};
 use crate::seccomp::{Filters, ThreadKind};
@@ -73,21 +75,25 @@ struct Shared {
     calls: Sender<ApiCall>,
     wake: EventFd,
     metrics: Arc<ApiMetrics>,
+    /// The largest body taken ([`MAX_PAYLOAD`] unless `--http-api-max-payload-size` says).
+    max_payload: usize,
 }
 
 /// Binds `path` (which must not exist; see [`bind`]) and serves the API on a new thread named
-/// `skiff-api`.
+/// `skiff-api`, taking bodies of at most `max_payload` bytes.
 pub fn spawn(
     path: &Path,
     calls: Sender<ApiCall>,
     wake: &EventFd,
     metrics: Arc<ApiMetrics>,
     filters: Filters,
+    max_payload: usize,
 ) -> Result<JoinHandle<()>, ApiServerError> {
     let shared = Arc::new(Shared {
         calls,
         wake: wake.try_clone().map_err(ApiServerError::Thread)?,
         metrics,
+        max_payload,
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -315,9 +321,10 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let max = shared.max_payload;
     let too_large = |size: String| {
         let message = format!(
-            "Request payload with size {size} is larger than the limit of {MAX_PAYLOAD} allowed by server."
+            "Request payload with size {size} is larger than the limit of {max} allowed by server."
         );
         // Firecracker's clients read `error`; the API's other faults are `fault_message`.
         ApiResponse {
@@ -325,27 +332,28 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
             body: Some(serde_json::json!({ "error": message, "fault_message": message })),
         }
     };
+    let discard_limit = DISCARD_LIMIT.max(max);
     // Refused without waiting for a body that may never come (a declared length the client
     // does not send held the answer for the read timeout): what arrives within a moment is
     // read and dropped, so that a client still sending is not reset before it reads the
     // answer.
-    if let Some(len) = declared.filter(|&l| l > MAX_PAYLOAD as u64) {
-        let body = Limited::new(req.into_body(), DISCARD_LIMIT);
+    if let Some(len) = declared.filter(|&l| l > max as u64) {
+        let body = Limited::new(req.into_body(), discard_limit);
         let _ = tokio::time::timeout(Duration::from_millis(200), body.collect()).await;
         return too_large(len.to_string());
     }
-    // Read (up to DISCARD_LIMIT) even a body that is too large, so the client is not reset
-    // while still sending and gets to read the answer.
-    let body = Limited::new(req.into_body(), DISCARD_LIMIT);
+    // Read (up to the discard limit) even a body that is too large, so the client is not
+    // reset while still sending and gets to read the answer.
+    let body = Limited::new(req.into_body(), discard_limit);
     let bytes = match tokio::time::timeout(CLIENT_TIMEOUT, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(format!("over {DISCARD_LIMIT}"));
+            return too_large(format!("over {discard_limit}"));
         }
         Ok(Err(e)) => return ApiResponse::fault(400, format!("cannot read the request body: {e}")),
         Err(_) => return ApiResponse::fault(400, "timed out reading the request body"),
     };
-    if bytes.len() > MAX_PAYLOAD {
+    if bytes.len() > max {
         return too_large(bytes.len().to_string());
     }
     let request = match route(&method, &path, &bytes) {

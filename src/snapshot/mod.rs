@@ -247,6 +247,8 @@ impl MicrovmState {
     /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and
     /// pmem devices (what `GET /vm/config` shows afterwards); `network_overrides` as given to
     /// the restore.
+    /// Describes the restored VM in `config`: vCPUs, memory, disks, network interfaces and the
+    /// metadata service (what `GET /vm/config` shows afterwards); `network_overrides` as given to the restore.
     pub fn describe_in(
         &self,
         config: &mut crate::VmConfig,
@@ -297,6 +299,11 @@ impl MicrovmState {
                 slot_size_mib: m.device.slot_size >> 20,
                 block_size_mib: m.device.block_size >> 20,
             });
+        config.mmds = self
+            .devices
+            .mmds
+            .as_ref()
+            .map(crate::mmds::MmdsState::config);
         config.nets = (self.devices.nets.iter())
             .map(|n| NetConfig {
                 tap: (network_overrides.iter())

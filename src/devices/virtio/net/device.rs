@@ -19,6 +19,7 @@ use crate::devices::virtio::{
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, NetMetrics};
+use crate::mmds::MmdsStack;
 use crate::rate_limiter::{RateLimiter, RateLimiterError};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -114,6 +115,8 @@ pub struct Net {
     pub(super) rx_rate_limiter: RateLimiter,
     /// Limits frames from the guest; unlimited until configured.
     pub(super) tx_rate_limiter: RateLimiter,
+    /// The metadata service, when this interface answers for it.
+    mmds: Option<MmdsStack>,
 }
 
 impl std::fmt::Debug for Net {
@@ -171,7 +174,25 @@ impl Net {
             metrics: Arc::new(NetMetrics::default()),
             rx_rate_limiter: RateLimiter::unlimited()?,
             tx_rate_limiter: RateLimiter::unlimited()?,
+            mmds: None,
         })
+    }
+
+    /// Makes this interface answer for the metadata service (or, with None, stop doing so):
+    /// the guest's frames for it go to `stack` instead of the TAP, and its answers reach the
+    /// guest ahead of the TAP's frames.
+    pub fn set_mmds(&mut self, stack: Option<MmdsStack>) {
+        self.mmds = stack;
+    }
+
+    /// The metadata service this interface answers for, if any.
+    pub fn mmds(&self) -> Option<&MmdsStack> {
+        self.mmds.as_ref()
+    }
+
+    /// Whether the metadata service has frames waiting for the guest.
+    pub(super) fn mmds_has_output(&self) -> bool {
+        self.mmds.as_ref().is_some_and(MmdsStack::has_output)
     }
 
     /// The device's state, for a snapshot.
@@ -277,7 +298,9 @@ impl Net {
     /// Sends the guest's frames to the TAP (see [`drain_queue`]) as far as the TX rate limiter
     /// allows; a frame it holds back stays on the queue until the limiter's timer fires. A
     /// broken chain or a frame the TAP refuses is dropped and counted; the buffer goes back to
-    /// the guest either way.
+    /// the guest either way. Frames for the metadata service go to it instead, whatever the
+    /// limiter says (as in Firecracker, they are not the TAP's traffic); they are copied out of
+    /// guest memory first, so the guest cannot change one between the check and its use.
     pub fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -287,7 +310,7 @@ impl Net {
         }
         let mem = &active.mem;
         let (tap, metrics, limiter) = (&self.tap, &self.metrics, &mut self.tx_rate_limiter);
-        let (bufs, frame) = (&mut self.chain, &mut self.tx_frame);
+        let (bufs, frame, mmds) = (&mut self.chain, &mut self.tx_frame, &mut self.mmds);
         let drained = drain_queue(
             &mut active.tx,
             mem,
@@ -295,15 +318,26 @@ impl Net {
             &self.base.irq,
             |chain| {
                 let ok = split_chain(chain, bufs) && bufs.writable.is_empty();
+                let len: u64 = bufs.readable.iter().map(|b| u64::from(b.len)).sum();
+                let gathered = match ok.then(|| gather(mem, &bufs.readable, frame)) {
+                    Some(Gather::Frame(n)) => Some(n),
+                    _ => None,
+                };
+                if let (Some(n), Some(stack)) = (gathered, mmds.as_mut()) {
+                    let eth = &frame[VNET_HDR_LEN..n];
+                    if stack.is_mmds_frame(eth) {
+                        stack.detour(eth);
+                        return Handled::Used(0);
+                    }
+                }
                 // One op and the frame's bytes, header included (as Firecracker counts
                 // them); a frame too broken to send costs nothing.
-                let len: u64 = bufs.readable.iter().map(|b| u64::from(b.len)).sum();
-                if ok && len <= MAX_FRAME_LEN as u64 && !limiter.consume_op(len) {
+                if gathered.is_some() && !limiter.consume_op(len) {
                     inc(&metrics.tx_rate_limiter_throttled);
                     return Handled::Deferred;
                 }
-                let sent = match ok.then(|| gather(mem, &bufs.readable, frame)) {
-                    Some(Gather::Frame(len)) => match tap.write_frame(&frame[..len]) {
+                let sent = match gathered {
+                    Some(len) => match tap.write_frame(&frame[..len]) {
                         Ok(_) => {
                             inc(&metrics.tx_frames);
                             add(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
@@ -317,7 +351,7 @@ impl Net {
                             false
                         }
                     },
-                    _ => false,
+                    None => false,
                 };
                 if !sent {
                     inc(&metrics.tx_dropped);
@@ -354,9 +388,22 @@ impl Net {
             if self.rx_len == 0 {
                 if budget == 0 {
                     // The TAP stays readable: the event loop calls again after other work.
+                    // The metadata service has no descriptor to wake the loop: the RX
+                    // queue's event brings the device back for its frames.
+                    if self.mmds.as_ref().is_some_and(MmdsStack::has_output) {
+                        let _ = self.base.queue_events[RX_QUEUE].write(1);
+                    }
                     break true;
                 }
                 budget -= 1;
+                // The metadata service's frames go first: they answer the guest's own.
+                if let Some(n) = (self.mmds.as_mut())
+                    .and_then(|m| m.write_next_frame(&mut self.rx_frame[VNET_HDR_LEN..]))
+                {
+                    self.rx_frame[..VNET_HDR_LEN].fill(0);
+                    self.rx_len = VNET_HDR_LEN + n;
+                    continue;
+                }
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN && n <= MAX_FRAME_LEN => self.rx_len = n,
                     Ok(n) => {
@@ -973,5 +1020,222 @@ mod tests {
         let mut mac = [0u8; 6];
         rig.net.config_space().read(0, &mut mac);
         assert_eq!(mac, [6, 0, 0, 0, 0, 1]);
+    }
+
+    const MMDS_IP: [u8; 4] = [169, 254, 169, 254];
+
+    /// A frame from the guest (zeroed virtio-net header): an ARP request for `tpa`.
+    fn arp_request(tpa: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&[6, 0, 0, 0, 0, 1, 8, 6, 0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&[6, 0, 0, 0, 0, 1, 10, 0, 0, 2, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(&tpa);
+        f
+    }
+
+    /// A frame from the guest: a TCP SYN from port `port` to the service.
+    fn syn_to_mmds(port: u16) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[6, 1, 0x23, 0x45, 0x67, 1, 6, 0, 0, 0, 0, 1, 8, 0]);
+        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2]);
+        f.extend_from_slice(&MMDS_IP);
+        f.extend_from_slice(&port.to_be_bytes());
+        f.extend_from_slice(&[
+            0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 2, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        f
+    }
+
+    fn with_mmds(rig: &mut Rig<'_>) {
+        let store = crate::mmds::MmdsStore::default();
+        rig.net
+            .set_mmds(Some(MmdsStack::new(MMDS_IP.into(), store)));
+    }
+
+    /// What the guest got in RX buffer `i` (at BUF + i * 4096), Ethernet part only.
+    fn received(rig: &Rig<'_>, i: u64) -> Vec<u8> {
+        let (_, len) = rig.used(&rig.rx, i);
+        let mut got = vec![0u8; len as usize];
+        rig.mem
+            .read_slice(&mut got, GuestAddress(BUF + i * 4096))
+            .unwrap();
+        assert_eq!(&got[..10], &[0; 10], "a plain virtio-net header");
+        got.split_off(VNET_HDR_LEN)
+    }
+
+    /// ARP and TCP for the metadata service are taken from the TX queue without a token of the
+    /// TX limiter and never reach the TAP; the service's answers reach the guest ahead of a
+    /// frame already waiting in the TAP.
+    #[test]
+    fn metadata_service_frames_stay_off_the_tap_and_answer_first() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        with_mmds(&mut rig);
+        rig.net
+            .update_rate_limiters(None, Some(&ops_limit(1, 3_600_000)))
+            .unwrap();
+        let frames = [
+            arp_request(MMDS_IP),
+            syn_to_mmds(40000),
+            frame(100, 1),
+            frame(100, 2),
+        ];
+        for (i, f) in (0u16..).zip(&frames) {
+            let at = BUF + u64::from(i) * 2048;
+            m.write_slice(f, GuestAddress(at)).unwrap();
+            rig.send(&[desc(at, u32::try_from(f.len()).unwrap(), 0, 0)], i);
+        }
+        rig.host.send(&frame(200, 9)).unwrap();
+        rig.net.process_tx();
+        assert!(rig.net.mmds_has_output());
+        // The one token went to the first TAP frame; the service's frames needed none.
+        assert_eq!(
+            rig.used_idx(&rig.tx),
+            3,
+            "the last frame waits for the limiter"
+        );
+        let mut got = [0u8; 256];
+        rig.host.set_nonblocking(true).unwrap();
+        let n = rig.host.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &frames[2][..]);
+        assert!(
+            rig.host.recv(&mut got).is_err(),
+            "nothing else reached the TAP"
+        );
+
+        for i in 0..3u16 {
+            let at = BUF + u64::from(i) * 4096;
+            rig.rx
+                .add_desc_chains(&[desc(at, 2048, F_WRITE, 0)], i)
+                .unwrap();
+        }
+        rig.net.process_rx();
+        assert_eq!(rig.used_idx(&rig.rx), 3);
+        let arp = received(&rig, 0);
+        assert_eq!(&arp[12..14], &[8, 6]);
+        assert_eq!(&arp[14 + 28 - 4..14 + 28], &[10, 0, 0, 2], "to the asker");
+        let synack = received(&rig, 1);
+        assert_eq!((&synack[12..14], synack[14 + 9]), (&[8, 0][..], 6));
+        assert_eq!(synack[14 + 20 + 13], 0x12, "SYN-ACK");
+        assert_eq!(&received(&rig, 2)[..], &frame(200, 9)[VNET_HDR_LEN..]);
+        assert!(!rig.net.mmds_has_output());
+    }
+
+    /// Through the event loop: the guest's TX notification alone brings the service's answer
+    /// into its receive buffer (the TAP has nothing to wake the loop).
+    #[test]
+    fn the_tx_notification_delivers_the_answer() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        with_mmds(&mut rig);
+        let rx = rig.rx;
+        let tx = rig.tx;
+        let req = arp_request(MMDS_IP);
+        m.write_slice(&req, GuestAddress(BUF + 0x8000)).unwrap();
+        let net = Arc::new(Mutex::new(rig.net));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(net.clone());
+        em.run_with_timeout(100).unwrap();
+        rx.add_desc_chains(&[desc(BUF, 2048, F_WRITE, 0)], 0)
+            .unwrap();
+        tx.add_desc_chains(&[desc(BUF + 0x8000, 54, 0, 0)], 0)
+            .unwrap();
+        net.lock().unwrap().base.queue_events[TX_QUEUE]
+            .write(1)
+            .unwrap();
+        em.run_with_timeout(100).unwrap();
+        let dev = net.lock().unwrap();
+        assert_eq!(dev.counters().rx_frames, 1);
+        assert_eq!(dev.counters().tx_frames, 0);
+        let mut got = [0u8; 72];
+        m.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(
+            &got[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12],
+            &crate::mmds::stack::MMDS_MAC
+        );
+    }
+
+    /// A queue of SIZE entries with its rings at `base`, `base + 0x1000`, `base + 0x2000`
+    /// (the mock queue's used ring overlaps the upper half of its available ring, so a test
+    /// that goes round the ring lays out its own).
+    fn spaced_queue(base: u64) -> Queue {
+        let mut q = Queue::new(SIZE).unwrap();
+        q.try_set_desc_table_address(GuestAddress(base)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(base + 0x1000))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(base + 0x2000))
+            .unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    /// Makes `d` available on the queue at `base` in the next ring slot, wrapping around.
+    fn publish(m: &GuestMemoryMmap, base: u64, d: RawDescriptor) {
+        let idx: u16 = m.read_obj(GuestAddress(base + 0x1002)).unwrap();
+        let slot = idx % SIZE;
+        m.write_obj(d, GuestAddress(base + 16 * u64::from(slot)))
+            .unwrap();
+        m.write_obj(slot, GuestAddress(base + 0x1004 + 2 * u64::from(slot)))
+            .unwrap();
+        m.write_obj(idx.wrapping_add(1), GuestAddress(base + 0x1002))
+            .unwrap();
+    }
+
+    fn spaced_used_idx(m: &GuestMemoryMmap, base: u64) -> u16 {
+        m.read_obj(GuestAddress(base + 0x2002)).unwrap()
+    }
+
+    /// A flood of SYNs from 1000 ports and broken frames for the service: every chain comes
+    /// back, nothing reaches the TAP, and what the service answers stays bounded (30
+    /// connections' SYN-ACKs and at most 100 resets).
+    #[test]
+    fn a_flood_for_the_service_stays_bounded() {
+        const RXQ: u64 = 0x10_0000;
+        const TXQ: u64 = 0x11_0000;
+        let m = mem();
+        let (dev_end, host) = UnixDatagram::pair().unwrap();
+        dev_end.set_nonblocking(true).unwrap();
+        host.set_nonblocking(true).unwrap();
+        let tap = Tap::from_file(File::from(OwnedFd::from(dev_end)), "test0");
+        let mut net = Net::with_tap(tap, None).unwrap();
+        net.set_acked_features(1 << VIRTIO_F_VERSION_1);
+        net.activate(m.clone(), vec![spaced_queue(RXQ), spaced_queue(TXQ)])
+            .unwrap();
+        let store = crate::mmds::MmdsStore::default();
+        net.set_mmds(Some(MmdsStack::new(MMDS_IP.into(), store)));
+        let mut broken = syn_to_mmds(1);
+        broken[VNET_HDR_LEN + 14 + 2..VNET_HDR_LEN + 14 + 4].copy_from_slice(&[0xff, 0xff]);
+        let mut sent = 0u16;
+        for batch in 0..(1000 / SIZE) {
+            for k in 0..SIZE {
+                let port = 1000 + batch * SIZE + k;
+                let f = if k % 4 == 0 {
+                    broken.clone()
+                } else {
+                    syn_to_mmds(port)
+                };
+                let at = BUF + u64::from(k) * 128;
+                m.write_slice(&f, GuestAddress(at)).unwrap();
+                publish(&m, TXQ, desc(at, u32::try_from(f.len()).unwrap(), 0, 0));
+                sent += 1;
+            }
+            net.process_tx();
+            assert_eq!(spaced_used_idx(&m, TXQ), sent, "every chain came back");
+        }
+        let mut got = [0u8; 64];
+        assert!(host.recv(&mut got).is_err(), "nothing reached the TAP");
+        assert_eq!(net.counters().tx_dropped, 0);
+        while net.mmds_has_output() {
+            for k in 0..SIZE {
+                publish(&m, RXQ, desc(BUF + u64::from(k) * 4096, 2048, F_WRITE, 0));
+            }
+            net.process_rx();
+            let answers = spaced_used_idx(&m, RXQ);
+            assert!(answers <= 130, "{answers} answers");
+        }
+        assert!(spaced_used_idx(&m, RXQ) >= 30);
+        let mmds = net.mmds().unwrap();
+        assert_eq!(mmds.ipv4(), std::net::Ipv4Addr::from(MMDS_IP));
     }
 }

@@ -1,7 +1,8 @@
 //! The network device on the event thread: activation registers the queue events, the TAP and
 //! the rate limiters' timers; TAP readiness drives receive, the TX queue event drives transmit,
 //! the RX queue event resumes receive after the guest ran out of buffers, and the end of a
-//! throttle resumes whichever direction it held back.
+//! throttle resumes whichever direction it held back. Frames the guest sent the metadata
+//! service make it answer: receive runs after transmit whenever it has something.
 
 use std::os::fd::AsRawFd;
 
@@ -31,6 +32,14 @@ impl Net {
             Err(e) => warn!("virtio-net: cannot change the TAP's event registration: {e}"),
         }
     }
+
+    /// Transmits, then receives when the metadata service has answers for the guest.
+    fn transmit(&mut self, ops: &mut EventOps) {
+        self.process_tx();
+        if self.mmds_has_output() {
+            self.receive_and_watch(ops);
+        }
+    }
 }
 
 impl MutEventSubscriber for Net {
@@ -54,7 +63,7 @@ impl MutEventSubscriber for Net {
             self.receive_and_watch(ops);
         } else if fd == self.base.queue_events[TX_QUEUE].as_raw_fd() {
             let _ = self.base.queue_events[TX_QUEUE].read();
-            self.process_tx();
+            self.transmit(ops);
         } else if fd == self.base.queue_events[RX_QUEUE].as_raw_fd() {
             let _ = self.base.queue_events[RX_QUEUE].read();
             self.receive_and_watch(ops);
@@ -62,7 +71,7 @@ impl MutEventSubscriber for Net {
             self.receive_and_watch(ops);
         } else if fd == self.tx_rate_limiter.as_raw_fd() {
             if self.tx_rate_limiter.event_handler() {
-                self.process_tx();
+                self.transmit(ops);
             }
         } else if fd == self.rx_rate_limiter.as_raw_fd() && self.rx_rate_limiter.event_handler() {
             self.receive_and_watch(ops);

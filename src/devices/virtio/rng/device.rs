@@ -68,7 +68,7 @@ impl std::fmt::Debug for Rng {
 
 /// Fills `buf` from the host's entropy pool (getrandom, without GRND_RANDOM: the kernel's
 /// CSPRNG, as the guest's own /dev/urandom would be).
-fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];

@@ -4,6 +4,7 @@
 mod device;
 mod event_handler;
 
+pub(crate) use device::host_random;
 pub use device::{Rng, RngError, RngState};
 
 /// Virtio device ID of an entropy source.
