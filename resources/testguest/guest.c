@@ -2773,8 +2773,7 @@ static void check_snapshot(void)
 	lapic_write(0x3e0, 0xb);			/* divide by 1 */
 	lapic_write(0x320, TIMER_VECTOR | (1u << 17));	/* periodic */
 	lapic_write(0x380, 1000000);
-	printf("snapshot: ticking (disk %s, network %s, entropy %s, vsock %s)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", have_vsock ? "yes" : "no");
-	printf("snapshot: ticking (disk %s, network %s, entropy %s, pmem %s, hot-plugged %lu MiB)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", pmem_start ? "yes" : "no", mem_kept >> 20);
+	printf("snapshot: ticking (disk %s, network %s, entropy %s, vsock %s, pmem %s, hot-plugged %lu MiB)\n", have_blk ? "yes" : "no", have_net ? "yes" : "no", have_rng ? "yes" : "no", have_vsock ? "yes" : "no", pmem_start ? "yes" : "no", mem_kept >> 20);
 	uint64_t now = now_us(), next = now, last = now, last_tick = now;
 	int key = -1, clock_back = 0, clock_jump = 0, marker_bad = 0, io_bad = 0, tx_bad = 0;
 	char payload[32];
