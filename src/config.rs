@@ -290,12 +290,38 @@ pub struct NetConfig {
 #[serde(deny_unknown_fields)]
 pub struct TokenBucketConfig {
     /// Tokens in a full bucket.
+    #[serde(deserialize_with = "int64")]
     pub size: u64,
     /// Extra tokens spent before the bucket's own, once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_int64"
+    )]
     pub one_time_burst: Option<u64>,
     /// Milliseconds to refill the bucket from empty to full.
+    #[serde(deserialize_with = "int64")]
     pub refill_time: u64,
+}
+
+/// A bucket's number as Firecracker's API types it (int64): refused above i64::MAX.
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = u64::deserialize(d)?;
+    if i64::try_from(n).is_err() {
+        return Err(serde::de::Error::custom(format!(
+            "{n} is larger than the API's int64 maximum"
+        )));
+    }
+    Ok(n)
+}
+
+fn optional_int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<u64>::deserialize(d)? {
+        Some(n) if i64::try_from(n).is_err() => Err(serde::de::Error::custom(format!(
+            "{n} is larger than the API's int64 maximum"
+        ))),
+        other => Ok(other),
+    }
 }
 
 impl TokenBucketConfig {
