@@ -180,7 +180,35 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiResponse> {
             "The request body must be a JSON object",
         ));
     }
+    // serde would take a nested struct (a rate limiter, a bucket) as an array of its fields
+    // too; the API's document says object.
+    if let Some(key) = array_for_object(&value) {
+        return Err(ApiResponse::fault(
+            400,
+            format!("An error occurred when deserializing the json body of a request: invalid type: sequence, expected an object for `{key}`."),
+        ));
+    }
     serde_json::from_value(value).map_err(parse_err)
+}
+
+/// The first key, at any depth, whose value is an array where the API takes an object.
+fn array_for_object(value: &Value) -> Option<&str> {
+    const OBJECTS: &[&str] = &[
+        "rate_limiter",
+        "rx_rate_limiter",
+        "tx_rate_limiter",
+        "bandwidth",
+        "ops",
+        "mem_backend",
+    ];
+    let map = value.as_object()?;
+    map.iter().find_map(|(k, v)| {
+        if v.is_array() && OBJECTS.contains(&k.as_str()) {
+            Some(k.as_str())
+        } else {
+            array_for_object(v)
+        }
+    })
 }
 
 /// Any JSON document (the MMDS store takes any), not only an object.
@@ -382,6 +410,15 @@ mod tests {
         ))
         .1
         .contains("does not match"));
+        let (status, why) = fault(route(
+            "PUT",
+            "/entropy",
+            br#"{"rate_limiter": [null, null]}"#,
+        ));
+        assert!(
+            status == 400 && why.contains("expected an object for `rate_limiter`"),
+            "{why}"
+        );
         assert!(matches!(
             route("PUT", "/vsock", br#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
             Ok(ApiRequest::PutVsock(v)) if v.guest_cid == 3 && v.vsock_id.is_none()
