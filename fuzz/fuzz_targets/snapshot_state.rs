@@ -39,7 +39,7 @@ fn exercise(bytes: &[u8]) {
     }
     let queues = (state.devices.blocks.iter().map(|b| (&b.transport, &b.device.virtio)))
         .chain(state.devices.nets.iter().map(|n| (&n.transport, &n.device.virtio)))
-        .chain(state.devices.vsock.iter().map(|v| (&v.transport, &v.device.virtio)));
+        .chain(state.devices.vsock.iter().map(|v| (&v.transport, &v.device.virtio)))
         .chain((state.devices.balloon.iter()).map(|b| (&b.transport, &b.device.virtio)));
     for (transport, virtio) in queues {
         for q in transport.queues.iter().chain(&virtio.queues) {
