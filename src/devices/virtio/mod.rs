@@ -362,6 +362,22 @@ impl VirtioBase {
     pub fn acked(&self, bit: u32) -> bool {
         self.acked_features & (1u64 << bit) != 0
     }
+
+    /// The one queue a single-queue device takes at activation, with EVENT_IDX as the driver
+    /// accepted it; refused unless the driver made exactly one ready.
+    pub fn single_queue(&self, queues: Vec<Queue>) -> Result<Queue, ActivateError> {
+        let got = queues.len();
+        let Some(mut queue) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        queue.set_event_idx(self.acked(VIRTIO_RING_F_EVENT_IDX));
+        Ok(queue)
+    }
+
+    /// Wakes the event thread to take over the activated queues.
+    pub fn signal_activation(&self) -> Result<(), ActivateError> {
+        self.activate_evt.write(1).map_err(ActivateError::Signal)
+    }
 }
 
 /// Why a device refused activation.

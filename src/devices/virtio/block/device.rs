@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use log::warn;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::request::{execute, Disk};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
@@ -347,16 +347,9 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(mut queue) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        queue.set_event_idx(self.base.acked(VIRTIO_RING_F_EVENT_IDX));
+        let queue = self.base.single_queue(queues)?;
         self.active = Some(Active { mem, queue });
-        self.base
-            .activate_evt
-            .write(1)
-            .map_err(ActivateError::Signal)
+        self.base.signal_activation()
     }
 
     fn reset(&mut self) {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{MAX_REQUEST_BYTES, QUEUE_SIZE, VIRTIO_ID_RNG};
@@ -226,16 +226,9 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(mut queue) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        queue.set_event_idx(self.base.acked(VIRTIO_RING_F_EVENT_IDX));
+        let queue = self.base.single_queue(queues)?;
         self.active = Some(Active { mem, queue });
-        self.base
-            .activate_evt
-            .write(1)
-            .map_err(ActivateError::Signal)
+        self.base.signal_activation()
     }
 
     fn reset(&mut self) {
