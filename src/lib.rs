@@ -15,6 +15,7 @@ pub mod logger;
 pub mod metrics;
 pub mod mmds;
 pub mod rate_limiter;
+pub mod sandbox;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
