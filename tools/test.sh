@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Skiff check on a fresh machine: installs what the tests need (Debian packages as
-# root), builds the Linux guest (cached under ~/.cache/skiff), then format, lints, all tests,
-# a time-bounded fuzz run of the API and one of the fuzz/ targets.
+# root), builds the Linux guest and the sandbox image (cached under ~/.cache/skiff), then
+# format, lints, all tests, a time-bounded fuzz run of the API and one of the fuzz/ targets.
 #
 #   tools/test.sh            everything
 #   tools/test.sh --quick    skip the Linux guest tests (no kernel build)
@@ -20,6 +20,10 @@ if [ "$quick" = 0 ]; then
 	SKIFF_LINUX_DIR=$(resources/linux/build.sh auto | tail -n 1)
 	export SKIFF_LINUX_DIR
 	say "Linux guest: $SKIFF_LINUX_DIR"
+	say "building the sandbox root image (first run: about 30 s; cached afterwards)"
+	SKIFF_SANDBOX_DIR=$(resources/sandbox/build.sh | tail -n 1)
+	export SKIFF_SANDBOX_DIR
+	say "sandbox image: $SKIFF_SANDBOX_DIR"
 else
 	export SKIFF_SKIP_LINUX=1
 fi
