@@ -14,6 +14,8 @@ use skiff::seccomp::{Filters, ThreadKind};
 use skiff::{GuestExit, Vm, VmConfig};
 use vmm_sys_util::terminal::Terminal;
 
+mod sandbox_cli;
+
 /// Skiff: a microVM monitor on Linux KVM.
 ///
 /// `skiff run --kernel ...` boots a VM described on the command line. Without a subcommand,
@@ -193,6 +195,15 @@ enum Command {
     /// Restore a microVM from a snapshot (as PUT /snapshot/load does) and run it with its
     /// serial console on this terminal; exits as `run` does.
     Restore(RestoreArgs),
+    /// Sandboxes: prepare a snapshot whose guest runs Skiff's agent, then run commands in
+    /// throw-away clones of it.
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox_cli::SandboxCommand,
+    },
+    /// Run a command in a running VM whose guest runs Skiff's agent, through its vsock
+    /// device; exits with the command's exit code.
+    Exec(sandbox_cli::ExecArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -505,7 +516,7 @@ fn report(err: &dyn std::error::Error) {
 
 fn main() -> ExitCode {
     skiff::mark_process_start();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     skiff::logger::init(cli.log_level);
     skiff::logger::set_instance_id(&cli.id);
     if let Some(start) = cli.start_time_us {
@@ -549,7 +560,13 @@ fn main() -> ExitCode {
     }
     let seccomp = cli.seccomp();
     let firecracker_style_start = cli.command.is_none();
-    let outcome = match cli.command {
+    let command = match cli.command.take() {
+        Some(Command::Sandbox { command }) => return sandbox_cli::sandbox(command),
+        Some(Command::Exec(args)) => return sandbox_cli::exec(&args),
+        other => other,
+    };
+    let outcome = match command {
+        Some(Command::Sandbox { .. } | Command::Exec(_)) => unreachable!("handled above"),
         Some(Command::Run(args)) => {
             run(args, seccomp).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
         }

@@ -183,7 +183,7 @@ fn large_output_and_stdin_arrive_intact_and_in_order() {
 
     // 3 MiB through cat and back: stdin and stdout under back-pressure both ways.
     let data: Vec<u8> = (0..3 << 20)
-        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
         .collect();
     let mut r = req(&["cat"]);
     r.stdin = true;
@@ -318,7 +318,7 @@ fn hostile_hosts_get_an_error_and_the_agent_goes_on() {
     while pid.is_none() {
         match skiff_agent::read_frame::<skiff_agent::AgentFrame>(&mut s).unwrap() {
             Some(skiff_agent::AgentFrame::Stdout(o)) => {
-                pid = String::from_utf8(o).unwrap().trim().parse::<i32>().ok()
+                pid = String::from_utf8(o).unwrap().trim().parse::<i32>().ok();
             }
             Some(_) => {}
             None => panic!("closed"),

@@ -359,8 +359,17 @@ impl Vsock {
         if queue.add_used(mem, head, written).is_err() {
             guest_log!(Level::Debug, "vsock: cannot add a used element");
         }
-        // The driver's giving the buffer back must be heard (EVENT_IDX): that is its answer.
+        // The driver's giving the buffer back must be heard: that is its answer. With
+        // EVENT_IDX a driver notifies only when its available index passes avail_event, and
+        // one that keeps several event buffers (Linux keeps 8) still has unused ones, so
+        // avail_event goes to its current index, not to the next buffer the device would take:
+        // the buffer it gives back after handling the reset then crosses it.
+        let next = queue.next_avail();
+        if let Ok(avail) = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+            queue.set_next_avail(avail.0);
+        }
         let _ = queue.enable_notification(mem);
+        queue.set_next_avail(next);
         if needs_interrupt(queue, mem) {
             if let Err(e) = self.base.irq.trigger(INT_VRING) {
                 guest_log!(Level::Warn, "vsock: cannot raise interrupt: {e}");
