@@ -283,7 +283,7 @@ impl Controller {
                     self.logger.clone(),
                     self.metrics.as_ref().map(|(m, _)| m.clone()),
                 );
-                ApiResponse::ok(serde_json::to_value(doc).unwrap_or_default())
+                ApiResponse::ok(doc.to_firecracker_json())
             }
             ApiRequest::PutBootSource(b) => done(b.apply(&mut self.config)),
             ApiRequest::PutMachineConfig(m) => done(m.apply(&mut self.config, true)),

@@ -1,0 +1,186 @@
+//! Skiff against what Firecracker 1.16.1 itself answered, captured in `tests/firecracker/`
+//! (by running the real binary with the same requests; paths there are placeholders such as
+//! `@KERNEL@`): `GET /vm/config` key for key, its document as a config file in both
+//! directions, and the metrics file's groups and counter names.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::api::Running;
+use common::netns::NetNs;
+use common::test_guest;
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn tmp(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// A captured Firecracker document with its placeholders replaced.
+fn firecracker_doc(name: &str, paths: &[(&str, &str)]) -> Value {
+    let file = common::root().join("tests/firecracker").join(name);
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    for (placeholder, path) in paths {
+        text = text.replace(placeholder, path);
+    }
+    serde_json::from_str(&text).unwrap()
+}
+
+fn json_of(answer: (u16, String)) -> Value {
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    serde_json::from_str(&answer.1).unwrap()
+}
+
+/// The files the devices' document names, made for `tag`.
+struct Files {
+    disk: PathBuf,
+    pmem: PathBuf,
+    vsock: PathBuf,
+}
+
+impl Files {
+    fn new(tag: &str) -> Self {
+        let files = Self {
+            disk: tmp(&format!("{tag}-disk.img")),
+            pmem: tmp(&format!("{tag}-pmem.img")),
+            vsock: tmp(&format!("{tag}-v.sock")),
+        };
+        std::fs::write(&files.disk, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&files.pmem, vec![0u8; 2 << 20]).unwrap();
+        let _ = std::fs::remove_file(&files.vsock);
+        files
+    }
+
+    fn paths(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("@KERNEL@", test_guest().display().to_string()),
+            ("@DISK@", self.disk.display().to_string()),
+            ("@PMEM@", self.pmem.display().to_string()),
+            ("@VSOCK@", self.vsock.display().to_string()),
+        ]
+    }
+
+    fn devices_doc(&self) -> Value {
+        let paths = self.paths();
+        let pairs: Vec<(&str, &str)> = paths.iter().map(|(p, v)| (*p, v.as_str())).collect();
+        firecracker_doc("vm-config-devices.json", &pairs)
+    }
+}
+
+/// A namespace with the TAPs `tap0` and `tap1` that the devices' document names.
+fn namespace(tag: &str) -> NetNs {
+    let ns = NetNs::new(tag);
+    for tap in ["tap0", "tap1"] {
+        let ok = Command::new("ip")
+            .args(["-n", ns.name(), "tuntap", "add", "dev", tap, "mode", "tap"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    ns
+}
+
+/// Skiff in `ns` with its API on a fresh socket and `extra` flags.
+fn skiff_in(ns: &NetNs, name: &str, extra: &[&str]) -> Running {
+    let sock = Running::fresh_sock(name);
+    let mut args = vec!["--api-sock", sock.to_str().unwrap()];
+    args.extend(extra);
+    let vm = Running::spawn(ns.command(common::skiff_bin(), &args), sock);
+    vm.wait_for_socket();
+    vm
+}
+
+/// With nothing configured, and with every kind of device (drives with and without a rate
+/// limiter, interfaces with and without a MAC, vsock, entropy, MMDS, pmem, hot-plug memory,
+/// balloon) configured by the same requests Firecracker was sent, `GET /vm/config` answers
+/// Firecracker's document exactly: every null key and empty list where it has them.
+#[test]
+fn get_vm_config_answers_firecrackers_document() {
+    let bare = Running::start("fc-config-bare", &[]);
+    assert_eq!(
+        json_of(bare.call("GET", "/vm/config", None)),
+        firecracker_doc("vm-config-bare.json", &[])
+    );
+    drop(bare);
+
+    let ns = namespace("fcconfig");
+    let files = Files::new("fc-config");
+    let want = files.devices_doc();
+    let vm = skiff_in(&ns, "fc-config-devices", &[]);
+    let put = |path: &str, body: Value| {
+        let (status, answer) = vm.call("PUT", path, Some(&body.to_string()));
+        assert_eq!(status, 204, "PUT {path}: {answer}");
+    };
+    put(
+        "/boot-source",
+        json!({"kernel_image_path": test_guest(), "boot_args": "checks=serial,blk"}),
+    );
+    put(
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    put(
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": files.disk, "is_root_device": false, "is_read_only": false}),
+    );
+    put(
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}),
+    );
+    put("/vsock", json!({"guest_cid": 3, "uds_path": files.vsock}));
+    put("/entropy", json!({}));
+    put(
+        "/drives/d2",
+        json!({"drive_id": "d2", "path_on_host": files.disk, "is_root_device": false,
+               "partuuid": "abc", "is_read_only": true, "cache_type": "Writeback",
+               "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}),
+    );
+    put(
+        "/network-interfaces/eth1",
+        json!({"iface_id": "eth1", "host_dev_name": "tap1",
+               "rx_rate_limiter": {"ops": {"size": 10, "one_time_burst": 5, "refill_time": 100}}}),
+    );
+    put("/mmds/config", json!({"network_interfaces": ["eth0"]}));
+    put(
+        "/pmem/pm0",
+        json!({"id": "pm0", "path_on_host": files.pmem}),
+    );
+    put("/hotplug/memory", json!({"total_size_mib": 256}));
+    put(
+        "/balloon",
+        json!({"amount_mib": 0, "deflate_on_oom": false}),
+    );
+    assert_eq!(json_of(vm.call("GET", "/vm/config", None)), want);
+}
+
+/// Firecracker's own document (every section present, null or empty where unset) is a config
+/// file Skiff boots from, and Skiff's `GET /vm/config` answer in turn boots Skiff to the same
+/// configuration: the document goes both ways.
+#[test]
+fn firecrackers_document_and_skiffs_feed_each_other_as_config_files() {
+    let ns = namespace("fcfeed");
+    let files = Files::new("fc-feed");
+    let mut doc = files.devices_doc();
+    // A guest that stays up while the API is asked, then resets.
+    doc["boot-source"]["boot_args"] = json!("checks=ticks ticks_max=30");
+    for round in ["firecracker", "skiff"] {
+        // The same files again (the vsock socket of the round before removed).
+        let _ = Files::new("fc-feed");
+        let file = tmp(&format!("fc-feed-{round}.json"));
+        std::fs::write(&file, doc.to_string()).unwrap();
+        let mut vm = skiff_in(
+            &ns,
+            &format!("fc-feed-{round}"),
+            &["--config-file", file.to_str().unwrap()],
+        );
+        vm.wait_for("tick 1", LIMIT);
+        let shown = json_of(vm.call("GET", "/vm/config", None));
+        assert_eq!(shown, doc, "{round}'s document, as Skiff shows it");
+        assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+        doc = shown;
+    }
+}
