@@ -285,3 +285,52 @@ fn metrics_lines_have_firecrackers_groups_and_names_and_count() {
     // Counted since the line before: the drive's PUT is in the boot line only.
     assert_eq!(total["put_api_requests"]["drive_count"], 1, "{total}");
 }
+
+/// The head and body of the answer to one request sent whole on a new connection.
+fn raw_answer(vm: &Running, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&vm.sock).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// `cpu_template` in `PUT` or `PATCH /machine-config` gets Firecracker's `Deprecation: true`
+/// header and warning line; a request without it gets no such header.
+#[test]
+fn cpu_template_in_machine_config_is_answered_as_deprecated() {
+    let vm = Running::start("fc-deprecation", &["--level", "Warning"]);
+    let with = r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"}"#;
+    let answer = raw_answer(&vm, "PUT", "/machine-config", with);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(answer.contains("\r\nDeprecation: true\r\n"), "{answer}");
+    let answer = raw_answer(
+        &vm,
+        "PATCH",
+        "/machine-config",
+        r#"{"cpu_template": "None"}"#,
+    );
+    assert!(answer.contains("\r\nDeprecation: true\r\n"), "{answer}");
+    for (method, body) in [
+        ("PUT", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#),
+        ("PATCH", r#"{"vcpu_count": 2, "cpu_template": null}"#),
+    ] {
+        let answer = raw_answer(&vm, method, "/machine-config", body);
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+        assert!(!answer.contains("Deprecation"), "{method} {body}: {answer}");
+    }
+    let log = || vm.stderr();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !log().contains("PATCH /machine-config: cpu_template field is deprecated.") {
+        assert!(std::time::Instant::now() < deadline, "{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(log().contains("PUT /machine-config: cpu_template field is deprecated."));
+}

@@ -241,6 +241,8 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(CLIENT_TIMEOUT)
+                // Header names as Firecracker writes them (`Content-Type`, `Deprecation`).
+                .title_case_headers(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
             if let Err(e) = result {
@@ -315,8 +317,10 @@ async fn answer(
     let mut http = to_http(&response);
     if let Some(message) = deprecated {
         // Firecracker's header, counter and warning for a deprecated field in a request.
-        http.headers_mut()
-            .insert("Deprecation", HeaderValue::from_static("true"));
+        http.headers_mut().insert(
+            hyper::header::HeaderName::from_static("deprecation"),
+            HeaderValue::from_static("true"),
+        );
         inc(&shared.metrics.deprecated.deprecated_http_api_calls);
         log::warn!("{message}");
     }
