@@ -54,6 +54,8 @@ pub struct Controller {
     metrics: Option<(Metrics, File)>,
     api_metrics: Arc<ApiMetrics>,
     last_flush: Instant,
+    /// The metrics document of the last line written (null before the first).
+    metrics_written: serde_json::Value,
     /// A boot resource was configured: a snapshot can no longer be loaded.
     configured: bool,
     /// A VM made ahead for the snapshot a pool expects to load.
@@ -87,6 +89,7 @@ impl Controller {
             metrics: None,
             api_metrics: Arc::default(),
             last_flush: Instant::now(),
+            metrics_written: serde_json::Value::Null,
             configured: false,
             warm: None,
             mmds_size_limit: DEFAULT_MMDS_SIZE_LIMIT,
@@ -199,23 +202,30 @@ impl Controller {
         Ok(())
     }
 
-    /// Everything counted so far, as the JSON line the metrics file gets.
+    /// Everything counted so far, in Firecracker's document (counting from the start).
     pub fn metrics_json(&self) -> serde_json::Value {
-        let mut doc = self.vm.as_ref().map_or_else(|| json!({}), Vm::metrics);
-        doc["utc_timestamp_ms"] = json!(crate::metrics::utc_timestamp_ms());
-        doc["api_server"] = self.api_metrics.to_json();
-        doc
+        let vm = self
+            .vm
+            .as_ref()
+            .map_or(serde_json::Value::Null, Vm::metrics);
+        crate::metrics::firecracker::document(&vm, &self.api_metrics)
     }
 
-    /// Appends one metrics line to the metrics file, if one is set.
+    /// Appends one metrics line to the metrics file, if one is set: as Firecracker's, its
+    /// counters count since the line before.
     pub fn flush_metrics(&mut self) -> Result<(), BadRequest> {
-        let line = format!("{}\n", self.metrics_json());
+        let now = self.metrics_json();
+        let line = format!(
+            "{}\n",
+            crate::metrics::firecracker::since(&now, &self.metrics_written)
+        );
         let Some((m, file)) = self.metrics.as_mut() else {
             return Err(BadRequest(
                 "metrics are not configured: PUT /metrics first".into(),
             ));
         };
         self.last_flush = Instant::now();
+        self.metrics_written = now;
         file.write_all(line.as_bytes())
             .map_err(|e| BadRequest(format!("cannot write metrics to {}: {e}", m.metrics_path)))
     }
@@ -235,6 +245,12 @@ impl Controller {
         // From here this thread only serves the running VM.
         vm.seccomp_filters().apply(ThreadKind::Main)?;
         info!("instance {} started", self.id);
+        // Firecracker writes a metrics line as the VM starts.
+        if self.metrics.is_some() {
+            if let Err(e) = self.flush_metrics() {
+                warn!("{e}");
+            }
+        }
         Ok(())
     }
 
@@ -283,7 +299,7 @@ impl Controller {
                     self.logger.clone(),
                     self.metrics.as_ref().map(|(m, _)| m.clone()),
                 );
-                ApiResponse::ok(serde_json::to_value(doc).unwrap_or_default())
+                ApiResponse::ok(doc.to_firecracker_json())
             }
             ApiRequest::PutBootSource(b) => done(b.apply(&mut self.config)),
             ApiRequest::PutMachineConfig(m) => done(m.apply(&mut self.config, true)),

@@ -1,9 +1,13 @@
-//! Counters: plain atomics that the vCPU threads and devices bump (relaxed, no locks), dumped
-//! as one JSON object per flush to the metrics file (`PUT /metrics`, FlushMetrics, exit).
+//! Counters: plain atomics that the vCPU threads and devices bump (relaxed, no locks). The
+//! metrics file (`PUT /metrics`) gets them in Firecracker's document ([`firecracker`]) at
+//! boot, every 60 s, on FlushMetrics and at exit; [`crate::vmm::Vm::metrics`] gives all of
+//! Skiff's counters, some of which that document has no name for.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Map, Value};
+
+pub mod firecracker;
 
 /// Adds one to a counter.
 #[inline]
@@ -254,8 +258,8 @@ counters!(
 );
 
 counters!(
-    /// The API server.
-    ApiMetrics {
+    /// The API server, Skiff's own counters.
+    ApiServerMetrics {
         /// Requests answered.
         requests,
         /// Requests answered with an error status.
@@ -266,6 +270,136 @@ counters!(
         accept_failures,
     }
 );
+
+counters!(
+    /// GET requests by route, under Firecracker's names.
+    GetApiRequestsMetrics {
+        instance_info_count,
+        machine_cfg_count,
+        mmds_count,
+        vmm_version_count,
+        hotplug_memory_count,
+    }
+);
+
+counters!(
+    /// PUT requests by route, under Firecracker's names: `_count` for each request,
+    /// `_fails` for each refused before it reached the VMM (a body that does not parse).
+    PutApiRequestsMetrics {
+        actions_count,
+        actions_fails,
+        boot_source_count,
+        boot_source_fails,
+        drive_count,
+        drive_fails,
+        logger_count,
+        logger_fails,
+        machine_cfg_count,
+        machine_cfg_fails,
+        cpu_cfg_count,
+        cpu_cfg_fails,
+        metrics_count,
+        metrics_fails,
+        network_count,
+        network_fails,
+        mmds_count,
+        mmds_fails,
+        vsock_count,
+        vsock_fails,
+        pmem_count,
+        pmem_fails,
+        serial_count,
+        serial_fails,
+        hotplug_memory_count,
+        hotplug_memory_fails,
+    }
+);
+
+counters!(
+    /// PATCH requests by route, under Firecracker's names, counted as PUT's are.
+    PatchApiRequestsMetrics {
+        drive_count,
+        drive_fails,
+        network_count,
+        network_fails,
+        machine_cfg_count,
+        machine_cfg_fails,
+        mmds_count,
+        mmds_fails,
+        hotplug_memory_count,
+        hotplug_memory_fails,
+        pmem_count,
+        pmem_fails,
+    }
+);
+
+counters!(
+    /// Uses of deprecated API fields (`cpu_template` in `/machine-config`).
+    DeprecatedApiMetrics {
+        deprecated_http_api_calls,
+    }
+);
+
+/// The API's counters: the server's own, and requests by method and route.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    /// The server's own counters.
+    pub server: ApiServerMetrics,
+    /// GET requests.
+    pub get: GetApiRequestsMetrics,
+    /// PUT requests.
+    pub put: PutApiRequestsMetrics,
+    /// PATCH requests.
+    pub patch: PatchApiRequestsMetrics,
+    /// Deprecated fields used.
+    pub deprecated: DeprecatedApiMetrics,
+}
+
+impl ApiMetrics {
+    /// Counts a request for `method` and `path` under Firecracker's group and name for its
+    /// route; `refused` when its body did not parse. Routes Firecracker does not count are
+    /// not counted.
+    pub fn count_request(&self, method: &str, path: &str, refused: bool) {
+        let route = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        let (get, put, patch) = (&self.get, &self.put, &self.patch);
+        let pair = match (method, route) {
+            ("GET", "") => (&get.instance_info_count, None),
+            ("GET", "machine-config") => (&get.machine_cfg_count, None),
+            ("GET", "mmds") => (&get.mmds_count, None),
+            ("GET", "version") => (&get.vmm_version_count, None),
+            ("GET", "hotplug") => (&get.hotplug_memory_count, None),
+            ("PUT", "actions") => (&put.actions_count, Some(&put.actions_fails)),
+            ("PUT", "boot-source") => (&put.boot_source_count, Some(&put.boot_source_fails)),
+            ("PUT", "drives") => (&put.drive_count, Some(&put.drive_fails)),
+            ("PUT", "logger") => (&put.logger_count, Some(&put.logger_fails)),
+            ("PUT", "machine-config") => (&put.machine_cfg_count, Some(&put.machine_cfg_fails)),
+            ("PUT", "cpu-config") => (&put.cpu_cfg_count, Some(&put.cpu_cfg_fails)),
+            ("PUT", "metrics") => (&put.metrics_count, Some(&put.metrics_fails)),
+            ("PUT", "network-interfaces") => (&put.network_count, Some(&put.network_fails)),
+            ("PUT", "mmds") => (&put.mmds_count, Some(&put.mmds_fails)),
+            ("PUT", "vsock") => (&put.vsock_count, Some(&put.vsock_fails)),
+            ("PUT", "pmem") => (&put.pmem_count, Some(&put.pmem_fails)),
+            ("PUT", "serial") => (&put.serial_count, Some(&put.serial_fails)),
+            ("PUT", "hotplug") => (&put.hotplug_memory_count, Some(&put.hotplug_memory_fails)),
+            ("PATCH", "drives") => (&patch.drive_count, Some(&patch.drive_fails)),
+            ("PATCH", "network-interfaces") => (&patch.network_count, Some(&patch.network_fails)),
+            ("PATCH", "machine-config") => {
+                (&patch.machine_cfg_count, Some(&patch.machine_cfg_fails))
+            }
+            ("PATCH", "mmds") => (&patch.mmds_count, Some(&patch.mmds_fails)),
+            ("PATCH", "hotplug") => (
+                &patch.hotplug_memory_count,
+                Some(&patch.hotplug_memory_fails),
+            ),
+            ("PATCH", "pmem") => (&patch.pmem_count, Some(&patch.pmem_fails)),
+            _ => return,
+        };
+        inc(pair.0);
+        if let (true, Some(fails)) = (refused, pair.1) {
+            inc(fails);
+        }
+    }
+}
 
 counters!(
     /// The vsock device, under Firecracker's names ("rx" is towards the guest, "tx" from it)

@@ -130,27 +130,31 @@ fn boot_pause_resume_and_ctrl_alt_del_through_the_api() {
     );
     assert!(!vm.sock.exists(), "the socket is removed at exit");
 
-    // Metrics: one line per flush and one at exit, with vCPU exits and API requests counted.
+    // Metrics, in Firecracker's document: a line at boot, one per flush and one at exit, each
+    // counting since the line before (vCPU exits, API requests by route).
     let text = std::fs::read_to_string(&metrics).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2, "{text}");
-    let last = &lines[1];
-    assert_eq!(last["vcpu"].as_array().unwrap().len(), 2);
+    assert_eq!(lines.len(), 3, "{text}");
+    let (boot, flush, exit) = (&lines[0], &lines[1], &lines[2]);
+    let put = |line: &serde_json::Value, counter: &str| line["put_api_requests"][counter].clone();
+    assert_eq!(put(boot, "boot_source_count"), 1, "{boot}");
+    assert_eq!(put(boot, "actions_count"), 1, "{boot}");
+    assert_eq!(boot["get_api_requests"]["instance_info_count"], 2, "{boot}");
+    // After boot: a refused PUT /boot-source (counted, not a body that failed to parse), a
+    // refused InstanceStart and the FlushMetrics.
+    assert_eq!(put(flush, "boot_source_count"), 1, "{flush}");
+    assert_eq!(put(flush, "boot_source_fails"), 0, "{flush}");
+    assert_eq!(put(flush, "actions_count"), 2, "{flush}");
     assert!(
-        last["vcpu"][0]["exit_io_out"].as_u64().unwrap() > 0,
-        "{last}"
+        flush["vcpu"]["exit_io_out"].as_u64().unwrap() > 0,
+        "{flush}"
     );
-    assert!(
-        last["api_server"]["requests"].as_u64().unwrap() >= 10,
-        "{last}"
-    );
-    assert!(
-        last["api_server"]["errors"].as_u64().unwrap() >= 2,
-        "{last}"
-    );
+    assert_eq!(put(exit, "boot_source_count"), 0, "{exit}");
+    assert_eq!(put(exit, "actions_count"), 1, "{exit}");
+    assert!(exit["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{exit}");
 }
 
 #[test]
@@ -916,7 +920,7 @@ fn put_serial_sends_the_console_to_a_file_at_the_rate_given() {
     let _ = std::fs::remove_file(&metrics);
     let vm = Running::start("api-serial", &[]);
     let body = format!(
-        r#"{{"serial_out_path": "{}", "rate_limiter": {{"size": 300, "refill_time": 600000}}}}"#,
+        r#"{{"serial_out_path": "{}", "rate_limiter": {{"size": 300, "refill_time": 3600000}}}}"#,
         out.display()
     );
     assert_eq!(vm.call("PUT", "/serial", Some(&body)).0, 204);
@@ -937,15 +941,12 @@ fn put_serial_sends_the_console_to_a_file_at_the_rate_given() {
             "/actions",
             Some(r#"{"action_type": "FlushMetrics"}"#),
         );
-        let doc = std::fs::read_to_string(&metrics).unwrap_or_default();
-        let last: serde_json::Value = doc
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or_default();
-        let written = last["uart"]["write_count"].as_u64().unwrap_or(0);
+        let total = common::metrics_total(&metrics);
+        let written = total["uart"]["write_count"].as_u64().unwrap_or(0);
         if written > 600 || flushed.0 != 204 {
-            let dropped = last["uart"]["rate_limiter_dropped_bytes"].as_u64().unwrap();
+            let dropped = total["uart"]["rate_limiter_dropped_bytes"]
+                .as_u64()
+                .unwrap();
             let text = std::fs::read(&out).unwrap();
             assert!(
                 text.len() <= 300,
@@ -953,7 +954,7 @@ fn put_serial_sends_the_console_to_a_file_at_the_rate_given() {
                 text.len()
             );
             assert!(text.starts_with(b"skiff-testguest: pvh boot"), "{text:?}");
-            assert_eq!(text.len() as u64 + dropped, written, "{last}");
+            assert_eq!(text.len() as u64 + dropped, written, "{total}");
             break;
         }
         assert!(

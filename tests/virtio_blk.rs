@@ -376,7 +376,7 @@ fn patching_the_ops_limit_changes_the_rate_while_the_guest_runs() {
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(
         config["drives"][0]["rate_limiter"],
-        serde_json::json!({"ops": {"size": 16, "refill_time": 125}})
+        serde_json::json!({"bandwidth": null, "ops": {"size": 16, "one_time_burst": null, "refill_time": 125}})
     );
     vm.wait_for("PASS blkrate", LIMIT);
     assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());

@@ -115,7 +115,9 @@ fn put_entropy_sets_up_the_device_and_metrics_count_it() {
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(
         config["entropy"],
-        serde_json::json!({"rate_limiter": {"bandwidth": {"size": 1000000, "refill_time": 1000}}}),
+        serde_json::json!({"rate_limiter": {
+            "bandwidth": {"size": 1000000, "one_time_burst": null, "refill_time": 1000},
+            "ops": null}}),
         "{config}"
     );
     let (status, answer) = vm.call("PUT", "/entropy", Some("{}"));
@@ -129,8 +131,7 @@ fn put_entropy_sets_up_the_device_and_metrics_count_it() {
         .0,
         204
     );
-    let line = std::fs::read_to_string(&metrics).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    let doc = common::metrics_total(&metrics);
     assert!(
         doc["entropy"]["entropy_bytes"].as_u64().unwrap() >= 8192,
         "{doc}"

@@ -214,15 +214,13 @@ fn a_host_connection_to_guest_port_52_gets_a_mib_echoed() {
     );
     let flush = r#"{"action_type": "FlushMetrics"}"#;
     assert_eq!(vm.call("PUT", "/actions", Some(flush)).0, 204);
-    let line = std::fs::read_to_string(&metrics).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    let doc = common::metrics_total(&metrics);
     let m = &doc["vsock"];
     assert_eq!(m["conns_added"], 1, "{m}");
     assert_eq!(m["conns_removed"], 1, "{m}");
     assert_eq!(m["conns_killed"], 0, "{m}");
     assert!(m["rx_bytes_count"].as_u64().unwrap() >= 1 << 20, "{m}");
     assert!(m["tx_bytes_count"].as_u64().unwrap() >= 1 << 20, "{m}");
-    assert_eq!(m["tx_invalid_packets"], 0, "{m}");
     let keys = r#"{"action_type": "SendCtrlAltDel"}"#;
     assert_eq!(vm.call("PUT", "/actions", Some(keys)).0, 204);
     vm.wait_for("PASS vsock", LIMIT);

@@ -539,10 +539,14 @@ pub struct FullVmConfig {
     )]
     pub machine_config: Option<MachineConfig>,
     /// Block devices.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub drives: Vec<Drive>,
     /// Network devices.
-    #[serde(rename = "network-interfaces", default)]
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        deserialize_with = "null_as_empty"
+    )]
     pub network_interfaces: Vec<NetworkInterface>,
     /// Logger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -570,7 +574,7 @@ pub struct FullVmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<crate::config::BalloonConfig>,
     /// Persistent memory devices.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub pmem: Vec<PmemConfig>,
     /// Hot-pluggable memory.
     #[serde(
@@ -589,6 +593,37 @@ pub struct FullVmConfig {
     /// Devices of later work, refused with a clear message when present.
     #[serde(flatten, skip_serializing)]
     pub unsupported: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// A list section given as `null` (which Firecracker's own documents may hold) is empty.
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Sets each of `keys` that `value` (an object) lacks to null.
+fn fill_nulls(value: &mut serde_json::Value, keys: &[&str]) {
+    if let Some(map) = value.as_object_mut() {
+        for key in keys {
+            map.entry(*key).or_insert(serde_json::Value::Null);
+        }
+    }
+}
+
+/// Firecracker's shape of a rate limiter: both buckets, and each bucket's burst, null if unset.
+fn fill_limiter(value: &mut serde_json::Value) {
+    fill_nulls(value, &["bandwidth", "ops"]);
+    // (Indexing a null would make it an object: only objects are walked into.)
+    for bucket in value
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|m| m.values_mut())
+    {
+        fill_nulls(bucket, &["one_time_burst"]);
+    }
 }
 
 /// Sections of Firecracker's document that Skiff does not have yet.
@@ -929,6 +964,65 @@ impl FullVmConfig {
         Ok(config)
     }
 
+    /// The document as `GET /vm/config` answers it, in Firecracker's full shape: every
+    /// section and field its document has, null (or an empty list) where unset, so that
+    /// clients reading Firecracker's answer read Skiff's and either feeds the other's
+    /// `--config-file`. (Skiff also shows `serial` when set, and the logger and metrics set,
+    /// where Firecracker always answers null.)
+    pub fn to_firecracker_json(&self) -> serde_json::Value {
+        let mut doc = serde_json::to_value(self).unwrap_or_default();
+        fill_nulls(
+            &mut doc,
+            &[
+                "balloon",
+                "cpu-config",
+                "logger",
+                "metrics",
+                "mmds-config",
+                "vsock",
+                "entropy",
+                "memory-hotplug",
+            ],
+        );
+        if doc["boot-source"].is_null() {
+            doc["boot-source"] = serde_json::json!({ "kernel_image_path": "" });
+        }
+        fill_nulls(&mut doc["boot-source"], &["initrd_path", "boot_args"]);
+        let list = |doc: &mut serde_json::Value, key: &str| -> Vec<serde_json::Value> {
+            doc[key]
+                .as_array_mut()
+                .map(std::mem::take)
+                .unwrap_or_default()
+        };
+        let mut drives = list(&mut doc, "drives");
+        for d in &mut drives {
+            fill_nulls(d, &["partuuid", "rate_limiter", "socket"]);
+            fill_limiter(&mut d["rate_limiter"]);
+        }
+        let mut nets = list(&mut doc, "network-interfaces");
+        for n in &mut nets {
+            fill_nulls(
+                n,
+                &["guest_mac", "mtu", "rx_rate_limiter", "tx_rate_limiter"],
+            );
+            fill_limiter(&mut n["rx_rate_limiter"]);
+            fill_limiter(&mut n["tx_rate_limiter"]);
+        }
+        let mut pmem = list(&mut doc, "pmem");
+        for p in &mut pmem {
+            fill_nulls(p, &["rate_limiter"]);
+            fill_limiter(&mut p["rate_limiter"]);
+        }
+        doc["drives"] = drives.into();
+        doc["network-interfaces"] = nets.into();
+        doc["pmem"] = pmem.into();
+        if let Some(entropy) = doc.get_mut("entropy").filter(|e| e.is_object()) {
+            fill_nulls(entropy, &["rate_limiter"]);
+            fill_limiter(&mut entropy["rate_limiter"]);
+        }
+        doc
+    }
+
     /// The document describing `config`.
     pub fn of(config: &VmConfig, logger: Option<Logger>, metrics: Option<Metrics>) -> Self {
         let boot_source = (!config.kernel.as_os_str().is_empty()).then(|| BootSource {
@@ -1133,6 +1227,36 @@ mod tests {
             .unwrap()
             .to_vm_config()
             .is_err());
+    }
+
+    /// Every section of the config file may be null (lists too), as in documents written by
+    /// tools for Firecracker; the answer shape has each of them back, null or empty.
+    #[test]
+    fn null_sections_are_taken_and_shown_as_firecracker_does() {
+        let doc = r#"{"boot-source": {"kernel_image_path": "/k", "initrd_path": null,
+                                       "boot_args": null},
+                      "machine-config": null, "drives": null, "network-interfaces": null,
+                      "pmem": null, "balloon": null, "cpu-config": null, "logger": null,
+                      "metrics": null, "mmds-config": null, "vsock": null, "entropy": null,
+                      "memory-hotplug": null}"#;
+        let full: FullVmConfig = parse(doc).unwrap();
+        let config = full.to_vm_config().unwrap();
+        let shown = FullVmConfig::of(&config, None, None).to_firecracker_json();
+        for key in [
+            "balloon",
+            "cpu-config",
+            "logger",
+            "metrics",
+            "mmds-config",
+            "vsock",
+        ] {
+            assert_eq!(shown[key], serde_json::Value::Null, "{key}: {shown}");
+        }
+        for key in ["drives", "network-interfaces", "pmem"] {
+            assert_eq!(shown[key], serde_json::json!([]), "{key}: {shown}");
+        }
+        assert_eq!(shown["boot-source"]["initrd_path"], serde_json::Value::Null);
+        assert!(parse::<FullVmConfig>(r#"{"drives": 3}"#).is_err());
     }
 
     /// The config file's pmem and memory-hotplug sections: taken with Firecracker's rules

@@ -214,7 +214,7 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                inc(&shared.metrics.accept_failures);
+                inc(&shared.metrics.server.accept_failures);
                 failures.record(&e);
                 let out_of_resources = matches!(
                     e.raw_os_error(),
@@ -230,7 +230,7 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            inc(&shared.metrics.connections_refused);
+            inc(&shared.metrics.server.connections_refused);
             refuse(stream);
             continue;
         };
@@ -241,6 +241,8 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(CLIENT_TIMEOUT)
+                // Header names as Firecracker writes them (`Content-Type`, `Deprecation`).
+                .title_case_headers(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
             if let Err(e) = result {
@@ -306,15 +308,50 @@ async fn answer(
     req: Request<Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = respond(req, &shared).await;
-    inc(&shared.metrics.requests);
+    let mut deprecated = None;
+    let response = respond(req, &shared, &mut deprecated).await;
+    inc(&shared.metrics.server.requests);
     if response.status >= 400 {
-        inc(&shared.metrics.errors);
+        inc(&shared.metrics.server.errors);
     }
-    Ok(to_http(&response))
+    let mut http = to_http(&response);
+    if let Some(message) = deprecated {
+        // Firecracker's header, counter and warning for a deprecated field in a request.
+        http.headers_mut().insert(
+            hyper::header::HeaderName::from_static("deprecation"),
+            HeaderValue::from_static("true"),
+        );
+        inc(&shared.metrics.deprecated.deprecated_http_api_calls);
+        log::warn!("{message}");
+    }
+    Ok(http)
 }
 
-async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
+/// The deprecation warning for a request that uses a deprecated field, as Firecracker words
+/// it: `cpu_template` (set, not null) in `PUT` or `PATCH /machine-config`.
+fn deprecation(method: &str, path: &str, body: &[u8]) -> Option<&'static str> {
+    if path.trim_end_matches('/') != "/machine-config" {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if doc
+        .get("cpu_template")
+        .is_none_or(serde_json::Value::is_null)
+    {
+        return None;
+    }
+    match method {
+        "PUT" => Some("PUT /machine-config: cpu_template field is deprecated."),
+        "PATCH" => Some("PATCH /machine-config: cpu_template field is deprecated."),
+        _ => None,
+    }
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    shared: &Shared,
+    deprecated: &mut Option<&'static str>,
+) -> ApiResponse {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let declared = req
@@ -358,8 +395,13 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> ApiResponse {
     }
     let request = match route(&method, &path, &bytes) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(response) => {
+            shared.metrics.count_request(&method, &path, true);
+            return response;
+        }
     };
+    shared.metrics.count_request(&method, &path, false);
+    *deprecated = deprecation(&method, &path, &bytes);
     let (reply, answer) = tokio::sync::oneshot::channel();
     if shared.calls.send((request, reply)).is_err() || shared.wake.write(1).is_err() {
         return ApiResponse::fault(500, "the VMM is shutting down");

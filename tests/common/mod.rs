@@ -273,3 +273,35 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The metrics file at `path`, its lines summed number by number: Firecracker's counters (and
+/// so Skiff's metrics lines) count since the line before, so the sum is what was counted in
+/// all. (Stored numbers, such as the timestamp, are summed too and mean nothing here.)
+pub fn metrics_total(path: &Path) -> serde_json::Value {
+    fn add(a: &mut serde_json::Value, b: &serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (key, value) in b {
+                    let empty = if value.is_object() {
+                        serde_json::json!({})
+                    } else {
+                        0.into()
+                    };
+                    add(a.entry(key.clone()).or_insert(empty), value);
+                }
+            }
+            (a, serde_json::Value::Number(b)) => {
+                *a = (a.as_u64().unwrap_or(0) + b.as_u64().unwrap_or(0)).into();
+            }
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut total = serde_json::json!({});
+    for line in text.lines() {
+        let doc: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        add(&mut total, &doc);
+    }
+    total
+}
