@@ -31,10 +31,10 @@ fi
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 say "cargo test"
-cargo test --locked --all-targets
-cargo test --locked --doc
+cargo test --workspace --locked --all-targets
+cargo test --workspace --locked --doc
 say "API fuzzing (schemathesis, 60 s)"
 tools/fuzz-api.sh 60
 say "coverage-guided fuzzing (cargo-fuzz, 90 s; first build about 3-6 minutes)"

@@ -1,4 +1,4 @@
-//! Running a command: spawn it in a session of its own, pump its output to the host and the
+//! Running a command: spawn it in a process group (a session, with a PTY) of its own, pump its output to the host and the
 //! host's input to it, end it on timeout or when the host goes away, and report how it ended.
 //!
 //! Exit statuses come from one reaper thread, which also reaps orphans (the agent is PID 1 in a
@@ -177,17 +177,22 @@ fn spawn(req: &ExecRequest) -> io::Result<Spawned> {
         .stderr(Stdio::piped());
     }
     let pty = master.is_some();
-    // SAFETY: the closure only makes async-signal-safe system calls (setsid, ioctl).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if pty {
+        // A session of its own, whose controlling terminal is the PTY.
+        // SAFETY: the closure only makes async-signal-safe system calls (setsid, ioctl).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    } else {
+        // A process group of its own, for the kills. Without a pre_exec closure the standard
+        // library can spawn with posix_spawn (vfork) rather than fork, which copies no page
+        // tables: much cheaper where the guest kernel is emulated.
+        cmd.process_group(0);
     }
     let (exit, exit_w) = pipe()?;
     let r = reaper();

@@ -26,6 +26,8 @@ pub struct Agent {
     /// The vsock port, or `None` for an agent listening on `uds` itself (`skiff-agent
     /// --unix`, on the host: how its tests reach it without a VM).
     port: Option<u32>,
+    /// How long a connection is tried again while nothing listens yet.
+    patience: Duration,
 }
 
 /// How a command ended, as the agent saw it.
@@ -34,6 +36,10 @@ pub struct Outcome {
     pub status: ExitStatus,
     /// The agent killed the command because its timeout passed.
     pub timed_out: bool,
+    /// From the call to the agent's word that the command started (connection included).
+    pub started_after: Duration,
+    /// From the call to the command's exit status.
+    pub total: Duration,
 }
 
 impl Outcome {
@@ -94,6 +100,7 @@ impl Agent {
         Self {
             uds: uds.into(),
             port: Some(port),
+            patience: Duration::ZERO,
         }
     }
 
@@ -102,7 +109,15 @@ impl Agent {
         Self {
             uds: path.into(),
             port: None,
+            patience: Duration::ZERO,
         }
+    }
+
+    /// The same agent, its connections tried again for up to `patience` while nothing
+    /// listens (a guest whose vsock transport is still being reset after a restore).
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// The vsock device's socket.
@@ -110,8 +125,21 @@ impl Agent {
         &self.uds
     }
 
-    /// A new connection to the agent: `CONNECT <port>` answered by `OK <port>`.
+    /// A new connection to the agent, tried again within the patience given.
     fn connect(&self) -> Result<UnixStream, SandboxError> {
+        let start = Instant::now();
+        loop {
+            match self.connect_once() {
+                Err(SandboxError::NotListening { .. }) if start.elapsed() < self.patience => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A new connection to the agent: `CONNECT <port>` answered by `OK <port>`.
+    fn connect_once(&self) -> Result<UnixStream, SandboxError> {
         let io = |what: &str, e| SandboxError::Io(format!("{what} {}", self.uds.display()), e);
         let stream = UnixStream::connect(&self.uds).map_err(|e| io("cannot connect to", e))?;
         let Some(port) = self.port else {
@@ -190,12 +218,14 @@ impl Agent {
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<Outcome, SandboxError> {
+        let start = Instant::now();
         let mut conn = self.connect()?;
         send(&mut conn, &HostFrame::Exec(req.clone()))?;
         match next(&mut conn, "the command's start")? {
             AgentFrame::Started { .. } => {}
             other => return Err(unexpected(&other, "the command's start")),
         }
+        let started_after = start.elapsed();
         let writer = Arc::new(Mutex::new(conn.try_clone().map_err(|e| {
             SandboxError::Io("cannot clone the agent connection".into(), e)
         })?));
@@ -232,7 +262,12 @@ impl Agent {
                     stderr.flush().map_err(io)?;
                 }
                 AgentFrame::Exited { status, timed_out } => {
-                    return Ok(Outcome { status, timed_out })
+                    return Ok(Outcome {
+                        status,
+                        timed_out,
+                        started_after,
+                        total: start.elapsed(),
+                    })
                 }
                 other => return Err(unexpected(&other, "the command")),
             }

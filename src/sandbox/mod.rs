@@ -294,7 +294,8 @@ impl Sandbox {
         let work = clone_dir()?;
         let mut sandbox = Self {
             vm: None,
-            agent: Agent::new(work.join("vsock"), manifest.agent_port),
+            agent: Agent::new(work.join("vsock"), manifest.agent_port)
+                .with_patience(Duration::from_secs(10)),
             work,
         };
         let mut config = RestoreConfig::new(dir.join("snapshot"), dir.join("memory"));
