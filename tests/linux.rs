@@ -1090,3 +1090,364 @@ fn linux_snapshot_restored_in_a_new_process_carries_on() {
         );
     }
 }
+
+/// What the device test's guest runs, from the ext4 filesystem on its pmem device (the
+/// command line copies it to the initramfs's /tmp first, so that /mnt can be unmounted).
+/// Each part prints what it saw on lines the host test reads; the parts that wait for the
+/// host (balloon, hot-plug) poll /proc/meminfo's MemTotal, with shell builtins (no fork), for
+/// at most two minutes.
+const DEVICES_SCRIPT: &str = r#"meminfo() { { read -r _ total _; read -r _ free _; read -r _ avail _; } </proc/meminfo; }
+# Waits until MemTotal is `$1` $2 kB (the balloon and the hot-plug driver change it in steps).
+memtotal_becomes() {
+	i=0
+	while meminfo; [ $i -lt 240 ] && ! [ "$total" "$1" "$2" ]; do sleep 0.5; i=$((i+1)); done
+}
+read -r current </sys/class/misc/hw_random/rng_current
+echo "rng: rng_current $current"
+set -- $(od -An -v -tx1 -N 32 /dev/hwrng)
+echo "rng: $# bytes from /dev/hwrng: $*"
+
+while read -r dev at fs opts _; do
+	[ "$dev" = /dev/pmem0 ] && echo "pmem: mounted $dev on $at type $fs ($opts)"
+done </proc/mounts
+echo "pmem-wrote-this-$RANDOM$RANDOM" >/mnt/from-the-guest
+sync
+read -r line </mnt/from-the-guest
+echo "pmem: wrote $line to /mnt/from-the-guest and synced"
+umount /mnt && echo "pmem: unmounted"
+
+meminfo
+echo "balloon: MemTotal $total kB MemFree $free kB MemAvailable $avail kB"
+skiff-guest hold 64 8
+t0=$total
+echo "balloon: waiting for the host to inflate the balloon"
+memtotal_becomes -le $((t0 - 16384))
+meminfo
+echo "balloon: MemTotal $t0 kB -> $total kB, MemAvailable $avail kB"
+
+t1=$total
+echo "hotplug: waiting for the host to plug memory"
+memtotal_becomes -ge $((t1 + 122880))
+meminfo
+echo "hotplug: MemTotal $t1 kB -> $total kB"
+for b in /sys/devices/system/memory/memory*; do
+	read -r state <$b/state
+	[ "${b##*memory}" -ge 32 ] && echo "hotplug: ${b##*/} $state"
+done
+
+ip link set eth0 up
+ip addr add 169.254.0.2/16 dev eth0
+url=http://169.254.169.254/latest/meta-data/greeting
+echo "mmds: GET without a token: $(wget -O- $url 2>&1 | tail -n 1)"
+token=$(printf 'PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n' | nc 169.254.169.254 80 | tail -n 1)
+echo "mmds: PUT /latest/api/token gave a token of ${#token} characters"
+echo "mmds: GET with the token: $(wget -q -O- --header "X-metadata-token: $token" $url)"
+echo "mmds: GET with a made-up token: $(wget -O- --header 'X-metadata-token: made-up' $url 2>&1 | tail -n 1)"
+"#;
+
+/// The value the device test puts in MMDS, at /latest/meta-data/greeting.
+const MMDS_GREETING: &str = "hello-from-the-mmds-store";
+
+/// `GET /balloon/statistics`.
+fn balloon_stats(vm: &common::api::Running) -> serde_json::Value {
+    let (status, body) = vm.call("GET", "/balloon/statistics", None);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// A number the guest printed after `key` on the line that starts with `prefix`.
+fn number_after(line: &str, key: &str) -> u64 {
+    line.split(key)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {key:?} in {line:?}"))
+}
+
+/// The Linux drivers of the devices the test guest checks on its own: one guest booted
+/// through the API with virtio-rng, a balloon, a pmem device, virtio-mem and MMDS on a
+/// virtio-net interface, its script ([`DEVICES_SCRIPT`]) on the pmem device's ext4.
+/// - entropy: the kernel picks virtio_rng as its hwrng and /dev/hwrng gives bytes;
+/// - pmem: the filesystem is mounted (DAX off: the kernel has no FS_DAX), a file written and
+///   synced in the guest is in the backing file afterwards (debugfs);
+/// - balloon: the statistics, read on the host, show the guest's free memory fall by the
+///   64 MiB it holds; inflated by 16 MiB (the emulated kernel of a PVM
+///   host takes about 3 s a MiB), the guest's MemTotal falls by that much,
+///   `actual_mib` follows and Skiff's RSS falls;
+/// - virtio-mem: 128 MiB requested with `PATCH /hotplug/memory`, the guest's driver plugs it,
+///   the kernel onlines it (memhp_default_state=online), MemTotal grows by it and
+///   `GET /hotplug/memory` shows it plugged;
+/// - MMDS V2: busybox wget without a token gets 401, a token from `PUT /latest/api/token`
+///   (busybox nc) opens the store, a made-up token gets 401.
+#[test]
+fn linux_drivers_of_entropy_balloon_pmem_memory_hotplug_and_mmds() {
+    use common::api::Running;
+    if skip() {
+        return;
+    }
+    let dir = linux_dir();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let files = tmp.join("linux-devices");
+    let _ = std::fs::remove_dir_all(&files);
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("devices.sh"), DEVICES_SCRIPT).unwrap();
+    let pmem = tmp.join("linux-devices-pmem.ext4");
+    let _ = std::fs::remove_file(&pmem);
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "skiff-pmem", "-d"])
+        .arg(&files)
+        .arg(&pmem)
+        .arg("32M")
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(mkfs.status.success(), "mkfs.ext4: {mkfs:?}");
+
+    let ns = NetNs::with_tap("linux-devices", "tap0", "172.30.0.1/24");
+    let name = "linux-devices";
+    let sock = Running::fresh_sock(name);
+    let mut vm = Running::spawn(
+        ns.command(skiff_bin(), &["--api-sock", sock.to_str().unwrap()]),
+        sock,
+    );
+    vm.wait_for_socket();
+    let started = std::time::Instant::now();
+    let cmdline = format!(
+        "{} memhp_default_state=online -- sh -c \"mount -t ext4 /dev/pmem0 /mnt && \
+         cp /mnt/devices.sh /tmp/ && exec sh /tmp/devices.sh\"",
+        config::DEFAULT_CMDLINE
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": dir.join("vmlinux"),
+        "initrd_path": dir.join("initramfs.cpio"),
+        "boot_args": cmdline,
+    });
+    let pmem_body = serde_json::json!({"id": "pmem0", "path_on_host": pmem});
+    let store = serde_json::json!({"latest": {"meta-data": {"greeting": MMDS_GREETING}}});
+    for (method, path, body) in [
+        ("PUT", "/boot-source", boot.to_string()),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256}"#.to_owned(),
+        ),
+        ("PUT", "/entropy", "{}".to_owned()),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#
+                .to_owned(),
+        ),
+        ("PUT", "/pmem/pmem0", pmem_body.to_string()),
+        (
+            "PUT",
+            "/hotplug/memory",
+            r#"{"total_size_mib": 256, "slot_size_mib": 128, "block_size_mib": 2}"#.to_owned(),
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            format!(
+                r#"{{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "{GUEST_MAC}"}}"#
+            ),
+        ),
+        (
+            "PUT",
+            "/mmds/config",
+            r#"{"version": "V2", "network_interfaces": ["eth0"]}"#.to_owned(),
+        ),
+        ("PUT", "/mmds", store.to_string()),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_owned(),
+        ),
+    ] {
+        api_204(&vm, method, path, &body);
+    }
+    let ctx = |vm: &Running| format!("console:\n{}\nstderr:\n{}", vm.console(), vm.stderr());
+
+    let current = line_starting(&vm, "rng: rng_current ", LIMIT, "after boot");
+    assert_eq!(current, "rng: rng_current virtio_rng.0", "{}", ctx(&vm));
+    let bytes = line_starting(&vm, "rng: ", LIMIT, "reading /dev/hwrng");
+    let hex: Vec<&str> = bytes
+        .split(": ")
+        .nth(2)
+        .unwrap_or_default()
+        .split(' ')
+        .collect();
+    assert!(
+        bytes.starts_with("rng: 32 bytes from /dev/hwrng: ")
+            && hex.len() == 32
+            && hex.iter().any(|b| *b != hex[0]),
+        "{bytes:?}\n{}",
+        ctx(&vm)
+    );
+
+    let mounted = line_starting(&vm, "pmem: mounted ", LIMIT, "mounting pmem");
+    assert!(
+        mounted.starts_with("pmem: mounted /dev/pmem0 on /mnt type ext4 (rw")
+            && !mounted.contains("dax"),
+        "{mounted:?}\n{}",
+        ctx(&vm)
+    );
+    let wrote = line_starting(&vm, "pmem: wrote ", LIMIT, "writing to pmem");
+    let written = wrote.split_whitespace().nth(2).unwrap().to_owned();
+    line_starting(&vm, "pmem: unmounted", LIMIT, "unmounting pmem");
+
+    let before = line_starting(&vm, "balloon: MemTotal ", LIMIT, "before the balloon");
+    let mem_free = number_after(&before, "MemFree ");
+    let idle = balloon_stats(&vm);
+    line_starting(&vm, "hold: 64 MiB touched", LIMIT, "holding memory");
+    // The statistics come every second; the guest holds the memory for 8.
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let mut holding = balloon_stats(&vm);
+    while holding["free_memory"].as_u64() > idle["free_memory"].as_u64().map(|f| f - (48 << 20))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(250));
+        holding = balloon_stats(&vm);
+    }
+    let free = |s: &serde_json::Value| s["free_memory"].as_u64().unwrap_or(0) >> 10;
+    assert!(
+        free(&holding) + (48 << 10) <= free(&idle),
+        "the statistics' free_memory went from {} to only {} KiB while the guest held 64 MiB\n\
+         {idle}\n{holding}\n{}",
+        free(&idle),
+        free(&holding),
+        ctx(&vm)
+    );
+    assert_eq!(
+        holding["total_memory"].as_u64().map(|t| t >> 10),
+        Some(number_after(&before, "MemTotal ")),
+        "{holding}"
+    );
+    line_starting(&vm, "balloon: waiting", LIMIT, "before inflating");
+    let pid = vm.child.id();
+    let rss_before = rss_kib(pid);
+    api_204(&vm, "PATCH", "/balloon", r#"{"amount_mib": 16}"#);
+    let inflated = line_starting(&vm, "balloon: MemTotal ", LIMIT, "inflating");
+    let (t0, t1) = (
+        number_after(&inflated, "MemTotal "),
+        number_after(&inflated, "-> "),
+    );
+    assert!(
+        t0 - t1 >= 16 << 10,
+        "MemTotal went from {t0} to {t1} kB with a 16 MiB balloon\n{}",
+        ctx(&vm)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut stats = balloon_stats(&vm);
+    while stats["actual_mib"] != 16 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        stats = balloon_stats(&vm);
+    }
+    assert_eq!(stats["actual_mib"], 16, "{stats}");
+    // The guest gives up pages it freed a moment ago (those it held), which the host had.
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after + (8 << 10) <= rss_before,
+        "Skiff's RSS went from {rss_before} only to {rss_after} KiB with a 16 MiB balloon"
+    );
+
+    line_starting(&vm, "hotplug: waiting", LIMIT, "before plugging");
+    api_204(
+        &vm,
+        "PATCH",
+        "/hotplug/memory",
+        r#"{"requested_size_mib": 128}"#,
+    );
+    let grown = line_starting(&vm, "hotplug: MemTotal ", LIMIT, "plugging");
+    let (h0, h1) = (
+        number_after(&grown, "MemTotal "),
+        number_after(&grown, "-> "),
+    );
+    assert!(
+        h1 >= h0 + (120 << 10),
+        "MemTotal went from {h0} to {h1} kB with 128 MiB plugged\n{}",
+        ctx(&vm)
+    );
+    let (status, plugged) = vm.call("GET", "/hotplug/memory", None);
+    assert_eq!(status, 200, "{plugged}");
+    let plugged: serde_json::Value = serde_json::from_str(&plugged).unwrap();
+    assert_eq!(
+        (&plugged["plugged_size_mib"], &plugged["requested_size_mib"]),
+        (&128.into(), &128.into()),
+        "{plugged}"
+    );
+
+    let refused = line_starting(&vm, "mmds: GET without a token: ", LIMIT, "MMDS");
+    assert!(
+        refused.contains("HTTP/1.1 401"),
+        "{refused:?}\n{}",
+        ctx(&vm)
+    );
+    let token = line_starting(&vm, "mmds: PUT ", LIMIT, "MMDS token");
+    assert!(
+        number_after(&token, "a token of ") > 0,
+        "{token:?}\n{}",
+        ctx(&vm)
+    );
+    let answered = line_starting(&vm, "mmds: GET with the token: ", LIMIT, "MMDS");
+    assert!(
+        answered.contains(MMDS_GREETING),
+        "{answered:?}\n{}",
+        ctx(&vm)
+    );
+    let made_up = line_starting(&vm, "mmds: GET with a made-up token: ", LIMIT, "MMDS");
+    assert!(
+        made_up.contains("HTTP/1.1 401"),
+        "{made_up:?}\n{}",
+        ctx(&vm)
+    );
+
+    vm.wait_for("SKIFF-EXIT-CODE=0", LIMIT);
+    assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+    let elapsed = started.elapsed();
+    assert_eq!(
+        debugfs(&pmem, "cat /from-the-guest", false),
+        format!("{written}\n"),
+        "the file the guest wrote on /dev/pmem0 is not in the backing file"
+    );
+    let console = vm.console();
+    let lines: Vec<&str> = console.lines().map(|l| l.trim_end_matches('\r')).collect();
+    for line in lines.iter().filter(|l| {
+        [
+            "rng: ",
+            "pmem: ",
+            "balloon: ",
+            "hold: ",
+            "hotplug: ",
+            "mmds: ",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+            || l.contains("] virtio_mem ")
+            || l.contains("] EXT4-fs (pmem0)")
+    }) {
+        log_figure(&format!("Linux devices, the guest said: {line}"));
+    }
+    log_figure(&format!(
+        "Linux devices, host side: balloon statistics free_memory {} KiB idle, {} KiB while the \
+         guest held 64 MiB (MemFree {mem_free} kB before); Skiff's RSS {rss_before} KiB before \
+         inflating 16 MiB, {rss_after} KiB after; GET /hotplug/memory {plugged}",
+        free(&idle),
+        free(&holding),
+    ));
+    log_figure(&format!(
+        "Linux devices (entropy, pmem, balloon, virtio-mem, MMDS), {}: InstanceStart to \
+         power-off {:.1} s",
+        host_kind(),
+        elapsed.as_secs_f64()
+    ));
+}

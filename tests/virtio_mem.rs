@@ -132,6 +132,78 @@ fn the_guest_follows_the_requested_size_and_unplugged_memory_goes_back_to_the_ho
     assert!(!vm.console().contains("FAIL"), "{}", vm.console());
 }
 
+/// A guest touching an unplugged block gets none of its memory, even in a KVM slot kept for a
+/// plugged neighbour: 256 MiB plugged and written, 192 unplugged (so that the first 128 MiB
+/// slot stays present, half plugged), a request whose response would land in an unplugged
+/// block goes unanswered without harm to Skiff or the device, and the guest's write and read
+/// of that block give it nothing (the host's pages are PROT_NONE, which KVM cannot map): on
+/// hardware KVM the VM stops with one line naming the address; where KVM emulates the access
+/// (KVM PVM emulates all of the test guest's code) it reaches Skiff as MMIO and reads all-ones.
+/// The RSS shows the unplugged memory back with the host, and the write took none of it.
+#[test]
+fn a_guest_touching_an_unplugged_block_reads_nothing() {
+    let mut vm = boot("mem-touch", "mem,ctrlaltdel mem_touch_unplugged=1");
+    vm.wait_for("mem: waiting for the host to request memory", LIMIT);
+    assert_eq!(patch(&vm, 256).0, 204);
+    vm.wait_for("mem: wrote and read back 256 MiB", LIMIT);
+    let plugged = rss(vm.child.id());
+    assert_eq!(patch(&vm, 64).0, 204);
+    vm.wait_for("mem: unplugged to 64 MiB", LIMIT);
+    vm.wait_for(
+        "mem: a response into unplugged memory went unanswered",
+        LIMIT,
+    );
+    let touching = vm.wait_for("mem: touching the unplugged block at ", LIMIT);
+    let addr = touching.rsplit(' ').next().unwrap().trim().to_owned();
+    let emulated = vm
+        .try_wait_for("PASS mem", Duration::from_secs(30))
+        .is_some();
+    let unplugged = rss(vm.child.id());
+    assert!(
+        unplugged + 150 * MIB <= plugged,
+        "RSS went from {} MiB only down to {} MiB after 192 MiB were unplugged",
+        plugged / MIB,
+        unplugged / MIB
+    );
+    if emulated {
+        let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+        assert_eq!(vm.call("PUT", "/actions", Some(cad)).0, 204);
+        vm.wait_for("PASS ctrlaltdel", LIMIT);
+    }
+    let code = vm.wait(LIMIT);
+    let (console, stderr) = (vm.console(), vm.stderr());
+    assert!(!console.contains("FAIL"), "{console}");
+    if emulated {
+        assert!(
+            console.contains("mem: read ffffffffffffffff from an unplugged block"),
+            "{console}"
+        );
+        assert_eq!(code, Some(0), "{stderr}");
+    } else {
+        assert!(!console.contains("from an unplugged block"), "{console}");
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{code:?}\n{console}\n{stderr}"
+        );
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("skiff: error:"))
+            .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+        assert!(
+            error.contains(&format!("at 0x{addr}, which are not memory it may use")),
+            "{error}"
+        );
+    }
+    common::log_figure(&format!(
+        "virtio-mem: a guest touching the unplugged block at 0x{addr}: {}",
+        if emulated {
+            "KVM emulated the access as MMIO, which read all-ones"
+        } else {
+            "the VM stopped with a memory fault"
+        }
+    ));
+}
+
 /// Configurations Firecracker refuses are refused in one line; the endpoints keep their
 /// pre-boot and post-boot rules.
 #[test]

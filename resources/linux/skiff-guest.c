@@ -17,6 +17,9 @@
  *                                    bytes of the test guest's pattern, byte i being
  *                                    (i * 31) ^ (i >> 9), then its end of stream
  *   skiff-guest vsock-echo PORT      listens on vsock PORT and echoes one connection
+ *   skiff-guest hold MIB SECONDS     writes every page of MIB MiB of anonymous memory, says
+ *                                    so, keeps it SECONDS seconds and frees it (the balloon's
+ *                                    statistics watch the guest's free memory fall meanwhile)
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -210,6 +213,26 @@ static int vsock_echo(const char *port_arg)
 	return 0;
 }
 
+static int hold(const char *mib_arg, const char *seconds_arg)
+{
+	size_t len = strtoul(mib_arg, NULL, 10) << 20;
+	unsigned seconds = (unsigned)strtoul(seconds_arg, NULL, 10);
+	char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (!len || m == MAP_FAILED) {
+		perror("hold: mmap");
+		return 1;
+	}
+	for (size_t i = 0; i < len; i += 4096)
+		m[i] = (char)(i >> 12 | 1);
+	printf("hold: %s MiB touched\n", mib_arg);
+	fflush(stdout);
+	sleep(seconds);
+	munmap(m, len);
+	printf("hold: released\n");
+	return 0;
+}
+
 static int exec_command(char **argv)
 {
 	signal(SIGINT, SIG_DFL);
@@ -233,6 +256,8 @@ int main(int argc, char **argv)
 		return vsock_send(argv[2], argv[3]);
 	if (argc == 3 && !strcmp(argv[1], "vsock-echo"))
 		return vsock_echo(argv[2]);
-	fprintf(stderr, "usage: skiff-guest exec CMD [ARG...] | avx | costs | forge-syscall ADDR | vsock-send PORT N | vsock-echo PORT\n");
+	if (argc == 4 && !strcmp(argv[1], "hold"))
+		return hold(argv[2], argv[3]);
+	fprintf(stderr, "usage: skiff-guest exec CMD [ARG...] | avx | costs | forge-syscall ADDR | vsock-send PORT N | vsock-echo PORT | hold MIB SECONDS\n");
 	return 2;
 }

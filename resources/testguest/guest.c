@@ -965,6 +965,33 @@ static int mem_wait(int (*done)(uint64_t requested, uint64_t plugged), uint64_t 
 static int mem_grown(uint64_t requested, uint64_t plugged) { return requested > plugged; }
 static int mem_shrunk(uint64_t requested, uint64_t plugged) { return requested < plugged; }
 
+/* What a guest breaking its promise (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) meets at `addr`, an
+ * unplugged block in a slot that stays present (mem_touch_unplugged=1): a request whose
+ * response would land there goes unanswered and the device keeps working; then the guest
+ * writes and reads the block, which gives it nothing: KVM cannot map the host's PROT_NONE
+ * pages, so either the VM stops there (KVM_RUN fails), or, where KVM emulates the access (KVM
+ * PVM emulates this guest's every instruction), it goes to the VMM as MMIO, where nothing
+ * answers: the write is dropped and the read is all-ones. */
+static void mem_touch_unplugged(uint64_t addr)
+{
+	uint32_t len = 0xffff;
+	unsigned state = 0;
+	mem_req_buf = (struct mem_req){ .type = MEM_STATE, .addr = mem_addr, .nb_blocks = 1 };
+	__asm__ volatile("" ::: "memory");
+	memdev.q[0].desc[0] = (struct virtq_desc){ (uint64_t)&mem_req_buf, sizeof(mem_req_buf), VRING_DESC_F_NEXT, 1 };
+	memdev.q[0].desc[1] = (struct virtq_desc){ addr, 10, VRING_DESC_F_WRITE, 0 };
+	if (!virtq_submit(&memdev, &len) || len != 0) { report("mem", 0, "a response into unplugged memory was written"); return; }
+	if (mem_request(MEM_STATE, mem_addr, 1, &state) != MEM_ACK || state != MEM_PLUGGED) { report("mem", 0, "the device stopped answering"); return; }
+	puts("mem: a response into unplugged memory went unanswered\n");
+	printf("mem: touching the unplugged block at %lx\n", addr);
+	*(volatile uint64_t *)addr = mem_word(addr);
+	uint64_t got = *(volatile uint64_t *)addr;
+	printf("mem: read %lx from an unplugged block\n", got);
+	if (got != ~0UL) { report("mem", 0, "an unplugged block is memory"); return; }
+	puts("mem: the unplugged block reads as nothing\n");
+	report("mem", 1, 0);
+}
+
 /* Drives the first virtio-mem device as its driver would: refused requests first (a range
  * outside the usable region, an unaligned one, an unknown type), then waits for the host to
  * request memory, plugs blocks from the region's start up to the requested size (one more is
@@ -972,7 +999,8 @@ static int mem_shrunk(uint64_t requested, uint64_t plugged) { return requested <
  * there, leaving them plugged (for the snapshot check). Else it waits for the host to ask
  * for less, unplugs down to it (STATE then says unplugged; the rest keeps its words),
  * unplugs an unplugged block (an ERROR), and ends with UNPLUG_ALL, after which the region is
- * no memory to the guest. */
+ * no memory to the guest. With mem_touch_unplugged=1 it ends instead by touching an unplugged
+ * block (see mem_touch_unplugged). */
 static void check_mem(void)
 {
 	const char *why;
@@ -1020,6 +1048,10 @@ static void check_mem(void)
 		bad += *(volatile uint64_t *)a != mem_word(a);
 	if (bad) { report("mem", 0, "the memory still plugged lost its words"); return; }
 	printf("mem: unplugged to %lu MiB\n", requested >> 20);
+	if (param_uint("mem_touch_unplugged", 0)) {
+		mem_touch_unplugged(mem_addr + requested);
+		return;
+	}
 	if (mem_request(MEM_UNPLUG_ALL, 0, 0, 0) != MEM_ACK || mem_config(MEM_CFG_PLUGGED) != 0) { report("mem", 0, "UNPLUG_ALL did not unplug everything"); return; }
 	/* No block of the region is plugged: it is no memory at all now (its KVM slots are gone),
 	 * and an access exits to the VMM, where reads of nothing return all-ones. */

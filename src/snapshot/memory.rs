@@ -8,7 +8,9 @@ use std::path::Path;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::SnapshotError;
-use crate::vstate::memory::{ram_ranges, GuestMemoryMmap, MemoryRegionState, PAGE_SIZE};
+use crate::vstate::memory::{
+    ram_ranges, GuestMemoryMmap, GuestRegion, MemoryRegionState, PAGE_SIZE,
+};
 
 /// Checks that `regions` are the ones Skiff lays out for their total size, with page-aligned
 /// offsets in the memory file.
@@ -41,26 +43,19 @@ pub(super) fn check_regions(regions: &[MemoryRegionState]) -> Result<(), Snapsho
     Ok(())
 }
 
-/// Calls `f` with each region of `mem` as bytes, with its layout entry.
-fn for_each_region(
-    mem: &GuestMemoryMmap,
-    layout: &[MemoryRegionState],
-    mut f: impl FnMut(&[u8], &MemoryRegionState) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    for (region, place) in mem.iter().zip(layout) {
-        let Ok(host) = mem.get_host_address(region.start_addr()) else {
-            continue;
-        };
-        let Ok(len) = usize::try_from(region.len()) else {
-            continue;
-        };
-        // SAFETY: `host` is the start of the region's live mapping of `len` bytes, owned by
-        // `mem`, which outlives the slice. Every vCPU and the event thread are paused while a
-        // snapshot is written, so nothing writes guest memory while it is read here.
-        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
-        f(bytes, place)?;
+/// Pages `first..end` of `region`, which must all be accessible (not unplugged).
+fn pages(region: &GuestRegion, first: usize, end: usize) -> &[u8] {
+    debug_assert!((first..end).all(|p| region.is_accessible((p * PAGE_SIZE) as u64)));
+    // SAFETY: the pages lie inside the region's live mapping (callers stay below its length in
+    // pages), owned by `mem`, which outlives the slice, and are readable: the caller checked
+    // that they are accessible, so they are not PROT_NONE. Every vCPU and the event thread
+    // are paused while a snapshot is written, so nothing writes guest memory meanwhile.
+    unsafe {
+        std::slice::from_raw_parts(
+            region.host_base().add(first * PAGE_SIZE).cast_const(),
+            (end - first) * PAGE_SIZE,
+        )
     }
-    Ok(())
 }
 
 /// Whether `page` holds only zeros.
@@ -96,34 +91,41 @@ pub fn write_memory(
     if file.metadata().map_err(write_err)?.len() < total {
         file.set_len(total).map_err(write_err)?;
     }
-    let mut region_index = 0;
-    for_each_region(mem, layout, |bytes, place| {
-        let index = region_index;
-        region_index += 1;
+    static ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    for (index, (region, place)) in mem.iter().zip(layout).enumerate() {
+        let count = usize::try_from(region.len()).map_or(0, |len| len / PAGE_SIZE);
+        // Unplugged hot-plug memory is never read: a full snapshot leaves it a hole, a diff
+        // one writes zeros where it was unplugged since the last snapshot.
+        let accessible = |page: usize| region.is_accessible((page * PAGE_SIZE) as u64);
         let wanted = |page: usize| match dirty {
-            None => !is_zero(&bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]),
+            None => accessible(page) && !is_zero(pages(region, page, page + 1)),
             Some(maps) => maps
                 .get(index)
                 .and_then(|m| m.get(page / 64))
                 .is_some_and(|w| w & (1 << (page % 64)) != 0),
         };
-        let pages = bytes.len() / PAGE_SIZE;
         let mut page = 0;
-        while page < pages {
+        while page < count {
             if !wanted(page) {
                 page += 1;
                 continue;
             }
-            let first = page;
-            while page < pages && wanted(page) {
+            let (first, readable) = (page, accessible(page));
+            while page < count && wanted(page) && accessible(page) == readable {
                 page += 1;
             }
-            let run = &bytes[first * PAGE_SIZE..page * PAGE_SIZE];
-            file.write_all_at(run, place.offset + (first * PAGE_SIZE) as u64)?;
+            let at = |p: usize| place.offset + (p * PAGE_SIZE) as u64;
+            if readable {
+                file.write_all_at(pages(region, first, page), at(first))
+                    .map_err(write_err)?;
+            } else {
+                for p in first..page {
+                    file.write_all_at(&ZEROS, at(p)).map_err(write_err)?;
+                }
+            }
         }
-        Ok(())
-    })
-    .map_err(write_err)
+    }
+    Ok(())
 }
 
 /// Opens a snapshot's memory file for reading (a private mapping needs no more), requiring a
@@ -192,6 +194,47 @@ mod tests {
             0,
             "a page written back to zero is written"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The hot-plug region's unplugged blocks are PROT_NONE: writing a snapshot never reads
+    /// them (it would fault). A full snapshot leaves them holes; a diff writes zeros for a
+    /// block unplugged since its base, over what the base held there.
+    #[test]
+    fn unplugged_memory_is_never_read_and_a_diff_zeroes_it() {
+        use crate::vstate::memory::add_hotplug_region;
+        use vm_memory::GuestMemoryBackend;
+        const MIB: u64 = 1 << 20;
+        let dir = std::env::temp_dir().join(format!("skiff-snapplug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ram = anonymous(&[(GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
+        let mem = add_hotplug_region(&ram, 1 << 32, 8 * MIB, false).unwrap();
+        let region = mem.find_region(GuestAddress(1 << 32)).unwrap();
+        region.plug(2 * MIB, 4 * MIB).unwrap();
+        mem.write_obj(0xccu8, GuestAddress((1 << 32) + 2 * MIB))
+            .unwrap();
+        mem.write_obj(0xddu8, GuestAddress((1 << 32) + 4 * MIB))
+            .unwrap();
+        let layout = memory_layout(&mem);
+        let base = dir.join("base");
+        write_memory(&mem, &layout, &base, None).unwrap();
+        let at = |mib: u64| usize::try_from(layout[1].offset + mib * MIB).unwrap();
+        let bytes = std::fs::read(&base).unwrap();
+        assert_eq!((bytes[at(2)], bytes[at(4)]), (0xcc, 0xdd));
+
+        region.unplug(4 * MIB, 2 * MIB).unwrap();
+        let diff = dir.join("diff");
+        std::fs::copy(&base, &diff).unwrap();
+        let pages_per_mib = (1 << 20) / PAGE_SIZE;
+        let mut plug_map = vec![0u64; 8 * pages_per_mib / 64];
+        // The page at 2 MiB (plugged) and the one at 4 MiB (unplugged since) are dirty, and
+        // so is one that was never plugged.
+        for page in [2 * pages_per_mib, 4 * pages_per_mib, 0] {
+            plug_map[page / 64] |= 1 << (page % 64);
+        }
+        write_memory(&mem, &layout, &diff, Some(&[vec![0], plug_map])).unwrap();
+        let bytes = std::fs::read(&diff).unwrap();
+        assert_eq!((bytes[at(2)], bytes[at(4)], bytes[at(0)]), (0xcc, 0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -210,8 +210,10 @@ pub fn connect_uffd_handler(
     let mut mappings = Vec::with_capacity(regions.len());
     for r in regions {
         let host = mem
-            .get_host_address(GuestAddress(r.base))
-            .map_err(|_| UffdError::NoRegion(r.base))?;
+            .find_region(GuestAddress(r.base))
+            .filter(|region| vm_memory::GuestMemoryRegion::start_addr(*region).0 == r.base)
+            .map(|region| region.host_base())
+            .ok_or(UffdError::NoRegion(r.base))?;
         let size = usize::try_from(r.size).map_err(|_| UffdError::NoRegion(r.base))?;
         let mut register = UffdioRegister {
             range: UffdioRange {

@@ -21,10 +21,12 @@ use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemo
 use crate::arch::x86_64::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 /// Guest memory; each region has a bitmap of the pages Skiff itself wrote when dirty pages are
-/// tracked (for diff snapshots), and none otherwise.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<Option<AtomicBitmap>>;
-/// One region of [`GuestMemoryMmap`].
+/// tracked (for diff snapshots), and none otherwise; the hot-plug region's unplugged blocks
+/// are no memory (see [`GuestRegion`]).
+pub type GuestMemoryMmap = vm_memory::GuestRegionCollection<GuestRegion>;
+/// vm-memory's mapping of one region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<Option<AtomicBitmap>>;
+pub use super::region::GuestRegion;
 
 /// The page size dirty pages are counted in.
 pub const PAGE_SIZE: usize = 4096;
@@ -79,6 +81,9 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// The hot-plug region's protection cannot be set.
+    #[error("cannot change the protection of the memory hot-plug region")]
+    Protect(#[source] std::io::Error),
     /// The regions given do not make a valid guest memory.
     #[error("the guest memory regions overlap or are empty")]
     Regions,
@@ -226,8 +231,9 @@ pub fn register_file_mapping(
 }
 
 /// Maps the hot-plug region, `size` bytes at guest physical address `gpa`, anonymous and
-/// private (nothing is allocated until the guest, or a device, writes a page), with a dirty
-/// bitmap when `track_dirty`, and adds it to `mem` as its last region.
+/// private (nothing is allocated until the guest, or a device, writes a page) and with
+/// nothing plugged, with a dirty bitmap when `track_dirty`, and adds it to `mem` as its last
+/// region.
 pub fn add_hotplug_region(
     mem: &GuestMemoryMmap,
     gpa: u64,
@@ -242,20 +248,22 @@ pub fn add_hotplug_region(
     with_region(mem, anonymous_region(&region, track_dirty)?)
 }
 
-/// `mem` with `region` added (the hot-plug region, mapped as RAM was, once RAM is registered
-/// with KVM).
+/// `mem` with `region` added as the hot-plug region (mapped as RAM was, once RAM is
+/// registered with KVM), nothing of it plugged until the device says so.
 pub fn with_region(
     mem: &GuestMemoryMmap,
     region: GuestRegionMmap,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    let region = GuestRegion::hotplug(region).map_err(MemoryError::Protect)?;
     mem.insert_region(std::sync::Arc::new(region))
         .map_err(|_| MemoryError::Regions)
 }
 
 /// The hot-plug region's KVM memory slots: one per `slot_size` bytes, present while any
 /// block in it is plugged. A slot that is not present is no memory to the guest at all (its
-/// accesses exit to Skiff as MMIO, where nothing answers), so a guest gets at most what it
-/// was allowed to plug, rounded up to a slot.
+/// accesses exit to Skiff as MMIO, where nothing answers); inside a present slot, the
+/// unplugged blocks' host pages are `PROT_NONE` (see [`GuestRegion`]), so a guest gets no more
+/// than it plugged.
 #[derive(Debug)]
 pub struct HotplugSlots {
     /// A duplicate of the VM's descriptor: the event thread changes slots through it.
@@ -279,13 +287,12 @@ impl HotplugSlots {
         log_dirty: bool,
     ) -> Result<Self, MemoryError> {
         use std::os::fd::{AsRawFd, BorrowedFd};
-        let host = mem
-            .get_host_address(GuestAddress(gpa))
-            .map_err(|_| MemoryError::Regions)?;
-        let fits = mem
+        let region = mem
             .find_region(GuestAddress(gpa))
-            .is_some_and(|r| r.start_addr().0 == gpa && r.len() == size);
-        if !fits || slot_size == 0 || !size.is_multiple_of(slot_size) {
+            .filter(|r| r.start_addr().0 == gpa && r.len() == size)
+            .ok_or(MemoryError::Regions)?;
+        let host = region.host_base();
+        if slot_size == 0 || !size.is_multiple_of(slot_size) {
             return Err(MemoryError::Regions);
         }
         // SAFETY: the VM's descriptor is open for the whole call (`vm` is borrowed).
@@ -378,27 +385,6 @@ impl HotplugSlots {
     }
 }
 
-/// Gives `len` bytes of guest memory at `gpa` back to the host (madvise MADV_DONTNEED): the
-/// pages are freed and read back as zeros, or from the memory file of a restored VM.
-pub fn release_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<()> {
-    let einval = || std::io::Error::from_raw_os_error(libc::EINVAL);
-    let region = mem.find_region(GuestAddress(gpa)).ok_or_else(einval)?;
-    let offset = gpa - region.start_addr().0;
-    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
-        return Err(einval());
-    }
-    let host = mem
-        .get_host_address(GuestAddress(gpa))
-        .map_err(|_| einval())?;
-    let len = usize::try_from(len).map_err(|_| einval())?;
-    // SAFETY: [host, host + len) lies inside one region's live mapping (checked above), which
-    // `mem` owns; MADV_DONTNEED only drops its pages, the mapping stays.
-    if unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTNEED) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The guest physical ranges that hold `size` bytes of RAM: below the MMIO hole, then above
 /// 4 GiB for what does not fit.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
@@ -448,7 +434,9 @@ pub fn create_guest_memory(
                     mib,
                     source: vm_memory::mmap::FromRangesError::MmapRegion(e),
                 })?;
-            GuestRegionMmap::new(region, addr).ok_or(MemoryError::Regions)
+            GuestRegionMmap::new(region, addr)
+                .map(GuestRegion::ram)
+                .ok_or(MemoryError::Regions)
         })
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
@@ -478,7 +466,9 @@ pub fn anonymous(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, Me
                     offset: 0,
                     source,
                 })?;
-            GuestRegionMmap::new(region, addr).ok_or(MemoryError::Regions)
+            GuestRegionMmap::new(region, addr)
+                .map(GuestRegion::ram)
+                .ok_or(MemoryError::Regions)
         })
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
@@ -643,7 +633,7 @@ pub fn memory_anonymous(
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let regions = regions
         .iter()
-        .map(|r| anonymous_region(r, track_dirty))
+        .map(|r| anonymous_region(r, track_dirty).map(GuestRegion::ram))
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
 }
@@ -682,7 +672,7 @@ pub fn memory_from_file(
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let regions = regions
         .iter()
-        .map(|r| file_region(file, r, track_dirty))
+        .map(|r| file_region(file, r, track_dirty).map(GuestRegion::ram))
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
 }
@@ -711,9 +701,7 @@ pub fn map_file_over(
             offset: r.offset,
             source,
         };
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|_| MemoryError::Regions)?;
+        let host = region.host_base();
         let (Ok(len), Ok(offset)) = (usize::try_from(r.size), libc::off_t::try_from(r.offset))
         else {
             return Err(MemoryError::Regions);
@@ -778,9 +766,7 @@ pub fn register_guest_memory(
     log_dirty: bool,
 ) -> Result<(), MemoryError> {
     for (slot, region) in (0u32..).zip(mem.iter()) {
-        let host_addr = mem
-            .get_host_address(region.start_addr())
-            .map_err(|_| MemoryError::Empty)?;
+        let host_addr = region.host_base();
         let kvm_region = kvm_userspace_memory_region {
             slot,
             flags: if log_dirty {

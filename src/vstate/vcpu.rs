@@ -139,6 +139,18 @@ pub enum VcpuError {
     /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
     #[error("vCPU {0}: the guest crashed")]
     GuestCrash(u8),
+    /// The guest touched guest-physical memory whose host pages KVM cannot map (KVM API,
+    /// KVM_EXIT_MEMORY_FAULT): an unplugged virtio-mem block, which the driver promised not to
+    /// touch (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE).
+    #[error("vCPU {id}: the guest touched {size:#x} bytes at {gpa:#x}, which are not memory it may use (an unplugged memory block)")]
+    MemoryFault {
+        /// The vCPU.
+        id: u8,
+        /// Guest physical address of the access.
+        gpa: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// An exit Skiff does not handle.
     #[error("vCPU {0}: unexpected KVM exit {1}")]
     UnexpectedExit(u8, String),
@@ -838,6 +850,9 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => Ok(Step::Interrupted),
             Ok(VcpuExit::InternalError) => Err(self.internal_error()),
             Ok(VcpuExit::FailEntry(reason, _)) => Err(VcpuError::FailEntry { id, reason }),
+            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                Err(VcpuError::MemoryFault { id, gpa, size })
+            }
             Ok(other) => Err(VcpuError::UnexpectedExit(id, format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Ok(Step::Interrupted)

@@ -1,8 +1,10 @@
 //! The memory device: its configuration space (virtio 1.2, 5.15.4), the plugged state of each
 //! block, and the requests (5.15.6): PLUG, UNPLUG, UNPLUG_ALL and STATE, each checked against
-//! the block size, the usable region and the requested size. Plugging makes the blocks' KVM
-//! slots present; unplugging gives their pages back to the host and removes a slot once none
-//! of its blocks is plugged.
+//! the block size, the usable region and the requested size. Plugging makes the blocks fresh
+//! memory and their KVM slots present; unplugging removes a slot once none of its blocks is
+//! plugged, and makes the blocks no memory again (`PROT_NONE`, their pages given back to the
+//! host: see [`GuestRegion`]), so that a guest reaches no more than it plugged, even inside a
+//! slot that stays present.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use crate::devices::virtio::{
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, MemoryHotplugMetrics};
-use crate::vstate::memory::{release_range, GuestMemoryMmap, HotplugSlots, MemoryError};
+use crate::vstate::memory::{GuestMemoryMmap, GuestRegion, HotplugSlots, MemoryError};
 
 /// Feature bit: the driver does not touch unplugged memory (virtio 1.2, 5.15.3). Required, as
 /// Firecracker requires it: a slot with no plugged block is no memory to the guest.
@@ -77,6 +79,9 @@ pub enum VirtioMemError {
     /// The saved state does not describe a region this device can manage.
     #[error("memory hot-plug: the saved state is invalid: {0}")]
     Invalid(&'static str),
+    /// The plugged blocks of a saved state cannot be made accessible.
+    #[error("memory hot-plug: cannot make the plugged blocks accessible")]
+    Access(#[source] std::io::Error),
     /// The saved virtio state cannot be put back.
     #[error("memory hot-plug: cannot restore its saved state")]
     Restore(#[source] RestoreError),
@@ -407,6 +412,12 @@ impl VirtioMem {
                 blocks.set(i * 64 + bit..i * 64 + bit + 1, true);
             }
         }
+        let region = hotplug_region(mem, blocks.addr)
+            .ok_or(VirtioMemError::Invalid("no hot-plug region at its address"))?;
+        for block in (0..count).filter(|&b| blocks.is_plugged(b)) {
+            (region.restore_plugged(block * blocks.block_size, blocks.block_size))
+                .map_err(VirtioMemError::Access)?;
+        }
         let mut mem_dev = Self::with_blocks(vm, mem, blocks, log_dirty)?;
         for index in 0..mem_dev.slots.count() {
             if mem_dev.blocks.slot_in_use(index) {
@@ -526,7 +537,20 @@ impl Work<'_> {
         true
     }
 
-    fn plug(&mut self, addr: u64, nb_blocks: u16) -> u16 {
+    /// Makes `len` bytes at `addr` no memory (see [`GuestRegion::unplug`]).
+    fn make_inaccessible(&self, mem: &GuestMemoryMmap, addr: u64, len: u64) {
+        let done =
+            hotplug_region(mem, self.blocks.addr).map(|r| r.unplug(addr - self.blocks.addr, len));
+        if !matches!(done, Some(Ok(()))) {
+            guest_log!(
+                log::Level::Warn,
+                "virtio-mem: cannot give unplugged memory back: {done:?}"
+            );
+            inc(&self.metrics.unplug_discard_fails);
+        }
+    }
+
+    fn plug(&mut self, addr: u64, nb_blocks: u16, mem: &GuestMemoryMmap) -> u16 {
         inc(&self.metrics.plug_count);
         let blocks = match self.blocks.plug(addr, nb_blocks) {
             Ok(blocks) => blocks,
@@ -539,9 +563,16 @@ impl Work<'_> {
                 };
             }
         };
-        if !self.sync_slots(&blocks) {
+        let len = u64::from(nb_blocks) * self.blocks.block_size;
+        let accessible =
+            hotplug_region(mem, self.blocks.addr).map(|r| r.plug(addr - self.blocks.addr, len));
+        if !matches!(accessible, Some(Ok(()))) || !self.sync_slots(&blocks) {
+            if let Some(Err(e)) = accessible {
+                guest_log!(log::Level::Warn, "virtio-mem: cannot plug memory: {e}");
+            }
             self.blocks.set(blocks.clone(), false);
             self.sync_slots(&blocks);
+            self.make_inaccessible(mem, addr, len);
             inc(&self.metrics.plug_fails);
             return RESP_ERROR;
         }
@@ -562,15 +593,9 @@ impl Work<'_> {
             return RESP_ERROR;
         };
         self.sync_slots(&blocks);
-        self.publish();
         let len = u64::from(nb_blocks) * self.blocks.block_size;
-        if let Err(e) = release_range(mem, addr, len) {
-            guest_log!(
-                log::Level::Warn,
-                "virtio-mem: cannot discard unplugged memory: {e}"
-            );
-            inc(&self.metrics.unplug_discard_fails);
-        }
+        self.make_inaccessible(mem, addr, len);
+        self.publish();
         add(&self.metrics.unplug_bytes, len);
         RESP_ACK
     }
@@ -580,16 +605,17 @@ impl Work<'_> {
         let all = 0..self.blocks.region_size / self.blocks.block_size;
         self.blocks.unplug_all();
         self.sync_slots(&all);
+        self.make_inaccessible(mem, self.blocks.addr, self.blocks.region_size);
         self.publish();
-        if let Err(e) = release_range(mem, self.blocks.addr, self.blocks.region_size) {
-            guest_log!(
-                log::Level::Warn,
-                "virtio-mem: cannot discard unplugged memory: {e}"
-            );
-            inc(&self.metrics.unplug_discard_fails);
-        }
         RESP_ACK
     }
+}
+
+/// The hot-plug region of `mem`, which starts at `addr`.
+fn hotplug_region(mem: &GuestMemoryMmap, addr: u64) -> Option<&GuestRegion> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.find_region(GuestAddress(addr))
+        .filter(|r| r.start_addr().0 == addr)
 }
 
 /// One request (virtio 1.2, 5.15.6): a device-readable struct virtio_mem_req, then a
@@ -630,7 +656,7 @@ fn handle_request(
     let addr = u64::from_le_bytes(addr);
     let nb_blocks = u16::from_le_bytes([req[16], req[17]]);
     let (answer, state) = match kind {
-        REQ_PLUG => (work.plug(addr, nb_blocks), 0),
+        REQ_PLUG => (work.plug(addr, nb_blocks, mem), 0),
         REQ_UNPLUG => (work.unplug(addr, nb_blocks, mem), 0),
         REQ_UNPLUG_ALL => (work.unplug_all(mem), 0),
         REQ_STATE => {
