@@ -477,9 +477,10 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     boot::write_boot_info(&ram, &kernel, &cmdline, initrd)?;
     mptable::setup_mptable(&ram, count)?;
 
-    let template = match &config.cpu_config {
-        Some(t) => t.parse().map_err(VmmError::CpuTemplate)?,
-        None => CpuTemplate::default(),
+    let template = match (&config.cpu_config, config.cpu_template) {
+        (Some(t), _) => t.parse().map_err(VmmError::CpuTemplate)?,
+        (None, Some(t)) => t.template_for_host()?,
+        (None, None) => CpuTemplate::default(),
     };
     let mut base_cpuid = kvm.supported_cpuid().clone();
     cpuid::fill_brand_string(&mut base_cpuid);

@@ -28,8 +28,11 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Two threads per core in the guest's CPU topology (vCPU count 1 or even).
     pub smt: bool,
-    /// A custom CPU template (`PUT /cpu-config`).
+    /// A custom CPU template (`PUT /cpu-config`); setting it clears `cpu_template`.
     pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
+    /// A built-in CPU template (`cpu_template` in `/machine-config`), never `None` (that
+    /// clears both); setting it clears `cpu_config`.
+    pub cpu_template: Option<crate::arch::x86_64::static_cpu_template::StaticCpuTemplate>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Where the serial console's input comes from.
@@ -684,6 +687,7 @@ impl VmConfig {
             console_rate_limit: None,
             smt: false,
             cpu_config: None,
+            cpu_template: None,
             balloon: None,
             track_dirty_pages: false,
             boot_timer: false,

@@ -315,6 +315,7 @@ impl Controller {
             ApiRequest::PutCpuConfig(t) => done(match t.parse() {
                 Ok(_) => {
                     self.config.cpu_config = Some(*t);
+                    self.config.cpu_template = None;
                     Ok(())
                 }
                 Err(why) => Err(BadRequest(why)),

@@ -470,6 +470,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         vsock: args.vsock,
         smt: args.smt,
         cpu_config: None,
+        cpu_template: None,
         balloon: None,
         pmem: args.pmem,
         memory_hotplug: None,

@@ -33,6 +33,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::static_cpu_template::StaticCpuTemplateError;
 use crate::arch::x86_64::{boot, mptable};
 use crate::builder::{RestoreConfig, WarmVm};
 use crate::config::{RateLimiterConfig, VmConfig};
@@ -124,6 +125,9 @@ pub enum VmmError {
     /// The custom CPU template cannot be applied.
     #[error("CPU template: {0}")]
     CpuTemplate(String),
+    /// The built-in CPU template is not for this host (Firecracker's words).
+    #[error("Start microvm error: Failed to get CPU template")]
+    StaticCpuTemplate(#[from] StaticCpuTemplateError),
     /// SMT with an odd vCPU count above 1.
     #[error(
         "--vcpus {0} with SMT: the vCPU count can only be 1 or an even number when SMT is enabled"

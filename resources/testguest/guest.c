@@ -2943,14 +2943,20 @@ static void check_exits(void)
 	report("exits", 1, 0);
 }
 
-/* What the guest's CPU says, for CPU templates: CPUID leaf `cpuid_leaf` (subleaf 0) and MSR
- * `msr` (read with rdmsr), printed for the host to check. */
+/* What the guest's CPU says, for CPU templates: CPUID leaves `cpuid_leaf` (one decimal leaf or
+ * a comma-separated list, subleaf 0 each) and MSR `msr` (read with rdmsr), printed for the host
+ * to check. */
 static void check_cpuinfo(void)
 {
 	uint32_t a, b, c, d;
-	uint32_t leaf = (uint32_t)param_uint("cpuid_leaf", 0);
-	cpuid(leaf, &a, &b, &c, &d);
-	printf("cpuid %x: eax=%x ebx=%x ecx=%x edx=%x\n", leaf, a, b, c, d);
+	const char *v = param("cpuid_leaf");
+	do {
+		uint32_t leaf = v ? (uint32_t)param_uint_at(v) : 0;
+		cpuid(leaf, &a, &b, &c, &d);
+		printf("cpuid %x: eax=%x ebx=%x ecx=%x edx=%x\n", leaf, a, b, c, d);
+		while (v && *v >= '0' && *v <= '9')
+			v++;
+	} while (v && *v++ == ',');
 	uint32_t msr = (uint32_t)param_uint("msr", 0x1a0), lo, hi;
 	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
 	printf("msr %x: %lx\n", msr, ((uint64_t)hi << 32) | lo);

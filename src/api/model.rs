@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::static_cpu_template::StaticCpuTemplate;
 use crate::config::{
     parse_mac, CacheType, DiskConfig, IoEngine, NetConfig, PmemConfig, RateLimiterConfig, VmConfig,
     DEFAULT_CMDLINE,
@@ -53,9 +54,9 @@ pub struct MachineConfig {
     /// Dirty-page tracking for snapshots (accepted, not used yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
-    /// CPU template: "None" only.
+    /// A built-in CPU template; "None" clears it, and a custom one (`/cpu-config`) too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
+    pub cpu_template: Option<StaticCpuTemplate>,
     /// Huge pages: "None" only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
@@ -703,11 +704,6 @@ impl MachineConfig {
                 "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
             );
         }
-        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
-            return bad(format!(
-                "cpu_template '{t}' is not supported by Skiff (only None)"
-            ));
-        }
         if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != "None") {
             return bad(format!(
                 "huge_pages '{h}' is not supported by Skiff yet (only None)"
@@ -726,6 +722,11 @@ impl MachineConfig {
             config.memory_mib = m;
         }
         config.smt = smt;
+        // As in Firecracker, whichever template came last wins; the host is checked at start.
+        if let Some(t) = self.cpu_template {
+            config.cpu_template = Some(t).filter(|t| *t != StaticCpuTemplate::None);
+            config.cpu_config = None;
+        }
         if full || self.track_dirty_pages.is_some() {
             config.track_dirty_pages = self.track_dirty_pages.unwrap_or(false);
         }
@@ -739,7 +740,7 @@ impl MachineConfig {
             mem_size_mib: Some(config.memory_mib),
             smt: Some(config.smt),
             track_dirty_pages: Some(config.track_dirty_pages),
-            cpu_template: None,
+            cpu_template: config.cpu_template,
             huge_pages: Some("None".to_owned()),
         }
     }
@@ -947,6 +948,7 @@ impl FullVmConfig {
         if let Some(t) = &self.cpu_config {
             t.parse().map_err(BadRequest)?;
             config.cpu_config = Some(t.clone());
+            config.cpu_template = None;
         }
         if let Some(b) = &self.balloon {
             config.balloon = Some(b.checked(config.memory_mib)?);
@@ -1098,7 +1100,6 @@ mod tests {
             r#"{"vcpu_count":33,"mem_size_mib":256}"#,
             r#"{"vcpu_count":1,"mem_size_mib":0}"#,
             r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#,
-            r#"{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"T2"}"#,
             r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"2M"}"#,
         ] {
             let m: MachineConfig = parse(bad_body).unwrap();
@@ -1109,6 +1110,34 @@ mod tests {
         assert!(m.apply(&mut c, true).is_err());
         m.apply(&mut c, false).unwrap();
         assert_eq!((c.vcpus, c.memory_mib), (4, 256));
+    }
+
+    /// A built-in template replaces a custom one and the other way round; one left out keeps
+    /// what was there; "None" clears both, and is not shown.
+    #[test]
+    fn machine_config_cpu_templates() {
+        let mut c = VmConfig::new("k");
+        c.cpu_config = Some(Default::default());
+        let t2: MachineConfig = parse(r#"{"cpu_template":"T2"}"#).unwrap();
+        t2.apply(&mut c, false).unwrap();
+        assert_eq!(
+            (c.cpu_template, c.cpu_config.is_none()),
+            (Some(StaticCpuTemplate::T2), true)
+        );
+        let sizes: MachineConfig = parse(r#"{"vcpu_count":1,"mem_size_mib":128}"#).unwrap();
+        sizes.apply(&mut c, true).unwrap();
+        assert_eq!(
+            MachineConfig::of(&c).cpu_template,
+            Some(StaticCpuTemplate::T2)
+        );
+        c.cpu_config = Some(Default::default());
+        let none: MachineConfig = parse(r#"{"cpu_template":"None"}"#).unwrap();
+        none.apply(&mut c, false).unwrap();
+        assert_eq!((c.cpu_template, c.cpu_config.is_none()), (None, true));
+        assert_eq!(MachineConfig::of(&c).cpu_template, None);
+        assert!(parse::<MachineConfig>(r#"{"cpu_template":"V1N1"}"#)
+            .unwrap_err()
+            .contains("unknown variant `V1N1`"));
     }
 
     #[test]
