@@ -367,3 +367,33 @@ fn hostile_agents_give_clear_errors_never_a_hang() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// The agent_frames fuzz target's seeds are whole streams of valid frames (so the fuzzer
+/// starts past the decoder's first checks); a change to the protocol must update them
+/// (fuzz/seeds/generate.py).
+#[test]
+fn fuzz_seeds_are_valid_frame_streams() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/agent_frames");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let (selector, mut rest) = bytes.split_first().unwrap();
+        let mut frames = 0;
+        loop {
+            let next = if selector & 1 == 1 {
+                skiff_agent::read_frame::<skiff_agent::AgentFrame>(&mut rest).map(|f| f.is_some())
+            } else {
+                skiff_agent::read_frame::<skiff_agent::HostFrame>(&mut rest).map(|f| f.is_some())
+            };
+            match next {
+                Ok(true) => frames += 1,
+                Ok(false) => break,
+                Err(e) => panic!("{}: frame {frames}: {e}", path.display()),
+            }
+        }
+        assert!(frames >= 4, "{}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 4);
+}

@@ -1,21 +1,15 @@
 #!/usr/bin/env python3
 """Writes the seed inputs of Skiff's fuzz targets (fuzz/seeds/TARGET/NAME): well-formed
-requests, register sequences, kernels and documents that the fuzzer then mutates, so that it
-starts past the parsers' first checks. Each layout follows the comment at the top of the
-target's source. Run it again after changing a target's input layout. The snapshot_state seeds are real state
-files (a test guest with a disk, with a NIC, with the entropy device, with the vsock device)
-files (a test guest with a disk, with a disk and a NIC, with the entropy device, with a balloon)
-written by tests/snapshot.rs; copy
-new ones from target/tmp/snapshot/ after the state format changes."""
-files (a test guest with a disk; with a disk and a NIC; with an entropy device, a pmem device,
-hot-plugged memory) written by tests/snapshot.rs; copy new ones from target/tmp/snapshot/
-(full/full.snap, net/net.snap, entropy/, pmem/, memory-hotplug/full.snap) after the state
-format changes."""
-files (a test guest with a disk, with a disk and a NIC, with the entropy device) written by
-tests/snapshot.rs, and one with a NIC answering for MMDS written by tests/mmds.rs
-(target/tmp/mmds-snap/vm.snap); copy new ones from target/tmp/ after the state format changes
-(a field added at the end of the state can also be added to the seeds: append its encoding to
-the payload, fix the length and the CRC, as was done for DevicesState's mmds)."""
+requests, register sequences, kernels, documents and frames that the fuzzer then mutates, so
+that it starts past the parsers' first checks. Each layout follows the comment at the top of the
+target's source. Run it again after changing a target's input layout.
+
+The snapshot_state seeds are real state files written by tests/snapshot.rs (a test guest with a
+disk; with a disk and a NIC; with the entropy device, the vsock device, a balloon, a pmem device,
+hot-plugged memory) and one with a NIC answering for MMDS written by tests/mmds.rs
+(target/tmp/mmds-snap/vm.snap); copy new ones from target/tmp/ after the state format changes (a
+field added at the end of the state can also be added to the seeds: append its encoding to the
+payload, fix the length and the CRC, as was done for DevicesState's mmds)."""
 
 import json
 import os
@@ -257,7 +251,6 @@ def config_file():
     put("config_file", "vsock", json.dumps({"boot-source": BOOT, "vsock": {"guest_cid": 3, "uds_path": "/v.sock"}}).encode())
 
 
-for make in [virtio_block, virtio_net, virtio_vsock, virtio_mmio, kernel_loader, api_request, config_file]:
 def mmds():
     def segment(flags, seq, ack, data=b"", options=b""):
         return (struct.pack("<BBBIIHB", 1, 0, flags, seq, ack, 65535, len(options)) + options
@@ -303,5 +296,29 @@ def mmds():
     ]))
 
 
-for make in [virtio_block, virtio_net, virtio_mmio, kernel_loader, api_request, config_file, mmds]:
+def agent_frames():
+    # bincode's standard encoding: enum variants and lengths as varints (one byte below 251),
+    # signed integers zigzagged.
+    def frame(body):
+        return struct.pack("<I", len(body)) + body
+
+    def string(text):
+        return bytes([len(text)]) + text
+
+    exec_ = (b"\x01\x03" + string(b"sh") + string(b"-c") + string(b"echo hi; exit 7")
+             + b"\x01" + string(b"K") + string(b"v") + b"\x01" + string(b"/tmp") + b"\x01"
+             + b"\x01\x18\x50" + b"\x01\xfb\xe8\x03")
+    put("agent_frames", "host-exec", b"\x00" + frame(exec_) + frame(b"\x04\x03abc")
+        + frame(b"\x05") + frame(b"\x06\x0f") + frame(b"\x07\x18\x50"))
+    put("agent_frames", "host-files", b"\x00" + frame(b"\x02" + string(b"/f") + b"\xfb\xa4\x01")
+        + frame(b"\x08\x02hi") + frame(b"\x09") + frame(b"\x03" + string(b"/f")))
+    put("agent_frames", "agent-run", b"\x01" + frame(b"\x00\x01" + string(b"skiff-agent 0.1.0"))
+        + frame(b"\x01\x05") + frame(b"\x02\x03out") + frame(b"\x03\x03err")
+        + frame(b"\x04\x00\x0e\x00") + frame(b"\x04\x01\x12\x01"))
+    put("agent_frames", "agent-files", b"\x01" + frame(b"\x05\x02hi") + frame(b"\x06")
+        + frame(b"\x07") + frame(b"\x08" + string(b"no such file")))
+
+
+for make in [virtio_block, virtio_net, virtio_vsock, virtio_mmio, kernel_loader, api_request, config_file,
+             mmds, agent_frames]:
     make()
