@@ -165,10 +165,19 @@ fn exit_with(outcome: Outcome) -> ExitCode {
     ExitCode::from(u8::try_from(outcome.exit_code()).unwrap_or(FAILED))
 }
 
+/// Our standard input, read through a descriptor of its own: std's `Stdin` would hold its
+/// lock while the forwarding thread waits in `read`, and restoring the terminal needs that lock.
+fn raw_stdin() -> Box<dyn Read + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
+        Err(_) => Box::new(std::io::empty()),
+    }
+}
+
 /// Standard input for the command: streamed when it is not a terminal, or when asked.
 fn stdin_stream(force: bool) -> Option<Box<dyn Read + Send>> {
-    (force || !std::io::stdin().is_terminal())
-        .then(|| Box::new(std::io::stdin()) as Box<dyn Read + Send>)
+    (force || !std::io::stdin().is_terminal()).then(raw_stdin)
 }
 
 /// The terminal's size (24x80 when standard output is not a terminal).
@@ -304,7 +313,7 @@ fn interactive(agent: &Agent, mut req: ExecRequest) -> Result<Outcome, SandboxEr
     let _raw = crate::RawTerminal::enter();
     agent.exec(
         &req,
-        Some(Box::new(std::io::stdin())),
+        Some(raw_stdin()),
         &mut std::io::stdout().lock(),
         &mut std::io::stderr().lock(),
     )

@@ -285,6 +285,17 @@ fn a_pty_when_asked() {
     assert!(out.contains("got typed"), "{out:?}");
     assert!(err.is_empty());
     assert_eq!(o.exit_code(), 3);
+    // An interactive shell (job control on the terminal), ended by what is typed.
+    let mut r = req(&["sh", "-i"]);
+    r.pty = Some(WinSize { rows: 24, cols: 80 });
+    r.stdin = true;
+    let (out, _, o) = run(
+        &agent,
+        &r,
+        Some(b"echo in-the-$((6 * 7))-shell; exit 4\n".to_vec()),
+    );
+    assert!(String::from_utf8_lossy(&out).contains("in-the-42-shell"));
+    assert_eq!(o.exit_code(), 4);
 }
 
 #[test]

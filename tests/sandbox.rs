@@ -459,3 +459,76 @@ fn a_guest_that_sends_garbage_or_closes_gives_a_clear_error() {
         assert!(agent.hello().is_ok());
     });
 }
+
+#[test]
+fn shell_on_a_terminal_and_exec_into_a_running_clone() {
+    if skip() {
+        return;
+    }
+    let dir = prepared();
+    // `sandbox shell` on a pseudo-terminal: what is typed reaches the guest's shell, its
+    // output comes back, its exit code becomes ours, and the terminal is canonical again.
+    let (mut master, slave) = common::pty();
+    let mut child = common::KillOnDrop(
+        Command::new(skiff_bin())
+            .args(["sandbox", "shell"])
+            .arg(dir)
+            .args(["--", "sh"])
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave.try_clone().unwrap()))
+            .spawn()
+            .unwrap(),
+    );
+    let mut reader = master.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    master
+        .write_all(b"tty; echo in-the-$((6 * 7))-shell; exit 3\n")
+        .unwrap();
+    assert_eq!(child.wait_for(LIMIT), Some(3));
+    let mut seen = Vec::new();
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(500)) {
+        seen.extend(chunk);
+    }
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.contains("/dev/pts/"), "{seen:?}");
+    assert!(seen.contains("in-the-42-shell"), "{seen:?}");
+    // SAFETY: termios is plain data; tcgetattr fills it for the open pty slave.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&slave);
+    // SAFETY: tcgetattr on the open pty slave with a valid termios.
+    let rc = unsafe { libc::tcgetattr(fd, &mut t) };
+    assert_eq!(rc, 0);
+    assert!(t.c_lflag & libc::ICANON != 0, "the terminal was left raw");
+
+    // `skiff exec` into a clone the library runs.
+    within("exec", || {
+        let sandbox = Sandbox::restore(prepared()).unwrap();
+        let uds = sandbox.agent().uds().to_owned();
+        let out = Command::new(skiff_bin())
+            .arg("exec")
+            .arg("--vsock")
+            .arg(&uds)
+            .args(["--", "sh", "-c", "echo via-exec; exit 5"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(5));
+        assert_eq!(out.stdout, b"via-exec\n");
+        let out = Command::new(skiff_bin())
+            .args(["exec", "--vsock", "/nonexistent.sock", "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot connect to /nonexistent.sock"), "{err}");
+    });
+}
