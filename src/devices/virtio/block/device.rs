@@ -9,7 +9,7 @@ use log::warn;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
-use super::request::{execute, Disk};
+use super::request::{execute, Disk, IoVecs};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, RateLimiterConfig};
 use crate::devices::virtio::{
@@ -130,7 +130,7 @@ pub struct Block {
     id: [u8; ID_BYTES],
     pub(super) base: VirtioBase,
     active: Option<Active>,
-    buf: Vec<u8>,
+    iovecs: IoVecs,
     chain: ChainBufs,
     metrics: Arc<BlockMetrics>,
     /// Limits the guest's requests; unlimited until configured.
@@ -205,7 +205,7 @@ impl Block {
             )
             .map_err(BlockError::EventFd)?,
             active: None,
-            buf: Vec::new(),
+            iovecs: IoVecs::default(),
             chain: ChainBufs::default(),
             metrics: Arc::new(BlockMetrics::default()),
             rate_limiter: RateLimiter::unlimited()?,
@@ -311,7 +311,7 @@ impl Block {
             nsectors: self.nsectors,
             read_only: self.read_only,
             id: &self.id,
-            buf: &mut self.buf,
+            iovecs: &mut self.iovecs,
             metrics: &self.metrics,
             chain: &mut self.chain,
         };
