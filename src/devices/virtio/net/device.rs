@@ -7,9 +7,9 @@ use std::sync::Arc;
 use log::Level;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::tap::{Tap, TapError};
+use super::tap::{IoVecs, Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
@@ -22,6 +22,10 @@ use crate::metrics::{add, inc, NetMetrics};
 use crate::mmds::MmdsStack;
 use crate::rate_limiter::{RateLimiter, RateLimiterError};
 use crate::vstate::memory::GuestMemoryMmap;
+
+/// How much of a transmitted frame is read to tell whether the metadata service wants it: the
+/// virtio-net header, Ethernet and ARP headers (the IPv4 destination comes sooner).
+const MMDS_PEEK_LEN: usize = VNET_HDR_LEN + 14 + 28;
 
 /// Index of the receive queue.
 pub(super) const RX_QUEUE: usize = 0;
@@ -108,6 +112,7 @@ pub struct Net {
     rx_len: usize,
     tx_frame: Vec<u8>,
     chain: ChainBufs,
+    iov: IoVecs,
     /// Whether the TAP is registered with the event loop.
     pub(super) tap_watched: bool,
     metrics: Arc<NetMetrics>,
@@ -170,6 +175,7 @@ impl Net {
             rx_len: 0,
             tx_frame: vec![0; MAX_FRAME_LEN],
             chain: ChainBufs::default(),
+            iov: IoVecs::default(),
             tap_watched: false,
             metrics: Arc::new(NetMetrics::default()),
             rx_rate_limiter: RateLimiter::unlimited()?,
@@ -311,46 +317,73 @@ impl Net {
         let mem = &active.mem;
         let (tap, metrics, limiter) = (&self.tap, &self.metrics, &mut self.tx_rate_limiter);
         let (bufs, frame, mmds) = (&mut self.chain, &mut self.tx_frame, &mut self.mmds);
+        let iov = &mut self.iov;
         let drained = drain_queue(
             &mut active.tx,
             mem,
             &self.base.queue_events[TX_QUEUE],
             &self.base.irq,
             |chain| {
-                let ok = split_chain(chain, bufs) && bufs.writable.is_empty();
-                let len: u64 = bufs.readable.iter().map(|b| u64::from(b.len)).sum();
-                let gathered = match ok.then(|| gather(mem, &bufs.readable, frame)) {
-                    Some(Gather::Frame(n)) => Some(n),
-                    _ => None,
+                let len: u64 = if split_chain(chain, bufs) && bufs.writable.is_empty() {
+                    bufs.readable.iter().map(|b| u64::from(b.len)).sum()
+                } else {
+                    0
                 };
-                if let (Some(n), Some(stack)) = (gathered, mmds.as_mut()) {
-                    let eth = &frame[VNET_HDR_LEN..n];
-                    if stack.is_mmds_frame(eth) {
-                        stack.detour(eth);
-                        return Handled::Used(0);
+                let mut sendable = len > VNET_HDR_LEN as u64 && len <= MAX_FRAME_LEN as u64;
+                // A frame the metadata service may want is copied out of guest memory whole,
+                // so the guest cannot change it between the check and its use; the others go
+                // to the TAP straight from the guest's buffers.
+                let mut copied = None;
+                if let (true, Some(stack)) = (sendable, mmds.as_mut()) {
+                    let mut peek = [0u8; MMDS_PEEK_LEN];
+                    let peek = &mut peek[..usize::try_from(len).unwrap_or(0).min(MMDS_PEEK_LEN)];
+                    sendable = read_prefix(mem, &bufs.readable, peek);
+                    if sendable && stack.is_mmds_frame(&peek[VNET_HDR_LEN..]) {
+                        match gather(mem, &bufs.readable, frame) {
+                            Gather::Frame(n) => {
+                                let eth = &frame[VNET_HDR_LEN..n];
+                                if stack.is_mmds_frame(eth) {
+                                    stack.detour(eth);
+                                    return Handled::Used(0);
+                                }
+                                copied = Some(n);
+                            }
+                            Gather::Bad => sendable = false,
+                        }
                     }
+                }
+                if sendable && copied.is_none() {
+                    iov.clear();
+                    sendable = guest_iovecs(mem, &bufs.readable, usize::MAX, iov).is_some();
                 }
                 // One op and the frame's bytes, header included (as Firecracker counts
                 // them); a frame too broken to send costs nothing.
-                if gathered.is_some() && !limiter.consume_op(len) {
+                if sendable && !limiter.consume_op(len) {
                     inc(&metrics.tx_rate_limiter_throttled);
                     return Handled::Deferred;
                 }
-                let sent = match gathered {
-                    Some(len) => match tap.write_frame(&frame[..len]) {
-                        Ok(_) => {
-                            inc(&metrics.tx_frames);
-                            add(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
-                            true
-                        }
-                        Err(e) => {
-                            guest_log!(
-                                Level::Debug,
-                                "virtio-net: TAP refused a {len}-byte frame: {e}"
-                            );
-                            false
-                        }
-                    },
+                let written = match (sendable, copied) {
+                    (false, _) => None,
+                    (true, Some(n)) => Some(tap.write_frame(&frame[..n])),
+                    // SAFETY: the iovecs were just built from guest memory's slices (each
+                    // inside one mapped region, its plugged part for the hot-plug region),
+                    // and nothing unmaps or unplugs guest memory while the event thread, which
+                    // runs this, is busy here (see vstate::region).
+                    (true, None) => Some(unsafe { tap.write_frame_from(iov.as_slice()) }),
+                };
+                let sent = match written {
+                    Some(Ok(_)) => {
+                        inc(&metrics.tx_frames);
+                        add(&metrics.tx_bytes, len - VNET_HDR_LEN as u64);
+                        true
+                    }
+                    Some(Err(e)) => {
+                        guest_log!(
+                            Level::Debug,
+                            "virtio-net: TAP refused a {len}-byte frame: {e}"
+                        );
+                        false
+                    }
                     None => false,
                 };
                 if !sent {
@@ -504,6 +537,51 @@ fn next_rx_chain<'a>(
         Ok(false) => Ok(None),
         Err(_) => Err(BrokenQueue),
     }
+}
+
+/// Fills `out` with the first bytes of the guest's buffers `bufs`; false when they are not all
+/// guest memory Skiff may use.
+fn read_prefix(mem: &GuestMemoryMmap, bufs: &[GuestBuf], out: &mut [u8]) -> bool {
+    let mut at = 0usize;
+    for b in bufs {
+        if at == out.len() {
+            break;
+        }
+        let n = (out.len() - at).min(b.len as usize);
+        if mem
+            .read_slice(&mut out[at..at + n], GuestAddress(b.addr))
+            .is_err()
+        {
+            return false;
+        }
+        at += n;
+    }
+    true
+}
+
+/// Adds to `iov` the host addresses of the guest's buffers `bufs`, at most `limit` bytes in all
+/// (one iovec per buffer and guest memory region it spans). Returns the bytes covered, or None
+/// when a buffer is not all guest memory Skiff may use (outside it, or in unplugged hot-plug
+/// memory): vm-memory's slices are checked, so the kernel never sees such an address.
+fn guest_iovecs(
+    mem: &GuestMemoryMmap,
+    bufs: &[GuestBuf],
+    limit: usize,
+    iov: &mut IoVecs,
+) -> Option<usize> {
+    let mut total = 0usize;
+    for b in bufs {
+        let len = (b.len as usize).min(limit - total);
+        if len == 0 {
+            break;
+        }
+        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(b.addr), len) {
+            let slice = slice.ok()?;
+            iov.push(slice.ptr_guard_mut().as_ptr(), slice.len());
+        }
+        total += len;
+    }
+    Some(total)
 }
 
 /// Copies a transmitted frame (header included) out of the guest's buffers.
@@ -713,6 +791,30 @@ mod tests {
         rig.net.process_tx();
         assert_eq!(rig.net.counters().tx_frames, 2);
         assert_eq!(rig.net.interrupt().status(), 0);
+    }
+
+    /// A buffer that runs from one region of guest memory into the next goes out whole (one
+    /// iovec per region); one that runs past the end of guest memory is dropped.
+    #[test]
+    fn transmit_spans_regions() {
+        let m = crate::vstate::memory::anonymous(&[
+            (GuestAddress(0), 0x20_0000),
+            (GuestAddress(0x20_0000), 0x1000),
+        ])
+        .unwrap();
+        let mut rig = Rig::new(&m);
+        let f = frame(1000, 3);
+        let at = 0x20_0000 - 500;
+        m.write_slice(&f, GuestAddress(at)).unwrap();
+        rig.send(&[desc(at, 1012, 0, 0)], 0);
+        rig.send(&[desc(0x20_1000 - 500, 1012, 0, 0)], 1);
+        rig.net.process_tx();
+        let mut got = vec![0u8; 4096];
+        let n = rig.host.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &f[..]);
+        assert_eq!(rig.used_idx(&rig.tx), 2);
+        assert_eq!(rig.net.counters().tx_frames, 1);
+        assert_eq!(rig.net.counters().tx_dropped, 1);
     }
 
     #[test]
