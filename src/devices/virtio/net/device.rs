@@ -6,16 +6,17 @@ use std::sync::Arc;
 
 use log::Level;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
+use super::rx::{guest_iovecs, read_prefix, Rx, RxCtx, RxStep};
 use super::tap::{IoVecs, Tap, TapError};
 use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
-    drain_queue, needs_interrupt, pop_chain, split_chain, ActivateError, BrokenQueue, ChainBufs,
-    ConfigSpace, GuestBuf, Handled, RestoreError, VirtioBase, VirtioDevice, VirtioState, INT_VRING,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, needs_interrupt, split_chain, ActivateError, ChainBufs, ConfigSpace, GuestBuf,
+    Handled, RestoreError, VirtioBase, VirtioDevice, VirtioState, INT_VRING, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, NetMetrics};
@@ -40,6 +41,7 @@ const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
 const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
 const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
 
 /// Errors while creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -107,9 +109,8 @@ pub struct Net {
     mac: Option<[u8; 6]>,
     pub(super) base: VirtioBase,
     active: Option<Active>,
-    /// The frame read from the TAP and not yet delivered: `rx_frame[..rx_len]`.
-    rx_frame: Vec<u8>,
-    rx_len: usize,
+    /// The receive path's buffers and the frame in hand.
+    rx: Rx,
     tx_frame: Vec<u8>,
     chain: ChainBufs,
     iov: IoVecs,
@@ -156,7 +157,8 @@ impl Net {
             | (1u64 << VIRTIO_NET_F_GUEST_TSO4)
             | (1u64 << VIRTIO_NET_F_GUEST_TSO6)
             | (1u64 << VIRTIO_NET_F_HOST_TSO4)
-            | (1u64 << VIRTIO_NET_F_HOST_TSO6);
+            | (1u64 << VIRTIO_NET_F_HOST_TSO6)
+            | (1u64 << VIRTIO_NET_F_MRG_RXBUF);
         if mac.is_some() {
             avail_features |= 1u64 << VIRTIO_NET_F_MAC;
         }
@@ -171,8 +173,7 @@ impl Net {
             )
             .map_err(NetError::EventFd)?,
             active: None,
-            rx_frame: vec![0; MAX_FRAME_LEN + 1],
-            rx_len: 0,
+            rx: Rx::default(),
             tx_frame: vec![0; MAX_FRAME_LEN],
             chain: ChainBufs::default(),
             iov: IoVecs::default(),
@@ -297,7 +298,7 @@ impl Net {
     /// The driver broke a queue: the device stops until the driver resets it, and says so.
     fn broken(&mut self) {
         self.active = None;
-        self.rx_len = 0;
+        self.rx.len = 0;
         self.base.irq.signal_needs_reset();
     }
 
@@ -409,108 +410,57 @@ impl Net {
         if self.rx_rate_limiter.is_blocked() {
             return false;
         }
-        let mem = &active.mem;
+        let mut cx = RxCtx {
+            mem: &active.mem,
+            tap: &self.tap,
+            metrics: &self.metrics,
+            limiter: &mut self.rx_rate_limiter,
+            mergeable: self.base.acked(VIRTIO_NET_F_MRG_RXBUF),
+        };
         let queue = &mut active.rx;
+        let rx = &mut self.rx;
         // Buffers added while frames flow need no notification; it is asked for only when
         // the device runs out.
-        let _ = queue.disable_notification(mem);
+        let _ = queue.disable_notification(cx.mem);
         let mut budget = queue.size();
         let mut used = false;
         let mut broken = false;
         let watch = loop {
-            if self.rx_len == 0 {
-                if budget == 0 {
-                    // The TAP stays readable: the event loop calls again after other work.
-                    // The metadata service has no descriptor to wake the loop: the RX
-                    // queue's event brings the device back for its frames.
-                    if self.mmds.as_ref().is_some_and(MmdsStack::has_output) {
-                        let _ = self.base.queue_events[RX_QUEUE].write(1);
-                    }
-                    break true;
+            if budget == 0 {
+                // The TAP stays readable: the event loop calls again after other work.
+                // The metadata service has no descriptor to wake the loop: the RX
+                // queue's event brings the device back for its frames.
+                if self.mmds.as_ref().is_some_and(MmdsStack::has_output) {
+                    let _ = self.base.queue_events[RX_QUEUE].write(1);
                 }
-                budget -= 1;
-                // The metadata service's frames go first: they answer the guest's own.
+                break true;
+            }
+            budget -= 1;
+            // The metadata service's frames go first: they answer the guest's own.
+            if rx.len == 0 {
                 if let Some(n) = (self.mmds.as_mut())
-                    .and_then(|m| m.write_next_frame(&mut self.rx_frame[VNET_HDR_LEN..]))
+                    .and_then(|m| m.write_next_frame(&mut rx.frame[VNET_HDR_LEN..]))
                 {
-                    self.rx_frame[..VNET_HDR_LEN].fill(0);
-                    self.rx_len = VNET_HDR_LEN + n;
-                    continue;
-                }
-                match self.tap.read_frame(&mut self.rx_frame) {
-                    Ok(n) if n > VNET_HDR_LEN && n <= MAX_FRAME_LEN => self.rx_len = n,
-                    Ok(n) => {
-                        guest_log!(
-                            Level::Debug,
-                            "virtio-net: dropping a {n}-byte frame from the TAP"
-                        );
-                        inc(&self.metrics.rx_dropped);
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
-                    Err(e) => {
-                        // A TAP that fails for good (deleted on the host) would stay readable
-                        // with an error for ever: stop watching it rather than spin.
-                        guest_log!(
-                            Level::Warn,
-                            "virtio-net: cannot read from TAP {}: {e}; it is read again when the guest next notifies",
-                            self.tap.name()
-                        );
-                        inc(&self.metrics.rx_dropped);
-                        break false;
-                    }
+                    rx.frame[..VNET_HDR_LEN].fill(0);
+                    rx.len = VNET_HDR_LEN + n;
                 }
             }
-            let chain = match next_rx_chain(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break false,
-                Err(BrokenQueue) => {
+            let step = if rx.len == 0 {
+                rx.receive(queue, &mut cx)
+            } else {
+                rx.deliver(queue, &mut cx)
+            };
+            match step {
+                RxStep::Next { used: u } => used |= u,
+                RxStep::Wait | RxStep::TapFailed => break false,
+                RxStep::TapEmpty => break true,
+                RxStep::Broken => {
                     broken = true;
                     break false;
                 }
-            };
-            // One op and the frame's bytes, header included (as Firecracker counts them).
-            if !self.rx_rate_limiter.consume_op(self.rx_len as u64) {
-                queue.go_to_previous_position();
-                inc(&self.metrics.rx_rate_limiter_throttled);
-                break false;
             }
-            let head = chain.head_index();
-            let frame = &mut self.rx_frame[..self.rx_len];
-            // num_buffers (virtio 1.2, 5.1.6.4): one buffer per frame without MRG_RXBUF. The
-            // TAP leaves these two bytes alone.
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let written = if split_chain(chain, &mut self.chain) && self.chain.readable.is_empty() {
-                scatter(mem, &self.chain.writable, frame)
-            } else {
-                Err(ScatterError::Bad)
-            };
-            match written {
-                Ok(()) => {
-                    inc(&self.metrics.rx_frames);
-                    add(&self.metrics.rx_bytes, (self.rx_len - VNET_HDR_LEN) as u64);
-                    let len = u32::try_from(self.rx_len).unwrap_or(u32::MAX);
-                    if queue.add_used(mem, head, len).is_err() {
-                        guest_log!(Level::Debug, "virtio-net: cannot add a used element");
-                    }
-                    used = true;
-                }
-                Err(ScatterError::TooSmall) => {
-                    // Keep the buffer for a smaller frame; this one cannot ever fit.
-                    queue.go_to_previous_position();
-                    inc(&self.metrics.rx_dropped);
-                }
-                Err(ScatterError::Bad) => {
-                    if queue.add_used(mem, head, 0).is_err() {
-                        guest_log!(Level::Debug, "virtio-net: cannot add a used element");
-                    }
-                    used = true;
-                    inc(&self.metrics.rx_dropped);
-                }
-            }
-            self.rx_len = 0;
         };
-        if used && needs_interrupt(queue, mem) {
+        if used && needs_interrupt(queue, cx.mem) {
             if let Err(e) = self.base.irq.trigger(INT_VRING) {
                 guest_log!(Level::Warn, "virtio-net: cannot raise interrupt: {e}");
             }
@@ -520,68 +470,6 @@ impl Net {
         }
         watch
     }
-}
-
-/// The next receive chain; when there is none, asks the driver to notify the receive queue
-/// when it adds one and looks once more, since it may have added one meanwhile
-/// (virtio 1.2, 2.7.10).
-fn next_rx_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>>, BrokenQueue> {
-    if let Some(chain) = pop_chain(queue, mem)? {
-        return Ok(Some(chain));
-    }
-    match queue.enable_notification(mem) {
-        Ok(true) => pop_chain(queue, mem),
-        Ok(false) => Ok(None),
-        Err(_) => Err(BrokenQueue),
-    }
-}
-
-/// Fills `out` with the first bytes of the guest's buffers `bufs`; false when they are not all
-/// guest memory Skiff may use.
-fn read_prefix(mem: &GuestMemoryMmap, bufs: &[GuestBuf], out: &mut [u8]) -> bool {
-    let mut at = 0usize;
-    for b in bufs {
-        if at == out.len() {
-            break;
-        }
-        let n = (out.len() - at).min(b.len as usize);
-        if mem
-            .read_slice(&mut out[at..at + n], GuestAddress(b.addr))
-            .is_err()
-        {
-            return false;
-        }
-        at += n;
-    }
-    true
-}
-
-/// Adds to `iov` the host addresses of the guest's buffers `bufs`, at most `limit` bytes in all
-/// (one iovec per buffer and guest memory region it spans). Returns the bytes covered, or None
-/// when a buffer is not all guest memory Skiff may use (outside it, or in unplugged hot-plug
-/// memory): vm-memory's slices are checked, so the kernel never sees such an address.
-fn guest_iovecs(
-    mem: &GuestMemoryMmap,
-    bufs: &[GuestBuf],
-    limit: usize,
-    iov: &mut IoVecs,
-) -> Option<usize> {
-    let mut total = 0usize;
-    for b in bufs {
-        let len = (b.len as usize).min(limit - total);
-        if len == 0 {
-            break;
-        }
-        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(b.addr), len) {
-            let slice = slice.ok()?;
-            iov.push(slice.ptr_guard_mut().as_ptr(), slice.len());
-        }
-        total += len;
-    }
-    Some(total)
 }
 
 /// Copies a transmitted frame (header included) out of the guest's buffers.
@@ -601,32 +489,6 @@ fn gather(mem: &GuestMemoryMmap, bufs: &[GuestBuf], frame: &mut [u8]) -> Gather 
         return Gather::Bad;
     }
     Gather::Frame(at)
-}
-
-enum ScatterError {
-    /// The buffers cannot hold the frame.
-    TooSmall,
-    /// A buffer is outside guest memory or of the wrong direction.
-    Bad,
-}
-
-/// Copies a received frame into the guest's buffers.
-fn scatter(mem: &GuestMemoryMmap, bufs: &[GuestBuf], frame: &[u8]) -> Result<(), ScatterError> {
-    let room: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
-    if room < frame.len() as u64 {
-        return Err(ScatterError::TooSmall);
-    }
-    let mut rest = frame;
-    for b in bufs {
-        if rest.is_empty() {
-            break;
-        }
-        let n = rest.len().min(b.len as usize);
-        mem.write_slice(&rest[..n], GuestAddress(b.addr))
-            .map_err(|_| ScatterError::Bad)?;
-        rest = &rest[n..];
-    }
-    Ok(())
 }
 
 impl VirtioDevice for Net {
@@ -673,7 +535,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.base.acked_features = 0;
-        self.rx_len = 0;
+        self.rx.len = 0;
     }
 
     fn active_queues(&self) -> Vec<&Queue> {
@@ -694,6 +556,8 @@ mod tests {
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -859,6 +723,96 @@ mod tests {
         assert_eq!(&got[10..12], &[1, 0], "num_buffers");
         assert_eq!(&got[12..], &f[12..]);
         assert_eq!(rig.net.interrupt().status(), INT_VRING);
+    }
+
+    /// With MRG_RXBUF, a frame longer than one chain spreads over as many as it needs, the
+    /// first header saying how many; a frame that fits one goes straight in; a frame for which
+    /// the ring has too few buffers waits for more.
+    #[test]
+    fn mergeable_receive_spreads_a_frame_over_chains() {
+        let m = mem();
+        let mut rig = Rig::new(&m);
+        rig.net
+            .set_acked_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF));
+        let big = frame(2988, 4);
+        let small = frame(500, 5);
+        rig.host.send(&big).unwrap();
+        rig.host.send(&small).unwrap();
+        rig.host.send(&big).unwrap();
+        // 1024-byte chains, the second of two descriptors.
+        for i in 0..5u16 {
+            let at = BUF + u64::from(i) * 4096;
+            rig.rx
+                .add_desc_chains(
+                    &[
+                        desc(at, 12, F_WRITE | F_NEXT, 2 * i + 1),
+                        desc(at + 12, 1012, F_WRITE, 0),
+                    ],
+                    2 * i,
+                )
+                .unwrap();
+        }
+        assert!(!rig.net.process_rx(), "the third frame waits for buffers");
+        assert_eq!(rig.used_idx(&rig.rx), 4);
+        let lens: Vec<u32> = (0..4).map(|i| rig.used(&rig.rx, i).1).collect();
+        assert_eq!(lens, [1024, 1024, 952, 512]);
+        let mut got = Vec::new();
+        for (i, &len) in (0..3u64).zip(&lens) {
+            let mut part = vec![0u8; len as usize];
+            m.read_slice(&mut part, GuestAddress(BUF + i * 4096))
+                .unwrap();
+            got.extend(part);
+        }
+        assert_eq!(&got[10..12], &[3, 0], "num_buffers");
+        assert_eq!(&got[12..], &big[12..]);
+        let mut got = vec![0u8; 512];
+        m.read_slice(&mut got, GuestAddress(BUF + 3 * 4096))
+            .unwrap();
+        assert_eq!(&got[10..12], &[1, 0], "num_buffers");
+        assert_eq!(&got[12..], &small[12..]);
+        // Two more chains, and the held frame arrives whole.
+        for i in 5..7u16 {
+            let at = BUF + u64::from(i) * 4096;
+            rig.rx
+                .add_desc_chains(&[desc(at, 1024, F_WRITE, 0)], 10 + i - 5)
+                .unwrap();
+        }
+        assert!(rig.net.process_rx());
+        assert_eq!(rig.used_idx(&rig.rx), 7);
+        let mut got = Vec::new();
+        for i in 4..7u64 {
+            let (_, len) = rig.used(&rig.rx, i);
+            let mut part = vec![0u8; len as usize];
+            m.read_slice(&mut part, GuestAddress(BUF + i * 4096))
+                .unwrap();
+            got.extend(part);
+        }
+        assert_eq!(&got[10..12], &[3, 0], "num_buffers");
+        assert_eq!(&got[12..], &big[12..]);
+        assert_eq!(rig.net.counters().rx_frames, 3);
+        assert_eq!(rig.net.counters().rx_dropped, 0);
+    }
+
+    /// Frames read straight into guest memory count as written for diff snapshots.
+    #[test]
+    fn received_pages_are_marked_dirty() {
+        let layout = [crate::vstate::memory::MemoryRegionState {
+            base: 0,
+            size: 0x20_0000,
+            offset: 0,
+        }];
+        let m = crate::vstate::memory::memory_anonymous(&layout, true).unwrap();
+        let mut rig = Rig::new(&m);
+        rig.host.send(&frame(5000, 1)).unwrap();
+        rig.rx
+            .add_desc_chains(&[desc(BUF + 0x1000, 0x3000, F_WRITE, 0)], 0)
+            .unwrap();
+        rig.net.process_rx();
+        assert_eq!(rig.used(&rig.rx, 0), (0, 5012));
+        let region = m.find_region(GuestAddress(0)).unwrap();
+        let page = |addr: u64| region.bitmap().dirty_at(usize::try_from(addr).unwrap());
+        assert!(page(BUF + 0x1000) && page(BUF + 0x2000));
+        assert!(!page(BUF) && !page(BUF + 0x3000));
     }
 
     #[test]
