@@ -367,10 +367,10 @@ pub(super) fn guest_iovecs(
 ) -> Option<usize> {
     let mut total = 0usize;
     for b in bufs {
-        let len = (b.len as usize).min(limit - total);
-        if len == 0 {
+        if total == limit {
             break;
         }
+        let len = (b.len as usize).min(limit - total);
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(b.addr), len) {
             let slice = slice.ok()?;
             iov.push(slice.ptr_guard_mut().as_ptr(), slice.len());
