@@ -17,14 +17,20 @@ const GUEST: &str = "172.30.0.2:5556";
 const HOST: &str = "172.30.0.1:5555";
 const COUNT: u32 = 16;
 
-/// Boots the test guest's net check on `tap` in `ns`, then takes the host's socket from
-/// `socket`; receives the guest's datagrams on it, sends the host's, and returns the guest's
-/// sequence numbers with the run's outcome.
-fn exchange(ns: &NetNs, tap: &str, socket: impl FnOnce() -> UdpSocket) -> (BTreeSet<u32>, Outcome) {
+/// Boots the test guest's net check on `tap` in `ns` with `params` added to its command line,
+/// then takes the host's socket from `socket`; receives the guest's datagrams on it, sends the
+/// host's (each padded with a pattern the guest checks), and returns the guest's sequence
+/// numbers with the run's outcome.
+fn exchange(
+    ns: &NetNs,
+    tap: &str,
+    params: &str,
+    socket: impl FnOnce() -> UdpSocket,
+) -> (BTreeSet<u32>, Outcome) {
     let args = run_args(
         test_guest(),
         None,
-        &format!("checks=net net_ip=172.30.0.2 net_peer=172.30.0.1 net_tx={COUNT} net_rx={COUNT}"),
+        &format!("checks=net net_ip=172.30.0.2 net_peer=172.30.0.1 net_tx={COUNT} net_rx={COUNT} {params}"),
         1,
         128,
     );
@@ -53,8 +59,13 @@ fn exchange(ns: &NetNs, tap: &str, socket: impl FnOnce() -> UdpSocket) -> (BTree
         seqs.insert(seq);
     }
     if seqs.len() == COUNT as usize {
+        // 'a' to 'z' over and over after a space, of lengths up to 600 bytes: with the
+        // guest's 64-byte receive buffers, a datagram spans up to 11 of them.
         for i in 0..COUNT {
-            sock.send_to(format!("host-net seq={i}").as_bytes(), guest)
+            let pad: String = (0..40 * i as usize)
+                .map(|j| char::from(b'a' + u8::try_from(j % 26).unwrap()))
+                .collect();
+            sock.send_to(format!("host-net seq={i} {pad}").as_bytes(), guest)
                 .unwrap();
         }
     }
@@ -83,8 +94,22 @@ fn assert_passed(seqs: &BTreeSet<u32>, out: &Outcome) {
 fn frames_flow_both_ways_with_checksums_checked() {
     let ns = NetNs::with_tap("net", "tap0", "172.30.0.1/24");
     let sock = ns.udp_socket(HOST.parse().unwrap());
-    let (seqs, out) = exchange(&ns, "tap0", || sock);
+    let (seqs, out) = exchange(&ns, "tap0", "", || sock);
     assert_passed(&seqs, &out);
+    // MRG_RXBUF: every datagram (at least 70 bytes with its headers) came in several of the
+    // guest's 64-byte buffers, num_buffers saying how many, and its padding arrived intact.
+    assert!(
+        out.stdout
+            .contains("net: MRG_RXBUF on, 64-byte receive buffers"),
+        "{}",
+        out.stdout
+    );
+    let tail = format!(" frames in several buffers, {COUNT} padded datagrams checked");
+    let merged: u32 = (out.stdout.lines())
+        .find_map(|l| l.strip_prefix("net: ")?.strip_suffix(tail.as_str()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(merged >= COUNT, "{}", out.stdout);
     // The guest accepted checksum offload, so Skiff set TUNSETOFFLOAD and the host kernel
     // handed over every datagram with a partial checksum for the guest to complete.
     let want = format!(
@@ -96,7 +121,8 @@ fn frames_flow_both_ways_with_checksums_checked() {
 #[test]
 fn an_absent_tap_is_created_up_and_carries_frames() {
     let ns = NetNs::new("newtap");
-    let (seqs, out) = exchange(&ns, "skiffnew0", || {
+    // Without MRG_RXBUF, which keeps the one-buffer receive path covered.
+    let (seqs, out) = exchange(&ns, "skiffnew0", "net_mrg=0", || {
         // Skiff creates the TAP and brings it up; the host side then gives it an address, as
         // an operator would, and the guest's ARP retries find it.
         let start = Instant::now();
@@ -114,6 +140,14 @@ fn an_absent_tap_is_created_up_and_carries_frames() {
         ns.udp_socket(HOST.parse().unwrap())
     });
     assert_passed(&seqs, &out);
+    assert!(
+        out.stdout.contains("net: MRG_RXBUF off, 2048-byte")
+            && out
+                .stdout
+                .contains("net: 0 frames in several buffers, 16 padded"),
+        "{}",
+        out.stdout
+    );
     // The TAP was Skiff's: it is gone with the process.
     assert!(ns.link("skiffnew0").is_none());
 }

@@ -1210,6 +1210,7 @@ static void check_hostile(void)
 #define VIRTIO_NET_F_CSUM 0
 #define VIRTIO_NET_F_GUEST_CSUM 1
 #define VIRTIO_NET_F_MAC 5
+#define VIRTIO_NET_F_MRG_RXBUF 15
 #define VNET_F_NEEDS_CSUM 1
 #define GUEST_PORT 5556
 #define HOST_PORT 5555
@@ -1224,8 +1225,16 @@ static uint16_t net_tx_head, net_ip_id;
 static uint8_t my_mac[6] = { 6, 0, 0xac, 0x1e, 0, 2 }, peer_mac[6];
 static uint32_t my_ip, peer_ip;
 static int have_peer;
+/* With MRG_RXBUF a frame may span several receive buffers (virtio 1.2, 5.1.6.4): net_rx_len is
+ * the length each buffer offers (small in the net check, so frames do span), and net_whole
+ * collects a spread frame's parts. */
+static int net_mrg;
+static uint32_t net_rx_len = NET_BUF, net_rx_small = NET_BUF;
+static uint8_t net_whole[NET_BUF];
 static struct {
 	uint64_t frames, udp, partial, bad_csum, bad_frame, arp_replies;
+	uint64_t merged;	/* frames that arrived in more than one buffer */
+	uint64_t patterned;	/* datagrams from the host whose padding was checked */
 	uint64_t got;		/* datagrams from the host with the expected payload */
 	uint8_t seen[64];	/* bitmap of the host's sequence numbers */
 	int end;		/* the host's end-of-burst datagram arrived */
@@ -1382,8 +1391,9 @@ static void net_frame(uint8_t *f, uint32_t len)
 	struct vnet_hdr *h = (struct vnet_hdr *)f;
 	uint8_t *e = f + VNET_HDR;
 	rx.frames++;
-	/* Without MRG_RXBUF, num_buffers must be 1 (virtio 1.2, 5.1.6.4); QEMU leaves it 0. */
-	if (len < VNET_HDR + 14 || len > NET_BUF || h->num_buffers > 1) {
+	/* Without MRG_RXBUF, num_buffers must be 1 (virtio 1.2, 5.1.6.4); QEMU leaves it 0. With
+	 * it, net_poll checked the count when it put the parts together. */
+	if (len < VNET_HDR + 14 || len > NET_BUF || (!net_mrg && h->num_buffers > 1)) {
 		rx.bad_frame++;
 		return;
 	}
@@ -1453,6 +1463,18 @@ static void net_frame(uint8_t *f, uint32_t len)
 		rx.end = 1;
 	} else if (plen >= 14 && starts_with(p, "host-net seq=")) {
 		uint64_t seq = param_uint_at(p + 13);
+		/* Padding after a space: 'a' to 'z' over and over. */
+		size_t k = 13;
+		while (k < plen && p[k] != ' ')
+			k++;
+		if (k < plen) {
+			for (size_t j = k + 1; j < plen; j++)
+				if (p[j] != 'a' + (char)((j - k - 1) % 26)) {
+					rx.bad_frame++;
+					return;
+				}
+			rx.patterned++;
+		}
 		if (seq < sizeof(rx.seen) * 8 && !(rx.seen[seq / 8] & (1u << (seq % 8)))) {
 			rx.seen[seq / 8] |= (uint8_t)(1u << (seq % 8));
 		}
@@ -1460,17 +1482,51 @@ static void net_frame(uint8_t *f, uint32_t len)
 	}
 }
 
-/* Handles every received frame and gives its buffer back; returns how many there were. */
+static void net_give_back(uint32_t id)
+{
+	net.q[NET_RXQ].desc[id % QSZ] = (struct virtq_desc){ (uint64_t)net_rx_buf[id % QSZ], net_rx_len, VRING_DESC_F_WRITE, 0 };
+	vq_publish(&net, NET_RXQ, (uint16_t)(id % QSZ), 0);
+}
+
+/* Handles every received frame and gives its buffers back; returns how many buffers there
+ * were. A frame spread over num_buffers buffers (MRG_RXBUF) is put together first: its parts
+ * are the next used elements, which the device may still be adding. */
 static unsigned net_poll(void)
 {
 	uint32_t id, len;
 	unsigned n = 0;
 	while (vq_used(&net, NET_RXQ, &id, &len)) {
-		if (id < QSZ)
-			net_frame(net_rx_buf[id], len);
-		net.q[NET_RXQ].desc[id % QSZ] = (struct virtq_desc){ (uint64_t)net_rx_buf[id % QSZ], NET_BUF, VRING_DESC_F_WRITE, 0 };
-		vq_publish(&net, NET_RXQ, (uint16_t)(id % QSZ), 0);
 		n++;
+		uint16_t parts = ((struct vnet_hdr *)net_rx_buf[id % QSZ])->num_buffers;
+		if (!net_mrg || parts == 1) {
+			if (id < QSZ)
+				net_frame(net_rx_buf[id], len);
+			net_give_back(id);
+			continue;
+		}
+		int bad = parts == 0 || id >= QSZ;
+		uint32_t total = 0;
+		for (uint16_t k = 0; !bad; ) {
+			if (len > net_rx_len || total + len > NET_BUF)
+				bad = 1;
+			else
+				memcpy(net_whole + total, net_rx_buf[id % QSZ], len);
+			total += len;
+			net_give_back(id);
+			if (++k == parts)
+				break;
+			unsigned spins = 0;
+			while (!vq_used(&net, NET_RXQ, &id, &len) && ++spins < 100000000)
+				__asm__ volatile("pause");
+			bad = bad || spins == 100000000 || id >= QSZ;
+			n++;
+		}
+		if (bad) {
+			rx.bad_frame++;
+			continue;
+		}
+		rx.merged++;
+		net_frame(net_whole, total);
 	}
 	if (n && !(*(volatile uint16_t *)&net.q[NET_RXQ].used.flags & 1))
 		vw(&net, 0x50, NET_RXQ);
@@ -1486,8 +1542,15 @@ static const char *net_start(void)
 	peer_ip = parse_ip("net_peer", 0xac1e0001);
 	if (!find_virtio(1, &net))
 		return "no virtio-net device on the command line";
-	if ((why = virtio_init(&net, (1u << VIRTIO_NET_F_CSUM) | (1u << VIRTIO_NET_F_GUEST_CSUM) | (1u << VIRTIO_NET_F_MAC), 2)))
+	uint32_t want = (1u << VIRTIO_NET_F_CSUM) | (1u << VIRTIO_NET_F_GUEST_CSUM) | (1u << VIRTIO_NET_F_MAC);
+	if (param_uint("net_mrg", 1))
+		want |= 1u << VIRTIO_NET_F_MRG_RXBUF;
+	if ((why = virtio_init(&net, want, 2)))
 		return why;
+	vw(&net, 0x14, 0);
+	net_mrg = ((vr(&net, 0x10) & want) >> VIRTIO_NET_F_MRG_RXBUF) & 1;
+	net_rx_len = net_mrg ? net_rx_small : NET_BUF;
+	printf("net: MRG_RXBUF %s, %u-byte receive buffers\n", net_mrg ? "on" : "off", net_rx_len);
 	vw(&net, 0x14, 0);
 	if (vr(&net, 0x10) & (1u << VIRTIO_NET_F_MAC))
 		for (int i = 0; i < 6; i++)
@@ -1495,7 +1558,7 @@ static const char *net_start(void)
 	printf("net: mac %2x:%2x:%2x:%2x:%2x:%2x, irq %u\n", my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5], net.irq);
 	ioapic_route(net.irq, DEVICE_VECTOR);
 	for (uint16_t i = 0; i < QSZ; i++) {
-		net.q[NET_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)net_rx_buf[i], NET_BUF, VRING_DESC_F_WRITE, 0 };
+		net.q[NET_RXQ].desc[i] = (struct virtq_desc){ (uint64_t)net_rx_buf[i], net_rx_len, VRING_DESC_F_WRITE, 0 };
 		vq_publish(&net, NET_RXQ, i, i == QSZ - 1);
 	}
 	/* Asked again often: right after Skiff attaches to a TAP the host may still drop what it
@@ -1521,6 +1584,10 @@ static void check_net(void)
 	const char *why;
 	uint64_t ntx = param_uint("net_tx", 8), nrx = param_uint("net_rx", 8);
 	uint64_t irqs_before = device_irqs;
+	/* Small receive buffers with MRG_RXBUF, so the host's datagrams span several. */
+	net_rx_small = (uint32_t)param_uint("net_rxbuf", 64);
+	if (net_rx_small < VNET_HDR || net_rx_small > NET_BUF)
+		net_rx_small = NET_BUF;
 	__asm__ volatile("sti");
 	if ((why = net_start())) {
 		__asm__ volatile("cli");
@@ -1550,6 +1617,7 @@ static void check_net(void)
 		distinct += (rx.seen[i / 8] >> (i % 8)) & 1;
 	printf("net: received %lu frames, %lu datagrams for us (%u distinct), %lu with partial checksums, %lu bad checksums, %lu malformed; %lu interrupts\n",
 	       rx.frames, rx.got, distinct, rx.partial, rx.bad_csum, rx.bad_frame, device_irqs - irqs_before);
+	printf("net: %lu frames in several buffers, %lu padded datagrams checked\n", rx.merged, rx.patterned);
 	if (rx.bad_csum || rx.bad_frame)
 		report("net", 0, "bad frames from the host");
 	else if (rx.got < nrx || distinct < (nrx < 512 ? nrx : 512))

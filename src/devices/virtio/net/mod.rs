@@ -3,6 +3,7 @@
 
 mod device;
 mod event_handler;
+mod rx;
 pub mod tap;
 
 pub use device::{Net, NetCounters, NetError, NetState};

@@ -199,6 +199,63 @@ impl Tap {
     pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
         (&self.file).write(frame)
     }
+
+    /// Writes one frame gathered from `iov` (virtio-net header first), with one `writev`.
+    ///
+    /// # Safety
+    /// Every element of `iov` must describe memory that stays mapped and readable for the call.
+    pub unsafe fn write_frame_from(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: writev reads `count` iovecs from `iov`, alive for the call, and the memory
+        // they describe, which the caller guarantees is mapped and readable.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Reads one frame (virtio-net header first) scattered over `iov`, with one `readv`;
+    /// `WouldBlock` when none is waiting.
+    ///
+    /// # Safety
+    /// Every element of `iov` must describe memory that stays mapped and writable for the call,
+    /// which nothing else reads or writes meanwhile except as volatile memory (guest memory).
+    pub unsafe fn read_frame_into(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: readv reads `count` iovecs from `iov`, alive for the call, and writes into
+        // the memory they describe, which the caller guarantees is mapped and writable.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+}
+
+/// The iovecs of one `readv` or `writev`, kept by a device and reused for every frame so the
+/// queue drain does not allocate. They hold raw pointers into guest memory only between being
+/// built and the call that uses them.
+#[derive(Debug, Default)]
+pub struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are plain addresses that this type never dereferences; whoever passes
+// them to the kernel vouches for them at that point (`Tap::read_frame_into`,
+// `Tap::write_frame_from`), on whichever thread that happens.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// Forgets every iovec.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Adds `len` bytes at `ptr`.
+    pub fn push(&mut self, ptr: *mut u8, len: usize) {
+        self.0.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        });
+    }
+
+    /// The iovecs, in order.
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.0
+    }
 }
 
 impl AsRawFd for Tap {
