@@ -561,6 +561,23 @@ pub(crate) fn pop_chain<'a>(
     }
 }
 
+/// The next available chain; when there is none, asks the driver to notify when it adds one
+/// and looks once more, since it may have added one meanwhile (virtio 1.2, 2.7.10). For
+/// queues the device fills (receive), which wait for the driver only when they run dry.
+pub(crate) fn next_chain_or_notify<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, BrokenQueue> {
+    if let Some(chain) = pop_chain(queue, mem)? {
+        return Ok(Some(chain));
+    }
+    match queue.enable_notification(mem) {
+        Ok(true) => pop_chain(queue, mem),
+        Ok(false) => Ok(None),
+        Err(_) => Err(BrokenQueue),
+    }
+}
+
 /// Whether the driver wants an interrupt for the buffers just used: the used_event index when
 /// EVENT_IDX was negotiated, otherwise the VRING_AVAIL_F_NO_INTERRUPT flag (virtio 1.2, 2.7.7.2),
 /// which virtio-queue leaves to the device.

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::{IoVecs, Tap};
 use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
-use crate::devices::virtio::{pop_chain, split_chain, BrokenQueue, ChainBufs, GuestBuf};
+use crate::devices::virtio::{next_chain_or_notify, split_chain, BrokenQueue, ChainBufs, GuestBuf};
 use crate::guest_log;
 use crate::metrics::{add, inc, NetMetrics};
 use crate::rate_limiter::RateLimiter;
@@ -79,23 +79,6 @@ impl Default for Rx {
     }
 }
 
-/// The next receive chain; when there is none, asks the driver to notify the receive queue
-/// when it adds one and looks once more, since it may have added one meanwhile
-/// (virtio 1.2, 2.7.10).
-fn next_rx_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>>, BrokenQueue> {
-    if let Some(chain) = pop_chain(queue, mem)? {
-        return Ok(Some(chain));
-    }
-    match queue.enable_notification(mem) {
-        Ok(true) => pop_chain(queue, mem),
-        Ok(false) => Ok(None),
-        Err(_) => Err(BrokenQueue),
-    }
-}
-
 /// Puts the last `n` chains taken back on the available ring, untouched as far as the driver
 /// can tell (what was written into them is the device's business until they are used).
 fn put_back(queue: &mut Queue, n: usize) {
@@ -139,7 +122,7 @@ impl Rx {
     /// Reads the next frame from the TAP into the next receive chain (see the module doc).
     pub fn receive(&mut self, queue: &mut Queue, cx: &mut RxCtx<'_>) -> RxStep {
         let mem = cx.mem;
-        let chain = match next_rx_chain(queue, mem) {
+        let chain = match next_chain_or_notify(queue, mem) {
             Ok(Some(chain)) => chain,
             // The frame, if any, waits in hand for the guest's buffers, and the TAP stays
             // watched only while it has nothing.
@@ -238,7 +221,7 @@ impl Rx {
         self.taken.clear();
         let mut placed = 0usize;
         while placed < len {
-            let chain = match next_rx_chain(queue, mem) {
+            let chain = match next_chain_or_notify(queue, mem) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => {
                     put_back(queue, self.taken.len());

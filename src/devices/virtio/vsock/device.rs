@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use log::Level;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::muxer::{Muxer, MuxerError, TxOutcome};
 use super::packet;
 use super::{MAX_PKT_DATA, QUEUE_SIZE, VIRTIO_ID_VSOCK};
 use crate::devices::virtio::{
-    drain_queue, needs_interrupt, pop_chain, split_chain, ActivateError, BrokenQueue, ChainBufs,
-    ConfigSpace, Handled, RestoreError, VirtioBase, VirtioDevice, VirtioState, INT_VRING,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, needs_interrupt, next_chain_or_notify, pop_chain, split_chain, ActivateError,
+    BrokenQueue, ChainBufs, ConfigSpace, Handled, RestoreError, VirtioBase, VirtioDevice,
+    VirtioState, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, VsockMetrics};
@@ -256,7 +256,7 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let chain = match next_chain(queue, mem) {
+            let chain = match next_chain_or_notify(queue, mem) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(BrokenQueue) => {
@@ -388,22 +388,6 @@ impl Vsock {
     /// Whether a transport reset is still to go out.
     pub fn reset_pending(&self) -> bool {
         self.reset_pending
-    }
-}
-
-/// The next chain; when there is none, asks the driver to notify when it adds one and looks
-/// once more (virtio 1.2, 2.7.10).
-fn next_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, BrokenQueue> {
-    if let Some(chain) = pop_chain(queue, mem)? {
-        return Ok(Some(chain));
-    }
-    match queue.enable_notification(mem) {
-        Ok(true) => pop_chain(queue, mem),
-        Ok(false) => Ok(None),
-        Err(_) => Err(BrokenQueue),
     }
 }
 
