@@ -222,13 +222,17 @@ fn guest_memory_in_2m_huge_pages() {
     }
 
     config.memory_mib = 2 * (huge_pages("Free") + 1);
-    let err = Vm::new(&config).err().expect("a pool too small is refused");
+    let Err(err) = Vm::new(&config) else {
+        panic!("a pool too small is taken")
+    };
     let text = err.to_string();
     assert!(
         text.contains("huge pages") && text.contains("nr_hugepages") && !text.contains('\n'),
         "{text}"
     );
     config.memory_mib = 65;
-    let err = Vm::new(&config).err().expect("an odd size is refused");
+    let Err(err) = Vm::new(&config) else {
+        panic!("an odd size is taken")
+    };
     assert!(err.to_string().contains("2 MiB"), "{err}");
 }
