@@ -426,7 +426,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let filters = Filters::load(&config.seccomp)?;
     boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
     let mut cmdline = boot::build_cmdline(&config.cmdline)?;
-    if kvm.is_pvm() {
+    if kvm.is_pvm() && boot::is_linux(&config.kernel) {
         boot::add_pvm_workarounds(&mut cmdline)?;
     }
     check_memory_hotplug(&kvm, config)?;
