@@ -627,7 +627,7 @@ mod tests {
         let mut elf = elf_with_memsz(16);
         let at = elf.len() as u64;
         let mut note = Vec::new();
-        for v in [owner.len() as u32, 4, 1] {
+        for v in [u32::try_from(owner.len()).unwrap(), 4, 1] {
             note.extend_from_slice(&v.to_le_bytes());
         }
         note.extend_from_slice(owner);
