@@ -461,7 +461,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     )?;
 
     boot::append_kernel_params(&mut cmdline, &params)?;
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    let kernel = boot::load_kernel(&ram, &config.kernel)?;
     info!(
         "Kernel loaded using {} boot protocol",
         match kernel.entry {
@@ -469,7 +469,6 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
             crate::arch::x86_64::regs::BootEntry::Linux64(_) => "Linux 64-bit",
         }
     );
-    let kernel = boot::load_kernel(&ram, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&ram, &kernel, path)?),
         None => None,
