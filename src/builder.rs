@@ -34,7 +34,9 @@ use crate::vstate::memory::{
     GuestMemoryMmap, HOTPLUG_FIRST_SLOT, PMEM_FIRST_SLOT,
 };
 use crate::vstate::vcpu::{ExitSignal, GuestExit, Vcpu, VcpuError};
-use crate::vstate::vm::{create_vm, create_vm_fd, restore_vm_state, VmError};
+use crate::vstate::vm::{
+    create_pit, create_vm, create_vm_fd, create_vm_fd_without_pit, restore_vm_state, VmError,
+};
 
 /// How to restore a VM from a snapshot (Firecracker's `PUT /snapshot/load`, and the library's
 /// [`Vm::restore`]).
@@ -435,64 +437,44 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     // RAM: what the boot tables describe and the kernel is loaded into.
     let ram = create_guest_memory(config.memory_mib, kvm.phys_bits(), track, config.huge_pages)?;
     let placed = place_device_memory(&ram, &pmem, config.memory_hotplug.as_ref(), kvm.phys_bits())?;
-    let vm_fd = create_vm(&kvm, &ram, track)?;
-    // Guest memory: RAM and the hot-plug region, whose slots the device gives to KVM.
-    let mem = match placed.hotplug {
-        Some((addr, size)) => add_hotplug_region(&ram, addr, size, track)?,
-        None => ram.clone(),
-    };
-    let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
-    let console = ConsoleConfig {
-        input: config.console_input,
-        output: config.console_output.clone(),
-        rate_limit: config.console_rate_limit,
-    };
-    let (mut devices, uart) = legacy_devices(&vm_fd, &exit, &console, None)?;
-    devices
-        .progress()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .set_boot_timer(config.boot_timer);
-    let params = attach_config_devices(&mut devices, &vm_fd, &mem, config, pmem, &placed)?;
-    metadata_service(
-        &mut devices,
-        config.mmds.as_ref(),
-        config.mmds_store.as_ref(),
-    )?;
-
-    boot::append_kernel_params(&mut cmdline, &params)?;
-    let kernel = boot::load_kernel(&ram, &config.kernel)?;
-    info!(
-        "Kernel loaded using {} boot protocol",
-        match kernel.entry {
-            crate::arch::x86_64::regs::BootEntry::Pvh(_) => "PVH",
-            crate::arch::x86_64::regs::BootEntry::Linux64(_) => "Linux 64-bit",
-        }
-    );
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(&ram, &kernel, path)?),
-        None => None,
-    };
-    boot::write_boot_info(&ram, &kernel, &cmdline, initrd)?;
-    mptable::setup_mptable(&ram, count)?;
-
-    let template = match (&config.cpu_config, config.cpu_template) {
-        (Some(t), _) => t.parse().map_err(VmmError::CpuTemplate)?,
-        (None, Some(t)) => t.template_for_host()?,
-        (None, None) => CpuTemplate::default(),
-    };
-    let mut base_cpuid = kvm.supported_cpuid().clone();
-    cpuid::fill_brand_string(&mut base_cpuid);
-    if kvm.is_pvm() {
-        let hidden = cpuid::hide_pvm_unsupported(&mut base_cpuid);
-        info!(
-            "PVM host: hiding CPU features it cannot emulate: {}",
-            hidden.join(" ")
+    // KVM_CREATE_PIT2 and each memory slot take milliseconds of KVM's time (an SRCU grace
+    // period, a kernel thread; 3-8 ms each on a nested host) that the rest does not need: a
+    // second thread gives them to KVM while this one wires devices and loads the kernel.
+    let vm_fd = create_vm_fd_without_pit(&kvm)?;
+    let built = std::thread::scope(|scope| {
+        let background = std::thread::Builder::new()
+            .name("skiff-build".into())
+            .spawn_scoped(scope, || -> Result<(), VmError> {
+                create_pit(&vm_fd)?;
+                register_guest_memory(&vm_fd, &ram, track).map_err(VmError::Memory)
+            })
+            .map_err(VmmError::BuildThread)?;
+        let built = build_devices_and_boot_info(
+            &kvm,
+            &vm_fd,
+            &ram,
+            &placed,
+            pmem,
+            config,
+            &mut cmdline,
+            count,
+            track,
         );
-    }
-    template
-        .apply_cpuid(&mut base_cpuid)
-        .map_err(VmmError::CpuTemplate)?;
+        match background.join() {
+            Ok(slots) => slots?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        built
+    })?;
+    let BootParts {
+        mem,
+        mut devices,
+        uart,
+        exit,
+        kernel,
+        template,
+        base_cpuid,
+    } = built;
     let vcpus = create_vcpus(
         &vm_fd,
         &mem,
@@ -526,6 +508,99 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         track_dirty_pages: track,
         uffd: None,
         uart,
+    })
+}
+
+/// What [`build_for_boot`] makes besides the VM and its vCPUs.
+struct BootParts {
+    mem: GuestMemoryMmap,
+    devices: DeviceManager,
+    uart: Arc<UartMetrics>,
+    exit: Arc<ExitSignal>,
+    kernel: boot::LoadedKernel,
+    template: CpuTemplate,
+    base_cpuid: kvm_bindings::CpuId,
+}
+
+/// The part of a boot that needs the VM but not its memory slots: devices, the kernel and
+/// initrd in guest memory, the boot tables, the CPUID the vCPUs get.
+#[allow(clippy::too_many_arguments)]
+fn build_devices_and_boot_info(
+    kvm: &KvmContext,
+    vm_fd: &VmFd,
+    ram: &GuestMemoryMmap,
+    placed: &DeviceMemory,
+    pmem: Vec<PmemBacking>,
+    config: &VmConfig,
+    cmdline: &mut linux_loader::loader::Cmdline,
+    count: u8,
+    track: bool,
+) -> Result<BootParts, VmmError> {
+    // Guest memory: RAM and the hot-plug region, whose slots the device gives to KVM.
+    let mem = match placed.hotplug {
+        Some((addr, size)) => add_hotplug_region(ram, addr, size, track)?,
+        None => ram.clone(),
+    };
+    let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
+    let console = ConsoleConfig {
+        input: config.console_input,
+        output: config.console_output.clone(),
+        rate_limit: config.console_rate_limit,
+    };
+    let (mut devices, uart) = legacy_devices(vm_fd, &exit, &console, None)?;
+    devices
+        .progress()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .set_boot_timer(config.boot_timer);
+    let params = attach_config_devices(&mut devices, vm_fd, &mem, config, pmem, placed)?;
+    metadata_service(
+        &mut devices,
+        config.mmds.as_ref(),
+        config.mmds_store.as_ref(),
+    )?;
+
+    boot::append_kernel_params(cmdline, &params)?;
+    let kernel = boot::load_kernel(ram, &config.kernel)?;
+    info!(
+        "Kernel loaded using {} boot protocol",
+        match kernel.entry {
+            crate::arch::x86_64::regs::BootEntry::Pvh(_) => "PVH",
+            crate::arch::x86_64::regs::BootEntry::Linux64(_) => "Linux 64-bit",
+        }
+    );
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(ram, &kernel, path)?),
+        None => None,
+    };
+    boot::write_boot_info(ram, &kernel, cmdline, initrd)?;
+    mptable::setup_mptable(ram, count)?;
+
+    let template = match (&config.cpu_config, config.cpu_template) {
+        (Some(t), _) => t.parse().map_err(VmmError::CpuTemplate)?,
+        (None, Some(t)) => t.template_for_host()?,
+        (None, None) => CpuTemplate::default(),
+    };
+    let mut base_cpuid = kvm.supported_cpuid().clone();
+    cpuid::fill_brand_string(&mut base_cpuid);
+    if kvm.is_pvm() {
+        let hidden = cpuid::hide_pvm_unsupported(&mut base_cpuid);
+        info!(
+            "PVM host: hiding CPU features it cannot emulate: {}",
+            hidden.join(" ")
+        );
+    }
+    template
+        .apply_cpuid(&mut base_cpuid)
+        .map_err(VmmError::CpuTemplate)?;
+    Ok(BootParts {
+        mem,
+        devices,
+        uart,
+        exit,
+        kernel,
+        template,
+        base_cpuid,
     })
 }
 

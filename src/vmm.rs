@@ -104,6 +104,9 @@ pub enum VmmError {
     /// The event thread could not be set up.
     #[error("cannot start the event thread")]
     EventThread(#[source] std::io::Error),
+    /// A thread that builds part of the VM could not be started.
+    #[error("cannot start a thread to build the VM")]
+    BuildThread(#[source] std::io::Error),
     /// The console output file cannot be created.
     #[error("cannot create console output file {}", .0.display())]
     ConsoleOutput(std::path::PathBuf, #[source] std::io::Error),

@@ -926,13 +926,14 @@ fn put_serial_sends_the_console_to_a_file_at_the_rate_given() {
     assert_eq!(vm.call("PUT", "/serial", Some(&body)).0, 204);
     let body = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
     assert_eq!(vm.call("PUT", "/metrics", Some(&body)).0, 204);
-    let source = boot_source("checks=ticks ticks_max=40");
+    // About 1 KB of console output over 5 s: 100 ticks of 9 bytes and the banner.
+    let source = boot_source("checks=ticks ticks_max=100");
     assert_eq!(vm.call("PUT", "/boot-source", Some(&source)).0, 204);
     let (_, config) = vm.call("GET", "/vm/config", None);
     assert!(config.contains(r#""serial":{"#), "{config}");
     let start = r#"{"action_type": "InstanceStart"}"#;
     assert_eq!(vm.call("PUT", "/actions", Some(start)).0, 204);
-    // The guest ticks for 2 s, then resets; its last lines were dropped, so wait on the file's
+    // The guest ticks for 5 s, then resets; its last lines were dropped, so wait on the file's
     // owner to end rather than on the console.
     let deadline = Instant::now() + LIMIT;
     loop {

@@ -49,6 +49,13 @@ pub fn create_vm(
 
 /// Creates the VM with its interrupt controllers and timer, without memory.
 pub fn create_vm_fd(kvm: &KvmContext) -> Result<VmFd, VmError> {
+    let vm = create_vm_fd_without_pit(kvm)?;
+    create_pit(&vm)?;
+    Ok(vm)
+}
+
+/// Creates the VM with its interrupt controllers, without the PIT ([`create_pit`]) or memory.
+pub fn create_vm_fd_without_pit(kvm: &KvmContext) -> Result<VmFd, VmError> {
     let vm = kvm.kvm().create_vm().map_err(VmError::Create)?;
     let tss = usize::try_from(KVM_TSS_ADDRESS)
         .map_err(|_| VmError::TssAddress(kvm_ioctls::Error::new(libc::EINVAL)))?;
@@ -56,13 +63,16 @@ pub fn create_vm_fd(kvm: &KvmContext) -> Result<VmFd, VmError> {
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(VmError::IdentityMap)?;
     vm.create_irq_chip().map_err(VmError::Irqchip)?;
-    // The PC speaker port (0x61) is answered in the kernel with a dummy.
+    Ok(vm)
+}
+
+/// Gives the VM KVM's PIT, whose PC speaker port (0x61) the kernel answers with a dummy.
+pub fn create_pit(vm: &VmFd) -> Result<(), VmError> {
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(VmError::Pit)?;
-    Ok(vm)
+    vm.create_pit2(pit).map_err(VmError::Pit)
 }
 
 /// What KVM holds of the VM itself, beside memory and vCPUs: the two PICs, the IOAPIC, the PIT
