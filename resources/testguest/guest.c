@@ -186,6 +186,30 @@ static void set_gate(int v, void (*fn)(void))
 	idt[v] = (struct idt_entry){ (uint16_t)a, 0x08, 0, 0x8e, (uint16_t)(a >> 16), (uint32_t)(a >> 32), 0 };
 }
 
+/* Ring 3 (entry.S: ring3_call): the TSS descriptor at GDT selector 0x28 (Intel SDM vol. 3,
+ * 8.2.3: 16 bytes in long mode), loaded into TR for RSP0 and the I/O bitmap. */
+#define TSS_SELECTOR 0x28
+extern uint64_t gdt[];
+extern uint8_t tss[];
+uint64_t ring3_call(uint64_t (*fn)(uint64_t), uint64_t arg);
+
+static void ring3_init(void)
+{
+	uint64_t base = (uint64_t)tss, limit = 104 + 8192;	/* the bitmap's last byte */
+	gdt[TSS_SELECTOR / 8] = (limit & 0xffff) | (base & 0xffffff) << 16 | 0x89ull << 40 |
+				(base >> 24 & 0xff) << 56;	/* present, 64-bit TSS (available) */
+	gdt[TSS_SELECTOR / 8 + 1] = base >> 32;
+	__asm__ volatile("ltr %w0" :: "r"(TSS_SELECTOR));
+}
+
+/* The ring the code runs in (CPL: the low bits of CS). */
+static unsigned cpl(void)
+{
+	uint16_t cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	return cs & 3;
+}
+
 static void idt_init(void)
 {
 	void (*stubs[])(void) = { isr_0, isr_1, isr_2, isr_3, isr_4, isr_5, isr_6, isr_7, isr_8, isr_9,
@@ -196,6 +220,7 @@ static void idt_init(void)
 	set_gate(64, isr_64);
 	set_gate(65, isr_65);
 	set_gate(66, isr_66);
+	ring3_init();
 	struct { uint16_t limit; uint64_t base; } __attribute__((packed)) d = { sizeof(idt) - 1, (uint64_t)idt };
 	__asm__ volatile("lidt %0" :: "m"(d));
 }
@@ -205,7 +230,7 @@ static uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg);
 
 static void finish(void);
 
-void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip)
+void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip, uint64_t cs)
 {
 	if (vector == TIMER_VECTOR) {
 		timer_ticks++;
@@ -218,9 +243,62 @@ void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip)
 		lapic_write(0xb0, 0);
 		return;
 	}
-	printf("FAIL exception: vector %lu error %lx at rip %lx\n", vector, error, rip);
+	uint64_t cr2 = 0;
+	if (vector == 14)
+		__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	printf("FAIL exception: vector %lu error %lx at rip %lx in ring %lu", vector, error, rip, cs & 3);
+	if (vector == 14)
+		printf(" (address %lx)", cr2);
+	puts("\n");
 	failed++;
 	finish();
+}
+
+/* Ring 3 at work: port I/O (serial), MMIO to the in-kernel LAPIC and to an address nothing
+ * claims (the VMM reads all-ones), and a timer interrupt taken in ring 3 and returned to it.
+ * Returns CPL | LAPIC version << 8, or ~0 when a read went wrong. */
+static uint64_t ring3_work(uint64_t ticks_wanted)
+{
+	unsigned ring = cpl();
+	printf("ring3: running in ring %u\n", ring);
+	uint32_t version = lapic_read(0x30), hole = mmio_read32(0xc0000000UL);
+	printf("ring3: lapic version %x, unclaimed mmio %x\n", version, hole);
+	uint64_t t0 = timer_ticks;	/* the caller has interrupts on */
+	for (unsigned i = 0; i < 200000000 && timer_ticks - t0 < ticks_wanted; i++)
+		__asm__ volatile("pause");
+	printf("ring3: %lu timer interrupts taken in ring 3, still in ring %u\n", timer_ticks - t0, cpl());
+	if (hole != 0xffffffff || timer_ticks - t0 < ticks_wanted || cpl() != 3)
+		return ~0ull;
+	return ring | (uint64_t)version << 8;
+}
+
+/* Faults on request in ring 3 (ring3_fault=pf: a read of unmapped memory; gp: hlt): the
+ * exception handler must name the ring and end the guest. */
+static uint64_t ring3_fault(uint64_t how)
+{
+	printf("ring3: faulting on purpose (%s)\n", how ? "hlt" : "unmapped read");
+	if (how)
+		__asm__ volatile("hlt");
+	else
+		(void)*(volatile uint64_t *)0x8000000000UL;	/* PML4 entry 1: not present */
+	return 0;
+}
+
+static void check_ring3(void)
+{
+	const char *fault = param("ring3_fault");
+	if (fault)
+		ring3_call(ring3_fault, starts_with(fault, "gp"));
+	lapic_write(0x3e0, 0xb);		/* divide by 1 */
+	lapic_write(0x320, TIMER_VECTOR | 1u << 17);	/* periodic */
+	lapic_write(0x380, 200000);
+	__asm__ volatile("sti");
+	uint64_t r = ring3_call(ring3_work, 3);
+	__asm__ volatile("cli");
+	lapic_write(0x320, 1u << 16);		/* masked */
+	printf("ring3: back in ring %u, ring 3 returned %lx\n", cpl(), r);
+	report("ring3", r != ~0ull && (r & 3) == 3 && (r >> 8 & 0xff) != 0 && cpl() == 0,
+	       "ring 3 did not run, or its I/O or interrupts went wrong");
 }
 
 /* ---- checks ---- */
@@ -798,8 +876,8 @@ static void map_device_memory(void)
 		return;
 	for (uint64_t g = 4; g < HIGH_MAP_GIB; g++) {
 		for (uint64_t i = 0; i < 512; i++)
-			high_pd[g - 4][i] = ((g << 30) + (i << 21)) | 0x83;
-		pdpt[g] = (uint64_t)high_pd[g - 4] | 3;
+			high_pd[g - 4][i] = ((g << 30) + (i << 21)) | 0x87;	/* U, as entry.S's map */
+		pdpt[g] = (uint64_t)high_pd[g - 4] | 7;
 	}
 	uint64_t cr3;
 	__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) :: "memory");
@@ -3092,6 +3170,7 @@ static void run_checks(const char *protocol)
 	if (wants("cpuinfo")) check_cpuinfo();
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
+	if (wants("ring3")) check_ring3();
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
