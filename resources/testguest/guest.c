@@ -263,11 +263,12 @@ static uint64_t ring3_work(uint64_t ticks_wanted)
 	printf("ring3: running in ring %u\n", ring);
 	uint32_t version = lapic_read(0x30), hole = mmio_read32(0xc0000000UL);
 	printf("ring3: lapic version %x, unclaimed mmio %x\n", version, hole);
-	uint64_t t0 = timer_ticks;	/* the caller has interrupts on */
-	for (unsigned i = 0; i < 200000000 && timer_ticks - t0 < ticks_wanted; i++)
+	uint64_t t0 = timer_ticks, got = 0;	/* the caller has interrupts on */
+	for (unsigned i = 0; i < 200000000 && (got = timer_ticks - t0) < ticks_wanted; i++)
 		__asm__ volatile("pause");
-	printf("ring3: %lu timer interrupts taken in ring 3, still in ring %u\n", timer_ticks - t0, cpl());
-	if (hole != 0xffffffff || timer_ticks - t0 < ticks_wanted || cpl() != 3)
+	printf("ring3: timer interrupts taken in ring 3: %s, still in ring %u\n",
+	       got >= ticks_wanted ? "enough" : "too few", cpl());
+	if (hole != 0xffffffff || got < ticks_wanted || cpl() != 3)
 		return ~0ull;
 	return ring | (uint64_t)version << 8;
 }
@@ -2130,11 +2131,61 @@ static void bench_line(const char *what, uint64_t ops, uint64_t bytes, uint64_t 
 	printf("BENCH %s ops=%lu bytes=%lu us=%lu\n", what, ops, bytes, us);
 }
 
+/* The benchmark loops run in ring 3 (entry.S: ring3_call) unless bench_ring=0: on a PVM host
+ * the guest's user mode runs natively while its kernel mode is emulated instruction by
+ * instruction, so only from ring 3 do the rows time the exits and the VMM, not the emulator.
+ * A check starts with `if (bench_in_ring3(itself, name)) return;`: true once it has run there. */
+static uint64_t run_check(uint64_t check)
+{
+	((void (*)(void))check)();
+	return 0;
+}
+
+static int bench_in_ring3(void (*check)(void), const char *name)
+{
+	if (cpl() == 3 || param_uint("bench_ring", 3) == 0) {
+		printf("bench: %s in ring %u\n", name, cpl());
+		return 0;
+	}
+	ring3_call(run_check, (uint64_t)check);
+	return 1;
+}
+
+/* `n` blocks of ten one-cycle ALU instructions (four independent chains and the loop), timed
+ * with the guest's clock: the guest's own instruction rate in the ring it is called in. */
+static uint64_t insn_loop(uint64_t n)
+{
+	uint64_t a = 0, b = 0, c = 0, d = 0, t0 = now_us();
+	__asm__ volatile("1: add $1, %1; add $1, %2; add $1, %3; add $1, %4; add $1, %1\n\t"
+			 "add $1, %2; add $1, %3; add $1, %4; dec %0; jnz 1b"
+			 : "+r"(n), "+r"(a), "+r"(b), "+r"(c), "+r"(d));
+	return now_us() - t0 + 1;
+}
+
+/* Instruction rate in ring 0 and in ring 3, as rows `cpu insns-ring0` and `cpu insns-ring3`.
+ * Parameters: insns_ring0= (default 1000000: a second where ring 0 is emulated), insns_ring3=
+ * (default 1000000000). */
+static void check_insns(void)
+{
+	uint64_t n0 = param_uint("insns_ring0", 1000000) / 10, n3 = param_uint("insns_ring3", 1000000000) / 10;
+	n0 = n0 ? n0 : 1;
+	n3 = n3 ? n3 : 1;
+	if (!have_kvmclock && !tsc_per_us && !tsc_calibrate()) {
+		report("insns", 0, "no clock: neither kvmclock nor a calibrated TSC");
+		return;
+	}
+	bench_line("cpu insns-ring0", n0 * 10, 0, insn_loop(n0));
+	bench_line("cpu insns-ring3", n3 * 10, 0, ring3_call(insn_loop, n3));
+	report("insns", 1, 0);
+}
+
 /* Sequential read and write (64 KiB requests, 8 in flight; the write ends with a flush) and
  * 4 KiB random reads at queue depth 1 and 32. Parameters: bench_mib=, bench_ios=. */
 static void check_blkbench(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_blkbench, "blkbench"))
+		return;
 	uint64_t mib = param_uint("bench_mib", 64), ios = param_uint("bench_ios", 4000);
 	if (!find_virtio(2, &blk)) { report("blkbench", 0, "no virtio-blk device"); return; }
 	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("blkbench", 0, why); return; }
@@ -2165,6 +2216,8 @@ fail:
 static void check_blkrate(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_blkrate, "blkrate"))
+		return;
 	uint64_t mib = param_uint("rate_mib", 4), phases = param_uint("rate_phases", 4);
 	unsigned depth = (unsigned)param_uint("rate_qd", 32);
 	if (!find_virtio(2, &blk)) { report("blkrate", 0, "no virtio-blk device"); return; }
@@ -2210,6 +2263,8 @@ static unsigned net_poll_bench(uint64_t *got, int *end)
 static void check_netbench(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_netbench, "netbench"))
+		return;
 	uint64_t ntx = param_uint("netbench_tx", 100000), size = param_uint("netbench_size", 1472);
 	if (size < 16 || size > 1472) size = 1472;
 	if ((why = net_start())) { report("netbench", 0, why); return; }
@@ -3078,14 +3133,21 @@ static void check_snapshot(void)
 	report("snapshot", !problem, problem);
 }
 
-/* The cost of an exit: `exits` (default 20000) writes to port 0x2f0, which no device uses in
- * Skiff, QEMU's microvm or Firecracker, timed with the TSC. */
+/* The cost of an exit: `exits` (default 20000) writes to port 0x2f0, then as many 32-bit writes
+ * to 0xc0000000 (the start of the MMIO hole), neither of which any device uses in Skiff,
+ * QEMU's microvm or Firecracker; timed with the guest's clock, in ring 3 unless bench_ring=0. */
 static void check_exits(void)
 {
+	if (bench_in_ring3(check_exits, "exits"))
+		return;
 	uint64_t n = param_uint("exits", 20000), t0 = now_us();
 	for (uint64_t i = 0; i < n; i++)
 		outb(0x2f0, 0);
 	bench_line("exit port-write", n, 0, now_us() - t0 + 1);
+	t0 = now_us();
+	for (uint64_t i = 0; i < n; i++)
+		mmio_write32(0xc0000000UL, 0);
+	bench_line("exit mmio-write", n, 0, now_us() - t0 + 1);
 	report("exits", 1, 0);
 }
 
@@ -3182,6 +3244,7 @@ static void run_checks(const char *protocol)
 		if (wants("mmds")) check_mmds();
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
+		if (wants("insns")) check_insns();
 		if (wants("rng")) check_rng();
 		if (wants("vsock")) check_vsock();
 		if (wants("balloon")) check_balloon();
