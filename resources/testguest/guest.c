@@ -2852,6 +2852,8 @@ static uint64_t vs_hostile(void)
 static void check_vsock(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_vsock, "vsock"))
+		return;
 	uint64_t out = param_uint("vsock_out", 0), out_conns = param_uint("vsock_out_conns", 1);
 	uint64_t done_at = param_uint("vsock_done", 0), secs = param_uint("vsock_secs", 60);
 	uint32_t out_port = (uint32_t)param_uint("vsock_out_port", 53);
