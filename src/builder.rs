@@ -12,7 +12,7 @@ use log::{debug, info};
 
 use crate::arch::x86_64::cpu_template::CpuTemplate;
 use crate::arch::x86_64::{boot, cpuid, layout, mptable};
-use crate::config::{ConsoleInput, SeccompConfig, TokenBucketConfig, VmConfig};
+use crate::config::{ConsoleInput, HugePages, SeccompConfig, TokenBucketConfig, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DevicesState};
 use crate::devices::legacy::serial::{ConsoleOutput, Unbuffered};
 use crate::devices::virtio::balloon::Balloon;
@@ -118,7 +118,7 @@ impl WarmVm {
         let vm_fd = create_vm_fd(&kvm)?;
         // With a bitmap whether or not the restore asks for dirty pages: a bitmap cannot be
         // added later, and costs one atomic operation per device write.
-        let mem = create_guest_memory(state.memory_mib(), kvm.phys_bits(), true)?;
+        let mem = create_guest_memory(state.memory_mib(), kvm.phys_bits(), true, HugePages::None)?;
         register_guest_memory(&vm_fd, &mem, false).map_err(VmError::Memory)?;
         let vcpu_fds = (0..count)
             .map(|id| {
@@ -426,14 +426,14 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let filters = Filters::load(&config.seccomp)?;
     boot::check_boot_files(&config.kernel, config.initrd.as_deref())?;
     let mut cmdline = boot::build_cmdline(&config.cmdline)?;
-    if kvm.is_pvm() {
+    if kvm.is_pvm() && boot::is_linux(&config.kernel) {
         boot::add_pvm_workarounds(&mut cmdline)?;
     }
     check_memory_hotplug(&kvm, config)?;
     let pmem = open_pmem_files(config)?;
     let track = config.track_dirty_pages;
     // RAM: what the boot tables describe and the kernel is loaded into.
-    let ram = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
+    let ram = create_guest_memory(config.memory_mib, kvm.phys_bits(), track, config.huge_pages)?;
     let placed = place_device_memory(&ram, &pmem, config.memory_hotplug.as_ref(), kvm.phys_bits())?;
     let vm_fd = create_vm(&kvm, &ram, track)?;
     // Guest memory: RAM and the hot-plug region, whose slots the device gives to KVM.

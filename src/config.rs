@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Two threads per core in the guest's CPU topology (vCPU count 1 or even).
     pub smt: bool,
+    /// What backs guest RAM: 4 KiB pages, transparent huge pages, or 2 MiB hugetlbfs pages.
+    pub huge_pages: HugePages,
     /// A custom CPU template (`PUT /cpu-config`); setting it clears `cpu_template`.
     pub cpu_config: Option<crate::arch::x86_64::cpu_template::CustomCpuTemplate>,
     /// A built-in CPU template (`cpu_template` in `/machine-config`), never `None` (that
@@ -512,6 +514,39 @@ pub enum CacheType {
     Writeback,
 }
 
+/// What backs guest RAM (Firecracker's `huge_pages` in `/machine-config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum HugePages {
+    /// Anonymous memory in the host's base pages.
+    #[default]
+    None,
+    /// Anonymous memory with `madvise(MADV_HUGEPAGE)`: the host backs what the guest touches
+    /// with 2 MiB pages where it can (and when `transparent_hugepage/enabled` allows it).
+    Transparent,
+    /// 2 MiB pages from the host's hugetlbfs pool, reserved when the VM is built, so a pool
+    /// too small fails then with a clear error rather than with SIGBUS later.
+    #[serde(rename = "2M")]
+    Huge2M,
+}
+
+impl HugePages {
+    /// The name the API and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "None",
+            Self::Transparent => "Transparent",
+            Self::Huge2M => "2M",
+        }
+    }
+
+    /// Parses an API or command-line name (the command line's are taken in any case).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::None, Self::Transparent, Self::Huge2M]
+            .into_iter()
+            .find(|h| h.name().eq_ignore_ascii_case(name))
+    }
+}
+
 /// How a disk's requests are carried out (Firecracker's `io_engine`). Async is taken and
 /// reported, and carried out as Sync until Skiff has an asynchronous engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -686,6 +721,7 @@ impl VmConfig {
             mmds_store: None,
             console_rate_limit: None,
             smt: false,
+            huge_pages: HugePages::None,
             cpu_config: None,
             cpu_template: None,
             balloon: None,

@@ -236,6 +236,11 @@ struct RestoreArgs {
     kvm_device: PathBuf,
 }
 
+fn huge_pages(text: &str) -> Result<skiff::config::HugePages, String> {
+    skiff::config::HugePages::parse(text)
+        .ok_or_else(|| format!("'{text}' is not none, transparent or 2M"))
+}
+
 fn net_override(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((id, tap)) if !id.is_empty() && !tap.is_empty() => Ok((id.to_owned(), tap.to_owned())),
@@ -261,6 +266,11 @@ struct RunArgs {
     /// Guest memory in MiB; above 3072 the rest is mapped above 4 GiB.
     #[arg(long, default_value_t = 128, value_name = "MIB")]
     memory: u64,
+    /// What backs guest memory: none (the host's base pages), transparent (transparent huge
+    /// pages where the host can) or 2M (the host's hugetlbfs pool; see
+    /// /proc/sys/vm/nr_hugepages). Transparent and 2M need a memory size in whole 2 MiB.
+    #[arg(long, default_value = "none", value_name = "KIND", value_parser = huge_pages)]
+    huge_pages: skiff::config::HugePages,
     /// A virtio block device on a raw image:
     /// path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]. Repeatable; the first
     /// (or the one with root=on) is /dev/vda, and root=on also adds root=/dev/vda to the kernel
@@ -460,6 +470,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         cmdline: args.cmdline,
         vcpus: args.vcpus,
         memory_mib: args.memory,
+        huge_pages: args.huge_pages,
         kvm_device: args.kvm_device,
         console_input: skiff::config::ConsoleInput::Stdin,
         console_output: None,

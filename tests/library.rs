@@ -130,3 +130,109 @@ fn a_restored_vm_goes_on_from_where_it_was_saved() {
         .unwrap()
         .contains("PASS ctrlaltdel"));
 }
+
+/// The host's 2 MiB huge page pool: `HugePages_<field>` from /proc/meminfo.
+fn huge_pages(field: &str) -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("HugePages_{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no HugePages_{field} in /proc/meminfo"))
+}
+
+/// Grows the host's pool so that `pages` more are free, and puts its size back when dropped.
+struct HugePagePool(u64);
+
+impl HugePagePool {
+    fn reserve(pages: u64) -> Self {
+        let total = huge_pages("Total");
+        let missing = pages.saturating_sub(huge_pages("Free"));
+        let path = "/proc/sys/vm/nr_hugepages";
+        std::fs::write(path, (total + missing).to_string())
+            .expect("grow the host's huge page pool (needs root)");
+        assert!(
+            huge_pages("Free") >= pages,
+            "the host could not set aside {pages} huge pages"
+        );
+        Self(total)
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+    }
+}
+
+/// kB of 2 MiB hugetlbfs pages this process has in a mapping of exactly `size_kb`, from
+/// /proc/self/smaps (0 when there is no such mapping).
+fn hugetlb_kb_in_mapping_of(size_kb: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let field = |entry: &str, name: &str| -> u64 {
+        entry
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // Each mapping starts with a line whose first word is its address range.
+    let mut entries = Vec::new();
+    for line in smaps.lines() {
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            entries.push(String::new());
+        }
+        if let Some(e) = entries.last_mut() {
+            e.push_str(line);
+            e.push('\n');
+        }
+    }
+    entries
+        .iter()
+        .filter(|e| field(e, "Size:") == size_kb && field(e, "KernelPageSize:") == 2048)
+        .map(|e| field(e, "Private_Hugetlb:") + field(e, "Shared_Hugetlb:"))
+        .sum()
+}
+
+/// `huge_pages: 2M` backs the guest's RAM with the host's hugetlbfs pool: the guest boots and
+/// runs, and the pages it touched are 2 MiB pages of a mapping of its memory's size. A pool
+/// too small is a clear error when the VM is built, never a SIGBUS later.
+#[test]
+fn guest_memory_in_2m_huge_pages() {
+    let console = console_file("library-huge.console");
+    let mut config = ticking_guest(&console);
+    config.memory_mib = 66;
+    config.huge_pages = skiff::config::HugePages::Huge2M;
+    {
+        let _pool = HugePagePool::reserve(33);
+        let mut vm = Vm::new(&config).unwrap();
+        vm.start().unwrap();
+        wait_for_console(&console, "tick 1");
+        let huge_kb = hugetlb_kb_in_mapping_of(66 << 10);
+        assert!(huge_kb >= 2048, "no 2 MiB pages behind the guest's memory");
+        vm.send_ctrl_alt_del().unwrap();
+        assert_eq!(vm.wait().unwrap(), GuestExit::I8042Reset);
+        assert!(std::fs::read_to_string(&console)
+            .unwrap()
+            .contains("PASS ctrlaltdel"));
+    }
+
+    config.memory_mib = 2 * (huge_pages("Free") + 1);
+    let Err(err) = Vm::new(&config) else {
+        panic!("a pool too small is taken")
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("huge pages") && text.contains("nr_hugepages") && !text.contains('\n'),
+        "{text}"
+    );
+    config.memory_mib = 65;
+    let Err(err) = Vm::new(&config) else {
+        panic!("an odd size is taken")
+    };
+    assert!(err.to_string().contains("2 MiB"), "{err}");
+}

@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let mib = 2 + u64::from(input.u8() % 16);
     let initrd_size = input.u32();
     let (_kernel_file, kernel_path) = unnamed_file(input.rest());
-    let mem = create_guest_memory(mib, 46, false).expect("guest memory");
+    let mem = create_guest_memory(mib, 46, false, skiff::config::HugePages::None).expect("guest memory");
 
     let Ok(kernel) = load_kernel(&mem, &kernel_path) else {
         return;

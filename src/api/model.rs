@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::static_cpu_template::StaticCpuTemplate;
 use crate::config::{
-    parse_mac, CacheType, DiskConfig, IoEngine, NetConfig, PmemConfig, RateLimiterConfig, VmConfig,
-    DEFAULT_CMDLINE,
+    parse_mac, CacheType, DiskConfig, HugePages, IoEngine, NetConfig, PmemConfig,
+    RateLimiterConfig, VmConfig, DEFAULT_CMDLINE,
 };
 
 /// Largest vCPU count the API accepts, as Firecracker.
@@ -57,7 +57,7 @@ pub struct MachineConfig {
     /// A built-in CPU template; "None" clears it, and a custom one (`/cpu-config`) too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<StaticCpuTemplate>,
-    /// Huge pages: "None" only.
+    /// What backs guest memory: "None", "Transparent" or "2M".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
 }
@@ -704,9 +704,23 @@ impl MachineConfig {
                 "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
             );
         }
-        if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != "None") {
+        let huge_pages = match self.huge_pages.as_deref() {
+            None if full => HugePages::None,
+            None => config.huge_pages,
+            Some(h) => HugePages::parse(h)
+                .filter(|p| p.name() == h)
+                .ok_or_else(|| {
+                    BadRequest(format!(
+                        "huge_pages '{h}': expected None, Transparent or 2M"
+                    ))
+                })?,
+        };
+        let mem = self.mem_size_mib.unwrap_or(config.memory_mib);
+        if huge_pages != HugePages::None && !mem.is_multiple_of(2) {
             return bad(format!(
-                "huge_pages '{h}' is not supported by Skiff yet (only None)"
+                "The memory size (MiB) is invalid. (mem_size_mib {mem} must be a multiple of 2 \
+                 with huge_pages {})",
+                huge_pages.name()
             ));
         }
         if let Some(n) = self.vcpu_count {
@@ -722,6 +736,7 @@ impl MachineConfig {
             config.memory_mib = m;
         }
         config.smt = smt;
+        config.huge_pages = huge_pages;
         // As in Firecracker, whichever template came last wins; the host is checked at start.
         if let Some(t) = self.cpu_template {
             config.cpu_template = Some(t).filter(|t| *t != StaticCpuTemplate::None);
@@ -741,7 +756,7 @@ impl MachineConfig {
             smt: Some(config.smt),
             track_dirty_pages: Some(config.track_dirty_pages),
             cpu_template: config.cpu_template,
-            huge_pages: Some("None".to_owned()),
+            huge_pages: Some(config.huge_pages.name().to_owned()),
         }
     }
 }
@@ -1100,11 +1115,26 @@ mod tests {
             r#"{"vcpu_count":33,"mem_size_mib":256}"#,
             r#"{"vcpu_count":1,"mem_size_mib":0}"#,
             r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#,
-            r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"2M"}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":127,"huge_pages":"2M"}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"1G"}"#,
+            r#"{"vcpu_count":1,"mem_size_mib":128,"huge_pages":"2m"}"#,
         ] {
             let m: MachineConfig = parse(bad_body).unwrap();
             assert!(m.apply(&mut c, true).is_err(), "{bad_body}");
         }
+        let m: MachineConfig =
+            parse(r#"{"vcpu_count":2,"mem_size_mib":256,"huge_pages":"2M"}"#).unwrap();
+        m.apply(&mut c, true).unwrap();
+        assert_eq!(c.huge_pages, HugePages::Huge2M);
+        assert_eq!(MachineConfig::of(&c).huge_pages.as_deref(), Some("2M"));
+        let odd: MachineConfig = parse(r#"{"mem_size_mib":255}"#).unwrap();
+        assert!(
+            odd.apply(&mut c, false).is_err(),
+            "odd size kept with 2M pages"
+        );
+        let none: MachineConfig = parse(r#"{"huge_pages":"None"}"#).unwrap();
+        none.apply(&mut c, false).unwrap();
+        assert_eq!(c.huge_pages, HugePages::None);
         // A partial update needs no sizes; the whole update fails on one bad field.
         let m: MachineConfig = parse(r#"{"vcpu_count":4}"#).unwrap();
         assert!(m.apply(&mut c, true).is_err());

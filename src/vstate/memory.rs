@@ -19,6 +19,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+use crate::config::HugePages;
 
 /// Guest memory; each region has a bitmap of the pages Skiff itself wrote when dirty pages are
 /// tracked (for diff snapshots), and none otherwise; the hot-plug region's unplugged blocks
@@ -70,6 +71,26 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    /// Huge pages asked for a size that is not whole 2 MiB pages.
+    #[error("{mib} MiB of guest memory is not whole 2 MiB huge pages (give an even size)")]
+    HugePageSize {
+        /// Requested size.
+        mib: u64,
+    },
+    /// The host's hugetlbfs pool cannot hold the guest's memory.
+    #[error(
+        "cannot reserve {mib} MiB of guest memory in 2 MiB huge pages: the host has {free} \
+         free (raise /proc/sys/vm/nr_hugepages)"
+    )]
+    HugePagePool {
+        /// Requested size.
+        mib: u64,
+        /// Free 2 MiB pages in the pool, as /proc/meminfo says.
+        free: u64,
+    },
+    /// The kernel refused to use transparent huge pages for guest memory.
+    #[error("cannot ask for transparent huge pages for guest memory")]
+    Madvise(#[source] std::io::Error),
     /// A memory file cannot be mapped.
     #[error("cannot map {len} bytes at offset {offset} of the memory file")]
     MmapFile {
@@ -398,15 +419,20 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Maps `mib` MiB of anonymous guest RAM, refusing sizes beyond `phys_bits` of address space;
-/// with `track_dirty`, each region gets a bitmap of the pages Skiff writes.
+/// Maps `mib` MiB of anonymous guest RAM backed as `huge` says, refusing sizes beyond
+/// `phys_bits` of address space; with `track_dirty`, each region gets a bitmap of the pages
+/// Skiff writes.
 pub fn create_guest_memory(
     mib: u64,
     phys_bits: u8,
     track_dirty: bool,
+    huge: HugePages,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     if mib == 0 {
         return Err(MemoryError::Empty);
+    }
+    if huge != HugePages::None && !mib.is_multiple_of(2) {
+        return Err(MemoryError::HugePageSize { mib });
     }
     let too_large = MemoryError::TooLarge { mib, phys_bits };
     let size = mib.checked_mul(1 << 20).ok_or(too_large)?;
@@ -423,23 +449,62 @@ pub fn create_guest_memory(
         .map(|(a, l)| usize::try_from(l).map(|l| (a, l)))
         .collect::<Result<_, _>>()
         .map_err(|_| MemoryError::TooLarge { mib, phys_bits })?;
+    // hugetlbfs: no MAP_NORESERVE, so the kernel reserves every page of the pool now and a
+    // pool too small fails here, not with SIGBUS when the guest first touches a page.
+    let flags = match huge {
+        HugePages::Huge2M => {
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB
+        }
+        HugePages::None | HugePages::Transparent => {
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE
+        }
+    };
     let regions = ranges
         .iter()
         .map(|&(addr, len)| {
             let region = MmapRegionBuilder::new_with_bitmap(len, bitmap(len, track_dirty))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_mmap_flags(flags)
+                .with_hugetlbfs(huge == HugePages::Huge2M)
                 .build()
-                .map_err(|e| MemoryError::Mmap {
-                    mib,
-                    source: vm_memory::mmap::FromRangesError::MmapRegion(e),
+                .map_err(|e| match (huge, &e) {
+                    (HugePages::Huge2M, vm_memory::mmap::MmapRegionError::Mmap(err))
+                        if err.raw_os_error() == Some(libc::ENOMEM) =>
+                    {
+                        MemoryError::HugePagePool {
+                            mib,
+                            free: free_huge_pages(),
+                        }
+                    }
+                    _ => MemoryError::Mmap {
+                        mib,
+                        source: vm_memory::mmap::FromRangesError::MmapRegion(e),
+                    },
                 })?;
+            if huge == HugePages::Transparent {
+                // SAFETY: the range is exactly the mapping `region` just made and owns;
+                // MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
+                let rc = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+                if rc != 0 {
+                    return Err(MemoryError::Madvise(std::io::Error::last_os_error()));
+                }
+            }
             GuestRegionMmap::new(region, addr)
                 .map(GuestRegion::ram)
                 .ok_or(MemoryError::Regions)
         })
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Regions)
+}
+
+/// The host's free 2 MiB huge pages (0 when /proc/meminfo does not say).
+fn free_huge_pages() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn bitmap(len: usize, track_dirty: bool) -> Option<AtomicBitmap> {
@@ -539,6 +604,12 @@ pub fn discard_range(
     }
     let host = mem.get_host_address(addr).map_err(|_| bad())?;
     let bytes = usize::try_from(len).map_err(|_| bad())?;
+    if region.get_mmap().is_hugetlbfs() == Some(true) {
+        // hugetlbfs frees whole 2 MiB pages only, and the balloon gives 4 KiB ones: the pages
+        // stay the guest's (as in Firecracker, a balloon then limits the guest without
+        // shrinking the host's memory). The guest gave them up, so it expects nothing of them.
+        return Ok(());
+    }
     let failed = match how {
         Discard::DontNeed => {
             // SAFETY: [host, host + bytes) is whole pages inside one region's live mapping,
@@ -812,17 +883,36 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_need_whole_pages_and_a_pool_that_holds_them() {
+        for huge in [HugePages::Transparent, HugePages::Huge2M] {
+            assert!(matches!(
+                create_guest_memory(3, 46, false, huge),
+                Err(MemoryError::HugePageSize { mib: 3 })
+            ));
+        }
+        let thp = create_guest_memory(4, 46, true, HugePages::Transparent).unwrap();
+        assert_eq!(thp.iter().map(|r| r.len()).sum::<u64>(), 4 << 20);
+        // No host has a TiB of huge pages reserved: the mapping fails at once, clearly.
+        let err = create_guest_memory(1 << 20, 46, false, HugePages::Huge2M).unwrap_err();
+        assert!(
+            matches!(err, MemoryError::HugePagePool { mib: 1048576, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("nr_hugepages"), "{err}");
+    }
+
+    #[test]
     fn zero_and_huge_are_refused() {
         assert!(matches!(
-            create_guest_memory(0, 46, false),
+            create_guest_memory(0, 46, false, HugePages::None),
             Err(MemoryError::Empty)
         ));
         assert!(matches!(
-            create_guest_memory(1 << 40, 46, false),
+            create_guest_memory(1 << 40, 46, false, HugePages::None),
             Err(MemoryError::TooLarge { .. })
         ));
         assert!(matches!(
-            create_guest_memory(u64::MAX, 46, false),
+            create_guest_memory(u64::MAX, 46, false, HugePages::None),
             Err(MemoryError::TooLarge { .. })
         ));
     }
@@ -882,7 +972,7 @@ mod tests {
     /// the region's bitmap, so a diff snapshot holds it.
     #[test]
     fn discarded_pages_count_as_written() {
-        let mem = create_guest_memory(1, 46, true).unwrap();
+        let mem = create_guest_memory(1, 46, true, HugePages::None).unwrap();
         let page = PAGE_SIZE as u64;
         discard_range(&mem, GuestAddress(3 * page), 2 * page, Discard::DontNeed).unwrap();
         let region = mem.find_region(GuestAddress(0)).unwrap();
@@ -908,7 +998,7 @@ mod tests {
 
     #[test]
     fn maps_a_small_guest() {
-        let mem = create_guest_memory(2, 46, false).unwrap();
+        let mem = create_guest_memory(2, 46, false, HugePages::None).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress((2 << 20) - 1));
     }

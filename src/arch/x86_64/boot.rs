@@ -260,6 +260,59 @@ pub fn check_boot_files(kernel: &Path, initrd: Option<&Path>) -> Result<(), Boot
     Ok(())
 }
 
+/// Whether `path` is a Linux kernel: a bzImage, or an ELF with a note of Linux's (every
+/// vmlinux has them). Skiff's PVM workarounds are Linux kernel parameters; other guests (the
+/// test guest, unikernels) are left their command line as given. Anything unreadable is "no":
+/// loading the kernel reports it.
+pub fn is_linux(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = open(path) else { return false };
+    let read = |offset: u64, len: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).ok().map(|()| buf)
+    };
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u64_at = |b: &[u8], o: usize| u64::from(u32_at(b, o)) | u64::from(u32_at(b, o + 4)) << 32;
+    if read(0x202, 4).is_some_and(|m| u32_at(&m, 0) == KERNEL_HDR_MAGIC) {
+        return true;
+    }
+    let Some(eh) = read(0, 64).filter(|h| h.starts_with(b"\x7fELF\x02")) else {
+        return false;
+    };
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 0x20), u16_at(&eh, 0x36), u16_at(&eh, 0x38));
+    if phentsize < 56 || phnum > 64 {
+        return false;
+    }
+    (0..u64::from(phnum)).any(|i| {
+        let Some(ph) = phoff
+            .checked_add(i * u64::from(phentsize))
+            .and_then(|at| read(at, 56))
+        else {
+            return false;
+        };
+        // PT_NOTE; a vmlinux's notes take a few hundred bytes.
+        if u32_at(&ph, 0) != 4 {
+            return false;
+        }
+        let len = usize::try_from(u64_at(&ph, 32)).map_or(0, |l| l.min(64 << 10));
+        let Some(notes) = read(u64_at(&ph, 8), len) else {
+            return false;
+        };
+        let mut at = 0usize;
+        while at + 12 <= notes.len() {
+            let name_len = u32_at(&notes, at) as usize;
+            let desc_len = u32_at(&notes, at + 4) as usize;
+            let name = notes.get(at + 12..at + 12 + name_len).unwrap_or_default();
+            if name == b"Linux\0" {
+                return true;
+            }
+            at += 12 + name_len.next_multiple_of(4) + desc_len.next_multiple_of(4);
+        }
+        false
+    })
+}
+
 /// Loads an ELF vmlinux (PVH entry when it has the note, else the 64-bit boot protocol) or
 /// a bzImage (64-bit boot protocol) into guest memory.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
@@ -567,6 +620,42 @@ mod tests {
         }
         elf.extend_from_slice(&[0xf4; 16]);
         elf
+    }
+
+    /// An ELF whose one program header is a PT_NOTE holding a note of `owner`.
+    fn elf_with_note(owner: &[u8]) -> Vec<u8> {
+        let mut elf = elf_with_memsz(16);
+        let at = elf.len() as u64;
+        let mut note = Vec::new();
+        for v in [u32::try_from(owner.len()).unwrap(), 4, 1] {
+            note.extend_from_slice(&v.to_le_bytes());
+        }
+        note.extend_from_slice(owner);
+        note.resize(12 + owner.len().next_multiple_of(4), 0);
+        note.extend_from_slice(&[1, 2, 3, 4]);
+        elf[64..68].copy_from_slice(&4u32.to_le_bytes());
+        elf[72..80].copy_from_slice(&at.to_le_bytes());
+        elf[96..104].copy_from_slice(&(note.len() as u64).to_le_bytes());
+        elf.extend_from_slice(&note);
+        elf
+    }
+
+    #[test]
+    fn only_linux_kernels_are_taken_for_linux() {
+        let mut bz = vec![0u8; 0x400];
+        bz[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
+        for (name, bytes, linux) in [
+            ("bzimage", bz, true),
+            ("elf-linux-note", elf_with_note(b"Linux\0"), true),
+            ("elf-xen-note", elf_with_note(b"Xen\0"), false),
+            ("elf-no-note", elf_with_memsz(16), false),
+            ("garbage", vec![0x7f; 100], false),
+        ] {
+            let p = temp_file(name, &bytes);
+            assert_eq!(is_linux(&p), linux, "{name}");
+            std::fs::remove_file(p).unwrap();
+        }
+        assert!(!is_linux(Path::new("/nonexistent/vmlinux")));
     }
 
     /// Found by fuzz/fuzz_targets/kernel_loader.rs: a segment whose memory size reaches the top
