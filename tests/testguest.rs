@@ -168,3 +168,79 @@ fn smt_gives_two_threads_per_core() {
         out.stderr
     );
 }
+
+/// The test guest's ring 3 (what its benchmark loops run in): port I/O through the TSS's I/O
+/// bitmap (its serial lines come from ring 3), MMIO to the in-kernel LAPIC and to an address no
+/// device claims (all-ones from Skiff), LAPIC timer interrupts taken in ring 3 and returned
+/// to it, and the way back to ring 0 with the function's result.
+#[test]
+fn ring3_does_port_io_mmio_and_takes_interrupts() {
+    let args = run_args(test_guest(), None, "checks=ring3", 1, 128);
+    let out = run_skiff(&as_strs(&args), LIMIT, None);
+    let lines = out.lines();
+    for want in [
+        "ring3: running in ring 3",
+        "ring3: lapic version 50014, unclaimed mmio ffffffff",
+        "ring3: timer interrupts taken in ring 3: enough, still in ring 3",
+        "ring3: back in ring 0, ring 3 returned 5001403",
+        "PASS ring3",
+        "DONE passed=1 failed=0",
+    ] {
+        assert!(lines.contains(&want), "no '{want}':\n{}", out.stdout);
+    }
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+/// A fault in ring 3 (a read of unmapped memory, a privileged instruction) is named with its
+/// ring and ends the guest with a failure, never a hang.
+#[test]
+fn ring3_fault_is_reported_and_ends_the_guest() {
+    for (how, want) in [
+        ("pf", "FAIL exception: vector 14 error 4 at rip "),
+        ("gp", "FAIL exception: vector 13 error 0 at rip "),
+    ] {
+        let cmdline = format!("checks=ring3 ring3_fault={how}");
+        let args = run_args(test_guest(), None, &cmdline, 1, 128);
+        let out = run_skiff(&as_strs(&args), LIMIT, None);
+        let lines = out.lines();
+        let fault = lines
+            .iter()
+            .find(|l| l.starts_with(want))
+            .unwrap_or_else(|| panic!("no '{want}':\n{}", out.stdout));
+        assert!(fault.contains(" in ring 3"), "{fault}");
+        if how == "pf" {
+            assert!(fault.ends_with("(address 8000000000)"), "{fault}");
+        }
+        assert!(lines.contains(&"DONE passed=0 failed=1"), "{}", out.stdout);
+        assert!(!lines.contains(&"PASS ring3"), "{}", out.stdout);
+    }
+}
+
+/// The benchmark loops (here the exit loops) run in ring 3 unless `bench_ring=0`, with the same
+/// rows either way; the instruction-rate rows time ring 0 and ring 3.
+#[test]
+fn benchmark_loops_run_in_ring3_unless_asked() {
+    for (ring, param) in [(3, ""), (0, " bench_ring=0")] {
+        let cmdline =
+            format!("checks=exits,insns exits=200 insns_ring0=1000 insns_ring3=100000{param}");
+        let args = run_args(test_guest(), None, &cmdline, 1, 128);
+        let out = run_skiff(&as_strs(&args), LIMIT, None);
+        let lines = out.lines();
+        let ran = format!("bench: exits in ring {ring}");
+        for want in [ran.as_str(), "PASS exits", "PASS insns"] {
+            assert!(lines.contains(&want), "no '{want}':\n{}", out.stdout);
+        }
+        for row in [
+            "BENCH exit port-write ops=200 bytes=0 us=",
+            "BENCH exit mmio-write ops=200 bytes=0 us=",
+            "BENCH cpu insns-ring0 ops=1000 bytes=0 us=",
+            "BENCH cpu insns-ring3 ops=100000 bytes=0 us=",
+        ] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(row)),
+                "no '{row}':\n{}",
+                out.stdout
+            );
+        }
+    }
+}

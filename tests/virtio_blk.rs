@@ -117,6 +117,12 @@ fn benchmark_work_runs_and_reports() {
     let out = run_skiff(&args, LIMIT, None);
     let lines = out.lines();
     assert!(lines.contains(&"PASS blkbench"), "{}", out.stdout);
+    // The loops run in the guest's ring 3 (native on PVM hosts), driving the device from there.
+    assert!(
+        lines.contains(&"bench: blkbench in ring 3"),
+        "{}",
+        out.stdout
+    );
     for row in [
         "BENCH blk seq-read-64k-qd8 ops=32 bytes=2097152 us=",
         "BENCH blk seq-write-64k-qd8+flush ops=32 bytes=2097152 us=",

@@ -204,6 +204,12 @@ fn benchmark_work_runs_and_reports() {
     assert_eq!(frames, 300, "{}\n{}", out.stdout, out.stderr);
     let lines = out.lines();
     assert!(lines.contains(&"PASS netbench"), "{}", out.stdout);
+    // Sent and received from the guest's ring 3 (native on PVM hosts).
+    assert!(
+        lines.contains(&"bench: netbench in ring 3"),
+        "{}",
+        out.stdout
+    );
     assert!(
         lines
             .iter()

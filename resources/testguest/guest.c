@@ -186,6 +186,30 @@ static void set_gate(int v, void (*fn)(void))
 	idt[v] = (struct idt_entry){ (uint16_t)a, 0x08, 0, 0x8e, (uint16_t)(a >> 16), (uint32_t)(a >> 32), 0 };
 }
 
+/* Ring 3 (entry.S: ring3_call): the TSS descriptor at GDT selector 0x28 (Intel SDM vol. 3,
+ * 8.2.3: 16 bytes in long mode), loaded into TR for RSP0 and the I/O bitmap. */
+#define TSS_SELECTOR 0x28
+extern uint64_t gdt[];
+extern uint8_t tss[];
+uint64_t ring3_call(uint64_t (*fn)(uint64_t), uint64_t arg);
+
+static void ring3_init(void)
+{
+	uint64_t base = (uint64_t)tss, limit = 104 + 8192;	/* the bitmap's last byte */
+	gdt[TSS_SELECTOR / 8] = (limit & 0xffff) | (base & 0xffffff) << 16 | 0x89ull << 40 |
+				(base >> 24 & 0xff) << 56;	/* present, 64-bit TSS (available) */
+	gdt[TSS_SELECTOR / 8 + 1] = base >> 32;
+	__asm__ volatile("ltr %w0" :: "r"(TSS_SELECTOR));
+}
+
+/* The ring the code runs in (CPL: the low bits of CS). */
+static unsigned cpl(void)
+{
+	uint16_t cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	return cs & 3;
+}
+
 static void idt_init(void)
 {
 	void (*stubs[])(void) = { isr_0, isr_1, isr_2, isr_3, isr_4, isr_5, isr_6, isr_7, isr_8, isr_9,
@@ -196,6 +220,7 @@ static void idt_init(void)
 	set_gate(64, isr_64);
 	set_gate(65, isr_65);
 	set_gate(66, isr_66);
+	ring3_init();
 	struct { uint16_t limit; uint64_t base; } __attribute__((packed)) d = { sizeof(idt) - 1, (uint64_t)idt };
 	__asm__ volatile("lidt %0" :: "m"(d));
 }
@@ -205,7 +230,7 @@ static uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE + reg);
 
 static void finish(void);
 
-void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip)
+void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip, uint64_t cs)
 {
 	if (vector == TIMER_VECTOR) {
 		timer_ticks++;
@@ -218,9 +243,63 @@ void interrupt_handler(uint64_t vector, uint64_t error, uint64_t rip)
 		lapic_write(0xb0, 0);
 		return;
 	}
-	printf("FAIL exception: vector %lu error %lx at rip %lx\n", vector, error, rip);
+	uint64_t cr2 = 0;
+	if (vector == 14)
+		__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	printf("FAIL exception: vector %lu error %lx at rip %lx in ring %lu", vector, error, rip, cs & 3);
+	if (vector == 14)
+		printf(" (address %lx)", cr2);
+	puts("\n");
 	failed++;
 	finish();
+}
+
+/* Ring 3 at work: port I/O (serial), MMIO to the in-kernel LAPIC and to an address nothing
+ * claims (the VMM reads all-ones), and a timer interrupt taken in ring 3 and returned to it.
+ * Returns CPL | LAPIC version << 8, or ~0 when a read went wrong. */
+static uint64_t ring3_work(uint64_t ticks_wanted)
+{
+	unsigned ring = cpl();
+	printf("ring3: running in ring %u\n", ring);
+	uint32_t version = lapic_read(0x30), hole = mmio_read32(0xc0000000UL);
+	printf("ring3: lapic version %x, unclaimed mmio %x\n", version, hole);
+	uint64_t t0 = timer_ticks, got = 0;	/* the caller has interrupts on */
+	for (unsigned i = 0; i < 200000000 && (got = timer_ticks - t0) < ticks_wanted; i++)
+		__asm__ volatile("pause");
+	printf("ring3: timer interrupts taken in ring 3: %s, still in ring %u\n",
+	       got >= ticks_wanted ? "enough" : "too few", cpl());
+	if (hole != 0xffffffff || got < ticks_wanted || cpl() != 3)
+		return ~0ull;
+	return ring | (uint64_t)version << 8;
+}
+
+/* Faults on request in ring 3 (ring3_fault=pf: a read of unmapped memory; gp: hlt): the
+ * exception handler must name the ring and end the guest. */
+static uint64_t ring3_fault(uint64_t how)
+{
+	printf("ring3: faulting on purpose (%s)\n", how ? "hlt" : "unmapped read");
+	if (how)
+		__asm__ volatile("hlt");
+	else
+		(void)*(volatile uint64_t *)0x8000000000UL;	/* PML4 entry 1: not present */
+	return 0;
+}
+
+static void check_ring3(void)
+{
+	const char *fault = param("ring3_fault");
+	if (fault)
+		ring3_call(ring3_fault, starts_with(fault, "gp"));
+	lapic_write(0x3e0, 0xb);		/* divide by 1 */
+	lapic_write(0x320, TIMER_VECTOR | 1u << 17);	/* periodic */
+	lapic_write(0x380, 200000);
+	__asm__ volatile("sti");
+	uint64_t r = ring3_call(ring3_work, 3);
+	__asm__ volatile("cli");
+	lapic_write(0x320, 1u << 16);		/* masked */
+	printf("ring3: back in ring %u, ring 3 returned %lx\n", cpl(), r);
+	report("ring3", r != ~0ull && (r & 3) == 3 && (r >> 8 & 0xff) != 0 && cpl() == 0,
+	       "ring 3 did not run, or its I/O or interrupts went wrong");
 }
 
 /* ---- checks ---- */
@@ -798,8 +877,8 @@ static void map_device_memory(void)
 		return;
 	for (uint64_t g = 4; g < HIGH_MAP_GIB; g++) {
 		for (uint64_t i = 0; i < 512; i++)
-			high_pd[g - 4][i] = ((g << 30) + (i << 21)) | 0x83;
-		pdpt[g] = (uint64_t)high_pd[g - 4] | 3;
+			high_pd[g - 4][i] = ((g << 30) + (i << 21)) | 0x87;	/* U, as entry.S's map */
+		pdpt[g] = (uint64_t)high_pd[g - 4] | 7;
 	}
 	uint64_t cr3;
 	__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) :: "memory");
@@ -2052,11 +2131,61 @@ static void bench_line(const char *what, uint64_t ops, uint64_t bytes, uint64_t 
 	printf("BENCH %s ops=%lu bytes=%lu us=%lu\n", what, ops, bytes, us);
 }
 
+/* The benchmark loops run in ring 3 (entry.S: ring3_call) unless bench_ring=0: on a PVM host
+ * the guest's user mode runs natively while its kernel mode is emulated instruction by
+ * instruction, so only from ring 3 do the rows time the exits and the VMM, not the emulator.
+ * A check starts with `if (bench_in_ring3(itself, name)) return;`: true once it has run there. */
+static uint64_t run_check(uint64_t check)
+{
+	((void (*)(void))check)();
+	return 0;
+}
+
+static int bench_in_ring3(void (*check)(void), const char *name)
+{
+	if (cpl() == 3 || param_uint("bench_ring", 3) == 0) {
+		printf("bench: %s in ring %u\n", name, cpl());
+		return 0;
+	}
+	ring3_call(run_check, (uint64_t)check);
+	return 1;
+}
+
+/* `n` blocks of ten one-cycle ALU instructions (four independent chains and the loop), timed
+ * with the guest's clock: the guest's own instruction rate in the ring it is called in. */
+static uint64_t insn_loop(uint64_t n)
+{
+	uint64_t a = 0, b = 0, c = 0, d = 0, t0 = now_us();
+	__asm__ volatile("1: add $1, %1; add $1, %2; add $1, %3; add $1, %4; add $1, %1\n\t"
+			 "add $1, %2; add $1, %3; add $1, %4; dec %0; jnz 1b"
+			 : "+r"(n), "+r"(a), "+r"(b), "+r"(c), "+r"(d));
+	return now_us() - t0 + 1;
+}
+
+/* Instruction rate in ring 0 and in ring 3, as rows `cpu insns-ring0` and `cpu insns-ring3`.
+ * Parameters: insns_ring0= (default 1000000: a second where ring 0 is emulated), insns_ring3=
+ * (default 1000000000). */
+static void check_insns(void)
+{
+	uint64_t n0 = param_uint("insns_ring0", 1000000) / 10, n3 = param_uint("insns_ring3", 1000000000) / 10;
+	n0 = n0 ? n0 : 1;
+	n3 = n3 ? n3 : 1;
+	if (!have_kvmclock && !tsc_per_us && !tsc_calibrate()) {
+		report("insns", 0, "no clock: neither kvmclock nor a calibrated TSC");
+		return;
+	}
+	bench_line("cpu insns-ring0", n0 * 10, 0, insn_loop(n0));
+	bench_line("cpu insns-ring3", n3 * 10, 0, ring3_call(insn_loop, n3));
+	report("insns", 1, 0);
+}
+
 /* Sequential read and write (64 KiB requests, 8 in flight; the write ends with a flush) and
  * 4 KiB random reads at queue depth 1 and 32. Parameters: bench_mib=, bench_ios=. */
 static void check_blkbench(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_blkbench, "blkbench"))
+		return;
 	uint64_t mib = param_uint("bench_mib", 64), ios = param_uint("bench_ios", 4000);
 	if (!find_virtio(2, &blk)) { report("blkbench", 0, "no virtio-blk device"); return; }
 	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("blkbench", 0, why); return; }
@@ -2087,6 +2216,8 @@ fail:
 static void check_blkrate(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_blkrate, "blkrate"))
+		return;
 	uint64_t mib = param_uint("rate_mib", 4), phases = param_uint("rate_phases", 4);
 	unsigned depth = (unsigned)param_uint("rate_qd", 32);
 	if (!find_virtio(2, &blk)) { report("blkrate", 0, "no virtio-blk device"); return; }
@@ -2132,6 +2263,8 @@ static unsigned net_poll_bench(uint64_t *got, int *end)
 static void check_netbench(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_netbench, "netbench"))
+		return;
 	uint64_t ntx = param_uint("netbench_tx", 100000), size = param_uint("netbench_size", 1472);
 	if (size < 16 || size > 1472) size = 1472;
 	if ((why = net_start())) { report("netbench", 0, why); return; }
@@ -2719,6 +2852,8 @@ static uint64_t vs_hostile(void)
 static void check_vsock(void)
 {
 	const char *why;
+	if (bench_in_ring3(check_vsock, "vsock"))
+		return;
 	uint64_t out = param_uint("vsock_out", 0), out_conns = param_uint("vsock_out_conns", 1);
 	uint64_t done_at = param_uint("vsock_done", 0), secs = param_uint("vsock_secs", 60);
 	uint32_t out_port = (uint32_t)param_uint("vsock_out_port", 53);
@@ -3000,14 +3135,21 @@ static void check_snapshot(void)
 	report("snapshot", !problem, problem);
 }
 
-/* The cost of an exit: `exits` (default 20000) writes to port 0x2f0, which no device uses in
- * Skiff, QEMU's microvm or Firecracker, timed with the TSC. */
+/* The cost of an exit: `exits` (default 20000) writes to port 0x2f0, then as many 32-bit writes
+ * to 0xc0000000 (the start of the MMIO hole), neither of which any device uses in Skiff,
+ * QEMU's microvm or Firecracker; timed with the guest's clock, in ring 3 unless bench_ring=0. */
 static void check_exits(void)
 {
+	if (bench_in_ring3(check_exits, "exits"))
+		return;
 	uint64_t n = param_uint("exits", 20000), t0 = now_us();
 	for (uint64_t i = 0; i < n; i++)
 		outb(0x2f0, 0);
 	bench_line("exit port-write", n, 0, now_us() - t0 + 1);
+	t0 = now_us();
+	for (uint64_t i = 0; i < n; i++)
+		mmio_write32(0xc0000000UL, 0);
+	bench_line("exit mmio-write", n, 0, now_us() - t0 + 1);
 	report("exits", 1, 0);
 }
 
@@ -3092,6 +3234,7 @@ static void run_checks(const char *protocol)
 	if (wants("cpuinfo")) check_cpuinfo();
 	if (wants("timer")) check_timer();
 	if (wants("progress")) check_progress();
+	if (wants("ring3")) check_ring3();
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
 	if (wants("net")) check_net();
@@ -3103,6 +3246,7 @@ static void run_checks(const char *protocol)
 		if (wants("mmds")) check_mmds();
 		if (wants("netbench")) check_netbench();
 		if (wants("exits")) check_exits();
+		if (wants("insns")) check_insns();
 		if (wants("rng")) check_rng();
 		if (wants("vsock")) check_vsock();
 		if (wants("balloon")) check_balloon();
