@@ -512,14 +512,16 @@ pub enum CacheType {
     Writeback,
 }
 
-/// How a disk's requests are carried out (Firecracker's `io_engine`). Async is taken and
-/// reported, and carried out as Sync until Skiff has an asynchronous engine.
+/// How a disk's requests are carried out (Firecracker's `io_engine`, same names and default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum IoEngine {
-    /// Blocking reads and writes on the device thread.
+    /// `preadv`/`pwritev`/`fdatasync` on the event thread, one request at a time, straight
+    /// into guest memory.
     #[default]
     Sync,
-    /// io_uring in Firecracker; Sync in Skiff for now.
+    /// An io_uring per disk: a queue drain is one submission, up to 32 requests in flight,
+    /// completions through an eventfd; flushes ordered after the writes before them. A host
+    /// that refuses io_uring makes the drive an error, as in Firecracker.
     Async,
 }
 
@@ -529,9 +531,12 @@ pub enum DiskSpecError {
     /// No `path=`.
     #[error("missing path=IMAGE")]
     MissingPath,
-    /// A key that is not path, readonly, id, root, cache, bw or iops.
-    #[error("unknown key '{0}' (expected path, readonly, id, root, cache, bw, iops)")]
+    /// A key that is not path, readonly, id, root, cache, engine, bw or iops.
+    #[error("unknown key '{0}' (expected path, readonly, id, root, cache, engine, bw, iops)")]
     UnknownKey(String),
+    /// An engine that is neither sync nor async.
+    #[error("engine must be sync or async, not '{0}'")]
+    BadEngine(String),
     /// A rate that is not a whole number.
     #[error("{0} must be a whole number, not '{1}'")]
     BadRate(String, String),
@@ -638,6 +643,13 @@ impl std::str::FromStr for DiskConfig {
                         "unsafe" => CacheType::Unsafe,
                         "writeback" => CacheType::Writeback,
                         _ => return Err(DiskSpecError::BadSwitch("cache", value.to_owned())),
+                    }
+                }
+                "engine" => {
+                    disk.io_engine = match value {
+                        "sync" => IoEngine::Sync,
+                        "async" => IoEngine::Async,
+                        _ => return Err(DiskSpecError::BadEngine(value.to_owned())),
                     }
                 }
                 "bw" | "iops" => {
