@@ -524,4 +524,44 @@ mod tests {
         );
         std::fs::remove_file(&path).unwrap();
     }
+
+    /// A host that refuses io_uring (here a seccomp filter answering EPERM, as container
+    /// runtimes' default profiles do) makes an Async drive a one-line error naming the disk
+    /// and the way out; Sync still works there.
+    #[test]
+    fn async_without_io_uring_is_a_clear_error() {
+        use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+        let path = std::env::temp_dir().join(format!("skiff-nouring-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let inner = path.clone();
+        let (err, sync_ok) = std::thread::spawn(move || {
+            let rules = [(libc::SYS_io_uring_setup, vec![])].into_iter().collect();
+            let filter = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::EPERM as u32),
+                TargetArch::x86_64,
+            )
+            .unwrap();
+            let prog: BpfProgram = filter.try_into().unwrap();
+            seccompiler::apply_filter(&prog).unwrap();
+            let err = Block::with_engine(&inner, false, "d", CacheType::Unsafe, IoEngine::Async)
+                .unwrap_err();
+            let sync = Block::with_engine(&inner, false, "d", CacheType::Unsafe, IoEngine::Sync);
+            (err, sync.is_ok())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "disk {}: io_engine Async needs io_uring, which this host refuses (use io_engine Sync)",
+                path.display()
+            )
+        );
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("not permitted"), "{cause}");
+        assert!(sync_ok);
+        std::fs::remove_file(&path).unwrap();
+    }
 }

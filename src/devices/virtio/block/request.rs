@@ -733,6 +733,96 @@ mod tests {
         assert_eq!(counts["io_errors"], 4);
     }
 
+    /// The Async engine: a read, a write and a flush are handed to the ring (Held: no status
+    /// yet), and their completions carry the status, the used length and Sync's counters; a
+    /// buffer outside guest memory and a read-only write are IOERR at once, before the ring.
+    #[test]
+    fn async_requests_complete_through_the_ring_as_sync_ones_do() {
+        let m = mem();
+        let file = image();
+        let metrics = BlockMetrics::default();
+        let mut engine = AsyncIo::new().unwrap();
+        let id = [b'x'; ID_BYTES];
+        let mut iovecs = IoVecs::default();
+        let mut chain = ChainBufs::default();
+        let mut limiter = RateLimiter::unlimited().unwrap();
+        let mut go = |descs: &[RawDescriptor], read_only: bool, engine: &mut AsyncIo| {
+            m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+            let vq = MockSplitQueue::new(&m, 16);
+            let mut disk = Disk {
+                file: &file,
+                name: "test.img",
+                nsectors: 8,
+                read_only,
+                id: &id,
+                iovecs: &mut iovecs,
+                metrics: &metrics,
+                chain: &mut chain,
+                engine: Some(engine),
+            };
+            let handled = execute(
+                vq.build_desc_chain(descs).unwrap(),
+                &m,
+                &mut disk,
+                &mut limiter,
+            );
+            (handled, m.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+        };
+        let finish = |engine: &mut AsyncIo| {
+            engine.submit().unwrap();
+            let mut done = Vec::new();
+            engine.wait_all(file.as_raw_fd(), |c| {
+                done.push(complete(&c, "test.img", &metrics));
+            });
+            done
+        };
+        header(&m, VIRTIO_BLK_T_IN, 2);
+        assert_eq!(
+            go(&request(DATA, 1024, true), false, &mut engine),
+            (Handled::Held, 0xee)
+        );
+        assert_eq!(finish(&mut engine), [(VIRTIO_BLK_S_OK, 1024)]);
+        let mut data = [0u8; 1024];
+        m.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data.to_vec(), image_bytes(1024, 1024));
+
+        m.write_slice(&[0x42; 512], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 7);
+        assert_eq!(
+            go(&request(DATA, 512, false), false, &mut engine).0,
+            Handled::Held
+        );
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [desc(HDR, 16, 0, 0), desc(STATUS, 1, F_WRITE, 0)];
+        assert_eq!(go(&flush, false, &mut engine).0, Handled::Held);
+        assert_eq!(
+            finish(&mut engine),
+            [(VIRTIO_BLK_S_OK, 0), (VIRTIO_BLK_S_OK, 0)]
+        );
+        let mut on_disk = [0u8; 512];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 7 * 512).unwrap();
+        assert_eq!(on_disk, [0x42; 512]);
+
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let outside = go(&request(0xffff_0000, 512, true), false, &mut engine);
+        assert_eq!(outside, (Handled::Used(1), VIRTIO_BLK_S_IOERR));
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let refused = go(&request(DATA, 512, false), true, &mut engine);
+        assert_eq!(refused, (Handled::Used(1), VIRTIO_BLK_S_IOERR));
+        assert_eq!(engine.in_flight(), 0);
+        let counts = metrics.to_json();
+        assert_eq!(
+            (
+                counts["read_count"].as_u64(),
+                counts["write_count"].as_u64()
+            ),
+            (Some(1), Some(1))
+        );
+        assert_eq!(counts["flush_count"], 1);
+        assert_eq!(counts["read_bytes"], 1024);
+        assert_eq!(counts["io_errors"], 2);
+    }
+
     /// A status buffer whose last byte's address wraps past the top of the address space is
     /// refused; the wrapped address (here STATUS) used to receive the status.
     #[test]
