@@ -399,7 +399,7 @@ fn descriptors(pid: &str) -> Vec<(u32, u32, PathBuf)> {
 
 /// Every file descriptor a running Skiff opened is close-on-exec, so an embedder that spawns
 /// children leaks none of them (eventfds for queues, interrupts and control, the disk image,
-/// KVM). Before, every eventfd lacked O_CLOEXEC.
+/// an Async disk's io_uring, KVM). Before, every eventfd lacked O_CLOEXEC.
 #[test]
 fn no_descriptor_leaks_into_children() {
     use common::api::Running;
@@ -411,14 +411,18 @@ fn no_descriptor_leaks_into_children() {
         .map(|(fd, _, _)| fd)
         .collect();
     let img = image("blk-cloexec.img");
+    let img2 = image("blk-cloexec-async.img");
     let args = run_args(test_guest(), None, "checks=ctrlaltdel", 1, 128);
     let mut cmd = std::process::Command::new(common::skiff_bin());
     cmd.args(&args)
-        .args(["--disk", &format!("path={}", img.display())]);
+        .args(["--disk", &format!("path={}", img.display())])
+        .args(["--disk", &format!("path={},engine=async", img2.display())]);
     let mut vm = Running::spawn(cmd, PathBuf::new());
     vm.wait_for("tick 1", LIMIT);
     let mut checked = 0;
+    let mut rings = 0;
     for (fd, flags, target) in descriptors(&vm.child.id().to_string()) {
+        rings += usize::from(target.to_string_lossy().contains("io_uring"));
         if inherited.contains(&fd) {
             continue;
         }
@@ -430,8 +434,10 @@ fn no_descriptor_leaks_into_children() {
         );
         checked += 1;
     }
-    // KVM, the VM, a vCPU, memory, the image and a dozen eventfds at least.
+    // KVM, the VM, a vCPU, memory, the images and a dozen eventfds at least; the Async
+    // disk's io_uring among them.
     assert!(checked > 10, "only {checked} descriptors");
+    assert_eq!(rings, 1, "one io_uring, for the Async disk");
     let _ = vm.child.kill();
     let _ = vm.wait(Duration::from_secs(10));
 }
