@@ -358,7 +358,16 @@ impl Block {
     /// is written for this device until the next queue drain. The snapshot takes the device
     /// only after this, so the restored guest finds every request it had in flight answered.
     pub fn complete_in_flight(&mut self) {
+        let Some(engine) = self.engine.as_ref() else {
+            return;
+        };
+        let was_full = engine.is_full();
         self.answer_completions(true);
+        // A full ring left requests on the available ring with notifications off: only a
+        // drain takes them, and this may run off the event thread (snapshot, image swap).
+        if was_full && self.active.is_some() {
+            let _ = self.base.queue_events[0].write(1);
+        }
     }
 
     /// Takes completions (with `wait`, until none is in flight) and answers them; with no
