@@ -513,6 +513,12 @@ pub enum CacheType {
 }
 
 /// How a disk's requests are carried out (Firecracker's `io_engine`, same names and default).
+///
+/// Sync is the default by measurement (README, Performance): per request the VMM spends less
+/// on Sync (about 1.0 us against 1.8 us for a lone 4 KiB read; Async wins only with many
+/// requests per drain, 0.6 us each at 32), the guest-side figures on the test host differ
+/// within noise, and a drive without `io_engine` then behaves as in Firecracker, on hosts that
+/// refuse io_uring too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum IoEngine {
     /// `preadv`/`pwritev`/`fdatasync` on the event thread, one request at a time, straight
@@ -762,6 +768,10 @@ mod tests {
             "path=/a,id=123456789012345678901".parse::<DiskConfig>(),
             Err(DiskSpecError::BadId)
         );
+        let async_disk: DiskConfig = "path=/a,engine=async".parse().unwrap();
+        assert_eq!(async_disk.io_engine, IoEngine::Async);
+        let bad = "path=/a,engine=uring".parse::<DiskConfig>().unwrap_err();
+        assert_eq!(bad.to_string(), "engine must be sync or async, not 'uring'");
     }
 
     #[test]
