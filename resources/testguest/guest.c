@@ -2195,7 +2195,7 @@ static void check_blkreset(void)
 	struct vq *q = &blk.q[0];
 	uint64_t *bufs = (uint64_t *)BENCH_BUF, words = BLK_SLOTS * 512;
 	for (unsigned s = 0; s < BLK_SLOTS; s++) {
-		bench_hdr[s] = (struct blk_req){ 0, 0, 2048 + (uint64_t)s * 8 };
+		bench_hdr[s] = (struct blk_req){ 0, 0, 4096 + (uint64_t)s * 256 };	/* 128 KiB apart */
 		bench_status[s] = 0xee;
 		uint16_t d = (uint16_t)(3 * s);
 		q->desc[d] = (struct virtq_desc){ (uint64_t)&bench_hdr[s], sizeof(struct blk_req), VRING_DESC_F_NEXT, (uint16_t)(d + 1) };
@@ -2204,6 +2204,10 @@ static void check_blkreset(void)
 		vq_publish(&blk, 0, d, 0);
 	}
 	vw(&blk, 0x50, 0);
+	/* Until the device is draining (it turns notifications off meanwhile, and leaves them off
+	 * while its ring is full), or a bounded while: then reset. */
+	for (unsigned i = 0; i < 100000 && !(*(volatile uint16_t *)&q->used.flags & 1); i++)
+		__asm__ volatile("pause");
 	vw(&blk, 0x70, 0);
 	if (vr(&blk, 0x70) != 0) { report("blkreset", 0, "reset not taken"); return; }
 	uint16_t used = *(volatile uint16_t *)&q->used.idx;

@@ -492,6 +492,18 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         // The driver gave its buffers back: no request may write them after this returns.
         self.active = None;
+        if let Some(n) = self
+            .engine
+            .as_ref()
+            .map(AsyncIo::in_flight)
+            .filter(|&n| n > 0)
+        {
+            crate::guest_log!(
+                log::Level::Debug,
+                "disk {}: reset with {n} requests in flight: waiting for them, answering none",
+                self.name
+            );
+        }
         self.complete_in_flight();
         self.base.acked_features = 0;
     }
