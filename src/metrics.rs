@@ -237,6 +237,9 @@ counters!(
         io_engine_throttled_events,
         /// `io_uring_enter` calls that submitted requests (Async engine): one per queue drain.
         io_engine_submits,
+        /// Async requests finished while the device waited for its ring (a reset, snapshot,
+        /// image swap or stop) rather than on the event thread.
+        io_engine_waited,
     }
 );
 
