@@ -315,7 +315,13 @@ fn attach_config_devices(
     }
     for (i, disk) in disks.iter().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let mut block = Block::with_cache(&disk.path, disk.read_only, &id, disk.cache_type)?;
+        let mut block = Block::with_engine(
+            &disk.path,
+            disk.read_only,
+            &id,
+            disk.cache_type,
+            disk.io_engine,
+        )?;
         if let Some(limiter) = &disk.rate_limiter {
             block.update_rate_limiter(limiter)?;
         }

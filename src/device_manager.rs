@@ -414,6 +414,14 @@ impl DeviceManager {
         Ok(param)
     }
 
+    /// Waits for every block request in flight and answers it (status, used ring,
+    /// interrupt), so that a snapshot taken next holds no half-done request.
+    pub fn complete_block_io(&self) {
+        for slot in self.registry.blocks.values() {
+            lock(&slot.device).complete_in_flight();
+        }
+    }
+
     /// Every device's state; the vCPUs and the event thread must stand still.
     pub fn save(&self) -> DevicesState {
         fn slot_state<D, S>(

@@ -272,9 +272,10 @@ struct RunArgs {
     #[arg(long, default_value = "none", value_name = "KIND", value_parser = huge_pages)]
     huge_pages: skiff::config::HugePages,
     /// A virtio block device on a raw image:
-    /// path=IMG[,readonly=on][,id=NAME][,root=on][,bw=BYTES][,iops=N]. Repeatable; the first
-    /// (or the one with root=on) is /dev/vda, and root=on also adds root=/dev/vda to the kernel
-    /// command line. bw and iops limit the guest to that many bytes and requests a second.
+    /// path=IMG[,readonly=on][,id=NAME][,root=on][,cache=unsafe|writeback][,engine=sync|async]
+    /// [,bw=BYTES][,iops=N]. Repeatable; the first (or the one with root=on) is /dev/vda, and
+    /// root=on also adds root=/dev/vda to the kernel command line. bw and iops limit the guest
+    /// to that many bytes and requests a second; engine=async carries requests out on io_uring.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<skiff::config::DiskConfig>,
     /// A virtio network device on a TAP interface:

@@ -232,6 +232,14 @@ counters!(
         host_flush_errors,
         /// Requests put back on the queue by the rate limiter, to run when it allows.
         rate_limiter_throttled_events,
+        /// Requests left on the queue because the Async engine's ring was full (taken again
+        /// when requests complete).
+        io_engine_throttled_events,
+        /// `io_uring_enter` calls that submitted requests (Async engine): one per queue drain.
+        io_engine_submits,
+        /// Async requests finished while the device waited for its ring (a reset, snapshot,
+        /// image swap or stop) rather than on the event thread.
+        io_engine_waited,
     }
 );
 

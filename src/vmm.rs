@@ -408,6 +408,8 @@ impl Vm {
         if kind == SnapshotType::Diff && !self.track_dirty_pages {
             return Err(VmmError::DiffNeedsTracking);
         }
+        // Before any state is read: completions write guest memory and raise interrupts.
+        self.devices.complete_block_io();
         let vcpus = save_all(&self.handles, VCPU_ACK_TIMEOUT)?;
         let state = MicrovmState {
             skiff_version: env!("CARGO_PKG_VERSION").to_owned(),

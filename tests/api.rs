@@ -1156,10 +1156,10 @@ fn an_oversized_declared_body_is_refused_at_once() {
     assert_eq!(vm.call("GET", "/", None).0, 200);
 }
 
-/// Drives as Firecracker has them: `cache_type` and `io_engine` reported as set (Async taken,
-/// carried out as Sync), and an image swapped after boot by `PATCH /drives` with
-/// `path_on_host`: the guest sees the new capacity (configuration interrupt) and reads the new
-/// file (its marker, written to the old one, is gone); a missing file gets Firecracker's error.
+/// Drives as Firecracker has them: `cache_type` and `io_engine` reported as set (Async: on
+/// io_uring), and an image swapped after boot by `PATCH /drives` with `path_on_host` (the
+/// requests in flight finish on the old image first): the guest sees the new capacity
+/// (configuration interrupt) and reads the new file (its marker, written to the old one, is gone); a missing file gets Firecracker's error.
 #[test]
 fn drive_options_are_reported_and_an_image_is_swapped_after_boot() {
     let old = tmp("swap-old.img");

@@ -235,4 +235,44 @@ fn guest_memory_in_2m_huge_pages() {
         panic!("an odd size is taken")
     };
     assert!(err.to_string().contains("2 MiB"), "{err}");
+
+/// The io_uring descriptors this process holds.
+fn io_urings() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("io_uring"))
+        .count()
+}
+
+/// An embedder's VM with an Async disk, stopped while the guest keeps 40 requests in flight:
+/// the stop waits for them, and once the VM is dropped its io_uring is closed (no other test
+/// here makes one).
+#[test]
+fn a_stopped_vm_with_an_async_disk_leaves_no_ring_behind() {
+    use skiff::config::{CacheType, DiskConfig, IoEngine};
+    let console = console_file("library-async.console");
+    let img = console_file("library-async.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let mut config = ticking_guest(&console);
+    config.cmdline = "console=ttyS0 checks=blkdeep deep_rounds=1000".into();
+    config.disks.push(DiskConfig {
+        path: img,
+        read_only: false,
+        id: None,
+        root: false,
+        partuuid: None,
+        rate_limiter: None,
+        cache_type: CacheType::Writeback,
+        io_engine: IoEngine::Async,
+    });
+    assert_eq!(io_urings(), 0);
+    let mut vm = Vm::new(&config).unwrap();
+    assert_eq!(io_urings(), 1);
+    vm.start().unwrap();
+    wait_for_console(&console, "blkdeep: round 1");
+    vm.request_stop();
+    vm.wait().unwrap();
+    drop(vm);
+    assert_eq!(io_urings(), 0, "the ring outlived its VM");
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use super::{MicrovmState, SnapshotError};
 
 /// The state file format this Skiff writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 const MAGIC: &[u8; 8] = b"SKIFFSNP";
 /// Magic, version, payload length.
@@ -261,6 +261,7 @@ mod tests {
                 nsectors: 8,
                 rate_limiter: limiter,
                 cache_type: crate::config::CacheType::Writeback,
+                io_engine: crate::config::IoEngine::Async,
                 virtio: virtio.clone(),
             })],
             nets: vec![VirtioSlotState {

@@ -266,7 +266,7 @@ impl MicrovmState {
                 partuuid: None,
                 rate_limiter: b.device.rate_limiter,
                 cache_type: b.device.cache_type,
-                io_engine: crate::config::IoEngine::Sync,
+                io_engine: b.device.io_engine,
             })
             .collect();
         config.entropy = (self.devices.entropy.first()).map(|e| crate::config::EntropyConfig {

@@ -1,6 +1,10 @@
-//! The block device on the event thread: see [`process_single_queue_event`].
+//! The block device on the event thread: see [`process_single_queue_event`]; with the Async
+//! engine, its ring's completion eventfd too.
+
+use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
 
 use super::device::Block;
 use crate::devices::virtio::{
@@ -25,9 +29,19 @@ impl SingleQueueDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         watch_activation(&self.base, ops, "virtio-blk");
+        if let Some(evt) = self.completion_evt() {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                log::warn!("virtio-blk: cannot watch the io_uring completions: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        process_single_queue_event(self, events, ops);
+        let completions = self.completion_evt().map(AsRawFd::as_raw_fd);
+        if completions == Some(events.fd()) {
+            self.process_completions();
+        } else {
+            process_single_queue_event(self, events, ops);
+        }
     }
 }

@@ -3,8 +3,10 @@
 mod device;
 mod event_handler;
 mod request;
+mod uring;
 
 pub use device::{open_image, Block, BlockError, BlockState};
+pub use uring::RING_ENTRIES;
 
 /// Virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

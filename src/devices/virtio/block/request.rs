@@ -2,7 +2,9 @@
 //! device reads, data buffers, and a status byte the device writes last. Everything in the
 //! chain comes from the guest and is checked: buffer direction, lengths, sector ranges.
 //! Reads and writes move data between the image and guest memory directly, by `preadv` and
-//! `pwritev` over the guest buffers' host addresses: no copy through Skiff's own memory.
+//! `pwritev` over the guest buffers' host addresses: no copy through Skiff's own memory. With
+//! the Async engine the same iovecs go to the device's io_uring instead (see [`super::uring`]),
+//! and the status is written when the request completes.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -14,6 +16,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::uring::{AsyncIo, Completion, Op};
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{split_chain, ChainBufs, GuestBuf as Buf, Handled};
 use crate::metrics::{add, inc, BlockMetrics};
@@ -38,12 +41,12 @@ const IOV_MAX: usize = 1024;
 /// A request's guest buffers as host iovecs, kept by the device and reused from request to
 /// request so the data path does not allocate; empty between requests.
 #[derive(Default)]
-pub struct IoVecs(Vec<libc::iovec>);
+pub struct IoVecs(pub(super) Vec<libc::iovec>);
 
-// SAFETY: the iovecs are plain (address, length) pairs. They are filled, used and cleared
-// within one request on the thread running it, and only dereferenced (by the kernel) inside
-// that request while the guest memory they point into is borrowed; moving the emptied vector
-// to another thread moves no access to anything.
+// SAFETY: the iovecs are plain (address, length) pairs into guest memory, which is mapped
+// as long as the VM exists and which Skiff never reaches through them: only the kernel
+// dereferences them, within a Sync request, or while an Async request is in flight (the
+// device waits for those before it goes). Moving them to another thread moves no access.
 unsafe impl Send for IoVecs {}
 
 impl std::fmt::Debug for IoVecs {
@@ -83,6 +86,15 @@ pub struct Disk<'a> {
     pub metrics: &'a BlockMetrics,
     /// Storage for the chain's buffers, reused from request to request.
     pub chain: &'a mut ChainBufs,
+    /// The Async engine's ring, which takes reads, writes and flushes; None for Sync.
+    pub engine: Option<&'a mut AsyncIo>,
+}
+
+/// Where an Async request's answer goes when it completes.
+#[derive(Clone, Copy)]
+struct Answer {
+    head: u16,
+    status_addr: u64,
 }
 
 /// Runs the request in `chain` and returns the bytes written to the guest (status included).
@@ -94,6 +106,11 @@ pub fn execute(
     disk: &mut Disk<'_>,
     limiter: &mut RateLimiter,
 ) -> Handled {
+    // A full ring takes nothing more: the chain waits on the available ring for a completion.
+    if disk.engine.as_ref().is_some_and(|e| e.is_full()) {
+        inc(&disk.metrics.io_engine_throttled_events);
+        return Handled::Deferred;
+    }
     // Borrowed out of `disk` for the request (moving a Vec does not allocate), then returned.
     let mut bufs = std::mem::take(&mut *disk.chain);
     let handled = execute_split(chain, mem, disk, limiter, &mut bufs);
@@ -108,6 +125,7 @@ fn execute_split(
     limiter: &mut RateLimiter,
     bufs: &mut ChainBufs,
 ) -> Handled {
+    let head = chain.head_index();
     if !split_chain(chain, bufs) {
         inc(&disk.metrics.invalid_requests);
         return Handled::Used(0);
@@ -133,10 +151,12 @@ fn execute_split(
             inc(&disk.metrics.rate_limiter_throttled_events);
             return Handled::Deferred;
         }
-        run(mem, &header, readable, writable, disk)
+        let answer = Answer { head, status_addr };
+        run(mem, &header, readable, writable, disk, answer)
     };
     let (data_written, status) = match status {
-        Ok(n) => (n, VIRTIO_BLK_S_OK),
+        Ok(None) => return Handled::Held,
+        Ok(Some(n)) => (n, VIRTIO_BLK_S_OK),
         Err(s) => {
             inc(if s == VIRTIO_BLK_S_UNSUPP {
                 &disk.metrics.invalid_requests
@@ -172,23 +192,28 @@ fn data_len(header: &RequestHeader, readable: &[Buf], writable: &[Buf], nsectors
     }
 }
 
-/// Executes a parsed request; Ok(bytes written to the guest) or the failure status.
+/// Executes a parsed request: Ok(bytes written to the guest), Ok(None) for one handed to the
+/// Async engine (answered when it completes), or the failure status.
 fn run(
     mem: &GuestMemoryMmap,
     header: &RequestHeader,
     readable: &[Buf],
     writable: &[Buf],
     disk: &mut Disk<'_>,
-) -> Result<u64, u8> {
+    answer: Answer,
+) -> Result<Option<u64>, u8> {
     let header_len = std::mem::size_of::<RequestHeader>() as u64;
     match header.request_type {
         VIRTIO_BLK_T_IN => {
             let len = total(writable);
             let offset = check_range(header.sector, len, disk.nsectors)?;
+            if disk.engine.is_some() {
+                return submit_rw(mem, writable, 0, len, disk, offset, Op::Read, answer);
+            }
             copy_file_to_guest(mem, writable, disk, offset, len)?;
             inc(&disk.metrics.read_count);
             add(&disk.metrics.read_bytes, len);
-            Ok(len)
+            Ok(Some(len))
         }
         VIRTIO_BLK_T_OUT => {
             if disk.read_only {
@@ -196,19 +221,30 @@ fn run(
             }
             let len = total(readable).saturating_sub(header_len);
             let offset = check_range(header.sector, len, disk.nsectors)?;
+            if disk.engine.is_some() {
+                let op = Op::Write;
+                return submit_rw(mem, readable, header_len, len, disk, offset, op, answer);
+            }
             copy_guest_to_file(mem, readable, header_len, disk, offset, len)?;
             inc(&disk.metrics.write_count);
             add(&disk.metrics.write_bytes, len);
-            Ok(0)
+            Ok(Some(0))
         }
         VIRTIO_BLK_T_FLUSH => {
+            if let (Some(engine), false) = (disk.engine.as_mut(), disk.read_only) {
+                let fd = disk.file.as_raw_fd();
+                engine
+                    .push_flush(fd, answer.head, answer.status_addr)
+                    .map_err(|()| VIRTIO_BLK_S_IOERR)?;
+                return Ok(None);
+            }
             if !disk.read_only {
                 disk.file.sync_data().map_err(|e| {
                     host_error(disk.name, "flush", &disk.metrics.host_flush_errors, &e)
                 })?;
             }
             inc(&disk.metrics.flush_count);
-            Ok(0)
+            Ok(Some(0))
         }
         VIRTIO_BLK_T_GET_ID => {
             let n = usize::try_from(total(writable))
@@ -216,9 +252,90 @@ fn run(
                 .min(ID_BYTES);
             write_guest(mem, writable, 0, &disk.id[..n])?;
             inc(&disk.metrics.get_id_count);
-            Ok(n as u64)
+            Ok(Some(n as u64))
         }
         _ => Err(VIRTIO_BLK_S_UNSUPP),
+    }
+}
+
+/// Hands a read or write of `len` bytes at image `offset` to the Async engine: the iovecs are
+/// built (and checked, and a read's pages marked dirty) now, as for Sync.
+#[allow(clippy::too_many_arguments)]
+fn submit_rw(
+    mem: &GuestMemoryMmap,
+    bufs: &[Buf],
+    skip: u64,
+    len: u64,
+    disk: &mut Disk<'_>,
+    offset: u64,
+    op: Op,
+    answer: Answer,
+) -> Result<Option<u64>, u8> {
+    let iov = &mut disk.iovecs.0;
+    let built = guest_iovecs(mem, bufs, skip, len, op == Op::Read, iov);
+    if let Err(status) = built {
+        iov.clear();
+        return Err(status);
+    }
+    if len == 0 {
+        // Nothing to move: done now, as Sync does it.
+        iov.clear();
+        let (count, bytes) = if op == Op::Read {
+            (&disk.metrics.read_count, &disk.metrics.read_bytes)
+        } else {
+            (&disk.metrics.write_count, &disk.metrics.write_bytes)
+        };
+        inc(count);
+        add(bytes, 0);
+        return Ok(Some(0));
+    }
+    let fd = disk.file.as_raw_fd();
+    let Some(engine) = disk.engine.as_mut() else {
+        return Err(VIRTIO_BLK_S_IOERR);
+    };
+    engine
+        .push_rw(fd, answer.head, answer.status_addr, op, offset, disk.iovecs)
+        .map_err(|()| VIRTIO_BLK_S_IOERR)?;
+    Ok(None)
+}
+
+/// Accounts a finished Async request as Sync accounts one, and returns the status for the
+/// guest and the data bytes it was given.
+pub fn complete(c: &Completion, name: &str, metrics: &BlockMetrics) -> (u8, u32) {
+    let (count, bytes, host_errors, what) = match c.op {
+        Op::Read => (
+            &metrics.read_count,
+            Some(&metrics.read_bytes),
+            &metrics.host_read_errors,
+            "read",
+        ),
+        Op::Write => (
+            &metrics.write_count,
+            Some(&metrics.write_bytes),
+            &metrics.host_write_errors,
+            "write",
+        ),
+        Op::Flush => (
+            &metrics.flush_count,
+            None,
+            &metrics.host_flush_errors,
+            "flush",
+        ),
+    };
+    match c.result {
+        Ok(n) => {
+            inc(count);
+            if let Some(bytes) = bytes {
+                add(bytes, n);
+            }
+            let given = if c.op == Op::Read { n } else { 0 };
+            (VIRTIO_BLK_S_OK, u32::try_from(given).unwrap_or(u32::MAX))
+        }
+        Err(errno) => {
+            let e = std::io::Error::from_raw_os_error(errno);
+            inc(&metrics.io_errors);
+            (host_error(name, what, host_errors, &e), 0)
+        }
     }
 }
 
@@ -535,6 +652,7 @@ mod tests {
             iovecs: &mut iovecs,
             metrics,
             chain: &mut ChainBufs::default(),
+            engine: None,
         };
         let handled = execute(chain, m, &mut disk, limiter);
         (handled, m.read_obj(GuestAddress(STATUS)).unwrap())
@@ -613,6 +731,96 @@ mod tests {
         assert_eq!(counts["host_write_errors"], 1);
         assert_eq!(counts["host_flush_errors"], 0);
         assert_eq!(counts["io_errors"], 4);
+    }
+
+    /// The Async engine: a read, a write and a flush are handed to the ring (Held: no status
+    /// yet), and their completions carry the status, the used length and Sync's counters; a
+    /// buffer outside guest memory and a read-only write are IOERR at once, before the ring.
+    #[test]
+    fn async_requests_complete_through_the_ring_as_sync_ones_do() {
+        let m = mem();
+        let file = image();
+        let metrics = BlockMetrics::default();
+        let mut engine = AsyncIo::new().unwrap();
+        let id = [b'x'; ID_BYTES];
+        let mut iovecs = IoVecs::default();
+        let mut chain = ChainBufs::default();
+        let mut limiter = RateLimiter::unlimited().unwrap();
+        let mut go = |descs: &[RawDescriptor], read_only: bool, engine: &mut AsyncIo| {
+            m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+            let vq = MockSplitQueue::new(&m, 16);
+            let mut disk = Disk {
+                file: &file,
+                name: "test.img",
+                nsectors: 8,
+                read_only,
+                id: &id,
+                iovecs: &mut iovecs,
+                metrics: &metrics,
+                chain: &mut chain,
+                engine: Some(engine),
+            };
+            let handled = execute(
+                vq.build_desc_chain(descs).unwrap(),
+                &m,
+                &mut disk,
+                &mut limiter,
+            );
+            (handled, m.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+        };
+        let finish = |engine: &mut AsyncIo| {
+            engine.submit().unwrap();
+            let mut done = Vec::new();
+            engine.wait_all(file.as_raw_fd(), |c| {
+                done.push(complete(&c, "test.img", &metrics));
+            });
+            done
+        };
+        header(&m, VIRTIO_BLK_T_IN, 2);
+        assert_eq!(
+            go(&request(DATA, 1024, true), false, &mut engine),
+            (Handled::Held, 0xee)
+        );
+        assert_eq!(finish(&mut engine), [(VIRTIO_BLK_S_OK, 1024)]);
+        let mut data = [0u8; 1024];
+        m.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data.to_vec(), image_bytes(1024, 1024));
+
+        m.write_slice(&[0x42; 512], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 7);
+        assert_eq!(
+            go(&request(DATA, 512, false), false, &mut engine).0,
+            Handled::Held
+        );
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [desc(HDR, 16, 0, 0), desc(STATUS, 1, F_WRITE, 0)];
+        assert_eq!(go(&flush, false, &mut engine).0, Handled::Held);
+        assert_eq!(
+            finish(&mut engine),
+            [(VIRTIO_BLK_S_OK, 0), (VIRTIO_BLK_S_OK, 0)]
+        );
+        let mut on_disk = [0u8; 512];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 7 * 512).unwrap();
+        assert_eq!(on_disk, [0x42; 512]);
+
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let outside = go(&request(0xffff_0000, 512, true), false, &mut engine);
+        assert_eq!(outside, (Handled::Used(1), VIRTIO_BLK_S_IOERR));
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let refused = go(&request(DATA, 512, false), true, &mut engine);
+        assert_eq!(refused, (Handled::Used(1), VIRTIO_BLK_S_IOERR));
+        assert_eq!(engine.in_flight(), 0);
+        let counts = metrics.to_json();
+        assert_eq!(
+            (
+                counts["read_count"].as_u64(),
+                counts["write_count"].as_u64()
+            ),
+            (Some(1), Some(1))
+        );
+        assert_eq!(counts["flush_count"], 1);
+        assert_eq!(counts["read_bytes"], 1024);
+        assert_eq!(counts["io_errors"], 2);
     }
 
     /// A status buffer whose last byte's address wraps past the top of the address space is
@@ -949,6 +1157,7 @@ mod tests {
             iovecs: &mut iovecs,
             metrics: &BlockMetrics::default(),
             chain: &mut ChainBufs::default(),
+            engine: None,
         };
         // A readable descriptor after a writable one: refused, and it returns.
         let mut limiter = RateLimiter::unlimited().unwrap();
