@@ -235,6 +235,7 @@ fn guest_memory_in_2m_huge_pages() {
         panic!("an odd size is taken")
     };
     assert!(err.to_string().contains("2 MiB"), "{err}");
+}
 
 /// The io_uring descriptors this process holds.
 fn io_urings() -> usize {
