@@ -376,6 +376,26 @@ fn attach_config_devices(
     Ok(params)
 }
 
+/// Step (boot, with `--enable-pci`): the PCI bus the virtio devices then go on; Linux's
+/// `pci=off` leaves the command line. Returns the ranges the e820 map reserves (ECAM).
+fn pci_bus(
+    devices: &mut DeviceManager,
+    vm_fd: &Arc<VmFd>,
+    enabled: bool,
+    cmdline: &mut linux_loader::loader::Cmdline,
+) -> Result<Vec<(u64, u64)>, VmmError> {
+    if !enabled {
+        return Ok(Vec::new());
+    }
+    let ecam = devices.enable_pci(vm_fd.clone())?;
+    boot::remove_kernel_param(cmdline, "pci=off")?;
+    info!(
+        "--enable-pci: virtio devices on virtio-pci (bus 0, ECAM at {:#x}, MSI-X)",
+        ecam.0
+    );
+    Ok(vec![ecam])
+}
+
 /// Step: the metadata service on the interfaces its configuration names, answering from
 /// `store` (an empty one when none is given).
 fn metadata_service(
@@ -435,7 +455,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     // RAM: what the boot tables describe and the kernel is loaded into.
     let ram = create_guest_memory(config.memory_mib, kvm.phys_bits(), track)?;
     let placed = place_device_memory(&ram, &pmem, config.memory_hotplug.as_ref(), kvm.phys_bits())?;
-    let vm_fd = create_vm(&kvm, &ram, track)?;
+    let vm_fd = Arc::new(create_vm(&kvm, &ram, track)?);
     // Guest memory: RAM and the hot-plug region, whose slots the device gives to KVM.
     let mem = match placed.hotplug {
         Some((addr, size)) => add_hotplug_region(&ram, addr, size, track)?,
@@ -453,6 +473,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .set_boot_timer(config.boot_timer);
+    let reserved = pci_bus(&mut devices, &vm_fd, config.enable_pci, &mut cmdline)?;
     let params = attach_config_devices(&mut devices, &vm_fd, &mem, config, pmem, &placed)?;
     metadata_service(
         &mut devices,
@@ -474,7 +495,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         Some(path) => Some(boot::load_initrd(&ram, &kernel, path)?),
         None => None,
     };
-    boot::write_boot_info(&ram, &kernel, &cmdline, initrd)?;
+    boot::write_boot_info(&ram, &kernel, &cmdline, initrd, &reserved)?;
     mptable::setup_mptable(&ram, count)?;
 
     let template = match (&config.cpu_config, config.cpu_template) {
@@ -684,7 +705,7 @@ pub(crate) fn build_from_snapshot(
         state.memory_mib()
     );
     let vm = Vm::assemble(VmParts {
-        vm_fd,
+        vm_fd: Arc::new(vm_fd),
         mem,
         devices,
         exit,

@@ -150,6 +150,9 @@ pub enum VmmError {
     /// A diff snapshot of a VM that does not track dirty pages.
     #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
     DiffNeedsTracking,
+    /// Snapshots do not hold the PCI bus yet (configuration space, BARs, MSI-X and routes).
+    #[error("snapshots of a VM started with --enable-pci are not supported yet")]
+    PciSnapshot,
 }
 
 /// Stops a [`Vm`] from another thread: cheap to clone, `Send` and `Sync`.
@@ -252,7 +255,7 @@ struct MetricsSources {
 
 /// What the builder makes a [`Vm`] of.
 pub(crate) struct VmParts {
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub devices: DeviceManager,
     pub exit: Arc<ExitSignal>,
@@ -266,7 +269,7 @@ pub(crate) struct VmParts {
 /// A microVM.
 #[derive(Debug)]
 pub struct Vm {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     devices: DeviceManager,
     exit: Arc<ExitSignal>,
@@ -404,6 +407,9 @@ impl Vm {
         }
         if kind == SnapshotType::Diff && !self.track_dirty_pages {
             return Err(VmmError::DiffNeedsTracking);
+        }
+        if self.devices.pci_enabled() {
+            return Err(VmmError::PciSnapshot);
         }
         let vcpus = save_all(&self.handles, VCPU_ACK_TIMEOUT)?;
         let state = MicrovmState {

@@ -866,7 +866,7 @@ fn every_documented_route_is_served_as_documented() {
 }
 
 /// Firecracker's logging and PCI start flags, which clients pass on every start, are taken:
-/// --enable-pci with a warning that virtio stays on MMIO, --show-log-origin with each line's
+/// --enable-pci putting virtio on PCI, --show-log-origin with each line's
 /// source, --module keeping only that module's lines. Each made Skiff exit 2 before.
 #[test]
 fn firecracker_start_flags_are_taken() {
@@ -877,7 +877,9 @@ fn firecracker_start_flags_are_taken() {
     };
     let log = run(&["--enable-pci", "--show-level", "--show-log-origin"]);
     assert!(
-        log.contains("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO"),
+        log.contains(
+            "--enable-pci: virtio devices on virtio-pci (bus 0, ECAM at 0xe0000000, MSI-X)"
+        ),
         "{log}"
     );
     // Firecracker's line format: `<UTC time> [<id>:<thread>:<level>:<file>:<line>] message`,

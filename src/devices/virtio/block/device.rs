@@ -267,7 +267,7 @@ impl Block {
         self.base
             .config
             .update(|bytes| bytes.copy_from_slice(&capacity));
-        if let Err(e) = self.base.irq.trigger(crate::devices::virtio::INT_CONFIG) {
+        if let Err(e) = self.base.irq.trigger_config() {
             warn!(
                 "disk {}: cannot raise the configuration interrupt: {e}",
                 self.name
@@ -319,7 +319,7 @@ impl Block {
             queue,
             mem,
             &self.base.queue_events[0],
-            &self.base.irq,
+            self.base.queue_irq(0),
             |chain| execute(chain, mem, &mut disk, &mut self.rate_limiter),
         );
         if drained.is_err() {
