@@ -1681,3 +1681,30 @@ fn hot_plugged_memory_survives_a_restore() {
     );
     end_with_ctrl_alt_del(&mut vm);
 }
+
+/// A VM started with `--enable-pci` cannot be snapshotted yet (the PCI bus, its BARs and
+/// MSI-X routes are not in the state): the request is refused with one line naming the flag,
+/// no file is written, and the VM goes on when resumed.
+#[test]
+fn a_pci_vm_is_refused_a_snapshot_in_one_line() {
+    let dir = work_dir("pci-refused");
+    let disk = dir.join("disk.img");
+    disk_image(&disk);
+    let mut vm = Running::start("snap-pci", &["--enable-pci"]);
+    boot(&vm, "", &[drive(disk.to_str().unwrap())], false);
+    vm.wait_for("snap-tick 3", LIMIT);
+    let before = pause(&vm);
+    let snap = Snap::in_dir(&dir, "pci");
+    expect_refused(
+        &vm,
+        "PUT",
+        "/snapshot/create",
+        &snap.create_body("Full"),
+        "snapshot of a PCI VM",
+        &["enable-pci"],
+    );
+    assert!(!snap.state.exists() && !snap.mem.exists());
+    set_state(&vm, "Resumed");
+    next_tick_after(&vm, before, "after the refused snapshot");
+    kill(&mut vm);
+}
