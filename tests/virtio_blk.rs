@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{as_strs, run_args, run_skiff, test_guest};
+use common::{as_strs, run_args, run_skiff, test_guest, Transport};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// Where the host puts data for the guest, and where the guest writes (sectors).
@@ -32,9 +32,10 @@ fn image(name: &str) -> PathBuf {
     path
 }
 
-fn run_blk(disk_spec: &str, extra: &str) -> common::Outcome {
+fn run_blk(transport: Transport, disk_spec: &str, extra: &str) -> common::Outcome {
     let args = run_args(test_guest(), None, &format!("checks=blk {extra}"), 1, 128);
     let mut args = as_strs(&args);
+    args.extend(transport.flags());
     args.extend(["--disk", disk_spec]);
     run_skiff(&args, LIMIT, None)
 }
@@ -46,40 +47,51 @@ fn guest_bytes_in(path: &Path) -> bool {
 
 #[test]
 fn guest_reads_writes_flushes_and_the_bytes_reach_the_file() {
-    let img = image("blk-rw.img");
-    let out = run_blk(&format!("path={},id=test-disk-7", img.display()), "");
-    let lines = out.lines();
-    assert!(
-        lines.contains(&"PASS blk"),
-        "{}\n{}",
-        out.stdout,
-        out.stderr
-    );
-    assert!(lines.contains(&"blk: id 'test-disk-7'"), "{}", out.stdout);
-    assert!(
-        lines.contains(&"blk: capacity 16384 sectors, irq 5"),
-        "{}",
-        out.stdout
-    );
-    assert_eq!(out.code, Some(0));
-    assert!(
-        guest_bytes_in(&img),
-        "the guest's write is not in the image"
-    );
+    for transport in Transport::BOTH {
+        let img = image(&format!("blk-rw-{transport:?}.img"));
+        let out = run_blk(
+            transport,
+            &format!("path={},id=test-disk-7", img.display()),
+            "",
+        );
+        let lines = out.lines();
+        assert!(
+            lines.contains(&"PASS blk"),
+            "{transport:?}\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(lines.contains(&"blk: id 'test-disk-7'"), "{}", out.stdout);
+        // IOAPIC pin 5 on MMIO; none on PCI, whose interrupts are MSI-X.
+        let irq = match transport {
+            Transport::Mmio => "5",
+            Transport::Pci => "65535",
+        };
+        let capacity = format!("blk: capacity 16384 sectors, irq {irq}");
+        assert!(lines.contains(&capacity.as_str()), "{}", out.stdout);
+        assert_eq!(out.code, Some(0));
+        assert!(
+            guest_bytes_in(&img),
+            "{transport:?}: the guest's write is not in the image"
+        );
+    }
 }
 
 #[test]
 fn read_only_disk_refuses_writes_and_stays_unchanged() {
-    let img = image("blk-ro.img");
-    let before = std::fs::read(&img).unwrap();
-    let out = run_blk(&format!("path={},readonly=on", img.display()), "blk_ro=1");
-    assert!(
-        out.lines().contains(&"blk: write refused (read-only)"),
-        "{}",
-        out.stdout
-    );
-    assert!(out.lines().contains(&"PASS blk"), "{}", out.stdout);
-    assert_eq!(std::fs::read(&img).unwrap(), before);
+    for transport in Transport::BOTH {
+        let img = image(&format!("blk-ro-{transport:?}.img"));
+        let before = std::fs::read(&img).unwrap();
+        let spec = format!("path={},readonly=on", img.display());
+        let out = run_blk(transport, &spec, "blk_ro=1");
+        assert!(
+            out.lines().contains(&"blk: write refused (read-only)"),
+            "{transport:?}: {}",
+            out.stdout
+        );
+        assert!(out.lines().contains(&"PASS blk"), "{}", out.stdout);
+        assert_eq!(std::fs::read(&img).unwrap(), before);
+    }
 }
 
 #[test]
@@ -138,12 +150,19 @@ fn benchmark_work_runs_and_reports() {
 /// and this test ran into its time limit.
 #[test]
 fn a_guest_that_breaks_its_queue_hurts_only_itself() {
-    let img = image("blk-hostile.img");
+    for transport in Transport::BOTH {
+        hostile_guest(transport);
+    }
+}
+
+fn hostile_guest(transport: Transport) {
+    let img = image(&format!("blk-hostile-{transport:?}.img"));
     let mut args = run_args(test_guest(), None, "checks=hostile storm=50000", 1, 128);
     assert_eq!(args[..2], ["--log-level", "info"]);
     args[1] = "debug".into();
     let mut args = as_strs(&args);
     let disk = format!("path={}", img.display());
+    args.extend(transport.flags());
     args.extend(["--disk", &disk]);
     let out = run_skiff(&args, LIMIT, None);
     let lines = out.lines();
@@ -156,7 +175,7 @@ fn a_guest_that_breaks_its_queue_hurts_only_itself() {
     ] {
         assert!(
             lines.contains(&want),
-            "{want}\n{}\n{}",
+            "{transport:?}: {want}\n{}\n{}",
             out.stdout,
             out.stderr
         );
