@@ -659,9 +659,13 @@ pub(crate) fn build_from_snapshot(
         vcpu_fds: made_vcpus,
         uffd,
     } = restore_memory(restore, &state, warm)?;
+    let vm_fd = Arc::new(vm_fd);
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
     let (mut devices, uart) =
         legacy_devices(&vm_fd, &exit, &restore.console, Some(&state.devices))?;
+    if state.devices.pci.is_some() {
+        devices.enable_pci(vm_fd.clone())?;
+    }
     let overrides = &restore.network_overrides;
     let tap_override = |id: &str| {
         overrides
@@ -705,7 +709,7 @@ pub(crate) fn build_from_snapshot(
         state.memory_mib()
     );
     let vm = Vm::assemble(VmParts {
-        vm_fd: Arc::new(vm_fd),
+        vm_fd,
         mem,
         devices,
         exit,

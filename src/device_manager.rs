@@ -29,7 +29,9 @@ use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemError, VirtioMemState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
-use crate::devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
+use crate::devices::virtio::pci::{
+    VirtioPciDevice, VirtioPciRestoreError, VirtioPciState, BAR_SIZE,
+};
 use crate::devices::virtio::pmem::{Pmem, PmemError, PmemState};
 use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockState};
@@ -104,6 +106,12 @@ pub enum DeviceError {
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
+    /// A saved virtio-pci function cannot be put back.
+    #[error("virtio-pci device in slot {0}: cannot restore it")]
+    PciRestore(u32, #[source] VirtioPciRestoreError),
+    /// The snapshot's PCI functions do not match its virtio devices.
+    #[error("the snapshot's PCI functions do not match its virtio devices")]
+    PciSlots,
     /// A virtio-pci device's MSI-X vectors cannot be set up.
     #[error("cannot set up MSI-X")]
     Msix(#[source] MsixError),
@@ -154,6 +162,8 @@ pub struct DevicesState {
     pub memory_hotplug: Vec<VirtioSlotState<VirtioMemState>>,
     /// The metadata service (its data store is not kept).
     pub mmds: Option<MmdsState>,
+    /// With `--enable-pci`: each virtio device's PCI function, by slot.
+    pub pci: Option<Vec<VirtioPciState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -244,6 +254,10 @@ struct PciParts {
     routes: Arc<GsiRoutes>,
     next_gsi: u32,
     next_bar: u64,
+    /// Each device's function, by slot.
+    functions: Vec<(u32, Arc<Mutex<VirtioPciDevice>>)>,
+    /// When restoring: the saved functions, by slot.
+    saved: BTreeMap<u32, VirtioPciState>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -364,6 +378,8 @@ impl DeviceManager {
             routes: Arc::new(GsiRoutes::new(vm)),
             next_gsi: FIRST_MSI_GSI,
             next_bar: PCI_MMIO_START,
+            functions: Vec::new(),
+            saved: BTreeMap::new(),
         });
         Ok((PCI_ECAM_START, PCI_ECAM_SIZE))
     }
@@ -520,6 +536,11 @@ impl DeviceManager {
                 .mmds
                 .as_ref()
                 .map(|(config, _)| MmdsState::save(config)),
+            pci: self.pci.as_ref().map(|pci| {
+                (pci.functions.iter())
+                    .map(|(slot, f)| lock(f).save(*slot))
+                    .collect()
+            }),
         }
     }
 
@@ -575,6 +596,16 @@ impl DeviceManager {
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
             return Err(DeviceError::SlotOrder);
+        }
+        match (self.pci.as_mut(), &state.pci) {
+            (Some(pci), Some(saved)) => {
+                pci.saved = saved.iter().map(|f| (f.slot, f.clone())).collect();
+                if pci.saved.len() != slots.len() || saved.len() != slots.len() {
+                    return Err(DeviceError::PciSlots);
+                }
+            }
+            (None, None) => {}
+            _ => return Err(DeviceError::PciSlots),
         }
         for slot in slots {
             if let Some(b) = state.blocks.iter().find(|b| b.slot == slot) {
@@ -636,10 +667,9 @@ impl DeviceManager {
     {
         let index = u32::try_from(self.virtio_subscribers.len()).unwrap_or(u32::MAX);
         if let Some(pci) = self.pci.as_mut() {
-            let (slot, transport) = register_pci_device(pci, mem, &device, saved)?;
+            let transport = register_pci_device(pci, index, mem, &device, saved)?;
             self.virtio_subscribers.push(device);
-            let _ = index;
-            return Ok((slot, transport, String::new()));
+            return Ok((index, transport, String::new()));
         }
         let max = IOAPIC_NUM_PINS - IRQ_DEVICES_START;
         if index >= max {
@@ -710,16 +740,19 @@ impl DeviceManager {
     }
 }
 
-/// Places a virtio device on the PCI bus: the next device number, the next BAR in the window,
-/// one MSI-X vector per queue plus one for configuration changes (each on its own GSI), and the
-/// queues' notification addresses as ioeventfds. Returns the device number and the register
-/// model the function maps its common configuration onto.
+/// Places the virtio device of registry slot `slot` on the PCI bus: the next device number, the
+/// next BAR in the window, one MSI-X vector per queue plus one for configuration changes (each
+/// on its own GSI), and the queues' notification addresses as ioeventfds; a restored device's
+/// function gets its saved registers and routes. Returns the register model the function maps
+/// its common configuration onto. Devices are placed in slot order, at boot and at restore
+/// alike, so each gets the same device number, BAR and GSIs.
 fn register_pci_device<D>(
     pci: &mut PciParts,
+    slot: u32,
     mem: &GuestMemoryMmap,
     device: &Arc<Mutex<D>>,
     saved: Option<SavedTransport<'_>>,
-) -> Result<(u32, Arc<Mutex<MmioTransport>>), DeviceError>
+) -> Result<Arc<Mutex<MmioTransport>>, DeviceError>
 where
     D: VirtioDevice + MutEventSubscriber + Send + 'static,
 {
@@ -752,7 +785,7 @@ where
             .map_err(|e| DeviceError::Transport(String::new(), e))?,
     };
     let transport = Arc::new(Mutex::new(transport));
-    let function = VirtioPciDevice::new(
+    let mut function = VirtioPciDevice::new(
         transport.clone(),
         device_type,
         irq,
@@ -766,8 +799,15 @@ where
         addr: bar,
         source,
     })?;
-    let slot = pci.bus.add(Arc::new(Mutex::new(function)))?;
+    if let Some(state) = pci.saved.get(&slot) {
+        function
+            .restore(state)
+            .map_err(|e| DeviceError::PciRestore(slot, e))?;
+    }
+    let function = Arc::new(Mutex::new(function));
+    pci.bus.add(function.clone())?;
+    pci.functions.push((slot, function));
     pci.next_gsi += vectors;
     pci.next_bar += BAR_SIZE;
-    Ok((u32::try_from(slot).unwrap_or(u32::MAX), transport))
+    Ok(transport)
 }

@@ -150,9 +150,6 @@ pub enum VmmError {
     /// A diff snapshot of a VM that does not track dirty pages.
     #[error("a diff snapshot needs dirty-page tracking (machine-config track_dirty_pages, or track_dirty_pages on snapshot load)")]
     DiffNeedsTracking,
-    /// Snapshots do not hold the PCI bus yet (configuration space, BARs, MSI-X and routes).
-    #[error("snapshots of a VM started with --enable-pci are not supported yet")]
-    PciSnapshot,
 }
 
 /// Stops a [`Vm`] from another thread: cheap to clone, `Send` and `Sync`.
@@ -408,9 +405,7 @@ impl Vm {
         if kind == SnapshotType::Diff && !self.track_dirty_pages {
             return Err(VmmError::DiffNeedsTracking);
         }
-        if self.devices.pci_enabled() {
-            return Err(VmmError::PciSnapshot);
-        }
+
         let vcpus = save_all(&self.handles, VCPU_ACK_TIMEOUT)?;
         let state = MicrovmState {
             skiff_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -117,6 +117,14 @@ impl ConfigHeader {
         self.set_u16(reg::COMMAND + 2, status);
     }
 
+    /// Puts back saved bytes (what the guest could not change stays as this Skiff made it).
+    pub fn restore(&mut self, saved: &[u8]) {
+        for (i, (b, &s)) in self.bytes.iter_mut().zip(saved).enumerate() {
+            let mask = self.writable[i];
+            *b = (*b & !mask) | (s & mask);
+        }
+    }
+
     /// Reads `data.len()` bytes at `offset`; beyond the conventional space reads zeros.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use kvm_ioctls::VmFd;
 use log::Level;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{InterruptDelivery, InterruptSource};
@@ -24,6 +25,35 @@ pub const ENTRY_SIZE: u64 = 16;
 /// Where the LAPIC's MSI messages go (Intel SDM 11.11.1): a route to any other address is
 /// refused by KVM's MSI injection, so it is not installed.
 const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+
+/// One table entry, as a snapshot holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixEntryState {
+    /// Message address.
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+    /// Vector control's mask bit.
+    pub masked: bool,
+    /// The pending bit.
+    pub pending: bool,
+}
+
+/// The vectors as a snapshot holds them: the table and PBA, the capability's enable and
+/// function-mask bits, and which vector each queue and configuration changes use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// The table, with the pending bits.
+    pub entries: Vec<MsixEntryState>,
+    /// MSI-X Enable.
+    pub enabled: bool,
+    /// Function Mask.
+    pub function_masked: bool,
+    /// Each queue's vector.
+    pub queue_vectors: Vec<u16>,
+    /// The configuration vector.
+    pub config_vector: u16,
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -63,6 +93,9 @@ pub enum MsixError {
     /// KVM refused an irqfd.
     #[error("cannot register the irqfd for GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+    /// A saved table does not fit the device.
+    #[error("the saved MSI-X table does not fit the device")]
+    Shape,
 }
 
 impl MsixVectors {
@@ -258,6 +291,56 @@ impl MsixVectors {
     /// The configuration vector.
     pub fn config_vector(&self) -> u16 {
         self.state().config_vector
+    }
+
+    /// The vectors, for a snapshot.
+    pub fn save(&self) -> MsixState {
+        let s = self.state();
+        MsixState {
+            entries: (s.entries.iter())
+                .map(|e| MsixEntryState {
+                    address: e.address,
+                    data: e.data,
+                    masked: e.masked,
+                    pending: e.pending,
+                })
+                .collect(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+            queue_vectors: s.queue_vectors.clone(),
+            config_vector: s.config_vector,
+        }
+    }
+
+    /// Puts back what [`MsixVectors::save`] saved and routes every programmed vector's GSI
+    /// again; refused when the table or queue count differs from this device's. Pending bits
+    /// stay pending (the interrupt controllers' own state says what was delivered).
+    pub fn restore(&self, saved: &MsixState) -> Result<(), MsixError> {
+        let mut s = self.state();
+        if saved.entries.len() != s.entries.len()
+            || saved.queue_vectors.len() != s.queue_vectors.len()
+        {
+            return Err(MsixError::Shape);
+        }
+        for (index, (e, saved)) in s.entries.iter_mut().zip(&saved.entries).enumerate() {
+            *e = Entry {
+                address: saved.address,
+                data: saved.data,
+                masked: saved.masked,
+                pending: saved.pending,
+            };
+            if e.address & !0xf_ffff == MSI_ADDRESS_BASE {
+                let gsi = self.gsis[index];
+                (self.routes)
+                    .set_msi(gsi, e.address, e.data)
+                    .map_err(|err| MsixError::Route(gsi, err))?;
+            }
+        }
+        s.enabled = saved.enabled;
+        s.function_masked = saved.function_masked;
+        s.queue_vectors.clone_from(&saved.queue_vectors);
+        s.config_vector = saved.config_vector;
+        Ok(())
     }
 
     /// The device was reset: no vector mapped any more (the table itself stays).
