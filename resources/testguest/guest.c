@@ -403,6 +403,8 @@ struct vdev {
 	uintptr_t common, isr, notify;
 	uint32_t notify_mult;
 	uint16_t qsel;
+	unsigned pci_dev;	/* its device number on bus 0 */
+	uintptr_t msix_table;
 };
 #define PCI_NO_PIN 0xffffu
 static inline uint8_t mmio_read8(uintptr_t a) { return *(volatile uint8_t *)a; }
@@ -537,6 +539,8 @@ static int find_virtio_pci(uint32_t id, struct vdev *d)
 		}
 		mmio_write16(ecam(dev, msix + 2), 0x8000);	/* MSI-X enable */
 		d->pci = 1;
+		d->pci_dev = dev;
+		d->msix_table = table;
 		d->base = devcfg - 0x100;
 		d->irq = PCI_NO_PIN;
 		d->qsel = 0;
@@ -1336,6 +1340,37 @@ static void check_hostile(void)
 	if (vr(&blk, 0x100) == 0) { report("hostile", 0, "the capacity changed under a write storm"); return; }
 	printf("hostile: %u writes to read-only configuration bytes\n", storm);
 	report("hostile", 1, 0);
+}
+
+/* A hostile driver of a virtio-pci disk: writes to read-only and unaligned configuration
+ * space, its BAR moved over RAM (and back), an MSI-X table entry past the table, a notification
+ * of a queue the device does not have, common-configuration writes at bad offsets. The host
+ * must log each and go on; the disk must still answer afterwards. */
+static void check_pcihostile(void)
+{
+	const char *why;
+	if (!find_virtio(2, &blk) || !blk.pci) { report("pcihostile", 0, "no virtio-pci disk"); return; }
+	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("pcihostile", 0, why); return; }
+	if (blk_request(0, 0, blk_buf, 512, 1) != 0) { report("pcihostile", 0, "first read failed"); return; }
+	unsigned dev = blk.pci_dev;
+	mmio_write32(ecam(dev, 0), 0);			/* vendor and device IDs: read-only */
+	mmio_write32(ecam(dev, 0x800), 0xdeadbeef);	/* extended space: nothing there */
+	mmio_write16(ecam(dev, 0x41), 0xffff);		/* unaligned */
+	if (mmio_read32(ecam(dev, 0)) != (0x1af4u | (0x1042u << 16))) { report("pcihostile", 0, "IDs changed"); return; }
+	uint32_t bar = mmio_read32(ecam(dev, 0x10));
+	mmio_write32(ecam(dev, 0x10), 0x100000);	/* over the guest's own RAM */
+	if (mmio_read32(blk.common + VPCI_DF) != 0xffffffffu) { report("pcihostile", 0, "BAR still decoded at its old place"); return; }
+	mmio_write32(ecam(dev, 0x10), bar);
+	mmio_write32(blk.msix_table + 16 * 100, 0xfee00000u);	/* entry 100 of 2 */
+	if (mmio_read32(blk.msix_table + 16 * 100) != 0) { report("pcihostile", 0, "an MSI-X entry past the table took a write"); return; }
+	mmio_write16(blk.notify + 7 * blk.notify_mult, 7);	/* queue 7 of 1 */
+	mmio_write8(blk.common + 0x3f, 1);
+	mmio_write16(blk.common + 0x12, 9);			/* num_queues: read-only */
+	if (mmio_read16(blk.common + 0x12) != 1) { report("pcihostile", 0, "num_queues changed"); return; }
+	for (int i = 0; i < 3; i++)
+		if (blk_request(0, (uint64_t)i, blk_buf, 512, 1) != 0) { report("pcihostile", 0, "read after the hostile writes failed"); return; }
+	puts("pcihostile: config space, BAR over RAM, MSI-X entry 100, queue 7: device still answers\n");
+	report("pcihostile", 1, 0);
 }
 
 /* ---- virtio-net (virtio 1.2, 5.1) ---- */
@@ -3230,6 +3265,7 @@ static void run_checks(const char *protocol)
 	if (wants("progress")) check_progress();
 	if (wants("blk")) check_blk();
 	if (wants("hostile")) check_hostile();
+	if (wants("pcihostile")) check_pcihostile();
 	if (wants("net")) check_net();
 	if ((wants("mmds") || wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon") || wants("pmem") || wants("mem")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");

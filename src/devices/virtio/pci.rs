@@ -24,6 +24,7 @@ use super::mmio::{
     REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS,
 };
 use super::{ConfigSpace, IrqTrigger};
+use crate::arch::x86_64::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
 use crate::devices::pci::msix::{MsixError, MsixState, MsixVectors, ENTRY_SIZE};
 use crate::devices::pci::{reg, ConfigHeader, PciFunction};
 use crate::guest_log;
@@ -229,6 +230,7 @@ impl VirtioPciDevice {
         if let Some((base, _)) = device.bar() {
             device.register_ioevents(base)?;
         }
+        device.bar_changed();
         Ok(device)
     }
 
@@ -295,9 +297,17 @@ impl VirtioPciDevice {
         }
     }
 
-    /// The BAR moved or decoding was switched: the ioeventfds follow.
+    /// The BAR moved or decoding was switched: the ioeventfds follow, while the BAR lies in
+    /// the PCI window (the only place the bus decodes it; elsewhere, over RAM for one, a
+    /// notification address would mean nothing).
     fn bar_changed(&mut self) {
-        let now = self.bar();
+        let in_window = |&(base, size): &(u64, u64)| {
+            base >= PCI_MMIO_START
+                && base
+                    .checked_add(size)
+                    .is_some_and(|end| end <= PCI_MMIO_START + PCI_MMIO_SIZE)
+        };
+        let now = self.bar().filter(in_window);
         if now.map(|(b, _)| b) == self.ioevents_at {
             return;
         }
