@@ -269,11 +269,10 @@ impl PciBus {
     /// The function whose BAR holds `addr`, with the offset in the BAR.
     fn bar_at(&self, addr: u64, len: usize) -> Option<(Function, u64)> {
         let bars = self.bars.read().unwrap_or_else(PoisonError::into_inner);
-        let &(base, size, device) = bars
+        let &(base, _, device) = bars
             .iter()
             .find(|&&(b, s, _)| addr >= b && addr + len as u64 <= b + s)?;
         drop(bars);
-        let _ = size;
         Some((self.function(device)?, addr - base))
     }
 }

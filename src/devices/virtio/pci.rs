@@ -325,8 +325,8 @@ impl VirtioPciDevice {
 
     fn common_read(&mut self, offset: u64, data: &mut [u8]) {
         use common::*;
-        let Some((field, width)) = common_field(offset)
-            .filter(|&(f, w)| f == offset && (w == data.len() || (w == 4 && data.len() == 4)))
+        let Some((field, width)) =
+            common_field(offset).filter(|&(f, w)| f == offset && w == data.len())
         else {
             guest_log!(
                 Level::Debug,
