@@ -384,6 +384,26 @@ fn attach_config_devices(
     Ok(params)
 }
 
+/// Step (boot, with `--enable-pci`): the PCI bus the virtio devices then go on; Linux's
+/// `pci=off` leaves the command line. Returns the ranges the e820 map reserves (ECAM).
+fn pci_bus(
+    devices: &mut DeviceManager,
+    vm_fd: &Arc<VmFd>,
+    enabled: bool,
+    cmdline: &mut linux_loader::loader::Cmdline,
+) -> Result<Vec<(u64, u64)>, VmmError> {
+    if !enabled {
+        return Ok(Vec::new());
+    }
+    let ecam = devices.enable_pci(vm_fd.clone())?;
+    boot::remove_kernel_param(cmdline, "pci=off")?;
+    info!(
+        "--enable-pci: virtio devices on virtio-pci (bus 0, ECAM at {:#x}, MSI-X)",
+        ecam.0
+    );
+    Ok(vec![ecam])
+}
+
 /// Step: the metadata service on the interfaces its configuration names, answering from
 /// `store` (an empty one when none is given).
 fn metadata_service(
@@ -446,7 +466,7 @@ pub(crate) fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     // KVM_CREATE_PIT2 and each memory slot take milliseconds of KVM's time (an SRCU grace
     // period, a kernel thread; 3-8 ms each on a nested host) that the rest does not need: a
     // second thread gives them to KVM while this one wires devices and loads the kernel.
-    let vm_fd = create_vm_fd_without_pit(&kvm)?;
+    let vm_fd = Arc::new(create_vm_fd_without_pit(&kvm)?);
     let built = std::thread::scope(|scope| {
         let background = std::thread::Builder::new()
             .name("skiff-build".into())
@@ -533,7 +553,7 @@ struct BootParts {
 #[allow(clippy::too_many_arguments)]
 fn build_devices_and_boot_info(
     kvm: &KvmContext,
-    vm_fd: &VmFd,
+    vm_fd: &Arc<VmFd>,
     ram: &GuestMemoryMmap,
     placed: &DeviceMemory,
     pmem: Vec<PmemBacking>,
@@ -559,6 +579,7 @@ fn build_devices_and_boot_info(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .set_boot_timer(config.boot_timer);
+    let reserved = pci_bus(&mut devices, vm_fd, config.enable_pci, cmdline)?;
     let params = attach_config_devices(&mut devices, vm_fd, &mem, config, pmem, placed)?;
     metadata_service(
         &mut devices,
@@ -579,7 +600,7 @@ fn build_devices_and_boot_info(
         Some(path) => Some(boot::load_initrd(ram, &kernel, path)?),
         None => None,
     };
-    boot::write_boot_info(ram, &kernel, cmdline, initrd)?;
+    boot::write_boot_info(ram, &kernel, cmdline, initrd, &reserved)?;
     mptable::setup_mptable(ram, count)?;
 
     let template = match (&config.cpu_config, config.cpu_template) {
@@ -718,9 +739,13 @@ pub(crate) fn build_from_snapshot(
         vcpu_fds: made_vcpus,
         uffd,
     } = restore_memory(restore, &state, warm)?;
+    let vm_fd = Arc::new(vm_fd);
     let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
     let (mut devices, uart) =
         legacy_devices(&vm_fd, &exit, &restore.console, Some(&state.devices))?;
+    if state.devices.pci.is_some() {
+        devices.enable_pci(vm_fd.clone())?;
+    }
     let overrides = &restore.network_overrides;
     let tap_override = |id: &str| {
         overrides

@@ -69,6 +69,9 @@ pub struct VmConfig {
     /// Log the guest's boot time when it writes 123 to the boot-progress port, as
     /// Firecracker's `--boot-timer` does.
     pub boot_timer: bool,
+    /// The virtio devices on a virtio-pci transport (a PCI bus with MSI-X) instead of
+    /// virtio-mmio: Firecracker's `--enable-pci`.
+    pub enable_pci: bool,
     /// The seccomp filters the VM's threads install.
     pub seccomp: SeccompConfig,
 }
@@ -745,6 +748,7 @@ impl VmConfig {
             balloon: None,
             track_dirty_pages: false,
             boot_timer: false,
+            enable_pci: false,
             seccomp: SeccompConfig::Default,
         }
     }

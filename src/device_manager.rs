@@ -16,16 +16,22 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     I8042_KBD_IRQ, I8042_PORT_BASE, IOAPIC_NUM_PINS, IRQ_DEVICES_START, MMIO_DEVICES_START,
-    MMIO_DEVICE_SLOT_SIZE, PROGRESS_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
+    MMIO_DEVICE_SLOT_SIZE, PCI_CONFIG_IO_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE,
+    PCI_MMIO_START, PROGRESS_PORT, SERIAL_IRQ, SERIAL_PORT_BASE,
 };
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialState};
 use crate::devices::legacy::{BootProgress, SerialDevice, I8042};
+use crate::devices::pci::msix::{MsixError, MsixVectors};
+use crate::devices::pci::{PciBarWindow, PciBus, PciConfigIo, PciConfigMmio, PciError};
 use crate::devices::virtio::balloon::{Balloon, BalloonError, BalloonState};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemError, VirtioMemState};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE};
 use crate::devices::virtio::net::{Net, NetError, NetState};
+use crate::devices::virtio::pci::{
+    VirtioPciDevice, VirtioPciRestoreError, VirtioPciState, BAR_SIZE,
+};
 use crate::devices::virtio::pmem::{Pmem, PmemError, PmemState};
 use crate::devices::virtio::rng::{Rng, RngError, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockState};
@@ -33,6 +39,7 @@ use crate::devices::virtio::{QueueSnapshot, RestoreError, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::mmds::{MmdsConfig, MmdsStack, MmdsState, MmdsStore};
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vm::{GsiRoutes, FIRST_MSI_GSI};
 
 /// A device the event thread drives.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -99,6 +106,18 @@ pub enum DeviceError {
     /// A saved transport cannot be restored.
     #[error("virtio device {0}: cannot restore its transport")]
     Transport(String, #[source] RestoreError),
+    /// A saved virtio-pci function cannot be put back.
+    #[error("virtio-pci device in slot {0}: cannot restore it")]
+    PciRestore(u32, #[source] VirtioPciRestoreError),
+    /// The snapshot's PCI functions do not match its virtio devices.
+    #[error("the snapshot's PCI functions do not match its virtio devices")]
+    PciSlots,
+    /// A virtio-pci device's MSI-X vectors cannot be set up.
+    #[error("cannot set up MSI-X")]
+    Msix(#[source] MsixError),
+    /// The PCI bus has no room for another device.
+    #[error(transparent)]
+    Pci(#[from] PciError),
     /// The metadata service names an interface the VM does not have.
     #[error("MMDS: network interface {0} does not exist")]
     MmdsInterface(String),
@@ -143,6 +162,8 @@ pub struct DevicesState {
     pub memory_hotplug: Vec<VirtioSlotState<VirtioMemState>>,
     /// The metadata service (its data store is not kept).
     pub mmds: Option<MmdsState>,
+    /// With `--enable-pci`: each virtio device's PCI function, by slot.
+    pub pci: Option<Vec<VirtioPciState>>,
 }
 
 /// A virtio device on its transport, found by id in the [`DeviceRegistry`].
@@ -222,6 +243,21 @@ pub struct DeviceManager {
     registry: DeviceRegistry,
     /// The metadata service, once attached: its configuration and store.
     mmds: Option<(MmdsConfig, MmdsStore)>,
+    /// With `--enable-pci`: where virtio devices go instead of MMIO slots.
+    pci: Option<PciParts>,
+}
+
+/// The PCI bus and what placing a device on it takes.
+#[derive(Debug)]
+struct PciParts {
+    bus: Arc<PciBus>,
+    routes: Arc<GsiRoutes>,
+    next_gsi: u32,
+    next_bar: u64,
+    /// Each device's function, by slot.
+    functions: Vec<(u32, Arc<Mutex<VirtioPciDevice>>)>,
+    /// When restoring: the saved functions, by slot.
+    saved: BTreeMap<u32, VirtioPciState>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -307,7 +343,50 @@ impl DeviceManager {
             virtio_subscribers: Vec::new(),
             registry: DeviceRegistry::default(),
             mmds: None,
+            pci: None,
         })
+    }
+
+    /// Puts the virtio devices added from now on a PCI bus (a host bridge, configuration space
+    /// through ECAM and the 0xcf8 ports, BARs in the PCI window, MSI-X through `vm`'s GSI
+    /// routing) instead of MMIO slots. Returns the range to reserve in the e820 map (ECAM).
+    pub fn enable_pci(&mut self, vm: Arc<VmFd>) -> Result<(u64, u64), DeviceError> {
+        let bus = Arc::new(PciBus::new((PCI_MMIO_START, PCI_MMIO_SIZE)));
+        self.pio_bus
+            .insert(
+                Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))),
+                u64::from(PCI_CONFIG_IO_PORT),
+                8,
+            )
+            .map_err(DeviceError::Bus)?;
+        self.mmio_bus
+            .insert(
+                Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))),
+                PCI_ECAM_START,
+                PCI_ECAM_SIZE,
+            )
+            .map_err(DeviceError::Bus)?;
+        self.mmio_bus
+            .insert(
+                Arc::new(Mutex::new(PciBarWindow::new(bus.clone()))),
+                PCI_MMIO_START,
+                PCI_MMIO_SIZE,
+            )
+            .map_err(DeviceError::Bus)?;
+        self.pci = Some(PciParts {
+            bus,
+            routes: Arc::new(GsiRoutes::new(vm)),
+            next_gsi: FIRST_MSI_GSI,
+            next_bar: PCI_MMIO_START,
+            functions: Vec::new(),
+            saved: BTreeMap::new(),
+        });
+        Ok((PCI_ECAM_START, PCI_ECAM_SIZE))
+    }
+
+    /// Whether the virtio devices are on PCI.
+    pub fn pci_enabled(&self) -> bool {
+        self.pci.is_some()
     }
 
     /// Adds disk `id` in the next MMIO slot; returns its kernel parameter.
@@ -465,6 +544,11 @@ impl DeviceManager {
                 .mmds
                 .as_ref()
                 .map(|(config, _)| MmdsState::save(config)),
+            pci: self.pci.as_ref().map(|pci| {
+                (pci.functions.iter())
+                    .map(|(slot, f)| lock(f).save(*slot))
+                    .collect()
+            }),
         }
     }
 
@@ -520,6 +604,16 @@ impl DeviceManager {
         slots.sort_unstable();
         if slots.iter().zip(0u32..).any(|(&s, i)| s != i) {
             return Err(DeviceError::SlotOrder);
+        }
+        match (self.pci.as_mut(), &state.pci) {
+            (Some(pci), Some(saved)) => {
+                pci.saved = saved.iter().map(|f| (f.slot, f.clone())).collect();
+                if pci.saved.len() != slots.len() || saved.len() != slots.len() {
+                    return Err(DeviceError::PciSlots);
+                }
+            }
+            (None, None) => {}
+            _ => return Err(DeviceError::PciSlots),
         }
         for slot in slots {
             if let Some(b) = state.blocks.iter().find(|b| b.slot == slot) {
@@ -580,6 +674,11 @@ impl DeviceManager {
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
         let index = u32::try_from(self.virtio_subscribers.len()).unwrap_or(u32::MAX);
+        if let Some(pci) = self.pci.as_mut() {
+            let transport = register_pci_device(pci, index, mem, &device, saved)?;
+            self.virtio_subscribers.push(device);
+            return Ok((index, transport, String::new()));
+        }
         let max = IOAPIC_NUM_PINS - IRQ_DEVICES_START;
         if index >= max {
             return Err(DeviceError::TooManyDevices(max));
@@ -647,4 +746,76 @@ impl DeviceManager {
             Arc::new(std::mem::take(&mut self.mmio_bus)),
         )
     }
+}
+
+/// Places the virtio device of registry slot `slot` on the PCI bus: the next device number, the
+/// next BAR in the window, one MSI-X vector per queue plus one for configuration changes (each
+/// on its own GSI), and the queues' notification addresses as ioeventfds; a restored device's
+/// function gets its saved registers and routes. Returns the register model the function maps
+/// its common configuration onto. Devices are placed in slot order, at boot and at restore
+/// alike, so each gets the same device number, BAR and GSIs.
+fn register_pci_device<D>(
+    pci: &mut PciParts,
+    slot: u32,
+    mem: &GuestMemoryMmap,
+    device: &Arc<Mutex<D>>,
+    saved: Option<SavedTransport<'_>>,
+) -> Result<Arc<Mutex<MmioTransport>>, DeviceError>
+where
+    D: VirtioDevice + MutEventSubscriber + Send + 'static,
+{
+    let bar = pci.next_bar;
+    if bar + BAR_SIZE > PCI_MMIO_START + PCI_MMIO_SIZE {
+        return Err(PciError::WindowFull.into());
+    }
+    let (device_type, irq, config, queue_events) = {
+        let dev = lock(device);
+        let events = (dev.queue_events().iter())
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(DeviceError::EventFd)?;
+        (
+            dev.device_type(),
+            dev.interrupt().clone(),
+            dev.config_space().clone(),
+            events,
+        )
+    };
+    let vectors = u32::try_from(queue_events.len() + 1).unwrap_or(u32::MAX);
+    let gsis: Vec<u32> = (pci.next_gsi..pci.next_gsi.saturating_add(vectors)).collect();
+    let msix = MsixVectors::new(pci.routes.clone(), gsis, queue_events.len())
+        .map_err(DeviceError::Msix)?;
+    let msix = Arc::new(msix);
+    irq.set_delivery(msix.clone());
+    let transport = match saved {
+        None => MmioTransport::new(mem.clone(), device.clone()).map_err(DeviceError::EventFd)?,
+        Some((state, queues)) => MmioTransport::restore(mem.clone(), device.clone(), state, queues)
+            .map_err(|e| DeviceError::Transport(String::new(), e))?,
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    let mut function = VirtioPciDevice::new(
+        transport.clone(),
+        device_type,
+        irq,
+        config,
+        msix,
+        queue_events,
+        bar,
+    )
+    .map_err(|source| DeviceError::Ioeventfd {
+        queue: 0,
+        addr: bar,
+        source,
+    })?;
+    if let Some(state) = pci.saved.get(&slot) {
+        function
+            .restore(state)
+            .map_err(|e| DeviceError::PciRestore(slot, e))?;
+    }
+    let function = Arc::new(Mutex::new(function));
+    pci.bus.add(function.clone())?;
+    pci.functions.push((slot, function));
+    pci.next_gsi += vectors;
+    pci.next_bar += BAR_SIZE;
+    Ok(transport)
 }

@@ -59,8 +59,9 @@ struct Cli {
     /// Only log lines from this module path (such as skiff::devices).
     #[arg(long, value_name = "MODULE")]
     module: Option<String>,
-    /// Accepted as Firecracker takes it; Skiff has no PCI yet and keeps virtio devices on
-    /// MMIO (said at warn level).
+    /// Put the virtio devices on a virtio-pci transport (PCI bus 0 with ECAM, MSI-X) instead
+    /// of virtio-mmio, as Firecracker 1.13+ does; the config file's `"enable-pci": true` does
+    /// the same.
     #[arg(long)]
     enable_pci: bool,
     /// Log "Guest-boot-time" (info level) when the guest writes 123 to port 0x80.
@@ -291,6 +292,10 @@ struct RunArgs {
     /// Firecracker's smt.
     #[arg(long)]
     smt: bool,
+    /// Put the virtio devices on a virtio-pci transport (PCI bus 0, MSI-X) instead of
+    /// virtio-mmio, as Firecracker's --enable-pci does.
+    #[arg(long)]
+    enable_pci: bool,
     /// An entropy device (virtio-rng) filled from the host's getrandom: on its own, or with a
     /// limit of bw=BYTES and/or ops=N a second.
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, default_missing_value = "")]
@@ -366,9 +371,6 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         skiff::controller::API_VERSION,
         env!("CARGO_PKG_VERSION")
     );
-    if cli.enable_pci {
-        log::warn!("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO");
-    }
     let mut config = VmConfig::new("");
     let mut doc = None;
     if let Some(path) = &cli.config_file {
@@ -381,6 +383,7 @@ fn firecracker_style(cli: &Cli) -> Result<GuestExit, StartError> {
         doc = Some(parsed);
     }
     config.boot_timer = cli.boot_timer;
+    config.enable_pci |= cli.enable_pci;
     config.seccomp = cli.seccomp();
     let mut controller = Controller::new(cli.id.clone(), config);
     // As in Firecracker, the store's limit is the API's body limit unless given.
@@ -490,6 +493,7 @@ fn run(args: RunArgs, seccomp: SeccompConfig) -> Result<GuestExit, skiff::VmmErr
         mmds_store: None,
         track_dirty_pages: false,
         boot_timer: false,
+        enable_pci: args.enable_pci,
         seccomp,
     };
     let mut vm = Vm::new(&config)?;

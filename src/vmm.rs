@@ -255,7 +255,7 @@ struct MetricsSources {
 
 /// What the builder makes a [`Vm`] of.
 pub(crate) struct VmParts {
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub devices: DeviceManager,
     pub exit: Arc<ExitSignal>,
@@ -269,7 +269,7 @@ pub(crate) struct VmParts {
 /// A microVM.
 #[derive(Debug)]
 pub struct Vm {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     devices: DeviceManager,
     exit: Arc<ExitSignal>,
@@ -410,6 +410,7 @@ impl Vm {
         }
         // Before any state is read: completions write guest memory and raise interrupts.
         self.devices.complete_block_io();
+
         let vcpus = save_all(&self.handles, VCPU_ACK_TIMEOUT)?;
         let state = MicrovmState {
             skiff_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -428,6 +428,32 @@ fn config_file_boots_without_an_api() {
     );
 }
 
+/// The config file's `"enable-pci": true` is `--enable-pci`: the devices go on PCI.
+#[test]
+fn config_file_enable_pci_puts_virtio_on_pci() {
+    let file = tmp("api-pci.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"boot-source": {}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}}, "enable-pci": true}}"#,
+            boot_source("checks=progress")
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(common::skiff_bin());
+    cmd.arg("--config-file")
+        .arg(&file)
+        .args(["--no-api", "--level", "Info"]);
+    let mut vm = Running::spawn(cmd, PathBuf::new());
+    assert_eq!(vm.wait(LIMIT), Some(0), "{}", vm.stderr());
+    assert!(
+        vm.stderr()
+            .contains("--enable-pci: virtio devices on virtio-pci"),
+        "{}",
+        vm.stderr()
+    );
+}
+
 #[test]
 fn config_file_and_flag_errors_are_one_line() {
     let bad_json = tmp("api-bad.json");
@@ -441,9 +467,22 @@ fn config_file_and_flag_errors_are_one_line() {
         ),
     )
     .unwrap();
+    let bad_pci = tmp("api-bad-pci.json");
+    std::fs::write(
+        &bad_pci,
+        format!(
+            r#"{{"boot-source": {}, "enable-pci": "yes"}}"#,
+            boot_source("")
+        ),
+    )
+    .unwrap();
     let busy = tmp("api-busy.sock");
     std::fs::write(&busy, "not a socket").unwrap();
     for (args, want) in [
+        (
+            vec!["--config-file", bad_pci.to_str().unwrap(), "--no-api"],
+            "expected a boolean".to_owned(),
+        ),
         (vec!["--no-api"], "--no-api needs --config-file".to_owned()),
         (
             vec!["--config-file", "/nonexistent.json", "--no-api"],
@@ -866,7 +905,7 @@ fn every_documented_route_is_served_as_documented() {
 }
 
 /// Firecracker's logging and PCI start flags, which clients pass on every start, are taken:
-/// --enable-pci with a warning that virtio stays on MMIO, --show-log-origin with each line's
+/// --enable-pci putting virtio on PCI, --show-log-origin with each line's
 /// source, --module keeping only that module's lines. Each made Skiff exit 2 before.
 #[test]
 fn firecracker_start_flags_are_taken() {
@@ -877,7 +916,9 @@ fn firecracker_start_flags_are_taken() {
     };
     let log = run(&["--enable-pci", "--show-level", "--show-log-origin"]);
     assert!(
-        log.contains("--enable-pci: Skiff has no PCI transport yet; virtio devices stay on MMIO"),
+        log.contains(
+            "--enable-pci: virtio devices on virtio-pci (bus 0, ECAM at 0xe0000000, MSI-X)"
+        ),
         "{log}"
     );
     // Firecracker's line format: `<UTC time> [<id>:<thread>:<level>:<file>:<line>] message`,

@@ -1681,3 +1681,29 @@ fn hot_plugged_memory_survives_a_restore() {
     );
     end_with_ctrl_alt_del(&mut vm);
 }
+
+/// A VM started with `--enable-pci`: its snapshot holds the PCI functions (configuration
+/// space, BARs, MSI-X table and vector choices), and a new process loading it (no flag: the
+/// state says PCI) puts the bus back with the MSI routes and queue ioeventfds, so the guest's
+/// disk keeps answering by MSI-X: ticks continue from the snapshot's, the disk marker reads
+/// back every tick, and the check passes on Ctrl-Alt-Del.
+#[test]
+fn a_pci_vm_snapshot_loads_in_a_new_process_and_its_disk_goes_on() {
+    let dir = work_dir("pci-full");
+    let disk = dir.join("disk.img");
+    disk_image(&disk);
+    let mut vm = Running::start("snap-pci", &["--enable-pci"]);
+    boot(&vm, "", &[drive(disk.to_str().unwrap())], false);
+    vm.wait_for("snapshot: disk marker written at sector 8", LIMIT);
+    vm.wait_for("snap-tick 5", LIMIT);
+    let before = pause(&vm);
+    let snap = Snap::in_dir(&dir, "pci");
+    create(&vm, "Full", &snap);
+    kill(&mut vm);
+    assert_eq!(sector(&disk, MARKER_SECTOR), snapshot_marker(1));
+    let mut vm = restore("snap-pci-restored", &snap, false, true);
+    let tick = next_tick_after(&vm, before, "after loading the PCI VM");
+    vm.wait_for(&format!("snap-tick {}", tick + 3), LIMIT);
+    assert_no_second_boot(&vm);
+    end_with_ctrl_alt_del(&mut vm);
+}

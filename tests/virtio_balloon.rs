@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::api::{fault, Running};
-use common::{log_figure, test_guest};
+use common::{log_figure, test_guest, Transport};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const MEM_MIB: u64 = 256;
@@ -211,7 +211,13 @@ fn inflating_gives_the_guest_memory_back_to_the_host() {
 /// names; a new interval takes effect with an update at once; statistics cannot be turned off.
 #[test]
 fn statistics_come_from_the_guest_every_interval() {
-    let vm = Running::start("balloon-stats", &[]);
+    for transport in Transport::BOTH {
+        statistics_on(transport);
+    }
+}
+
+fn statistics_on(transport: Transport) {
+    let vm = Running::start(&format!("balloon-stats-{transport:?}"), transport.flags());
     boot(
         &vm,
         "balloon_touch_mib=8",

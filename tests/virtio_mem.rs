@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::api::{fault, Running};
-use common::test_guest;
+use common::{test_guest, Transport};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
@@ -54,7 +54,11 @@ fn wait_plugged(vm: &Running, plugged: u64) {
 
 /// Boots the test guest's `checks` with 1 GiB of hot-plug memory configured through the API.
 fn boot(name: &str, checks: &str) -> Running {
-    let vm = Running::start(name, &[]);
+    boot_on(Transport::Mmio, name, checks)
+}
+
+fn boot_on(transport: Transport, name: &str, checks: &str) -> Running {
+    let vm = Running::start(name, transport.flags());
     let config = r#"{"total_size_mib": 1024, "slot_size_mib": 128, "block_size_mib": 2}"#;
     let (code, answer) = vm.call("PUT", "/hotplug/memory", Some(config));
     assert_eq!(code, 204, "{answer}");
@@ -142,7 +146,17 @@ fn the_guest_follows_the_requested_size_and_unplugged_memory_goes_back_to_the_ho
 /// The RSS shows the unplugged memory back with the host, and the write took none of it.
 #[test]
 fn a_guest_touching_an_unplugged_block_reads_nothing() {
-    let mut vm = boot("mem-touch", "mem,ctrlaltdel mem_touch_unplugged=1");
+    for transport in Transport::BOTH {
+        touching_unplugged_on(transport);
+    }
+}
+
+fn touching_unplugged_on(transport: Transport) {
+    let mut vm = boot_on(
+        transport,
+        &format!("mem-touch-{transport:?}"),
+        "mem,ctrlaltdel mem_touch_unplugged=1",
+    );
     vm.wait_for("mem: waiting for the host to request memory", LIMIT);
     assert_eq!(patch(&vm, 256).0, 204);
     vm.wait_for("mem: wrote and read back 256 MiB", LIMIT);

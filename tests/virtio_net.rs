@@ -10,7 +10,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::netns::NetNs;
-use common::{as_strs, run_args, run_command, skiff_bin, test_guest, Outcome};
+use common::{as_strs, run_args, run_command, skiff_bin, test_guest, Outcome, Transport};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const GUEST: &str = "172.30.0.2:5556";
@@ -22,6 +22,7 @@ const COUNT: u32 = 16;
 /// host's (each padded with a pattern the guest checks), and returns the guest's sequence
 /// numbers with the run's outcome.
 fn exchange(
+    transport: Transport,
     ns: &NetNs,
     tap: &str,
     params: &str,
@@ -37,6 +38,7 @@ fn exchange(
     let mut args = as_strs(&args);
     let net = format!("tap={tap},mac=06:00:ac:1e:00:02");
     args.extend(["--net", &net]);
+    args.extend(transport.flags());
     let cmd = ns.command(skiff_bin(), &args);
     let vm = std::thread::spawn(move || run_command(cmd, LIMIT, None, None));
     let sock = socket();
@@ -92,9 +94,15 @@ fn assert_passed(seqs: &BTreeSet<u32>, out: &Outcome) {
 
 #[test]
 fn frames_flow_both_ways_with_checksums_checked() {
-    let ns = NetNs::with_tap("net", "tap0", "172.30.0.1/24");
+    for transport in Transport::BOTH {
+        frames_flow_on(transport);
+    }
+}
+
+fn frames_flow_on(transport: Transport) {
+    let ns = NetNs::with_tap(&format!("net-{transport:?}"), "tap0", "172.30.0.1/24");
     let sock = ns.udp_socket(HOST.parse().unwrap());
-    let (seqs, out) = exchange(&ns, "tap0", "", || sock);
+    let (seqs, out) = exchange(transport, &ns, "tap0", "", || sock);
     assert_passed(&seqs, &out);
     // MRG_RXBUF: every datagram (at least 70 bytes with its headers) came in several of the
     // guest's 64-byte buffers, num_buffers saying how many, and its padding arrived intact.
@@ -122,7 +130,7 @@ fn frames_flow_both_ways_with_checksums_checked() {
 fn an_absent_tap_is_created_up_and_carries_frames() {
     let ns = NetNs::new("newtap");
     // Without MRG_RXBUF, which keeps the one-buffer receive path covered.
-    let (seqs, out) = exchange(&ns, "skiffnew0", "net_mrg=0", || {
+    let (seqs, out) = exchange(Transport::Mmio, &ns, "skiffnew0", "net_mrg=0", || {
         // Skiff creates the TAP and brings it up; the host side then gives it an address, as
         // an operator would, and the guest's ARP retries find it.
         let start = Instant::now();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::api::{fault, Running};
-use common::{as_strs, run_args, run_skiff, test_guest};
+use common::{as_strs, run_args, run_skiff, test_guest, Transport};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// Where the guest writes its pattern, and how much.
@@ -47,8 +47,13 @@ fn guest_pattern() -> Vec<u8> {
 }
 
 fn run_with_pmem(spec: &str, cmdline: &str) -> common::Outcome {
+    run_with_pmem_on(Transport::Mmio, spec, cmdline)
+}
+
+fn run_with_pmem_on(transport: Transport, spec: &str, cmdline: &str) -> common::Outcome {
     let mut args = run_args(test_guest(), None, cmdline, 1, 64);
     args.extend(["--pmem".to_owned(), spec.to_owned()]);
+    args.extend(transport.flags().iter().map(|f| (*f).to_owned()));
     run_skiff(&as_strs(&args), LIMIT, None)
 }
 
@@ -67,10 +72,16 @@ fn assert_passed(out: &common::Outcome) {
 /// pattern and nothing else changed.
 #[test]
 fn the_guest_reads_the_file_writes_it_and_flushes() {
-    let path = host_file("rw.img");
+    for transport in Transport::BOTH {
+        reads_writes_and_flushes_on(transport);
+    }
+}
+
+fn reads_writes_and_flushes_on(transport: Transport) {
+    let path = host_file(&format!("rw-{transport:?}.img"));
     let before = std::fs::read(&path).unwrap();
     let spec = format!("path={},root=on", path.display());
-    let out = run_with_pmem(&spec, "console=ttyS0 checks=pmem");
+    let out = run_with_pmem_on(transport, &spec, "console=ttyS0 checks=pmem");
     assert_passed(&out);
     assert!(
         out.lines().contains(&"pmem: region 100000000 size 400000"),

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::api::Running;
-use common::{as_strs, run_args, run_skiff, test_guest};
+use common::{as_strs, run_args, run_skiff, test_guest, Transport};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -20,14 +20,18 @@ fn run_with_entropy(extra: &[&str], cmdline: &str) -> common::Outcome {
 
 #[test]
 fn the_guest_gets_random_bytes_from_the_command_line_device() {
-    let out = run_with_entropy(&["--entropy"], "console=ttyS0 checks=rng");
-    assert!(
-        out.lines().contains(&"PASS rng"),
-        "{}\n{}",
-        out.stdout,
-        out.stderr
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for transport in Transport::BOTH {
+        let mut flags = vec!["--entropy"];
+        flags.extend(transport.flags());
+        let out = run_with_entropy(&flags, "console=ttyS0 checks=rng");
+        assert!(
+            out.lines().contains(&"PASS rng"),
+            "{transport:?}\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    }
 }
 
 /// `--entropy ops=20`: 40 more requests at 20 a second, after the bucket's second's worth,

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::api::Running;
-use common::test_guest;
+use common::{test_guest, Transport};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -30,13 +30,19 @@ fn sock_dir(name: &str) -> PathBuf {
 /// `skiff run` of the test guest with a vsock device on `dir/v.sock` and `params` on its
 /// command line; returns once the guest's driver is ready.
 fn start(dir: &Path, params: &str) -> Running {
+    start_on(Transport::Mmio, dir, params)
+}
+
+/// [`start`] on `transport`.
+fn start_on(transport: Transport, dir: &Path, params: &str) -> Running {
     let mut cmd = Command::new(common::skiff_bin());
     cmd.args(["--log-level", "info", "run", "--memory", "64", "--kernel"])
         .arg(test_guest())
         .arg("--cmdline")
         .arg(format!("console=ttyS0 checks=vsock {params}"))
         .arg("--vsock")
-        .arg(format!("cid=3,uds={}", dir.join("v.sock").display()));
+        .arg(format!("cid=3,uds={}", dir.join("v.sock").display()))
+        .args(transport.flags());
     let vm = Running::spawn(cmd, dir.join("none"));
     vm.wait_for("vsock: cid 3 ready", LIMIT);
     vm
@@ -299,21 +305,24 @@ fn assert_pattern(got: &[u8], len: usize) {
 /// refused (RST), which the guest reports.
 #[test]
 fn guest_connections_reach_the_host_listener_on_their_port() {
-    let dir = sock_dir("out");
-    let listener = UnixListener::bind(dir.join("v.sock_53")).unwrap();
-    let host = serve(listener, 2, 65536, Duration::ZERO);
-    let vm = start(&dir, "vsock_out=1048576 vsock_out_conns=2 vsock_done=2");
-    for got in host.join().unwrap() {
-        assert_pattern(&got, 1 << 20);
+    for transport in Transport::BOTH {
+        let dir = sock_dir(&format!("out-{transport:?}"));
+        let listener = UnixListener::bind(dir.join("v.sock_53")).unwrap();
+        let host = serve(listener, 2, 65536, Duration::ZERO);
+        let params = "vsock_out=1048576 vsock_out_conns=2 vsock_done=2";
+        let vm = start_on(transport, &dir, params);
+        for got in host.join().unwrap() {
+            assert_pattern(&got, 1 << 20);
+        }
+        let console = finish(vm);
+        assert_eq!(
+            console
+                .matches("to host port 53 closed: 1048576 bytes sent")
+                .count(),
+            2,
+            "{transport:?}: {console}"
+        );
     }
-    let console = finish(vm);
-    assert_eq!(
-        console
-            .matches("to host port 53 closed: 1048576 bytes sent")
-            .count(),
-        2,
-        "{console}"
-    );
 
     let dir = sock_dir("refused");
     let vm = start(

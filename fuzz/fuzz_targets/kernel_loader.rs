@@ -39,5 +39,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let cmdline = build_cmdline(DEFAULT_CMDLINE).expect("default command line");
-    let _ = write_boot_info(&mem, &kernel, &cmdline, initrd);
+    let _ = write_boot_info(&mem, &kernel, &cmdline, initrd, &[]);
 });

@@ -6,10 +6,10 @@ target's source. Run it again after changing a target's input layout.
 
 The snapshot_state seeds are real state files written by tests/snapshot.rs (a test guest with a
 disk; with a disk and a NIC; with the entropy device, the vsock device, a balloon, a pmem device,
-hot-plugged memory) and one with a NIC answering for MMDS written by tests/mmds.rs
-(target/tmp/mmds-snap/vm.snap); copy new ones from target/tmp/ after the state format changes (a
+hot-plugged memory; a disk on virtio-pci, target/tmp/snapshot/pci-full/pci.snap) and one with a
+NIC answering for MMDS written by tests/mmds.rs (target/tmp/mmds-snap/vm.snap); copy new ones from target/tmp/ after the state format changes (a
 field added at the end of the state can also be added to the seeds: append its encoding to the
-payload, fix the length and the CRC, as was done for DevicesState's mmds)."""
+payload, fix the length and the CRC, as was done for DevicesState's mmds and pci)."""
 
 import json
 import os

@@ -470,13 +470,91 @@ struct vq {
 	uint16_t last_used;
 };
 
+/* A virtio device on either transport. The checks speak the MMIO register layout (virtio 1.2,
+ * 4.2.2) through vr/vw; on virtio-pci (4.1) each register maps to its common-configuration
+ * field, the ISR, a queue's notification address or the device configuration. `base` + 0x100
+ * is the device configuration on both. */
 struct vdev {
 	uintptr_t base;
-	unsigned irq;
+	unsigned irq;	/* the IOAPIC pin (MMIO); PCI_NO_PIN on PCI, which uses MSI-X */
 	struct vq q[5];	/* the balloon has up to five, vsock three */
+	int pci;
+	uintptr_t common, isr, notify;
+	uint32_t notify_mult;
+	uint16_t qsel;
+	unsigned pci_dev;	/* its device number on bus 0 */
+	uintptr_t msix_table;
 };
-static uint32_t vr(struct vdev *d, uint32_t off) { return mmio_read32(d->base + off); }
-static void vw(struct vdev *d, uint32_t off, uint32_t v) { mmio_write32(d->base + off, v); }
+#define PCI_NO_PIN 0xffffu
+static inline uint8_t mmio_read8(uintptr_t a) { return *(volatile uint8_t *)a; }
+static inline uint16_t mmio_read16(uintptr_t a) { return *(volatile uint16_t *)a; }
+static inline void mmio_write8(uintptr_t a, uint8_t v) { *(volatile uint8_t *)a = v; }
+static inline void mmio_write16(uintptr_t a, uint16_t v) { *(volatile uint16_t *)a = v; }
+
+/* virtio-pci common configuration fields (virtio 1.2, 4.1.4.3). */
+#define VPCI_DFSELECT 0x00
+#define VPCI_DF 0x04
+#define VPCI_GFSELECT 0x08
+#define VPCI_GF 0x0c
+#define VPCI_MSIX_CONFIG 0x10
+#define VPCI_STATUS 0x14
+#define VPCI_GENERATION 0x15
+#define VPCI_Q_SELECT 0x16
+#define VPCI_Q_SIZE 0x18
+#define VPCI_Q_MSIX 0x1a
+#define VPCI_Q_ENABLE 0x1c
+#define VPCI_Q_NOTIFY_OFF 0x1e
+#define VPCI_Q_DESC 0x20
+
+static uint32_t vr(struct vdev *d, uint32_t off)
+{
+	if (!d->pci || off >= 0x100)
+		return mmio_read32(d->base + off);
+	switch (off) {
+	case 0x10: return mmio_read32(d->common + VPCI_DF);
+	case 0x34: return mmio_read16(d->common + VPCI_Q_SIZE);
+	case 0x44: return mmio_read16(d->common + VPCI_Q_ENABLE);
+	case 0x60: return mmio_read8(d->isr);	/* reading acknowledges (4.1.4.5) */
+	case 0x70: return mmio_read8(d->common + VPCI_STATUS);
+	case 0xfc: return mmio_read8(d->common + VPCI_GENERATION);
+	default: return 0;
+	}
+}
+
+static void vw(struct vdev *d, uint32_t off, uint32_t v)
+{
+	if (!d->pci || off >= 0x100) {
+		mmio_write32(d->base + off, v);
+		return;
+	}
+	switch (off) {
+	case 0x14: mmio_write32(d->common + VPCI_DFSELECT, v); break;
+	case 0x20: mmio_write32(d->common + VPCI_GF, v); break;
+	case 0x24: mmio_write32(d->common + VPCI_GFSELECT, v); break;
+	case 0x30: d->qsel = (uint16_t)v; mmio_write16(d->common + VPCI_Q_SELECT, (uint16_t)v); break;
+	case 0x38: mmio_write16(d->common + VPCI_Q_SIZE, (uint16_t)v); break;
+	case 0x44:
+		/* MSI-X vector 0 for configuration changes, 1 + n for queue n. */
+		mmio_write16(d->common + VPCI_MSIX_CONFIG, 0);
+		mmio_write16(d->common + VPCI_Q_MSIX, (uint16_t)(d->qsel + 1));
+		mmio_write16(d->common + VPCI_Q_ENABLE, (uint16_t)v);
+		break;
+	case 0x50: {
+		/* The notification address of queue v (its queue_notify_off times the multiplier). */
+		mmio_write16(d->common + VPCI_Q_SELECT, (uint16_t)v);
+		uint16_t noff = mmio_read16(d->common + VPCI_Q_NOTIFY_OFF);
+		mmio_write16(d->common + VPCI_Q_SELECT, d->qsel);
+		mmio_write16(d->notify + (uintptr_t)noff * d->notify_mult, (uint16_t)v);
+		break;
+	}
+	case 0x64: break;	/* the ISR read acknowledged it */
+	case 0x70: mmio_write8(d->common + VPCI_STATUS, (uint8_t)v); break;
+	case 0x80: case 0x84: case 0x90: case 0x94: case 0xa0: case 0xa4:
+		mmio_write32(d->common + VPCI_Q_DESC + ((off - 0x80) >> 4) * 8 + (off & 4), v);
+		break;
+	default: break;
+	}
+}
 
 static uint64_t parse_hex(const char **p)
 {
@@ -492,7 +570,66 @@ static uint64_t parse_hex(const char **p)
 	}
 }
 
-/* Finds the n-th virtio_mmio.device=<size>@<base>:<irq> entry whose device has `id`. */
+/* ---- virtio-pci: bus 0 through ECAM (Skiff's --enable-pci) ---- */
+#define PCI_ECAM_BASE 0xe0000000UL
+static uintptr_t ecam(unsigned dev, unsigned reg) { return PCI_ECAM_BASE + ((uintptr_t)dev << 15) + reg; }
+
+/* Finds the first virtio-pci function of device type `id` on bus 0 (vendor 0x1af4, device
+ * 0x1040 + id), walks its capabilities for the common configuration, ISR, notification and
+ * device configuration structures in its BAR, and points every MSI-X vector at this CPU's
+ * LAPIC with DEVICE_VECTOR. On an MMIO-only VM nothing answers at ECAM (all-ones). */
+static int find_virtio_pci(uint32_t id, struct vdev *d)
+{
+	for (unsigned dev = 0; dev < 32; dev++) {
+		if (mmio_read32(ecam(dev, 0)) != (0x1af4u | ((0x1040u + id) << 16)))
+			continue;
+		mmio_write16(ecam(dev, 4), 0x6);	/* memory decoding, bus master */
+		uint64_t bar = (mmio_read32(ecam(dev, 0x10)) & ~0xfu) | (uint64_t)mmio_read32(ecam(dev, 0x14)) << 32;
+		uintptr_t devcfg = 0, table = 0;
+		unsigned msix = 0;
+		d->common = d->isr = d->notify = 0;
+		for (unsigned at = mmio_read8(ecam(dev, 0x34)); at; at = mmio_read8(ecam(dev, at + 1))) {
+			uint8_t cap = mmio_read8(ecam(dev, at));
+			if (cap == 0x11) {
+				msix = at;
+				table = (uintptr_t)bar + (mmio_read32(ecam(dev, at + 4)) & ~7u);
+				continue;
+			}
+			if (cap != 0x09 || mmio_read8(ecam(dev, at + 4)) != 0)
+				continue;
+			uintptr_t where = (uintptr_t)bar + mmio_read32(ecam(dev, at + 8));
+			switch (mmio_read8(ecam(dev, at + 3))) {
+			case 1: d->common = where; break;
+			case 2: d->notify = where; d->notify_mult = mmio_read32(ecam(dev, at + 16)); break;
+			case 3: d->isr = where; break;
+			case 4: devcfg = where; break;
+			}
+		}
+		if (!d->common || !d->isr || !d->notify || !devcfg || !msix)
+			continue;
+		unsigned vectors = (mmio_read16(ecam(dev, msix + 2)) & 0x7ff) + 1;
+		uint32_t self = lapic_read(0x20) >> 24;
+		for (unsigned v = 0; v < vectors; v++) {
+			uintptr_t e = table + 16 * v;
+			mmio_write32(e, 0xfee00000u | (self << 12));
+			mmio_write32(e + 4, 0);
+			mmio_write32(e + 8, DEVICE_VECTOR);	/* fixed, edge */
+			mmio_write32(e + 12, 0);		/* unmasked */
+		}
+		mmio_write16(ecam(dev, msix + 2), 0x8000);	/* MSI-X enable */
+		d->pci = 1;
+		d->pci_dev = dev;
+		d->msix_table = table;
+		d->base = devcfg - 0x100;
+		d->irq = PCI_NO_PIN;
+		d->qsel = 0;
+		return 1;
+	}
+	return 0;
+}
+
+/* Finds the n-th virtio_mmio.device=<size>@<base>:<irq> entry whose device has `id`, else a
+ * virtio-pci function of that type. */
 static int find_virtio(uint32_t id, struct vdev *d)
 {
 	for (const char *p = cmdline; *p; p++) {
@@ -509,14 +646,17 @@ static int find_virtio(uint32_t id, struct vdev *d)
 		if (mmio_read32(base) == VIRTIO_MAGIC && mmio_read32(base + 4) == 2 && mmio_read32(base + 8) == id) {
 			d->base = base;
 			d->irq = irq;
+			d->pci = 0;
 			return 1;
 		}
 	}
-	return 0;
+	return find_virtio_pci(id, d);
 }
 
 static void ioapic_route(unsigned pin, uint8_t vector)
 {
+	if (pin == PCI_NO_PIN)
+		return;	/* virtio-pci: MSI-X, programmed by find_virtio_pci */
 	uint32_t self = lapic_read(0x20) >> 24;
 	mmio_write32(IOAPIC_BASE, 0x11 + 2 * pin);
 	mmio_write32(IOAPIC_BASE + 0x10, self << 24);
@@ -1279,6 +1419,37 @@ static void check_hostile(void)
 	if (vr(&blk, 0x100) == 0) { report("hostile", 0, "the capacity changed under a write storm"); return; }
 	printf("hostile: %u writes to read-only configuration bytes\n", storm);
 	report("hostile", 1, 0);
+}
+
+/* A hostile driver of a virtio-pci disk: writes to read-only and unaligned configuration
+ * space, its BAR moved over RAM (and back), an MSI-X table entry past the table, a notification
+ * of a queue the device does not have, common-configuration writes at bad offsets. The host
+ * must log each and go on; the disk must still answer afterwards. */
+static void check_pcihostile(void)
+{
+	const char *why;
+	if (!find_virtio(2, &blk) || !blk.pci) { report("pcihostile", 0, "no virtio-pci disk"); return; }
+	if ((why = virtio_init(&blk, 1u << 9, 1))) { report("pcihostile", 0, why); return; }
+	if (blk_request(0, 0, blk_buf, 512, 1) != 0) { report("pcihostile", 0, "first read failed"); return; }
+	unsigned dev = blk.pci_dev;
+	mmio_write32(ecam(dev, 0), 0);			/* vendor and device IDs: read-only */
+	mmio_write32(ecam(dev, 0x800), 0xdeadbeef);	/* extended space: nothing there */
+	mmio_write16(ecam(dev, 0x41), 0xffff);		/* unaligned */
+	if (mmio_read32(ecam(dev, 0)) != (0x1af4u | (0x1042u << 16))) { report("pcihostile", 0, "IDs changed"); return; }
+	uint32_t bar = mmio_read32(ecam(dev, 0x10));
+	mmio_write32(ecam(dev, 0x10), 0x100000);	/* over the guest's own RAM */
+	if (mmio_read32(blk.common + VPCI_DF) != 0xffffffffu) { report("pcihostile", 0, "BAR still decoded at its old place"); return; }
+	mmio_write32(ecam(dev, 0x10), bar);
+	mmio_write32(blk.msix_table + 16 * 100, 0xfee00000u);	/* entry 100 of 2 */
+	if (mmio_read32(blk.msix_table + 16 * 100) != 0) { report("pcihostile", 0, "an MSI-X entry past the table took a write"); return; }
+	mmio_write16(blk.notify + 7 * blk.notify_mult, 7);	/* queue 7 of 1 */
+	mmio_write8(blk.common + 0x3f, 1);
+	mmio_write16(blk.common + 0x12, 9);			/* num_queues: read-only */
+	if (mmio_read16(blk.common + 0x12) != 1) { report("pcihostile", 0, "num_queues changed"); return; }
+	for (int i = 0; i < 3; i++)
+		if (blk_request(0, (uint64_t)i, blk_buf, 512, 1) != 0) { report("pcihostile", 0, "read after the hostile writes failed"); return; }
+	puts("pcihostile: config space, BAR over RAM, MSI-X entry 100, queue 7: device still answers\n");
+	report("pcihostile", 1, 0);
 }
 
 /* ---- virtio-net (virtio 1.2, 5.1) ---- */
@@ -3371,6 +3542,7 @@ static void run_checks(const char *protocol)
 	if (wants("hostile")) check_hostile();
 	if (wants("blkdeep")) check_blkdeep();
 	if (wants("blkreset")) check_blkreset();
+	if (wants("pcihostile")) check_pcihostile();
 	if (wants("net")) check_net();
 	if ((wants("mmds") || wants("blkbench") || wants("blkrate") || wants("netbench") || wants("ctrlaltdel") || wants("exits") || wants("ticks") || wants("snapshot") || wants("rng") || wants("vsock") || wants("balloon") || wants("pmem") || wants("mem")) && !tsc_calibrate())
 		report("tsc", 0, "cannot calibrate the TSC against the PIT");

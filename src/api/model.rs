@@ -549,6 +549,14 @@ pub struct FullVmConfig {
         deserialize_with = "null_as_empty"
     )]
     pub network_interfaces: Vec<NetworkInterface>,
+    /// The config file's equivalent of `--enable-pci` (a Skiff extension; Firecracker takes it
+    /// on the command line only): the virtio devices on virtio-pci.
+    #[serde(
+        rename = "enable-pci",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub enable_pci: bool,
     /// Logger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,
@@ -941,6 +949,7 @@ impl FullVmConfig {
             return bad("boot-source is missing");
         };
         let mut config = VmConfig::new("");
+        config.enable_pci = self.enable_pci;
         boot.apply(&mut config)?;
         if let Some(m) = &self.machine_config {
             m.apply(&mut config, true)?;
@@ -1065,6 +1074,7 @@ impl FullVmConfig {
             pmem: config.pmem.clone(),
             memory_hotplug: config.memory_hotplug,
             mmds_config: config.mmds.clone(),
+            enable_pci: config.enable_pci,
             unsupported: std::collections::BTreeMap::new(),
         }
     }

@@ -353,6 +353,26 @@ mod tests {
                 network_interfaces: vec!["n".into()],
                 imds_compat: true,
             }),
+            pci: Some(vec![crate::devices::virtio::pci::VirtioPciState {
+                slot: 0,
+                header: (0..=255).collect(),
+                bar: [0xe800_0000, 0],
+                device_features_sel: 1,
+                driver_features_sel: 1,
+                queue_sel: 0,
+                msix: crate::devices::pci::msix::MsixState {
+                    entries: vec![crate::devices::pci::msix::MsixEntryState {
+                        address: 0xfee0_0000,
+                        data: 0x42,
+                        masked: true,
+                        pending: true,
+                    }],
+                    enabled: true,
+                    function_masked: false,
+                    queue_vectors: vec![1, 0xffff],
+                    config_vector: 0,
+                },
+            }]),
         };
         let bytes = bincode::serde::encode_to_vec(&state, bincode_config()).unwrap();
         let (back, used): (DevicesState, usize) =

@@ -1,16 +1,21 @@
 //! The KVM VM: TSS and identity map, in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, guest
-//! memory slots, and the saved state of the irqchip, PIT and clock.
+//! memory slots, the saved state of the irqchip, PIT and clock, and the GSI routing table.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_CLOCK_REALTIME,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
+    kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
+    KvmIrqRouting, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use super::kvm::KvmContext;
 use super::memory::{register_guest_memory, GuestMemoryMmap, MemoryError};
-use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::arch::x86_64::layout::{IOAPIC_NUM_PINS, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 /// Errors while creating the VM.
 #[derive(Debug, thiserror::Error)]
@@ -144,4 +149,96 @@ pub fn restore_vm_state(
             .map_err(|e| VmStateError("KVM_SET_IRQCHIP", e))?;
     }
     Ok(())
+}
+
+/// The VM's one GSI routing table. KVM_SET_GSI_ROUTING replaces the whole table (KVM API 4.52),
+/// so the routes KVM_CREATE_IRQCHIP made for the PIC and IOAPIC pins are kept here beside the
+/// MSI routes of virtio-pci devices, and every change commits the lot.
+#[derive(Debug)]
+pub struct GsiRoutes {
+    vm: Arc<VmFd>,
+    msi: Mutex<BTreeMap<u32, (u64, u32)>>,
+}
+
+/// KVM refused a routing table.
+#[derive(Debug, thiserror::Error)]
+#[error("KVM_SET_GSI_ROUTING failed")]
+pub struct RoutingError(#[source] kvm_ioctls::Error);
+
+/// First GSI above the IOAPIC's pins, for MSI routes.
+pub const FIRST_MSI_GSI: u32 = IOAPIC_NUM_PINS;
+
+impl GsiRoutes {
+    /// The table KVM made with the irqchip, no MSI routes yet.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            msi: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The VM, for the irqfds and ioeventfds of devices that move.
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Routes `gsi` to the MSI message `address`/`data` and commits the table.
+    pub fn set_msi(&self, gsi: u32, address: u64, data: u32) -> Result<(), RoutingError> {
+        let mut msi = self.msi.lock().unwrap_or_else(PoisonError::into_inner);
+        if msi.get(&gsi) == Some(&(address, data)) {
+            return Ok(());
+        }
+        msi.insert(gsi, (address, data));
+        self.commit(&msi)
+    }
+
+    fn commit(&self, msi: &BTreeMap<u32, (u64, u32)>) -> Result<(), RoutingError> {
+        let mut entries = irqchip_routes();
+        entries.extend(
+            msi.iter()
+                .map(|(&gsi, &(address, data))| kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    u: kvm_irq_routing_entry__bindgen_ty_1 {
+                        msi: kvm_irq_routing_msi {
+                            address_lo: (address & 0xffff_ffff) as u32,
+                            address_hi: (address >> 32) as u32,
+                            data,
+                            ..Default::default()
+                        },
+                    },
+                    ..Default::default()
+                }),
+        );
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| RoutingError(kvm_ioctls::Error::new(libc::E2BIG)))?;
+        self.vm.set_gsi_routing(&table).map_err(RoutingError)
+    }
+}
+
+/// The routes KVM_CREATE_IRQCHIP installs on x86 (Linux arch/x86/kvm/irq_comm.c,
+/// default_routing): GSIs 0-15 to both the PICs and the IOAPIC pin of that number, 16-23 to
+/// the IOAPIC only.
+fn irqchip_routes() -> Vec<kvm_irq_routing_entry> {
+    let chip = |gsi: u32, irqchip: u32, pin: u32| kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip, pin },
+        },
+        ..Default::default()
+    };
+    let mut routes = Vec::new();
+    for gsi in 0..IOAPIC_NUM_PINS {
+        routes.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        if gsi < 16 {
+            let pic = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            routes.push(chip(gsi, pic, gsi % 8));
+        }
+    }
+    routes
 }

@@ -305,3 +305,26 @@ pub fn metrics_total(path: &Path) -> serde_json::Value {
     }
     total
 }
+
+/// The virtio transports the device tests run on: virtio-mmio (the default) and virtio-pci
+/// (`--enable-pci`). The test guest finds its devices on either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio, devices described on the kernel command line.
+    Mmio,
+    /// virtio-pci on PCI bus 0, MSI-X.
+    Pci,
+}
+
+impl Transport {
+    /// Both, MMIO first.
+    pub const BOTH: [Transport; 2] = [Transport::Mmio, Transport::Pci];
+
+    /// The `skiff run` flags that pick it.
+    pub fn flags(self) -> &'static [&'static str] {
+        match self {
+            Transport::Mmio => &[],
+            Transport::Pci => &["--enable-pci"],
+        }
+    }
+}

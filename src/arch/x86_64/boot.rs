@@ -63,6 +63,7 @@ pub enum BootError {
 
 /// e820 memory types.
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 
 /// PVH start-of-day structure (xen/include/public/arch-x86/hvm/start_info.h), version 1.
 #[repr(C)]
@@ -182,8 +183,29 @@ pub fn append_kernel_params(cmdline: &mut Cmdline, params: &[String]) -> Result<
         .into_owned();
     let (kernel, init) = split_init_args(&current);
     let mut words: Vec<&str> = kernel.split_whitespace().collect();
-    words.extend(params.iter().map(String::as_str));
+    words.extend(params.iter().map(String::as_str).filter(|p| !p.is_empty()));
     let mut rebuilt = words.join(" ");
+    if let Some(init) = init {
+        rebuilt.push_str(" -- ");
+        rebuilt.push_str(init);
+    }
+    *cmdline = build_cmdline(&rebuilt)?;
+    Ok(())
+}
+
+/// Drops every `param` word from the kernel's part of the command line (init's arguments
+/// after `--` stay as they are).
+pub fn remove_kernel_param(cmdline: &mut Cmdline, param: &str) -> Result<(), BootError> {
+    let current = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .to_string_lossy()
+        .into_owned();
+    let (kernel, init) = split_init_args(&current);
+    let mut rebuilt = (kernel.split_whitespace())
+        .filter(|w| *w != param)
+        .collect::<Vec<_>>()
+        .join(" ");
     if let Some(init) = init {
         rebuilt.push_str(" -- ");
         rebuilt.push_str(init);
@@ -414,18 +436,28 @@ fn low32(value: u64) -> Result<u32, BootError> {
     u32::try_from(value).map_err(|_| BootError::Above4G(value))
 }
 
-/// Writes the kernel command line and the boot protocol's structures.
+/// Writes the kernel command line and the boot protocol's structures; the memory map holds
+/// the RAM and the `reserved` ranges (PCI ECAM).
 pub fn write_boot_info(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline: &Cmdline,
     initrd: Option<(u64, u64)>,
+    reserved: &[(u64, u64)],
 ) -> Result<(), BootError> {
     let cstr = cmdline.as_cstring().map_err(BootError::Cmdline)?;
     let bytes = cstr.as_bytes_with_nul();
     mem.write_slice(bytes, GuestAddress(CMDLINE_START))
         .map_err(BootError::WriteBootInfo)?;
-    let ram = e820_ram(mem);
+    let mut ram: Vec<(u64, u64, u32)> = (e820_ram(mem).into_iter())
+        .map(|(addr, size)| (addr, size, E820_RAM))
+        .chain(
+            reserved
+                .iter()
+                .map(|&(addr, size)| (addr, size, E820_RESERVED)),
+        )
+        .collect();
+    ram.sort_unstable();
     let w = |e| BootError::WriteBootInfo(e);
     match kernel.entry {
         BootEntry::Pvh(_) => {
@@ -451,11 +483,11 @@ pub fn write_boot_info(
                 info.nr_modules = 1;
                 info.modlist_paddr = PVH_MODLIST_START;
             }
-            for (i, (addr, size)) in (0u64..).zip(ram.iter()) {
+            for (i, (addr, size, type_)) in (0u64..).zip(ram.iter()) {
                 let entry = HvmMemmapEntry {
                     addr: *addr,
                     size: *size,
-                    type_: E820_RAM,
+                    type_: *type_,
                     reserved: 0,
                 };
                 let at = PVH_MEMMAP_START + i * std::mem::size_of::<HvmMemmapEntry>() as u64;
@@ -484,10 +516,10 @@ pub fn write_boot_info(
             if ram.len() > params.e820_table.len() {
                 return Err(BootError::MemmapTooLarge);
             }
-            for (slot, (addr, size)) in params.e820_table.iter_mut().zip(ram.iter()) {
+            for (slot, (addr, size, type_)) in params.e820_table.iter_mut().zip(ram.iter()) {
                 slot.addr = *addr;
                 slot.size = *size;
-                slot.r#type = E820_RAM;
+                slot.r#type = *type_;
             }
             params.e820_entries = u8::try_from(ram.len()).map_err(|_| BootError::MemmapTooLarge)?;
             mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
@@ -720,11 +752,17 @@ mod tests {
             &k,
             &build_cmdline("hello").unwrap(),
             Some((0x80_0000, 100)),
+            &[(0xe000_0000, 0x10_0000)],
         )
         .unwrap();
         let info: HvmStartInfo = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
-        assert_eq!(info.memmap_entries, 2);
+        assert_eq!(info.memmap_entries, 3);
+        let r: HvmMemmapEntry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 48)).unwrap();
+        assert_eq!(
+            (r.addr, r.size, r.type_),
+            (0xe000_0000, 0x10_0000, E820_RESERVED)
+        );
         assert_eq!(info.nr_modules, 1);
         let e: HvmMemmapEntry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 24)).unwrap();
         assert_eq!((e.addr, e.size), (HIMEM_START, (16 << 20) - HIMEM_START));

@@ -14,6 +14,8 @@
 //! 0x000a_0000  VGA / BIOS hole, not RAM in the e820 map
 //! 0x0010_0000  kernel (high memory start); initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (1 GiB): virtio-mmio devices, IOAPIC, LAPIC, TSS
+//! 0xe000_0000  PCIe ECAM for bus 0 (1 MiB, reserved in the e820 map), with --enable-pci
+//! 0xe800_0000  virtio-pci BARs (128 MiB window), with --enable-pci
 //! 0x1_0000_0000  RAM above 4 GiB when the guest has more than 3 GiB
 //! device memory  from the first GiB boundary at or above both 4 GiB and the end of RAM: each
 //!                virtio-pmem device's file (2 MiB-aligned, one after the other), then the
@@ -70,6 +72,21 @@ pub const MMIO_HOLE_SIZE: u64 = MMIO_HOLE_END - MMIO_HOLE_START;
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device slot.
 pub const MMIO_DEVICE_SLOT_SIZE: u64 = 0x1000;
+
+/// PCIe ECAM (enhanced configuration access mechanism) of bus 0: 32 devices of 8 functions,
+/// 4 KiB of configuration space each (PCIe 6.0, 7.2.2); reserved in the e820 map. Linux without
+/// ACPI (no MCFG table) does not use it and reaches configuration space through
+/// [`PCI_CONFIG_IO_PORT`] instead.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window (bus 0 only).
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// Window where Skiff places the virtio-pci devices' BARs (one after the other); a BAR the
+/// guest moves is decoded only while it lies inside.
+pub const PCI_MMIO_START: u64 = 0xe800_0000;
+/// Size of the PCI BAR window.
+pub const PCI_MMIO_SIZE: u64 = 0x0800_0000;
+/// PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc-0xcff.
+pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
 
 /// KVM's three-page TSS region (KVM_SET_TSS_ADDR), inside the MMIO hole.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;

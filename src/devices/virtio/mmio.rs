@@ -31,25 +31,25 @@ const REG_MAGIC: u64 = 0x000;
 const REG_VERSION: u64 = 0x004;
 const REG_DEVICE_ID: u64 = 0x008;
 const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
+pub(super) const REG_DEVICE_FEATURES: u64 = 0x010;
+pub(super) const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub(super) const REG_DRIVER_FEATURES: u64 = 0x020;
+pub(super) const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(super) const REG_QUEUE_SEL: u64 = 0x030;
 const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub(super) const REG_QUEUE_NUM: u64 = 0x038;
+pub(super) const REG_QUEUE_READY: u64 = 0x044;
+pub(super) const REG_QUEUE_NOTIFY: u64 = 0x050;
 const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub(super) const REG_STATUS: u64 = 0x070;
+pub(super) const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub(super) const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub(super) const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(super) const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub(super) const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(super) const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub(super) const REG_CONFIG_GENERATION: u64 = 0x0fc;
 /// Device-specific configuration space starts here.
 pub const CONFIG_SPACE: u64 = 0x100;
 /// Size of one device's MMIO window.
@@ -328,7 +328,9 @@ impl MmioTransport {
         }
     }
 
-    fn read_reg(&self, offset: u64) -> u32 {
+    /// Register `offset` as the driver reads it (a 4-byte access); virtio-pci's common
+    /// configuration reads through here too.
+    pub(super) fn read_reg(&self, offset: u64) -> u32 {
         match offset {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
@@ -351,7 +353,8 @@ impl MmioTransport {
         }
     }
 
-    fn write_reg(&mut self, offset: u64, value: u32) {
+    /// The driver writes register `offset` (a 4-byte access).
+    pub(super) fn write_reg(&mut self, offset: u64, value: u32) {
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
@@ -417,6 +420,25 @@ impl MmioTransport {
                 "virtio-mmio: write to read-only or unknown register {offset:#x}"
             ),
         }
+    }
+
+    /// The selected queue's size (its maximum until the driver sets one), 0 for no queue.
+    pub(super) fn selected_queue_size(&self) -> u16 {
+        self.queues
+            .get(self.queue_sel as usize)
+            .map_or(0, QueueT::size)
+    }
+
+    /// The selected queue's descriptor table, driver and device ring addresses.
+    pub(super) fn selected_queue_addresses(&self) -> [u64; 3] {
+        self.queues
+            .get(self.queue_sel as usize)
+            .map_or([0; 3], |q| [q.desc_table(), q.avail_ring(), q.used_ring()])
+    }
+
+    /// Word `select` of the features the driver wrote.
+    pub(super) fn driver_features_word(&self, select: u32) -> u32 {
+        feature_word(self.driver_features, select)
     }
 
     fn set_queue_addr(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
@@ -561,7 +583,7 @@ mod tests {
         use std::sync::mpsc::channel;
         let mut t = transport();
         start_queue(&mut t, 16, 0x1000);
-        t.irq.trigger(crate::devices::virtio::INT_VRING).unwrap();
+        t.irq.trigger_queue(0).unwrap();
         let device = t.device.clone();
         let released = Arc::new(AtomicBool::new(false));
         let (locked_tx, locked_rx) = channel();

@@ -1,18 +1,19 @@
-//! Virtio devices over the MMIO transport (virtio 1.2, section 4.2): the device trait every
-//! device implements, its interrupt, and the constants shared by the transport and devices.
+//! Virtio devices over the MMIO (virtio 1.2, 4.2) and PCI (4.1) transports: the device trait
+//! every device implements, its interrupt, and the constants shared by transports and devices.
 
 pub mod balloon;
 pub mod block;
 pub mod mem;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod pmem;
 pub mod rng;
 pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use log::Level;
 use serde::{Deserialize, Serialize};
@@ -50,14 +51,34 @@ pub const INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration changed.
 pub const INT_CONFIG: u32 = 2;
 
+/// What a device signals to its driver: buffers used on a queue, or a configuration change
+/// (virtio 1.2, 2.3 and 4.1.4.5: with MSI-X each has its own vector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptSource {
+    /// The device used buffers of this queue.
+    Queue(u16),
+    /// The configuration changed (or the device needs a reset).
+    Config,
+}
+
+/// How a transport that gives each source its own message delivers a device's interrupts
+/// (virtio-pci with MSI-X); without one the [`IrqTrigger`]'s single line is raised.
+pub trait InterruptDelivery: Send + Sync + std::fmt::Debug {
+    /// Raises the interrupt `source` is routed to (or records it as pending while masked).
+    fn deliver(&self, source: InterruptSource) -> io::Result<()>;
+}
+
 /// A device's interrupt: the status bits the driver reads and acknowledges through the
-/// transport, the irqfd that raises the guest IRQ, and whether the device needs a reset. Shared
-/// between the device (event thread) and its transport (vCPU threads) outside the device's lock.
+/// transport (the MMIO InterruptStatus, the PCI ISR), whether the device needs a reset, and
+/// how the guest hears of it: the MMIO transport's irqfd line, or the delivery a virtio-pci
+/// transport installs. Shared between the device (event thread) and its transport (vCPU
+/// threads) outside the device's lock.
 #[derive(Debug)]
 pub struct IrqTrigger {
     status: AtomicU32,
     needs_reset: AtomicBool,
     evt: EventFd,
+    delivery: OnceLock<Arc<dyn InterruptDelivery>>,
 }
 
 impl IrqTrigger {
@@ -67,13 +88,33 @@ impl IrqTrigger {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
             evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            delivery: OnceLock::new(),
         })
     }
 
-    /// Sets `bit` in the interrupt status and raises the IRQ.
-    pub fn trigger(&self, bit: u32) -> io::Result<()> {
+    /// Hands delivery to a transport with a message per source (once, when the device is put
+    /// behind a virtio-pci transport); the line eventfd is then never raised.
+    pub fn set_delivery(&self, delivery: Arc<dyn InterruptDelivery>) {
+        let _ = self.delivery.set(delivery);
+    }
+
+    fn raise(&self, bit: u32, source: InterruptSource) -> io::Result<()> {
         self.status.fetch_or(bit, Ordering::SeqCst);
-        self.evt.write(1)
+        match self.delivery.get() {
+            Some(delivery) => delivery.deliver(source),
+            None => self.evt.write(1),
+        }
+    }
+
+    /// The device used buffers of queue `index`.
+    pub fn trigger_queue(&self, index: usize) -> io::Result<()> {
+        let queue = u16::try_from(index).unwrap_or(u16::MAX);
+        self.raise(INT_VRING, InterruptSource::Queue(queue))
+    }
+
+    /// The device's configuration changed.
+    pub fn trigger_config(&self) -> io::Result<()> {
+        self.raise(INT_CONFIG, InterruptSource::Config)
     }
 
     /// The interrupt status register.
@@ -90,7 +131,7 @@ impl IrqTrigger {
     /// in the status register and the driver gets a configuration interrupt (virtio 1.2, 2.1.2).
     pub fn signal_needs_reset(&self) {
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
-            if let Err(e) = self.trigger(INT_CONFIG) {
+            if let Err(e) = self.trigger_config() {
                 crate::guest_log!(log::Level::Warn, "virtio: cannot raise interrupt: {e}");
             }
         }
@@ -358,6 +399,14 @@ impl VirtioBase {
         })
     }
 
+    /// Queue `index`'s interrupt, for [`drain_queue`].
+    pub(crate) fn queue_irq(&self, index: usize) -> QueueIrq<'_> {
+        QueueIrq {
+            irq: &self.irq,
+            index,
+        }
+    }
+
     /// Whether the driver accepted feature `bit`.
     pub fn acked(&self, bit: u32) -> bool {
         self.acked_features & (1u64 << bit) != 0
@@ -591,6 +640,13 @@ pub(crate) fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool 
     u16::from_le(flags) & 1 == 0
 }
 
+/// A device's interrupt for one of its queues.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueIrq<'a> {
+    irq: &'a IrqTrigger,
+    index: usize,
+}
+
 /// What a device did with a chain it took from a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Handled {
@@ -615,7 +671,7 @@ pub(crate) fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     requeue: &EventFd,
-    irq: &IrqTrigger,
+    irq: QueueIrq<'_>,
     mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Handled,
 ) -> Result<(), BrokenQueue> {
     let mut budget = queue.size();
@@ -661,7 +717,7 @@ pub(crate) fn drain_queue(
         used = true;
     };
     if used && needs_interrupt(queue, mem) {
-        if let Err(e) = irq.trigger(INT_VRING) {
+        if let Err(e) = irq.irq.trigger_queue(irq.index) {
             crate::guest_log!(Level::Warn, "virtio: cannot raise interrupt: {e}");
         }
     }
@@ -680,6 +736,15 @@ mod tests {
         mem: GuestMemoryMmap,
         requeue: EventFd,
         irq: IrqTrigger,
+    }
+
+    impl Rig {
+        fn irq(&self) -> QueueIrq<'_> {
+            QueueIrq {
+                irq: &self.irq,
+                index: 0,
+            }
+        }
     }
 
     fn rig() -> Rig {
@@ -717,7 +782,7 @@ mod tests {
         let mut queue: Queue = vq.create_queue().unwrap();
         publish(&vq, 3);
         let mut seen = 0;
-        let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
+        let result = drain_queue(&mut queue, &r.mem, &r.requeue, r.irq(), |_| {
             seen += 1;
             Handled::Used(0)
         });
@@ -736,7 +801,7 @@ mod tests {
         let mut queue: Queue = vq.create_queue().unwrap();
         publish(&vq, 4);
         let mut heads = Vec::new();
-        let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |chain| {
+        let result = drain_queue(&mut queue, &r.mem, &r.requeue, r.irq(), |chain| {
             heads.push(chain.head_index());
             if heads.len() == 3 {
                 Handled::Deferred
@@ -751,7 +816,7 @@ mod tests {
             r.requeue.read().is_err(),
             "no requeue: the limiter wakes the device"
         );
-        drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |chain| {
+        drain_queue(&mut queue, &r.mem, &r.requeue, r.irq(), |chain| {
             heads.push(chain.head_index());
             Handled::Used(0)
         })
@@ -772,14 +837,14 @@ mod tests {
             publish(&vq, published);
             let mut seen = 0;
             if published > 0 {
-                drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
+                drain_queue(&mut queue, &r.mem, &r.requeue, r.irq(), |_| {
                     seen += 1;
                     Handled::Used(0)
                 })
                 .unwrap();
             }
             vq.avail().idx().store(idx.to_le());
-            let result = drain_queue(&mut queue, &r.mem, &r.requeue, &r.irq, |_| {
+            let result = drain_queue(&mut queue, &r.mem, &r.requeue, r.irq(), |_| {
                 seen += 1;
                 Handled::Used(0)
             });

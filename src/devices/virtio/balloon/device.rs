@@ -22,7 +22,7 @@ use super::{
 use crate::config::BalloonConfig;
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, split_chain, ActivateError, ChainBufs, ConfigSpace, Handled,
-    RestoreError, VirtioBase, VirtioDevice, VirtioState, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1,
+    RestoreError, VirtioBase, VirtioDevice, VirtioState, VIRTIO_F_VERSION_1,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, BalloonMetrics};
@@ -459,12 +459,18 @@ impl Balloon {
         let (mem, how) = (&active.mem, self.discard);
         let (bufs, pfns, bytes) = (&mut self.chain, &mut self.pfns, &mut self.bytes);
         let evt = &self.base.queue_events[INFLATE];
-        let drained = drain_queue(&mut active.queues[INFLATE], mem, evt, &self.base.irq, |c| {
-            if read_pfns(c, mem, bufs, pfns, bytes, m) {
-                discard_pages(mem, pfns, how, m);
-            }
-            Handled::Used(0)
-        });
+        let drained = drain_queue(
+            &mut active.queues[INFLATE],
+            mem,
+            evt,
+            self.base.queue_irq(INFLATE),
+            |c| {
+                if read_pfns(c, mem, bufs, pfns, bytes, m) {
+                    discard_pages(mem, pfns, how, m);
+                }
+                Handled::Used(0)
+            },
+        );
         if drained.is_err() {
             self.broken();
         }
@@ -481,12 +487,18 @@ impl Balloon {
         let mem = &active.mem;
         let (bufs, pfns, bytes) = (&mut self.chain, &mut self.pfns, &mut self.bytes);
         let evt = &self.base.queue_events[DEFLATE];
-        let drained = drain_queue(&mut active.queues[DEFLATE], mem, evt, &self.base.irq, |c| {
-            if read_pfns(c, mem, bufs, pfns, bytes, m) {
-                add(&m.deflated_pages, pfns.len() as u64);
-            }
-            Handled::Used(0)
-        });
+        let drained = drain_queue(
+            &mut active.queues[DEFLATE],
+            mem,
+            evt,
+            self.base.queue_irq(DEFLATE),
+            |c| {
+                if read_pfns(c, mem, bufs, pfns, bytes, m) {
+                    add(&m.deflated_pages, pfns.len() as u64);
+                }
+                Handled::Used(0)
+            },
+        );
         if drained.is_err() {
             self.broken();
         }
@@ -508,29 +520,35 @@ impl Balloon {
         let (bufs, bytes) = (&mut self.chain, &mut self.bytes);
         let (stats, held) = (&mut self.stats, &mut self.stats_desc);
         let evt = &self.base.queue_events[index];
-        let drained = drain_queue(&mut active.queues[index], mem, evt, &self.base.irq, |c| {
-            inc(&m.stats_updates_count);
-            let head = c.head_index();
-            if split_chain(c, bufs) {
-                let mut room = MAX_STATS * STAT_SIZE;
-                for buf in &bufs.readable {
-                    let take = (buf.len as usize).min(room);
-                    room -= take;
-                    bytes.resize(take, 0);
-                    match mem.read_slice(bytes, GuestAddress(buf.addr)) {
-                        Ok(()) => add(&m.stats_update_fails, stats.update_from(bytes)),
-                        Err(_) => inc(&m.stats_update_fails),
+        let drained = drain_queue(
+            &mut active.queues[index],
+            mem,
+            evt,
+            self.base.queue_irq(index),
+            |c| {
+                inc(&m.stats_updates_count);
+                let head = c.head_index();
+                if split_chain(c, bufs) {
+                    let mut room = MAX_STATS * STAT_SIZE;
+                    for buf in &bufs.readable {
+                        let take = (buf.len as usize).min(room);
+                        room -= take;
+                        bytes.resize(take, 0);
+                        match mem.read_slice(bytes, GuestAddress(buf.addr)) {
+                            Ok(()) => add(&m.stats_update_fails, stats.update_from(bytes)),
+                            Err(_) => inc(&m.stats_update_fails),
+                        }
                     }
+                } else {
+                    inc(&m.stats_update_fails);
                 }
-            } else {
-                inc(&m.stats_update_fails);
-            }
-            if held.is_some() {
-                return Handled::Used(0);
-            }
-            *held = Some(head);
-            Handled::Held
-        });
+                if held.is_some() {
+                    return Handled::Used(0);
+                }
+                *held = Some(head);
+                Handled::Held
+            },
+        );
         if drained.is_err() {
             self.broken();
         }
@@ -558,7 +576,7 @@ impl Balloon {
             return;
         }
         if needs_interrupt(queue, &active.mem) {
-            if let Err(e) = self.base.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger_queue(index) {
                 guest_log!(
                     log::Level::Warn,
                     "virtio-balloon: cannot raise interrupt: {e}"
@@ -584,33 +602,39 @@ impl Balloon {
         let host_cmd = hinting.host_cmd;
         let mut complete = false;
         let evt = &self.base.queue_events[index];
-        let drained = drain_queue(&mut active.queues[index], mem, evt, &self.base.irq, |c| {
-            for desc in c {
-                if desc.len() == 4 {
-                    let Ok(cmd) = mem.read_obj::<u32>(desc.addr()) else {
+        let drained = drain_queue(
+            &mut active.queues[index],
+            mem,
+            evt,
+            self.base.queue_irq(index),
+            |c| {
+                for desc in c {
+                    if desc.len() == 4 {
+                        let Ok(cmd) = mem.read_obj::<u32>(desc.addr()) else {
+                            continue;
+                        };
+                        let cmd = u32::from_le(cmd);
+                        hinting.guest_cmd = Some(cmd);
+                        complete = cmd == FREE_PAGE_HINT_STOP || cmd == FREE_PAGE_HINT_DONE;
                         continue;
-                    };
-                    let cmd = u32::from_le(cmd);
-                    hinting.guest_cmd = Some(cmd);
-                    complete = cmd == FREE_PAGE_HINT_STOP || cmd == FREE_PAGE_HINT_DONE;
-                    continue;
+                    }
+                    // Ranges of a finished run, or of another run, are the guest's again.
+                    let in_run = host_cmd != FREE_PAGE_HINT_STOP
+                        && host_cmd != FREE_PAGE_HINT_DONE
+                        && hinting.guest_cmd == Some(host_cmd);
+                    if !in_run {
+                        continue;
+                    }
+                    inc(&m.free_page_hint_count);
+                    if discard_free_range(mem, desc.addr(), desc.len(), how) {
+                        add(&m.free_page_hint_freed, u64::from(desc.len()));
+                    } else {
+                        inc(&m.free_page_hint_fails);
+                    }
                 }
-                // Ranges of a finished run, or of another run, are the guest's again.
-                let in_run = host_cmd != FREE_PAGE_HINT_STOP
-                    && host_cmd != FREE_PAGE_HINT_DONE
-                    && hinting.guest_cmd == Some(host_cmd);
-                if !in_run {
-                    continue;
-                }
-                inc(&m.free_page_hint_count);
-                if discard_free_range(mem, desc.addr(), desc.len(), how) {
-                    add(&m.free_page_hint_freed, u64::from(desc.len()));
-                } else {
-                    inc(&m.free_page_hint_fails);
-                }
-            }
-            Handled::Used(0)
-        });
+                Handled::Used(0)
+            },
+        );
         if drained.is_err() {
             self.broken();
             return;
@@ -638,17 +662,23 @@ impl Balloon {
         let m = &*self.metrics;
         let (mem, how) = (&active.mem, self.discard);
         let evt = &self.base.queue_events[index];
-        let drained = drain_queue(&mut active.queues[index], mem, evt, &self.base.irq, |c| {
-            for desc in c {
-                inc(&m.free_page_report_count);
-                if discard_free_range(mem, desc.addr(), desc.len(), how) {
-                    add(&m.free_page_report_freed, u64::from(desc.len()));
-                } else {
-                    inc(&m.free_page_report_fails);
+        let drained = drain_queue(
+            &mut active.queues[index],
+            mem,
+            evt,
+            self.base.queue_irq(index),
+            |c| {
+                for desc in c {
+                    inc(&m.free_page_report_count);
+                    if discard_free_range(mem, desc.addr(), desc.len(), how) {
+                        add(&m.free_page_report_freed, u64::from(desc.len()));
+                    } else {
+                        inc(&m.free_page_report_fails);
+                    }
                 }
-            }
-            Handled::Used(0)
-        });
+                Handled::Used(0)
+            },
+        );
         if drained.is_err() {
             self.broken();
         }
@@ -681,7 +711,7 @@ impl Balloon {
             .update(|b| b[NUM_PAGES..NUM_PAGES + 4].copy_from_slice(&pages.to_le_bytes()));
         self.base
             .irq
-            .trigger(INT_CONFIG)
+            .trigger_config()
             .map_err(BalloonError::Interrupt)
     }
 
@@ -720,7 +750,7 @@ impl Balloon {
             .update(|b| b[CMD_ID..CMD_ID + 4].copy_from_slice(&cmd.to_le_bytes()));
         self.base
             .irq
-            .trigger(INT_CONFIG)
+            .trigger_config()
             .map_err(BalloonError::Interrupt)
     }
 
@@ -819,6 +849,7 @@ impl VirtioDevice for Balloon {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::{INT_CONFIG, INT_VRING};
     use std::sync::Mutex;
 
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};

@@ -16,7 +16,7 @@ use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, IoEngine, RateLimiterConfig};
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, ActivateError, ChainBufs, ConfigSpace, RestoreError, VirtioBase,
-    VirtioDevice, VirtioState, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, VirtioState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
 use crate::rate_limiter::{RateLimiter, RateLimiterError};
@@ -305,7 +305,7 @@ impl Block {
         self.base
             .config
             .update(|bytes| bytes.copy_from_slice(&capacity));
-        if let Err(e) = self.base.irq.trigger(crate::devices::virtio::INT_CONFIG) {
+        if let Err(e) = self.base.irq.trigger_config() {
             warn!(
                 "disk {}: cannot raise the configuration interrupt: {e}",
                 self.name
@@ -407,7 +407,7 @@ impl Block {
             .store(submits, std::sync::atomic::Ordering::Relaxed);
         if let Some(active) = self.active.as_mut().filter(|_| used) {
             if needs_interrupt(&mut active.queue, &active.mem) {
-                if let Err(e) = self.base.irq.trigger(INT_VRING) {
+                if let Err(e) = self.base.irq.trigger_queue(0) {
                     crate::guest_log!(log::Level::Warn, "virtio: cannot raise interrupt: {e}");
                 }
             }
@@ -446,7 +446,7 @@ impl Block {
             queue,
             mem,
             &self.base.queue_events[0],
-            &self.base.irq,
+            self.base.queue_irq(0),
             |chain| execute(chain, mem, &mut disk, &mut self.rate_limiter),
         );
         // One submission for the whole drain.

@@ -18,7 +18,7 @@ use super::{QUEUE_SIZE, VIRTIO_ID_MEM};
 use crate::config::MemoryHotplugConfig;
 use crate::devices::virtio::{
     drain_queue, split_chain, ActivateError, ChainBufs, ConfigSpace, Handled, RestoreError,
-    VirtioBase, VirtioDevice, VirtioState, INT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioBase, VirtioDevice, VirtioState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, MemoryHotplugMetrics};
@@ -462,7 +462,7 @@ impl VirtioMem {
         b.usable_region_size = b.usable_region_size.max(b.usable_for(requested));
         let config = b.config();
         self.base.config.update(|c| c.copy_from_slice(&config));
-        if let Err(e) = self.base.irq.trigger(INT_CONFIG) {
+        if let Err(e) = self.base.irq.trigger_config() {
             log::warn!("virtio-mem: cannot raise the configuration interrupt: {e}");
         }
         Ok(())
@@ -497,7 +497,7 @@ impl VirtioMem {
             &mut active.queue,
             mem,
             &self.base.queue_events[0],
-            &self.base.irq,
+            self.base.queue_irq(0),
             |c| handle_request(c, mem, chain, &mut work),
         );
         if drained.is_err() {

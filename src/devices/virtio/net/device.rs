@@ -15,7 +15,7 @@ use super::{MAX_FRAME_LEN, QUEUE_SIZE, VIRTIO_ID_NET, VNET_HDR_LEN};
 use crate::config::RateLimiterConfig;
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, split_chain, ActivateError, ChainBufs, ConfigSpace, GuestBuf,
-    Handled, RestoreError, VirtioBase, VirtioDevice, VirtioState, INT_VRING, VIRTIO_F_VERSION_1,
+    Handled, RestoreError, VirtioBase, VirtioDevice, VirtioState, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
@@ -323,7 +323,7 @@ impl Net {
             &mut active.tx,
             mem,
             &self.base.queue_events[TX_QUEUE],
-            &self.base.irq,
+            self.base.queue_irq(TX_QUEUE),
             |chain| {
                 let len: u64 = if split_chain(chain, bufs) && bufs.writable.is_empty() {
                     bufs.readable.iter().map(|b| u64::from(b.len)).sum()
@@ -461,7 +461,7 @@ impl Net {
             }
         };
         if used && needs_interrupt(queue, cx.mem) {
-            if let Err(e) = self.base.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger_queue(RX_QUEUE) {
                 guest_log!(Level::Warn, "virtio-net: cannot raise interrupt: {e}");
             }
         }
@@ -546,6 +546,7 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::INT_VRING;
     use std::fs::File;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;

@@ -298,7 +298,7 @@ impl Pmem {
             &mut active.queue,
             mem,
             &self.base.queue_events[0],
-            &self.base.irq,
+            self.base.queue_irq(0),
             |c| handle_request(c, mem, chain, &mut flush),
         );
         if drained.is_err() {

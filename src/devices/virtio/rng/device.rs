@@ -151,7 +151,7 @@ impl Rng {
             &mut active.queue,
             mem,
             &self.base.queue_events[0],
-            &self.base.irq,
+            self.base.queue_irq(0),
             |chain| {
                 if !split_chain(chain, bufs) || !bufs.readable.is_empty() {
                     guest_log!(

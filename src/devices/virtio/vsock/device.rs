@@ -17,7 +17,7 @@ use super::{MAX_PKT_DATA, QUEUE_SIZE, VIRTIO_ID_VSOCK};
 use crate::devices::virtio::{
     drain_queue, needs_interrupt, next_chain_or_notify, pop_chain, split_chain, ActivateError,
     BrokenQueue, ChainBufs, ConfigSpace, Handled, RestoreError, VirtioBase, VirtioDevice,
-    VirtioState, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioState, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::guest_log;
 use crate::metrics::{add, inc, VsockMetrics};
@@ -189,7 +189,7 @@ impl Vsock {
             &mut active.tx,
             mem,
             &self.base.queue_events[TX_QUEUE],
-            &self.base.irq,
+            self.base.queue_irq(TX_QUEUE),
             |chain| {
                 if !split_chain(chain, bufs) || !bufs.writable.is_empty() {
                     guest_log!(Level::Debug, "vsock: dropping a broken transmit chain");
@@ -306,7 +306,7 @@ impl Vsock {
             used = true;
         }
         if used && needs_interrupt(queue, mem) {
-            if let Err(e) = self.base.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger_queue(RX_QUEUE) {
                 guest_log!(Level::Warn, "vsock: cannot raise interrupt: {e}");
             }
         }
@@ -371,7 +371,7 @@ impl Vsock {
         let _ = queue.enable_notification(mem);
         queue.set_next_avail(next);
         if needs_interrupt(queue, mem) {
-            if let Err(e) = self.base.irq.trigger(INT_VRING) {
+            if let Err(e) = self.base.irq.trigger_queue(EVENT_QUEUE) {
                 guest_log!(Level::Warn, "vsock: cannot raise interrupt: {e}");
             }
         }
