@@ -176,51 +176,48 @@ pub fn append_kernel_params(cmdline: &mut Cmdline, params: &[String]) -> Result<
     if params.is_empty() {
         return Ok(());
     }
-    let current = cmdline
-        .as_cstring()
-        .map_err(BootError::Cmdline)?
-        .to_string_lossy()
-        .into_owned();
+    let current = cmdline_text(cmdline)?;
     let (kernel, init) = split_init_args(&current);
     let mut words: Vec<&str> = kernel.split_whitespace().collect();
     words.extend(params.iter().map(String::as_str).filter(|p| !p.is_empty()));
+    *cmdline = rebuild_cmdline(&words, init)?;
+    Ok(())
+}
+
+/// The command line as text.
+fn cmdline_text(cmdline: &Cmdline) -> Result<String, BootError> {
+    Ok(cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// A command line of the kernel's `words`, then init's arguments after `--` when there are.
+fn rebuild_cmdline(words: &[&str], init: Option<&str>) -> Result<Cmdline, BootError> {
     let mut rebuilt = words.join(" ");
     if let Some(init) = init {
         rebuilt.push_str(" -- ");
         rebuilt.push_str(init);
     }
-    *cmdline = build_cmdline(&rebuilt)?;
-    Ok(())
+    build_cmdline(&rebuilt)
 }
 
 /// Drops every `param` word from the kernel's part of the command line (init's arguments
 /// after `--` stay as they are).
 pub fn remove_kernel_param(cmdline: &mut Cmdline, param: &str) -> Result<(), BootError> {
-    let current = cmdline
-        .as_cstring()
-        .map_err(BootError::Cmdline)?
-        .to_string_lossy()
-        .into_owned();
+    let current = cmdline_text(cmdline)?;
     let (kernel, init) = split_init_args(&current);
-    let mut rebuilt = (kernel.split_whitespace())
+    let words: Vec<&str> = (kernel.split_whitespace())
         .filter(|w| *w != param)
-        .collect::<Vec<_>>()
-        .join(" ");
-    if let Some(init) = init {
-        rebuilt.push_str(" -- ");
-        rebuilt.push_str(init);
-    }
-    *cmdline = build_cmdline(&rebuilt)?;
+        .collect();
+    *cmdline = rebuild_cmdline(&words, init)?;
     Ok(())
 }
 
 /// Appends [`PVM_KERNEL_PARAMS`] the user did not give already.
 pub fn add_pvm_workarounds(cmdline: &mut Cmdline) -> Result<(), BootError> {
-    let current = cmdline
-        .as_cstring()
-        .map_err(BootError::Cmdline)?
-        .to_string_lossy()
-        .into_owned();
+    let current = cmdline_text(cmdline)?;
     let (kernel, _) = split_init_args(&current);
     let given: Vec<&str> = kernel
         .split_whitespace()

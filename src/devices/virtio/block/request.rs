@@ -543,7 +543,7 @@ fn copy_guest_to_file(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write as _;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -563,6 +563,11 @@ mod tests {
 
     /// An 8-sector image whose byte i is i % 251.
     fn image() -> File {
+        image_of(8 * 512)
+    }
+
+    /// An unlinked image of `len` bytes whose byte i is i % 251 (the io_uring tests' too).
+    pub(crate) fn image_of(len: usize) -> File {
         let path = std::env::temp_dir().join(format!(
             "skiff-blk-{}-{:?}",
             std::process::id(),
@@ -575,9 +580,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let bytes: Vec<u8> = (0..8 * 512)
-            .map(|i| u8::try_from(i % 251).unwrap())
-            .collect();
+        let bytes: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect();
         f.write_all(&bytes).unwrap();
         std::fs::remove_file(&path).unwrap();
         f

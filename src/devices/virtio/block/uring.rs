@@ -334,27 +334,8 @@ impl Drop for AsyncIo {
 
 #[cfg(test)]
 mod tests {
+    use super::super::request::tests::image_of as image;
     use super::*;
-    use std::io::Write as _;
-
-    fn image(len: usize) -> std::fs::File {
-        let path = std::env::temp_dir().join(format!(
-            "skiff-uring-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let bytes: Vec<u8> = (0..len).map(|i| (i % 251).to_le_bytes()[0]).collect();
-        f.write_all(&bytes).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
-    }
 
     /// More iovecs than one READV takes: the rest goes on in later submissions, and the
     /// request completes once, with every byte; an image that ends first is an error.
