@@ -481,6 +481,7 @@ struct vdev {
 	int pci;
 	uintptr_t common, isr, notify;
 	uint32_t notify_mult;
+	uint16_t notify_off[5];	/* each queue's queue_notify_off, read once when it is enabled */
 	uint16_t qsel;
 	unsigned pci_dev;	/* its device number on bus 0 */
 	uintptr_t msix_table;
@@ -538,12 +539,21 @@ static void vw(struct vdev *d, uint32_t off, uint32_t v)
 		mmio_write16(d->common + VPCI_MSIX_CONFIG, 0);
 		mmio_write16(d->common + VPCI_Q_MSIX, (uint16_t)(d->qsel + 1));
 		mmio_write16(d->common + VPCI_Q_ENABLE, (uint16_t)v);
+		/* As a driver does, keep the queue's notification offset: a notification is then
+		 * one write (an ioeventfd), not three more trips through the common configuration. */
+		if (d->qsel < 5)
+			d->notify_off[d->qsel] = mmio_read16(d->common + VPCI_Q_NOTIFY_OFF);
 		break;
 	case 0x50: {
 		/* The notification address of queue v (its queue_notify_off times the multiplier). */
-		mmio_write16(d->common + VPCI_Q_SELECT, (uint16_t)v);
-		uint16_t noff = mmio_read16(d->common + VPCI_Q_NOTIFY_OFF);
-		mmio_write16(d->common + VPCI_Q_SELECT, d->qsel);
+		uint16_t noff;
+		if (v < 5) {
+			noff = d->notify_off[v];
+		} else {
+			mmio_write16(d->common + VPCI_Q_SELECT, (uint16_t)v);
+			noff = mmio_read16(d->common + VPCI_Q_NOTIFY_OFF);
+			mmio_write16(d->common + VPCI_Q_SELECT, d->qsel);
+		}
 		mmio_write16(d->notify + (uintptr_t)noff * d->notify_mult, (uint16_t)v);
 		break;
 	}
