@@ -379,6 +379,21 @@ sync
 const GUEST_MAC: &str = "06:00:ac:1e:00:02";
 const BLOB_LEN: usize = 8 << 20;
 
+/// A copy of the guest's root image named `name`, with `script` written to `/SCRIPT_NAME`.
+fn root_image_with_script(name: &str, script_name: &str, script: &str) -> PathBuf {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let image = tmp.join(name);
+    std::fs::copy(linux_dir().join("rootfs.ext4"), &image).unwrap();
+    let path = tmp.join(script_name);
+    std::fs::write(&path, script).unwrap();
+    debugfs(
+        &image,
+        &format!("write {} {script_name}", path.display()),
+        true,
+    );
+    image
+}
+
 fn debugfs(image: &Path, request: &str, write: bool) -> String {
     let mut cmd = Command::new("debugfs");
     if write {
@@ -422,15 +437,7 @@ fn linux_network_by_dhcp_on_virtio_net() {
     }
     let dir = linux_dir();
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let image = tmp.join("root-net.ext4");
-    std::fs::copy(dir.join("rootfs.ext4"), &image).unwrap();
-    let script = tmp.join("nettest.sh");
-    std::fs::write(&script, NET_SCRIPT).unwrap();
-    debugfs(
-        &image,
-        &format!("write {} nettest.sh", script.display()),
-        true,
-    );
+    let image = root_image_with_script("root-net.ext4", "nettest.sh", NET_SCRIPT);
 
     let ns = NetNs::with_tap("linux-net", "tap0", "172.30.0.1/24");
     let dhcp = ns.dhcp_server("tap0", GUEST_MAC, "172.30.0.2");
@@ -1517,15 +1524,7 @@ fn linux_devices_on_virtio_pci_with_msix() {
     }
     let dir = linux_dir();
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let image = tmp.join("root-pci.ext4");
-    std::fs::copy(dir.join("rootfs.ext4"), &image).unwrap();
-    let script = tmp.join("pcitest.sh");
-    std::fs::write(&script, PCI_SCRIPT).unwrap();
-    debugfs(
-        &image,
-        &format!("write {} pcitest.sh", script.display()),
-        true,
-    );
+    let image = root_image_with_script("root-pci.ext4", "pcitest.sh", PCI_SCRIPT);
     let data = tmp.join("pci-data.img");
     let bytes: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])

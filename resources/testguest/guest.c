@@ -2254,6 +2254,20 @@ static uint64_t rng(void)
 static struct blk_req bench_hdr[BLK_SLOTS];
 static volatile uint8_t bench_status[BLK_SLOTS];
 
+/* Publishes slot s's request on blk's queue 0: a header (type, sector), `len` bytes at `buf`
+ * (written by the device for a read, type 0) and the status byte, descriptors 3s to 3s + 2. */
+static void blk_post(unsigned s, uint32_t type, uint64_t sector, uint64_t buf, uint32_t len)
+{
+	struct vq *q = &blk.q[0];
+	uint16_t d = (uint16_t)(3 * s);
+	bench_hdr[s] = (struct blk_req){ type, 0, sector };
+	bench_status[s] = 0xee;
+	q->desc[d] = (struct virtq_desc){ (uint64_t)&bench_hdr[s], sizeof(struct blk_req), VRING_DESC_F_NEXT, (uint16_t)(d + 1) };
+	q->desc[d + 1] = (struct virtq_desc){ buf, len, (uint16_t)(VRING_DESC_F_NEXT | (type == 0 ? VRING_DESC_F_WRITE : 0)), (uint16_t)(d + 2) };
+	q->desc[d + 2] = (struct virtq_desc){ (uint64_t)&bench_status[s], 1, VRING_DESC_F_WRITE, 0 };
+	vq_publish(&blk, 0, d, 0);
+}
+
 /* Runs `total` requests of `len` bytes with up to `depth` in flight: reads or writes,
  * sequential from sector 0 or random (aligned) within `span` bytes. Every `phase` completions
  * (0: never) prints the time since the previous mark, without draining the queue. Returns
@@ -2271,13 +2285,7 @@ static uint64_t blk_run(unsigned depth, uint64_t total, uint32_t type, uint32_t 
 		while (issued < total && nfree) {
 			unsigned s = free_slots[--nfree];
 			uint64_t block = random ? rng() % blocks : issued % blocks;
-			bench_hdr[s] = (struct blk_req){ type, 0, block * (len / 512) };
-			bench_status[s] = 0xee;
-			uint16_t d = (uint16_t)(3 * s);
-			q->desc[d] = (struct virtq_desc){ (uint64_t)&bench_hdr[s], sizeof(struct blk_req), VRING_DESC_F_NEXT, (uint16_t)(d + 1) };
-			q->desc[d + 1] = (struct virtq_desc){ BENCH_BUF + (uint64_t)s * 65536, len, (uint16_t)(VRING_DESC_F_NEXT | (type == 0 ? VRING_DESC_F_WRITE : 0)), (uint16_t)(d + 2) };
-			q->desc[d + 2] = (struct virtq_desc){ (uint64_t)&bench_status[s], 1, VRING_DESC_F_WRITE, 0 };
-			vq_publish(&blk, 0, d, 0);
+			blk_post(s, type, block * (len / 512), BENCH_BUF + (uint64_t)s * 65536, len);
 			issued++;
 			queued = 1;
 		}
@@ -2423,7 +2431,6 @@ static uint64_t deep_word(uint64_t r, uint64_t b, uint64_t w)
  * notification, so the device sees more than its io_uring holds. 0 on a failure or stall. */
 static int blk_deep_pass(uint64_t n, uint32_t type, uint64_t r, uint64_t base)
 {
-	struct vq *q = &blk.q[0];
 	uint16_t free_slots[BLK_SLOTS];
 	uint64_t slot_block[BLK_SLOTS];
 	unsigned nfree = 0;
@@ -2438,13 +2445,7 @@ static int blk_deep_pass(uint64_t n, uint32_t type, uint64_t r, uint64_t base)
 			for (uint64_t w = 0; w < 512; w++)
 				buf[w] = type == 1 ? deep_word(r, issued, w) : 0;
 			slot_block[s] = issued;
-			bench_hdr[s] = (struct blk_req){ type, 0, base + issued * 8 };
-			bench_status[s] = 0xee;
-			uint16_t d = (uint16_t)(3 * s);
-			q->desc[d] = (struct virtq_desc){ (uint64_t)&bench_hdr[s], sizeof(struct blk_req), VRING_DESC_F_NEXT, (uint16_t)(d + 1) };
-			q->desc[d + 1] = (struct virtq_desc){ (uint64_t)buf, 4096, (uint16_t)(VRING_DESC_F_NEXT | (type == 0 ? VRING_DESC_F_WRITE : 0)), (uint16_t)(d + 2) };
-			q->desc[d + 2] = (struct virtq_desc){ (uint64_t)&bench_status[s], 1, VRING_DESC_F_WRITE, 0 };
-			vq_publish(&blk, 0, d, 0);
+			blk_post(s, type, base + issued * 8, (uint64_t)buf, 4096);
 			issued++;
 			queued = 1;
 		}
@@ -2507,13 +2508,7 @@ static void check_blkreset(void)
 	struct vq *q = &blk.q[0];
 	uint64_t *bufs = (uint64_t *)BENCH_BUF, words = BLK_SLOTS * 512;
 	for (unsigned s = 0; s < BLK_SLOTS; s++) {
-		bench_hdr[s] = (struct blk_req){ 0, 0, 4096 + (uint64_t)s * 256 };	/* 128 KiB apart */
-		bench_status[s] = 0xee;
-		uint16_t d = (uint16_t)(3 * s);
-		q->desc[d] = (struct virtq_desc){ (uint64_t)&bench_hdr[s], sizeof(struct blk_req), VRING_DESC_F_NEXT, (uint16_t)(d + 1) };
-		q->desc[d + 1] = (struct virtq_desc){ (uint64_t)(bufs + s * 512), 4096, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, (uint16_t)(d + 2) };
-		q->desc[d + 2] = (struct virtq_desc){ (uint64_t)&bench_status[s], 1, VRING_DESC_F_WRITE, 0 };
-		vq_publish(&blk, 0, d, 0);
+		blk_post(s, 0, 4096 + (uint64_t)s * 256, (uint64_t)(bufs + s * 512), 4096);	/* 128 KiB apart */
 	}
 	vw(&blk, 0x50, 0);
 	/* Until the device is draining (it turns notifications off meanwhile, and leaves them off
