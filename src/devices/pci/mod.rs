@@ -261,7 +261,13 @@ impl PciBus {
             Access::Read(data) => lock(&f).config_read(offset, data),
             Access::Write(data) => {
                 lock(&f).config_write(offset, data);
-                self.update_bar(device);
+                // Only the command register (memory decoding) and the 64-bit BAR move where the
+                // BAR answers.
+                let touches =
+                    |start: usize, len: usize| offset < start + len && start < offset + data.len();
+                if touches(reg::COMMAND, 2) || touches(reg::BAR0, 8) {
+                    self.update_bar(device);
+                }
             }
         }
     }

@@ -396,7 +396,11 @@ impl VirtioPciDevice {
             }
             DEVICE_STATUS => {
                 if value == 0 {
+                    // A reset: the selectors start again from 0, as the transport's own do.
                     self.msix.reset_mapping();
+                    self.device_features_sel = 0;
+                    self.driver_features_sel = 0;
+                    self.queue_sel = 0;
                 }
                 self.transport().write_reg(REG_STATUS, value);
             }
@@ -712,6 +716,13 @@ mod tests {
         assert_eq!(bar_read(d, common::QUEUE_SIZE, 2), 0, "no such queue");
         bar_write(d, common::QUEUE_MSIX_VECTOR, 0, 2);
         bar_write(d, 0x7fff, 1, 1);
+        // A reset puts the selectors back to 0 (a stale one would point reads at a queue
+        // the writes no longer reach).
+        bar_write(d, common::QUEUE_SELECT, 1, 2);
+        bar_write(d, common::DRIVER_FEATURE_SELECT, 1, 4);
+        bar_write(d, common::DEVICE_STATUS, 0, 1);
+        assert_eq!(bar_read(d, common::QUEUE_SELECT, 2), 0);
+        assert_eq!(bar_read(d, common::DRIVER_FEATURE_SELECT, 4), 0);
         d.config_write(0x3ff, &[1, 2]);
         d.config_write(reg::BAR0 + 1, &[1]);
         assert_eq!(cfg32(d, reg::BAR0), (BAR as u32) | 0x4);

@@ -156,13 +156,18 @@ impl AsyncIo {
     /// Queues a flush, ordered after every request submitted before it.
     pub fn push_flush(&mut self, file: RawFd, head: u16, status_addr: u64) -> Result<(), ()> {
         let slot = self.free.pop().ok_or(())?;
+        // The slot keeps its iovec storage for the next read or write (no allocation there).
+        let iov = self.slots[slot as usize]
+            .take()
+            .map(|s| s.iov)
+            .unwrap_or_default();
         self.slots[slot as usize] = Some(InFlight {
             head,
             status_addr,
             op: Op::Flush,
             offset: 0,
             moved: 0,
-            iov: IoVecs::default(),
+            iov,
             at: 0,
         });
         self.push(file, slot);
