@@ -79,6 +79,10 @@ pub struct MsixVectors {
     gsis: Vec<u32>,
     irqfds: Vec<EventFd>,
     state: Mutex<State>,
+    /// Held while a table write gives KVM a vector's new route, so that interrupts (which take
+    /// only `state`) are not held up by the routing ioctl, and routes go in the order of the
+    /// writes.
+    routing: Mutex<()>,
 }
 
 /// Why the vectors cannot be set up.
@@ -132,6 +136,7 @@ impl MsixVectors {
             routes,
             gsis,
             irqfds,
+            routing: Mutex::new(()),
         })
     }
 
@@ -230,11 +235,20 @@ impl MsixVectors {
             _ => e.masked = value & 1 != 0,
         }
         let changed = message != (e.address, e.data);
-        let (address, msg) = (e.address, e.data);
-        if changed && address & !0xf_ffff == MSI_ADDRESS_BASE {
-            if let Err(e) = self.routes.set_msi(self.gsis[index], address, msg) {
-                guest_log!(Level::Warn, "msix: cannot route vector {index}: {e}");
+        if changed {
+            drop(s);
+            let _routing = self.routing.lock().unwrap_or_else(PoisonError::into_inner);
+            // The entry as it is now: a later write from another vCPU may have changed it.
+            let (address, msg) = {
+                let s = self.state();
+                (s.entries[index].address, s.entries[index].data)
+            };
+            if address & !0xf_ffff == MSI_ADDRESS_BASE {
+                if let Err(e) = self.routes.set_msi(self.gsis[index], address, msg) {
+                    guest_log!(Level::Warn, "msix: cannot route vector {index}: {e}");
+                }
             }
+            s = self.state();
         }
         self.deliver_pending(&mut s);
     }
